@@ -3,7 +3,12 @@
 Heavy libraries are imported inside the commands so that `kaleido --help` stays fast.
 """
 
-from kaleido.cli import checkpoint_commands, generate_commands, params_commands  # noqa: F401  (registration)
+from kaleido.cli import (  # noqa: F401  (registration)
+    checkpoint_commands,
+    generate_commands,
+    params_commands,
+    samples_commands,
+)
 from kaleido.cli.app import app
 
 __all__ = ["app"]
