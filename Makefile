@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m pip install -q "uv==$(UV_VERSION)"
 	test -x $(BIN)/python || $(UV) venv -q --python $(PYTHON) $(VENV)
-	$(UV) pip install -q --python $(BIN)/python -r requirements.lock
+	$(UV) pip install -q --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $@
 

@@ -169,3 +169,21 @@ def test_unknown_backend_and_bad_latent_size():
     model = KaleidoDiT(dit_config("tiny"))
     with pytest.raises(ValueError, match="not divisible by patch"):
         model(torch.randn(1, 16, 1, 5, 8), torch.tensor([1.0]), torch.randn(1, 3, 32))
+
+
+def test_bf16_weights_and_autocast_run_close_to_fp32():
+    torch.manual_seed(4)
+    model = KaleidoDiT(dit_config("tiny"))
+    latents, t, context, references = _inputs(model)
+    with torch.no_grad():
+        expected = model(latents, t, context, references)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(latents, t, context, references)
+        half = KaleidoDiT(dit_config("tiny")).to(torch.bfloat16)
+        half.load_state_dict(model.state_dict())
+        stored = half(latents.bfloat16(), t, context.bfloat16(), references.bfloat16())
+    assert stored.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits (eps 2^-8 = 0.004); a few roundings deep, errors stay within ~10 eps of the scale
+    scale = expected.abs().max().item()
+    for out in (autocast, stored):
+        assert (out.float() - expected).abs().max().item() < 0.04 * scale

@@ -1,0 +1,106 @@
+"""`kaleido generate` (subject-to-video sampling) and `kaleido init-tiny` (offline tiny assets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kaleido.cli.app import ParamsOption, app, fail, read_params
+
+
+@app.command("generate")
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", help="what the video shows")],
+    out: Annotated[Path, typer.Option("--out", help="output .mp4; a contact sheet .png is written beside it")],
+    ref: Annotated[
+        list[Path] | None, typer.Option("--ref", help="reference image (repeat for several subjects)")
+    ] = None,
+    frames: Annotated[int | None, typer.Option(help="pixel frames, 4k+1 (default: generate.frames)")] = None,
+    height: Annotated[int | None, typer.Option(help="multiple of 16 (default: generate.height)")] = None,
+    width: Annotated[int | None, typer.Option(help="multiple of 16 (default: generate.width)")] = None,
+    steps: Annotated[int | None, typer.Option(help="sampling steps (default: generate.steps)")] = None,
+    seed: Annotated[int | None, typer.Option(help="noise seed (default: generate.seed)")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option("--guidance-scale", help="text CFG scale (default: generate.guidance_scale)")
+    ] = None,
+    shift: Annotated[float | None, typer.Option(help="sigma shift (default: generate.shift)")] = None,
+    sampler: Annotated[str | None, typer.Option(help="euler | unipc (default: generate.sampler)")] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option("--negative-prompt", help="unconditional prompt (default: generate.negative_prompt)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
+    params: ParamsOption = None,
+) -> None:
+    """Generate a video of the referenced subjects following the prompt."""
+    loaded = read_params(params)
+    g = loaded.generate
+    request = {
+        "frames": g.frames if frames is None else frames,
+        "height": g.height if height is None else height,
+        "width": g.width if width is None else width,
+        "steps": g.steps if steps is None else steps,
+        "guidance_scale": g.guidance_scale if guidance_scale is None else guidance_scale,
+        "shift": g.shift if shift is None else shift,
+        "sampler": g.sampler if sampler is None else sampler,
+        "seed": g.seed if seed is None else seed,
+        "negative_prompt": g.negative_prompt if negative_prompt is None else negative_prompt,
+    }
+    if out.suffix.lower() != ".mp4":
+        fail(f"--out {out}: must end in .mp4 (an H.264 mp4 is written)")
+    if not prompt.strip():
+        fail("--prompt is empty; describe the video to generate")
+
+    # Validate everything cheap (sizes, reference files) BEFORE loading any model.
+    from kaleido.model.generate import validate_request
+
+    try:
+        images = validate_request(
+            ref or [], request["frames"], request["height"], request["width"],
+            loaded.model.max_references, request["steps"], request["sampler"],
+        )
+    except ValueError as exc:
+        fail(str(exc))
+
+    from kaleido.model.generate import S2VPipeline
+    from kaleido.model.media import contact_sheet, write_video
+
+    try:
+        pipe = S2VPipeline.from_params(loaded, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    try:
+        video = pipe(prompt, images, **request)
+    except ValueError as exc:
+        fail(str(exc))
+    video_path = write_video(video, out, fps=g.fps)
+    sheet_path = contact_sheet(video, out.with_suffix(".png"))
+    typer.echo(f"video: {video_path}")
+    typer.echo(f"contact sheet: {sheet_path}")
+
+
+@app.command("init-tiny")
+def init_tiny(
+    out_dir: Annotated[
+        Path | None,
+        typer.Argument(help="folder to write (default: the parent folder of model.checkpoint in params.yaml)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the random weights and the tokenizer corpus")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if the folder is complete")] = False,
+    params: ParamsOption = None,
+) -> None:
+    """Write random-weight tiny DiT, VAE, text encoder and tokenizer in their real formats (offline)."""
+    if out_dir is None:
+        loaded = read_params(params)
+        checkpoint = loaded.resolve(loaded.model.checkpoint)
+        if checkpoint is None:
+            fail("model.checkpoint is not set in params.yaml; pass OUT_DIR")
+        out_dir = checkpoint.parent
+    from kaleido.model.tiny import build_tiny_assets, tiny_assets_complete
+
+    existed = tiny_assets_complete(out_dir, seed) and not force
+    path = build_tiny_assets(out_dir, seed=seed, force=force)
+    typer.echo(f"tiny assets {'already complete' if existed else 'written'}: {path}")
+    for part in ("transformer", "vae", "text_encoder", "tokenizer"):
+        typer.echo(f"  {part}: {path / part}")

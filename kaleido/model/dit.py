@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kaleido.model.attention import AttentionBackend, get_attention_backend
@@ -76,7 +77,9 @@ class WanLayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32, returned in the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class WanSelfAttention(nn.Module):
@@ -223,8 +226,10 @@ class KaleidoDiT(nn.Module):
             device=x.device, theta=self.cfg.rope_theta,
         )
 
-        time_emb = self.time_embedding(sinusoidal_embedding(timestep, self.cfg.freq_dim).to(x.dtype)).float()
-        time_mod = self.time_projection(time_emb).unflatten(1, (6, self.cfg.dim)).float()  # [B, 6, dim]
+        # time embedding and projection in their weights' dtype; modulation applied in fp32
+        time_dtype = self.time_embedding[0].weight.dtype
+        time_emb = self.time_embedding(sinusoidal_embedding(timestep, self.cfg.freq_dim).to(time_dtype)).float()
+        time_mod = self.time_projection(time_emb.to(time_dtype)).unflatten(1, (6, self.cfg.dim)).float()
         context = self.text_embedding(context.to(x.dtype))
 
         for block in self.blocks:

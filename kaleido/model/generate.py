@@ -1,0 +1,274 @@
+"""Subject-to-video sampling: references + prompt -> video, as the shipped Kaleido samples.
+
+Flow matching with the diffusers schedulers (Euler or UniPC, sigma shift), classifier-free guidance
+on the TEXT only: both branches see the reference latents, the unconditional one gets the negative
+prompt. Every request is validated before any model runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kaleido.model.media import load_reference_image
+from kaleido.model.vae import validate_video_size
+
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from kaleido.config import Params
+    from kaleido.model.text_encoder import TextEncoder
+    from kaleido.model.vae import WanVAE
+
+SAMPLERS = ("euler", "unipc")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NUM_TRAIN_TIMESTEPS = 1000
+
+ReferenceInput = str | Path | Image.Image
+
+
+def validate_request(
+    reference_images: Sequence[ReferenceInput],
+    frames: int,
+    height: int,
+    width: int,
+    max_references: int,
+    steps: int = 1,
+    sampler: str = "euler",
+) -> list[Image.Image]:
+    """Check a request without touching a model; return the references as RGB images.
+
+    Raises ValueError naming the bad input and the fix. Cheap checks come first so a bad size is
+    reported without reading any image.
+    """
+    if isinstance(reference_images, str | Path | Image.Image):
+        reference_images = [reference_images]
+    count = len(reference_images)
+    if count > max_references:
+        raise ValueError(
+            f"{count} references given, the model supports at most {max_references}; "
+            f"pass at most {max_references} --ref images (model.max_references in params.yaml)"
+        )
+    validate_video_size(frames, height, width)
+    if steps < 1:
+        raise ValueError(f"steps={steps}: need at least 1 sampling step")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: unknown; use one of {', '.join(SAMPLERS)}")
+    images = []
+    for item in reference_images:
+        images.append(item.convert("RGB") if isinstance(item, Image.Image) else load_reference_image(item))
+    return images
+
+
+def make_scheduler(sampler: str, shift: float) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
+    """A fresh diffusers flow-matching scheduler (they keep per-run state, so never share one)."""
+    if sampler == "euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+    if sampler == "unipc":
+        from diffusers import UniPCMultistepScheduler
+
+        # Wan2.1's sampler settings (its diffusers scheduler config)
+        return UniPCMultistepScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+            solver_order=2,
+            solver_type="bh2",
+            predict_x0=True,
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        )
+    raise ValueError(f"sampler={sampler!r}: unknown; use one of {', '.join(SAMPLERS)}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _required_path(params: Params, key: str) -> Path:
+    value = getattr(params.model, key)
+    path = params.resolve(value)
+    if path is None:
+        raise FileNotFoundError(f"model.{key} is not set in params.yaml; point it at a local folder")
+    if not path.exists():
+        tiny = params.model.arch == "tiny"
+        hint = " (run `kaleido init-tiny` to write the tiny random-weight assets)" if tiny else ""
+        raise FileNotFoundError(f"model.{key}: {path} does not exist{hint}")
+    return path
+
+
+@dataclass
+class _Branches:
+    """The DiT inputs that stay fixed over the sampling loop."""
+
+    context: torch.Tensor  # [B, L, text_dim]: cond first, then uncond when CFG is on
+    reference_latents: torch.Tensor | None  # [B, n, 16, h, w], repeated per branch
+
+
+class S2VPipeline:
+    """DiT + VAE + text encoder. `pipe(prompt, reference_images, ...) -> uint8 frames [T, H, W, 3]`."""
+
+    def __init__(
+        self,
+        dit: torch.nn.Module,
+        vae: WanVAE,
+        text_encoder: TextEncoder,
+        *,
+        text_len: int = 512,
+        max_references: int = 3,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_cfg: bool = True,
+    ):
+        self.dit = dit.to(device=device, dtype=dtype).eval()
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.text_len = text_len
+        self.max_references = max_references
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # One forward for both CFG branches (batch 2) is faster; False halves activation memory.
+        self.batch_cfg = batch_cfg
+        text_dim = getattr(getattr(dit, "cfg", None), "text_dim", None)
+        if text_dim is not None and text_dim != text_encoder.dim:
+            raise ValueError(
+                f"text encoder width {text_encoder.dim} does not match the DiT's text_dim {text_dim}; "
+                "model.text_encoder and model.checkpoint must belong to the same model"
+            )
+
+    @classmethod
+    def from_params(cls, params: Params, device: str | torch.device | None = None) -> S2VPipeline:
+        """Load every model from the local paths of `params.model` (no hub access)."""
+        from kaleido.model.checkpoint import load_dit, read_config
+        from kaleido.model.dit import dit_config
+        from kaleido.model.text_encoder import TextEncoder
+        from kaleido.model.vae import WanVAE
+
+        model = params.model
+        device = torch.device(device) if device is not None else default_device()
+        dtype = DTYPES[model.dtype]
+        checkpoint = _required_path(params, "checkpoint")
+        vae_path = _required_path(params, "vae")
+        text_path = _required_path(params, "text_encoder")
+        tokenizer_path = _required_path(params, "tokenizer") if model.tokenizer is not None else text_path
+        # A checkpoint with a config (config.json or embedded) describes itself; a bare Wan .pth gets the arch's.
+        config = None if read_config(checkpoint) is not None else dit_config(model.arch)
+        dit = load_dit(
+            checkpoint,
+            config=config,
+            attention_backend=model.attention_backend,
+            rope_variant=model.rope.variant,
+            rope_offset=model.rope.offset,
+            dtype=dtype,
+            device=device,
+        )
+        # The VAE stays in fp32 (as Wan runs it): its decoder is sensitive to low precision.
+        vae = WanVAE.from_pretrained(vae_path, device=device, dtype=torch.float32)
+        text_encoder = TextEncoder.from_pretrained(text_path, tokenizer_path, device=device, dtype=dtype)
+        return cls(
+            dit,
+            vae,
+            text_encoder,
+            text_len=model.text_len,
+            max_references=model.max_references,
+            device=device,
+            dtype=dtype,
+        )
+
+    def encode_prompts(self, prompt: str, negative_prompt: str, cfg: bool) -> torch.Tensor:
+        """[1 or 2, text_len, d]: the prompt, then the negative prompt when CFG is on."""
+        prompts = [prompt, negative_prompt] if cfg else [prompt]
+        return self.text_encoder.encode(prompts, self.text_len).to(device=self.device, dtype=self.dtype)
+
+    def encode_references(self, images: list[Image.Image], height: int, width: int) -> torch.Tensor | None:
+        """[1, n, 16, h, w] white-padded reference latents (one frame each), or None without references."""
+        if not images:
+            return None
+        latents = self.vae.encode_references(images, height, width)
+        return latents[None].to(device=self.device, dtype=self.dtype)
+
+    def _run_dit(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, refs: torch.Tensor | None
+    ) -> torch.Tensor:
+        # Low-precision weights run under autocast as Wan does: the DiT keeps its time embedding in fp32.
+        low_precision = self.dtype != torch.float32
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
+            return self.dit(x, t, context, refs).float()
+
+    def _velocity(
+        self, latents: torch.Tensor, t: torch.Tensor, inputs: _Branches, guidance_scale: float, cfg: bool
+    ) -> torch.Tensor:
+        x = latents.to(self.dtype)
+        if not cfg:
+            return self._run_dit(x, t.expand(1), inputs.context, inputs.reference_latents)
+        if self.batch_cfg:
+            refs = inputs.reference_latents
+            v_cond, v_uncond = self._run_dit(
+                x.expand(2, *x.shape[1:]), t.expand(2), inputs.context,
+                None if refs is None else refs.expand(2, *refs.shape[1:]),
+            ).chunk(2)
+        else:
+            v_cond = self._run_dit(x, t.expand(1), inputs.context[:1], inputs.reference_latents)
+            v_uncond = self._run_dit(x, t.expand(1), inputs.context[1:], inputs.reference_latents)
+        # CFG on text only: both branches saw the same references.
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        reference_images: Sequence[ReferenceInput] = (),
+        frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        steps: int = 50,
+        guidance_scale: float = 6.0,
+        shift: float = 7.0,
+        sampler: str = "euler",
+        seed: int = 0,
+        negative_prompt: str = "",
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Generate a video; returns uint8 frames [frames, height, width, 3]."""
+        from tqdm.auto import tqdm
+
+        images = validate_request(reference_images, frames, height, width, self.max_references, steps, sampler)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        cfg = guidance_scale != 1.0  # g = 1 makes the uncond branch cancel out: skip its cost
+
+        inputs = _Branches(
+            context=self.encode_prompts(prompt, negative_prompt, cfg),
+            reference_latents=self.encode_references(images, height, width),
+        )
+
+        scheduler = make_scheduler(sampler, shift)
+        if sampler == "euler":
+            # Wan's schedule: sigmas linspace(1, 0) shifted once. Without explicit sigmas diffusers' Euler
+            # starts from its already-shifted training sigmas and shifts again (last step from ~0.05 to 0).
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=self.device)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
+        # Noise from a CPU generator: the same seed gives the same video on any device.
+        shape = (1, *self.vae.latent_shape(frames, height, width))
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+        for t in tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress, leave=False):
+            # timesteps are sigma * 1000 (UniPC rounds them to integers); the DiT takes that scale
+            timestep = t.to(device=self.device, dtype=torch.float32).reshape(1)
+            velocity = self._velocity(latents, timestep, inputs, guidance_scale, cfg)
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        video = self.vae.decode(latents)[0]  # [3, T, H, W] in [-1, 1]
+        pixels = ((video + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return pixels.permute(1, 2, 3, 0).cpu().numpy()
