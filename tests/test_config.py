@@ -15,7 +15,7 @@ def test_repository_params_validate():
     params = load_params(REPO / "params.yaml")
     assert params.model.rope.variant == "shift_wh"
     assert params.model.rope.offset == 80
-    assert params.data.cross_pair_ratio == 0.4
+    assert params.data.references.cross_pair_ratio == 0.4
     # relative paths resolve against the folder that holds params.yaml
     assert params.resolve(params.model.vae) == (REPO / "artifacts/models/tiny/vae").resolve()
 
@@ -51,11 +51,11 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
 
 
 def test_several_errors_reported_together(tmp_path):
-    path = _write(tmp_path, {"generate": {"frames": 10, "height": 100}, "data": {"cross_pair_ratio": 1.5}})
+    path = _write(tmp_path, {"generate": {"frames": 10, "height": 100}, "data": {"references": {"cross_pair_ratio": 1.5}}})
     with pytest.raises(ParamsError) as info:
         load_params(path)
     message = str(info.value)
-    assert "4k+1" in message and "data.cross_pair_ratio" in message
+    assert "4k+1" in message and "data.references.cross_pair_ratio" in message
 
 
 def test_vae_size_rules(tmp_path):

@@ -107,21 +107,82 @@ class SampleMix(_Section):
     redux: float = Field(1.0, ge=0.0)
 
 
-class DataConfig(_Section):
-    root: Path = Path("data")
+class IngestConfig(_Section):
+    sources: list[str] = Field(default_factory=lambda: ["raw/**/*.mp4"], description="globs under data.root")
     shot_detector: Literal["transnetv2", "pyscenedetect"] = "pyscenedetect"
+    scene_threshold: float = Field(27.0, gt=0.0, description="PySceneDetect ContentDetector threshold")
+    min_scene_frames: int = Field(15, ge=1)
+    transnet_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     clip_min_seconds: float = Field(2.0, gt=0.0)
     clip_max_seconds: float = Field(15.0, gt=0.0)
-    cross_pair_ratio: float = Field(0.4, ge=0.0, le=1.0)
-    sample_mix: SampleMix = SampleMix()
+    fps: float = Field(16.0, gt=0.0, description="clips are resampled to this frame rate")
+    height: int = Field(480, ge=16, description="clips are resized (short side) and centre-cropped to this size")
+    width: int = Field(832, ge=16)
 
     @model_validator(mode="after")
-    def _clip_span(self) -> DataConfig:
+    def _clip_span(self) -> IngestConfig:
         if self.clip_max_seconds < self.clip_min_seconds:
             raise ValueError(
                 f"clip_max_seconds={self.clip_max_seconds} is below clip_min_seconds={self.clip_min_seconds}"
             )
         return self
+
+
+class CaptionConfig(_Section):
+    captioner: Literal["sidecar", "vlm"] = "sidecar"
+    sidecar: Path | None = Field(None, description="JSON/JSONL/CSV of captions, relative to data.root")
+    vlm: Path | None = Field(None, description="local transformers vision-language model folder")
+    max_new_tokens: int = Field(64, ge=1)
+    frames: int = Field(4, ge=1, description="frames shown to the VLM per clip")
+
+
+class VisionModelsConfig(_Section):
+    # Local paths only; relative paths resolve against the folder of params.yaml.
+    grounding_dino: Path | None = None
+    sam: Path | None = Field(None, description="segment-anything checkpoint file (.pth)")
+    sam_type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
+    clip: Path | None = Field(None, description="open_clip checkpoint file")
+    clip_arch: str = "ViT-B-32"
+    face: Path | None = Field(None, description="insightface model root; None disables the face check")
+    flux_fill: Path | None = Field(None, description="diffusers FluxFillPipeline folder; None disables inpaint")
+    flux_redux: Path | None = Field(None, description="diffusers FluxPriorReduxPipeline folder; None disables redux")
+
+
+class GroundingConfig(_Section):
+    frames_per_clip: int = Field(3, ge=1)
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0)
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+
+
+class FilterConfig(_Section):
+    min_area: float = Field(1 / 32, ge=0.0, le=1.0, description="mask area / frame area")
+    max_area: float = Field(0.8, ge=0.0, le=1.0)
+    clip_min_score: float = Field(0.2, description="cosine(image, 'a photo of a {category}')")
+    max_iou: float = Field(0.8, ge=0.0, le=1.0, description="instances overlapping more are dropped")
+    min_brightness: float = Field(30.0, ge=0.0, le=255.0)
+    max_brightness: float = Field(225.0, ge=0.0, le=255.0)
+    min_sharpness: float = Field(50.0, ge=0.0, description="variance of the Laplacian")
+    face_min_score: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ReferenceConfig(_Section):
+    max_references: int = Field(3, ge=1)
+    cross_pair_ratio: float = Field(0.4, ge=0.0, le=1.0, description="paper's best: 0.4")
+    sample_mix: SampleMix = SampleMix()
+
+
+class DataConfig(_Section):
+    root: Path = Path("data")
+    seed: int = 0
+    workers: int = Field(2, ge=1, description="parallel shard workers (local processes)")
+    shard_size: int = Field(8, ge=1, description="clips per work shard")
+    ray_address: str | None = Field(None, description="run shards on Ray at this address ('local' starts one)")
+    ingest: IngestConfig = IngestConfig()
+    caption: CaptionConfig = CaptionConfig()
+    models: VisionModelsConfig = VisionModelsConfig()
+    grounding: GroundingConfig = GroundingConfig()
+    filters: FilterConfig = FilterConfig()
+    references: ReferenceConfig = ReferenceConfig()
 
 
 class StagePreset(_Section):

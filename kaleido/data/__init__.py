@@ -1,0 +1,1 @@
+"""Data curation: raw videos -> clips -> captions -> subjects -> references -> cross-paired training shards."""
