@@ -51,7 +51,8 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
 
 
 def test_several_errors_reported_together(tmp_path):
-    path = _write(tmp_path, {"generate": {"frames": 10, "height": 100}, "data": {"references": {"cross_pair_ratio": 1.5}}})
+    raw = {"generate": {"frames": 10, "height": 100}, "data": {"references": {"cross_pair_ratio": 1.5}}}
+    path = _write(tmp_path, raw)
     with pytest.raises(ParamsError) as info:
         load_params(path)
     message = str(info.value)
