@@ -1,6 +1,6 @@
 """DiT forward+backward throughput (tokens/s): ours vs diffusers' WanTransformer3DModel, same config and weights.
 
-    .venv/bin/python benchmarks/dit_throughput.py [--configs tiny mid] [--backend sdpa] [--repeats 5] [--json out.json]
+    .venv/bin/python benchmarks/dit_throughput.py [--configs tiny mid] [--backend sdpa] [--threads 2] [--json out.json]
 
 Prints one row per config: video tokens per step, median step time and tokens/s of each implementation,
 and the ratio ours/diffusers (goal: >= 1.0 with the sdpa backend). On CPU the threads are fixed
@@ -23,6 +23,8 @@ from kaleido.model.reference_impl import diffusers_twin
 # (frames, height, width) of the latent video per config: the tiny one is the embedded default's size,
 # the mid one a 17-frame 256x256 clip (5 x 32 x 32 latents -> 1280 tokens).
 SHAPES = {"tiny": (3, 8, 12), "mid": (5, 32, 32), "1.3B": (21, 60, 104)}
+# Step times of the tiny config are ~20 ms and noisy: take the median of many.
+DEFAULT_REPEATS = {"tiny": 41, "mid": 7, "1.3B": 5}
 
 
 def _step(model: torch.nn.Module, call, device: str) -> float:
@@ -72,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=sorted(SHAPES))
     parser.add_argument("--backend", default="sdpa")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="default: per config (tiny 41, mid 7)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
@@ -85,7 +87,7 @@ def main() -> None:
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, (6, 7, 9, 13, 11, 11, 6), strict=True)))
     rows = []
     for config in args.configs:
-        row = measure(config, args.backend, args.repeats, device)
+        row = measure(config, args.backend, args.repeats or DEFAULT_REPEATS[config], device)
         rows.append(row)
         print(
             f"{config:>6} {row['tokens']:>7} {row['ours_s'] * 1e3:>9.1f} {row['diffusers_s'] * 1e3:>13.1f} "
