@@ -90,7 +90,11 @@ def init_tiny(
     force: Annotated[bool, typer.Option("--force", help="rebuild even if the folder is complete")] = False,
     params: ParamsOption = None,
 ) -> None:
-    """Write random-weight tiny DiT, VAE, text encoder and tokenizer in their real formats (offline)."""
+    """Write random-weight tiny models in their real formats (offline).
+
+    DiT, VAE, text encoder and tokenizer go to OUT_DIR; the curation/evaluation models (Grounding DINO,
+    SAM, CLIP, FLUX fill/redux) to OUT_DIR/vision.
+    """
     if out_dir is None:
         loaded = read_params(params)
         checkpoint = loaded.resolve(loaded.model.checkpoint)
@@ -104,3 +108,7 @@ def init_tiny(
     typer.echo(f"tiny assets {'already complete' if existed else 'written'}: {path}")
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         typer.echo(f"  {part}: {path / part}")
+    from kaleido.vision.tiny import build_tiny_vision_models
+
+    for name, vision_path in build_tiny_vision_models(path / "vision", seed=seed, force=force).items():
+        typer.echo(f"  {name}: {vision_path}")

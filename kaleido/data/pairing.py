@@ -1,0 +1,288 @@
+"""Cross-pairing and the sample-type mix (appendix A.1): curated clips -> training samples.
+
+- Sample types crop:segment:inpaint:redux follow `data.references.sample_mix` (paper 1:5:3:1),
+  renormalised over the types the configured models can build. Counts are EXACT for any N:
+  largest-remainder apportionment of N, then a seeded shuffle of which sample gets which type.
+- A `cross_pair_ratio` share of the samples (again exact) is cross-paired: each subject's reference
+  comes from a DIFFERENT clip of the same source video (same category), or, when there is none, the
+  subject is cut out by its mask and composited onto the background plate of a clip from an
+  unrelated source (a procedural texture when the batch holds a single source).
+Inputs are sorted by clip id first, so the output depends on the results and the seed only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kaleido.config.schema import DataConfig, SampleMix
+from kaleido.data.paths import safe_name
+from kaleido.data.records import SAMPLE_TYPES, ReferenceImage, TrainingSample
+from kaleido.data.references import (
+    CuratedSubject,
+    CurationResult,
+    OutputDir,
+    composite,
+    load_image,
+    load_mask,
+)
+from kaleido.data.synthetic import texture
+
+log = logging.getLogger(__name__)
+PROCEDURAL = "procedural"
+
+
+# ---- exact ratios -------------------------------------------------------------------------------
+
+
+def effective_mix(mix: SampleMix | Mapping[str, float], enabled: Collection[str]) -> dict[str, float]:
+    """The mix over the enabled sample types, normalised to sum 1 (SAMPLE_TYPES order)."""
+    raw = mix.model_dump() if isinstance(mix, SampleMix) else dict(mix)
+    weights = {t: float(raw.get(t, 0.0)) for t in SAMPLE_TYPES if t in enabled}
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(
+            f"data.references.sample_mix {raw} gives no weight to any enabled sample type "
+            f"({', '.join(weights) or 'none'}); raise one of them or enable inpaint/redux models"
+        )
+    return {t: w / total for t, w in weights.items()}
+
+
+def apportion(n: int, weights: Mapping[Any, float]) -> dict[Any, int]:
+    """Split n into integer counts proportional to `weights` (largest remainder; ties: key order).
+
+    Exact rational arithmetic, so 1:5:3:1 over 100 is 10/50/30/10, never 9/50/31/10.
+    """
+    if n < 0:
+        raise ValueError(f"n={n} must be >= 0")
+    exact = {key: Fraction(w) for key, w in weights.items()}
+    if any(w < 0 for w in exact.values()) or sum(exact.values()) <= 0:
+        raise ValueError(f"weights {dict(weights)} must be >= 0 with a positive sum")
+    total = sum(exact.values())
+    quotas = {key: n * w / total for key, w in exact.items()}
+    counts = {key: int(q) for key, q in quotas.items()}  # floor: quotas are >= 0
+    keys = list(weights)
+    by_remainder = sorted(keys, key=lambda k: (-(quotas[k] - counts[k]), keys.index(k)))
+    for key in by_remainder[: n - sum(counts.values())]:
+        counts[key] += 1
+    return counts
+
+
+def assign_labels(n: int, weights: Mapping[Any, float], rng: np.random.Generator) -> list[Any]:
+    """n labels with exactly the apportioned counts, in a seeded random order."""
+    counts = apportion(n, weights)
+    labels = [key for key in weights for _ in range(counts[key])]
+    return [labels[i] for i in rng.permutation(n)]
+
+
+def assign_types(
+    available: Sequence[Collection[str]], weights: Mapping[str, float], rng: np.random.Generator
+) -> tuple[list[str], int]:
+    """A type per sample with exact mix counts, giving each sample only a type it has references for.
+
+    Samples missing some type (a model failed on them) pick first, fewest options first, the first
+    compatible slot of the shuffled slot list; the others take the remaining slots in order. Returns
+    (types, shortfall): shortfall counts samples that could take no slot left and fell back to
+    their most weighted available type (the mix is then off by that many).
+    """
+    n = len(available)
+    slots = assign_labels(n, weights, rng)
+    chosen: list[str | None] = [None] * n
+    positive = {t for t, w in weights.items() if w > 0}
+    restricted = [i for i in range(n) if not positive <= set(available[i])]
+    shortfall = 0
+    for i in sorted(restricted, key=lambda i: (len(positive & set(available[i])), i)):
+        for j, label in enumerate(slots):
+            if label in available[i]:
+                chosen[i] = slots.pop(j)
+                break
+        else:
+            options = [t for t in SAMPLE_TYPES if t in available[i]]
+            if not options:
+                raise ValueError(f"sample {i} has no reference of any type")
+            chosen[i] = max(options, key=lambda t: weights.get(t, 0.0))
+            shortfall += 1
+    free = iter(slots)
+    for i in range(n):
+        if chosen[i] is None:
+            chosen[i] = next(free)
+    return [str(t) for t in chosen], shortfall
+
+
+def assign_cross_pairs(n: int, ratio: float, rng: np.random.Generator) -> list[bool]:
+    """Exactly round-half-by-largest-remainder(n * ratio) True flags, in a seeded random order."""
+    if ratio <= 0:
+        return [False] * n
+    if ratio >= 1:
+        return [True] * n
+    return assign_labels(n, {True: ratio, False: 1.0 - ratio}, rng)
+
+
+# ---- pairing ------------------------------------------------------------------------------------
+
+
+def _available(result: CurationResult) -> set[str]:
+    """Sample types for which every subject of the clip has a reference."""
+    sets = [set(subject.references) for subject in result.subjects]
+    return set.intersection(*sets) if sets else set()
+
+
+def _reference(
+    subject: CuratedSubject, result: CurationResult, sample_type: str, image_path: str | None = None
+) -> ReferenceImage:
+    inst = subject.instance
+    return ReferenceImage(
+        category=inst.category,
+        group=inst.group,
+        source_clip_id=result.clip.clip_id,
+        frame_index=inst.frame_index,
+        box=inst.box,
+        image_path=image_path if image_path is not None else subject.references[sample_type],
+        mask_path=subject.masks.get(sample_type),
+        sample_type=sample_type,
+        instance_id=inst.instance_id,
+        metrics=dict(inst.metrics),
+    )
+
+
+def _composite_reference(
+    subject: CuratedSubject,
+    result: CurationResult,
+    sample_type: str,
+    plate: np.ndarray,
+    data_root: Path | None,
+    out: OutputDir | None,
+    name: str,
+) -> ReferenceImage:
+    """The subject's crop cut out by its mask and pasted on `plate`."""
+    crop_path = subject.references["crop"]
+    mask_path = subject.masks["crop"]
+    crop = load_image(result.resolve(crop_path, data_root))
+    mask = load_mask(result.resolve(mask_path, data_root))
+    pixels = composite(crop, mask, plate, subject.bounds, subject.frame_size)
+    reference = _reference(subject, result, sample_type, image_path="")
+    if out is not None:
+        reference.image_path = out.save_image(f"{name}.png", pixels)
+        reference.mask_path = out.save_mask(f"{name}_mask.png", mask)
+    else:
+        # handed back in memory: the dataset writer stores the PNGs and fills the paths
+        reference.image_path, reference.mask_path = None, None
+        reference.image, reference.mask = pixels, mask.astype(np.uint8) * 255
+    return reference
+
+
+def pair_samples(
+    results: Iterable[CurationResult],
+    cfg: DataConfig,
+    rng: np.random.Generator,
+    *,
+    data_root: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    rel_dir: str | None = None,
+    stats: dict[str, Any] | None = None,
+) -> list[TrainingSample]:
+    """One training sample per clip with kept subjects; types and cross pairs at the configured ratios.
+
+    data_root: where the results' relative paths live now (default: where curate_clip wrote them).
+    out_dir / rel_dir: where composite references are written and how records name that folder;
+      without out_dir, composites come back in memory (ReferenceImage.image / .mask, no path).
+    stats: filled with the realised mix, counts and the disabled types.
+    """
+    results = sorted(results, key=lambda r: r.clip.clip_id)
+    usable = [r for r in results if r.subjects]
+    root = Path(data_root) if data_root is not None else None
+    enabled = {t for r in results for t in r.enabled_types} or {"crop", "segment"}
+    mix = effective_mix(cfg.references.sample_mix, enabled)
+    types, shortfall = assign_types([_available(r) for r in usable], mix, rng)
+    cross = assign_cross_pairs(len(usable), cfg.references.cross_pair_ratio, rng)
+    plates = [r for r in results if r.plate]
+
+    samples: list[TrainingSample] = []
+    kinds: Counter[str] = Counter()
+    for result, sample_type, is_cross in zip(usable, types, cross, strict=True):
+        clip = result.clip
+        sample_id = safe_name(clip.clip_id, limit=200)
+        out = None
+        if out_dir is not None:
+            out = OutputDir(Path(out_dir) / sample_id, f"{rel_dir}/{sample_id}" if rel_dir else sample_id)
+        references, provenance_refs = [], []
+        for k, subject in enumerate(result.subjects):
+            kind, background = "own", None
+            if not is_cross:
+                reference = _reference(subject, result, sample_type)
+            else:
+                others = [
+                    (other, candidate)
+                    for other in usable
+                    if other.clip.source == clip.source and other.clip.clip_id != clip.clip_id
+                    for candidate in other.subjects
+                    if candidate.instance.category == subject.instance.category and sample_type in candidate.references
+                ]
+                if others:
+                    other, candidate = others[int(rng.integers(len(others)))]
+                    reference, kind = _reference(candidate, other, sample_type), "other_clip"
+                elif sample_type == "redux":
+                    # no mask to cut the variation out with; its pose and background are generated already
+                    reference, kind = _reference(subject, result, sample_type), "redux_variation"
+                else:
+                    unrelated = [r for r in plates if r.clip.source != clip.source]
+                    if unrelated:
+                        donor = unrelated[int(rng.integers(len(unrelated)))]
+                        plate = load_image(donor.resolve(donor.plate or "", root))
+                        background = donor.clip.clip_id
+                    else:
+                        height, width = subject.frame_size
+                        plate = texture(height, width, seed=int(rng.integers(2**31)))
+                        background = PROCEDURAL
+                    name = f"xpair_{k}_{safe_name(subject.instance.category)}"
+                    reference = _composite_reference(subject, result, sample_type, plate, root, out, name)
+                    kind = "composite"
+            kinds[kind] += 1
+            references.append(reference)
+            provenance_refs.append(
+                {"instance_id": reference.instance_id, "kind": kind, "background_clip_id": background}
+            )
+        samples.append(
+            TrainingSample(
+                sample_id=sample_id,
+                clip_id=clip.clip_id,
+                clip_path=clip.path,
+                caption=clip.caption or "",
+                sample_type=sample_type,
+                cross_pair=is_cross,
+                references=references,
+                provenance={
+                    "source": clip.source,
+                    "span_s": [clip.start_s, clip.end_s],
+                    "sample_mix": mix,
+                    "cross_pair_ratio": cfg.references.cross_pair_ratio,
+                    "references": provenance_refs,
+                },
+            )
+        )
+    if stats is not None:
+        disabled = {}
+        for r in results:
+            disabled.update(r.stats.get("disabled_types", {}))
+        stats.update(
+            {
+                "samples": len(samples),
+                "clips_without_subjects": len(results) - len(usable),
+                "sample_mix": mix,
+                "sample_types": dict(Counter(types)),
+                "disabled_types": {t: disabled.get(t, "disabled") for t in SAMPLE_TYPES if t not in enabled},
+                "mix_shortfall": shortfall,
+                "cross_pairs": sum(cross),
+                "cross_pair_ratio": cfg.references.cross_pair_ratio,
+                "reference_kinds": dict(kinds),
+            }
+        )
+    if shortfall:
+        log.warning("sample-type mix missed by %d sample(s): their references of the drawn type failed", shortfall)
+    return samples

@@ -1,0 +1,485 @@
+"""Curation on synthetic clips with ground truth: filters, IoU dedup, references, exact mix and cross-pairing."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kaleido.config.schema import DataConfig
+from kaleido.data.curate import CurationModels, curate_clip, load_curation_models, sample_frame_indices
+from kaleido.data.filters import box_iou, iou_filter, laplacian_variance, mean_luma
+from kaleido.data.pairing import apportion, assign_cross_pairs, assign_types, effective_mix, pair_samples
+from kaleido.data.records import Instance, TrainingSample
+from kaleido.data.references import CurationResult, composite, load_image, load_mask
+from kaleido.data.synthetic import (
+    FixedScorer,
+    MirrorVariator,
+    OracleDetector,
+    OracleSegmenter,
+    SubjectSpec,
+    SyntheticClip,
+    TextureInpainter,
+    make_clip,
+)
+from kaleido.vision import Detection
+
+CAT = SubjectSpec("cat", size=(28, 28), start=(10, 10), end=(20, 14))
+CUP = SubjectSpec("cup", size=(24, 28), start=(60, 30), end=(52, 26), score=0.8)
+ASTRONAUT = SubjectSpec("astronaut", size=(32, 26), start=(40, 4), end=(44, 8), score=0.95)
+DISABLED = {"inpaint": "data.models.flux_fill is null", "redux": "data.models.flux_redux is null"}
+
+
+def oracle_models(*clips: SyntheticClip, fill: bool = True, redux: bool = True, **kw) -> CurationModels:
+    return CurationModels(
+        detector=kw.pop("detector", OracleDetector(clips)),
+        segmenter=kw.pop("segmenter", OracleSegmenter(clips)),
+        clip=kw.pop("clip", FixedScorer()),
+        fill=TextureInpainter() if fill else None,
+        redux=MirrorVariator() if redux else None,
+        **kw,
+    )
+
+
+def curate(clip: SyntheticClip, models: CurationModels, tmp_path: Path, cfg: DataConfig | None = None,
+           clip_id: str = "clip-a", source: str = "raw/a.mp4", seed: int = 0) -> CurationResult:
+    record = clip.record(clip_id, source=source)
+    return curate_clip(record, clip.frames, clip.matches, models, cfg or DataConfig(), np.random.default_rng(seed),
+                       tmp_path / "refs")
+
+
+def reasons(result: CurationResult) -> Counter[str]:
+    return Counter(r.reason for r in result.rejections)
+
+
+class FakeFaces:
+    """A FaceDetector test double: a fixed answer, and a record of what it was asked."""
+
+    def __init__(self, score: float | None) -> None:
+        self.score, self.calls = score, 0
+
+    def frontal_face_score(self, image: np.ndarray) -> float | None:
+        self.calls += 1
+        return self.score
+
+
+class Boom:
+    """Raises from every model method it is asked for."""
+
+    name = "boom"
+
+    def __getattr__(self, attribute: str):
+        def fail(*args, **kwargs):
+            raise RuntimeError(f"{attribute} exploded")
+
+        return fail
+
+
+# ---- synthetic ground truth and oracles -------------------------------------------------------
+
+
+def test_synthetic_clip_ground_truth_and_oracles(tmp_path: Path) -> None:
+    clip = make_clip([CAT, CUP], frames=6, seed=3)
+    assert clip.frames.shape == (6, 64, 96, 3) and clip.frames.dtype == np.uint8
+    cat, cup = clip.subjects
+    np.testing.assert_array_equal(cat.boxes[0], [10, 10, 38, 38])
+    np.testing.assert_array_equal(cat.boxes[-1], [20, 14, 48, 42])
+    assert cat.masks[0].sum() == pytest.approx(np.pi / 4 * 28 * 28, rel=0.05)  # an inscribed ellipse
+    assert clip.caption[clip.matches[1].start : clip.matches[1].end] == "coffee cup"
+    detections = OracleDetector([clip]).detect(clip.frames[2], ["cat", "coffee cup", "dog"])
+    assert [(d.label, d.box) for d in detections] == [("cat", tuple(cat.boxes[2])), ("coffee cup", tuple(cup.boxes[2]))]
+    masks = OracleSegmenter([clip]).segment(clip.frames[2], [d.box for d in detections])
+    np.testing.assert_array_equal(masks[0], cat.masks[2])
+    np.testing.assert_array_equal(masks[1], cup.masks[2])
+    assert OracleDetector([clip]).detect(np.zeros((64, 96, 3), np.uint8), ["cat"]) == []  # unknown frame
+    from kaleido.model.media import read_video
+
+    path = clip.write(tmp_path / "clip.mp4")
+    assert read_video(path).shape == clip.frames.shape
+
+
+def test_frame_sampling() -> None:
+    assert sample_frame_indices(9, 3) == [2, 4, 6]
+    assert sample_frame_indices(2, 3) == [0, 1]
+    assert sample_frame_indices(100, 1) == [50]
+
+
+# ---- filters --------------------------------------------------------------------------------------
+
+
+def test_measurements() -> None:
+    assert mean_luma(np.full((4, 4, 3), 100, np.uint8)) == pytest.approx(100.0)
+    assert laplacian_variance(np.full((8, 8, 3), 50, np.uint8)) == 0.0
+    assert box_iou((10, 10, 50, 50), (20, 10, 60, 50)) == pytest.approx(1200 / 2000)
+    assert box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
+
+
+def test_subject_too_small_and_too_large(tmp_path: Path) -> None:
+    small = make_clip([SubjectSpec("cat", size=(8, 8), start=(10, 10), end=(12, 10))], seed=1)
+    result = curate(small, oracle_models(small), tmp_path)
+    assert not result.ok and reasons(result)["too_small"] == 3 and reasons(result)["no_subjects"] == 1
+    detail = next(r.detail for r in result.rejections if r.reason == "too_small")
+    area = small.subjects[0].masks[2].sum() / (64 * 96)  # frame 2 is the first sampled one: 52 px
+    assert detail == f"mask covers {area:.4f} of the frame, below data.filters.min_area=0.0312"
+    big = make_clip([SubjectSpec("cup", size=(64, 96), start=(0, 0), end=(0, 0), shape="rect")], seed=1)
+    result = curate(big, oracle_models(big), tmp_path)
+    assert reasons(result)["too_large"] == 3 and "max_area=0.8000" in result.rejections[0].detail
+
+
+def test_dark_and_blurred_frames_are_rejected(tmp_path: Path) -> None:
+    dark = make_clip([CAT], brightness=0.12, seed=2)
+    result = curate(dark, oracle_models(dark), tmp_path)
+    assert reasons(result)["too_dark"] == 3 and "min_brightness=30.0" in result.rejections[0].detail
+    blurred = make_clip([CAT], blur_sigma=2.5, seed=2)
+    result = curate(blurred, oracle_models(blurred), tmp_path)
+    assert reasons(result)["blurry"] == 3 and "min_sharpness=50.0" in result.rejections[0].detail
+    sharp = make_clip([CAT], seed=2)
+    result = curate(sharp, oracle_models(sharp), tmp_path)
+    assert result.ok and not result.rejections
+    assert result.instances[0].metrics["sharpness"] > 50 and 30 < result.instances[0].metrics["brightness"] < 225
+
+
+def test_overlapping_instances_deduplicated_by_iou(tmp_path: Path) -> None:
+    # amodal boxes A = (10, 10, 50, 50), B = (20, 10, 60, 50): IoU = 30*40 / (1600 + 1600 - 1200) = 0.6
+    a = SubjectSpec("cat", size=(40, 40), start=(10, 10), end=(10, 10), shape="rect", score=0.9)
+    b = SubjectSpec("cup", size=(40, 40), start=(20, 10), end=(20, 10), shape="rect", score=0.8)
+    clip = make_clip([a, b], seed=4)
+    cfg = DataConfig.model_validate({"filters": {"max_iou": 0.5}})
+    result = curate(clip, oracle_models(clip), tmp_path, cfg)
+    overlaps = [r for r in result.rejections if r.reason == "overlap"]
+    assert len(overlaps) == 3 and all("/coffee_cup#0" in r.item for r in overlaps)  # the lower score goes
+    assert "IoU 0.600" in overlaps[0].detail and "max_iou=0.5" in overlaps[0].detail
+    assert [s.instance.category for s in result.subjects] == ["cat"]
+    cfg = DataConfig.model_validate({"filters": {"max_iou": 0.7}})
+    result = curate(clip, oracle_models(clip), tmp_path, cfg)
+    assert not reasons(result)["overlap"] and len(result.subjects) == 2
+
+
+def test_iou_filter_is_greedy_by_score() -> None:
+    def inst(name: str, box: tuple[float, float, float, float], score: float, frame: int = 0) -> Instance:
+        return Instance("c", frame, name, "object", box, score, instance_id=name)
+
+    # b overlaps a (IoU 0.6) and c (IoU 0.6); a and c do not overlap: a kept, b dropped, c kept
+    a, b, c = inst("a", (0, 0, 40, 40), 0.9), inst("b", (10, 0, 50, 40), 0.8), inst("c", (20, 0, 60, 40), 0.7)
+    kept, rejections = iou_filter([c, b, a], DataConfig().filters.model_copy(update={"max_iou": 0.5}))
+    assert [i.instance_id for i in kept] == ["c", "a"] and [r.item for r in rejections] == ["b"]
+    other_frame = inst("d", (10, 0, 50, 40), 0.8, frame=1)
+    kept, _ = iou_filter([a, other_frame], DataConfig().filters.model_copy(update={"max_iou": 0.5}))
+    assert len(kept) == 2  # only instances of the same frame compete
+
+
+def test_clip_category_check(tmp_path: Path) -> None:
+    clip = make_clip([CAT, CUP], seed=5)
+    result = curate(clip, oracle_models(clip, clip=FixedScorer({"cat": 0.1}, default=0.3)), tmp_path)
+    assert reasons(result)["clip_mismatch"] == 3
+    assert "CLIP similarity 0.100 to 'a photo of a cat'" in result.rejections[0].detail
+    assert [s.instance.category for s in result.subjects] == ["cup"]
+    assert result.subjects[0].instance.metrics["clip_score"] == pytest.approx(0.3)
+
+
+# ---- faces ------------------------------------------------------------------------------------------
+
+
+def test_face_check_skipped_with_a_note_without_a_face_model(tmp_path: Path) -> None:
+    clip = make_clip([ASTRONAUT, CAT], seed=6)
+    result = curate(clip, oracle_models(clip), tmp_path)
+    assert {s.instance.category for s in result.subjects} == {"astronaut", "cat"}
+    assert result.stats["face_check"].startswith("skipped") and result.stats["face_check_skipped"] == 3
+    assert any("without a face check" in note for note in result.notes)
+    astronaut = next(s.instance for s in result.subjects if s.instance.group == "human")
+    assert astronaut.metrics["face_checked"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("score", "reason"), [(None, "no_face"), (0.3, "face_not_frontal"), (0.9, None)]
+)
+def test_face_detector_through_the_interface(tmp_path: Path, score: float | None, reason: str | None) -> None:
+    clip = make_clip([ASTRONAUT, CAT], seed=6)
+    faces = FakeFaces(score)
+    result = curate(clip, oracle_models(clip, face=faces), tmp_path)
+    assert faces.calls == 3  # humans only: one astronaut per sampled frame, the cat is not asked about
+    categories = {s.instance.category for s in result.subjects}
+    if reason is None:
+        assert categories == {"astronaut", "cat"} and not result.rejections
+        human = next(s.instance for s in result.subjects if s.instance.group == "human")
+        assert human.metrics["face_score"] == 0.9 and result.stats["face_check"] == "on"
+    else:
+        assert categories == {"cat"} and reasons(result)[reason] == 3
+
+
+# ---- failures become rejections ------------------------------------------------------------------
+
+
+def test_failing_models_become_rejections(tmp_path: Path) -> None:
+    clip = make_clip([CAT, CUP], seed=7)
+    result = curate(clip, oracle_models(clip, detector=Boom()), tmp_path)
+    assert not result.ok and reasons(result)["model_error"] == 3
+    first = result.rejections[0]
+    assert first.stage == "ground" and "boom raised RuntimeError: detect exploded" in first.detail
+
+    result = curate(clip, oracle_models(clip, segmenter=Boom()), tmp_path)
+    assert reasons(result)["model_error"] == 3 and not result.ok
+
+    result = curate(clip, oracle_models(clip, clip=Boom()), tmp_path)
+    assert {r.stage for r in result.rejections if r.reason == "model_error"} == {"filter"}
+
+    models = oracle_models(clip)
+    models.fill = Boom()
+    result = curate(clip, models, tmp_path)
+    assert result.ok and all("inpaint" not in s.references for s in result.subjects)
+    assert all("crop" in s.references and "redux" in s.references for s in result.subjects)
+    assert {r.stage for r in result.rejections} == {"references"} and not result.plate_inpainted
+
+    class NanDetector:
+        def detect(self, image, terms):
+            return [Detection((float("nan"), 0.0, 10.0, 10.0), 0.9, "cat")]
+
+    class FullMasks:
+        def segment(self, image, boxes):
+            return np.ones((len(boxes), *image.shape[:2]), dtype=bool)
+
+    # a NaN box gets past the models and breaks the crop: the clip is rejected, the run goes on
+    result = curate(clip, oracle_models(clip, detector=NanDetector(), segmenter=FullMasks()), tmp_path)
+    assert reasons(result)["curation_error"] == 1 and not result.ok
+
+    result = curate_clip(clip.record("x"), clip.frames[..., :2], clip.matches, oracle_models(clip), DataConfig(),
+                         np.random.default_rng(0), tmp_path)
+    assert reasons(result)["bad_frames"] == 1
+
+
+def test_background_terms_are_not_grounded(tmp_path: Path) -> None:
+    from kaleido.data.records import SubjectMatch
+
+    clip = make_clip([CAT], seed=8)
+    matches = [*clip.matches, SubjectMatch("beach", "beach", "background", 0, 5)]
+    result = curate_clip(clip.record("c"), clip.frames, matches, oracle_models(clip), DataConfig(),
+                         np.random.default_rng(0), tmp_path)
+    assert reasons(result)["background_term"] == 1 and result.ok
+
+
+# ---- references -----------------------------------------------------------------------------------
+
+
+def test_reference_variants_on_disk(tmp_path: Path) -> None:
+    clip = make_clip([CAT], seed=9)
+    result = curate(clip, oracle_models(clip), tmp_path)
+    (subject,) = result.subjects
+    inst = subject.instance
+    t = inst.frame_index
+    truth = clip.subjects[0]
+    assert inst.box == tuple(truth.boxes[t]) and subject.bounds == tuple(int(v) for v in truth.boxes[t])
+    x0, y0, x1, y1 = subject.bounds
+    crop = load_image(result.resolve(subject.references["crop"]))
+    np.testing.assert_array_equal(crop, clip.frames[t, y0:y1, x0:x1])
+    mask = load_mask(result.resolve(subject.masks["segment"]))
+    np.testing.assert_array_equal(mask, truth.masks[t, y0:y1, x0:x1])
+    segment = load_image(result.resolve(subject.references["segment"]))
+    assert (segment[~mask] == 255).all() and (segment[mask] == crop[mask]).all()
+    inpaint = load_image(result.resolve(subject.references["inpaint"]))
+    assert (inpaint[mask] == crop[mask]).all() and (inpaint[~mask] != crop[~mask]).any()
+    np.testing.assert_array_equal(load_image(result.resolve(subject.references["redux"])), segment[:, ::-1])
+    full_mask = load_mask(result.resolve(inst.mask_path))
+    np.testing.assert_array_equal(full_mask, truth.masks[t])
+    assert result.plate_inpainted and result.plate is not None
+    assert set(result.enabled_types) == {"crop", "segment", "inpaint", "redux"}
+    # JSON round trip (what a shard writes for the pairing step)
+    again = CurationResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert again.to_json() == result.to_json()
+
+
+def test_composite_keeps_subject_pixels() -> None:
+    crop = np.full((4, 4, 3), 10, np.uint8)
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True
+    plate = np.full((8, 8, 3), 200, np.uint8)
+    out = composite(crop, mask, plate, (2, 2, 6, 6), (8, 8))
+    assert (out[mask] == 10).all() and (out[~mask] == 200).all()
+
+
+# ---- mix and cross-pairing ------------------------------------------------------------------------
+
+
+def test_apportionment_is_exact() -> None:
+    mix = {"crop": 1, "segment": 5, "inpaint": 3, "redux": 1}
+    assert apportion(100, mix) == {"crop": 10, "segment": 50, "inpaint": 30, "redux": 10}
+    assert apportion(7, mix) == {"crop": 1, "segment": 3, "inpaint": 2, "redux": 1}
+    assert sum(apportion(13, {"a": 0.3, "b": 0.7}).values()) == 13
+    assert effective_mix(mix, ["crop", "segment"]) == {"crop": 1 / 6, "segment": 5 / 6}
+    assert apportion(100, effective_mix(mix, ["crop", "segment"])) == {"crop": 17, "segment": 83}
+    flags = assign_cross_pairs(100, 0.4, np.random.default_rng(0))
+    assert sum(flags) == 40 and flags != assign_cross_pairs(100, 0.4, np.random.default_rng(1))
+    with pytest.raises(ValueError, match="no weight"):
+        effective_mix({"crop": 0, "segment": 0, "inpaint": 1, "redux": 0}, ["crop", "segment"])
+
+
+def test_assign_types_respects_availability() -> None:
+    full = {"crop", "segment", "inpaint", "redux"}
+    available = [full] * 90 + [{"crop", "segment", "redux"}] * 10  # ten samples lost their inpaint reference
+    weights = {"crop": 0.1, "segment": 0.5, "inpaint": 0.3, "redux": 0.1}
+    types, shortfall = assign_types(available, weights, np.random.default_rng(0))
+    assert shortfall == 0 and Counter(types) == {"crop": 10, "segment": 50, "inpaint": 30, "redux": 10}
+    assert all(t != "inpaint" for t in types[90:])
+
+
+@pytest.fixture(scope="module")
+def curated_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[CurationResult], Path]:
+    """100 one-subject clips: 50 from source A, 40 from B, 10 from C; one rocket per source, cat/cup/astronaut
+    for the others (so a cross-paired rocket has no same-category clip in its source: it is composited)."""
+    root = tmp_path_factory.mktemp("batch")
+    rng = np.random.default_rng(11)
+    clips, records = [], []
+    for i in range(100):
+        source = "raw/a.mp4" if i < 50 else "raw/b.mp4" if i < 90 else "raw/c.mp4"
+        name = "rocket" if i in (0, 50, 90) else ["cat", "cup", "astronaut"][i % 3]
+        x, y = rng.integers(0, 60), rng.integers(0, 30)
+        spec = SubjectSpec(name, size=(28, 28), start=(float(x), float(y)), end=(float(x) + 4, float(y) + 2))
+        clips.append(make_clip([spec], frames=3, seed=i))
+        records.append(clips[-1].record(f"clip-{i:03d}", source=source))
+    models = oracle_models(*clips)
+    cfg = DataConfig.model_validate({"grounding": {"frames_per_clip": 1}})
+    results = [
+        curate_clip(record, clip.frames, clip.matches, models, cfg, np.random.default_rng(i), root / "refs",
+                    rel_dir="refs")
+        for i, (record, clip) in enumerate(zip(records, clips, strict=True))
+    ]
+    assert all(r.ok for r in results)
+    return results, root
+
+
+def test_mix_and_cross_pair_ratio_exact_over_100(curated_batch: tuple[list[CurationResult], Path]) -> None:
+    results, root = curated_batch
+    stats: dict = {}
+    samples = pair_samples(results, DataConfig(), np.random.default_rng(0), data_root=root, stats=stats)
+    assert len(samples) == 100 and all(isinstance(s, TrainingSample) for s in samples)
+    assert Counter(s.sample_type for s in samples) == {"crop": 10, "segment": 50, "inpaint": 30, "redux": 10}
+    assert sum(s.cross_pair for s in samples) == 40 and stats["cross_pairs"] == 40
+    assert stats["sample_mix"] == {"crop": 0.1, "segment": 0.5, "inpaint": 0.3, "redux": 0.1}
+    assert stats["mix_shortfall"] == 0 and stats["disabled_types"] == {}
+    # deterministic, and independent of the order the shard finished its clips in
+    again = pair_samples(list(reversed(results)), DataConfig(), np.random.default_rng(0), data_root=root)
+    assert [s.to_json() for s in again] == [s.to_json() for s in samples]
+    for ratio, expected in ((0.0, 0), (0.2, 20), (1.0, 100)):
+        cfg = DataConfig.model_validate({"references": {"cross_pair_ratio": ratio}})
+        samples = pair_samples(results, cfg, np.random.default_rng(3), data_root=root)
+        assert sum(s.cross_pair for s in samples) == expected
+
+
+def test_mix_renormalised_when_inpaint_and_redux_disabled(curated_batch: tuple[list[CurationResult], Path]) -> None:
+    results, root = curated_batch
+    stripped = []
+    for result in results:
+        copy = CurationResult.from_json(result.to_json())
+        copy.enabled_types = ["crop", "segment"]
+        copy.stats["disabled_types"] = DISABLED
+        for subject in copy.subjects:
+            subject.references = {k: v for k, v in subject.references.items() if k in ("crop", "segment")}
+        stripped.append(copy)
+    stats: dict = {}
+    samples = pair_samples(stripped, DataConfig(), np.random.default_rng(0), data_root=root, stats=stats)
+    assert Counter(s.sample_type for s in samples) == {"crop": 17, "segment": 83}
+    assert stats["sample_mix"] == pytest.approx({"crop": 1 / 6, "segment": 5 / 6})
+    assert stats["disabled_types"] == DISABLED
+
+
+def test_cross_pair_references_come_from_elsewhere(
+    curated_batch: tuple[list[CurationResult], Path], tmp_path: Path
+) -> None:
+    results, root = curated_batch
+    # the shard folder moved after curation (as the shard runner renames it): read through data_root
+    moved = tmp_path / "root"
+    shutil.copytree(root, moved)
+    by_id = {r.clip.clip_id: r for r in results}
+    all_cross = DataConfig.model_validate({"references": {"cross_pair_ratio": 1.0}})
+    samples = pair_samples(results, all_cross, np.random.default_rng(5), data_root=moved,
+                           out_dir=moved / "pairs", rel_dir="pairs")
+    samples += pair_samples(results, DataConfig(), np.random.default_rng(5), data_root=moved)
+    kinds = Counter()
+    for sample in samples:
+        for reference, info in zip(sample.references, sample.provenance["references"], strict=True):
+            kinds[info["kind"]] += 1
+            own = by_id[sample.clip_id]
+            if not sample.cross_pair:
+                assert info["kind"] == "own" and reference.source_clip_id == sample.clip_id
+            elif info["kind"] == "other_clip":
+                donor = by_id[reference.source_clip_id]
+                assert donor.clip.clip_id != sample.clip_id and donor.clip.source == own.clip.source
+                assert reference.category == own.subjects[0].instance.category
+            elif info["kind"] == "composite":
+                background = by_id[info["background_clip_id"]]
+                assert background.clip.source != own.clip.source
+                if reference.image_path is None:  # handed back in memory
+                    image, mask = reference.image, reference.mask > 127
+                else:
+                    assert reference.image_path.startswith("pairs/")
+                    image, mask = load_image(moved / reference.image_path), load_mask(moved / reference.mask_path)
+                crop = load_image(moved / own.subjects[0].references["crop"])
+                np.testing.assert_array_equal(image[mask], crop[mask])  # the subject, on another background
+            else:
+                assert info["kind"] == "redux_variation" and sample.sample_type == "redux"
+            assert reference.sample_type == sample.sample_type
+            assert reference.image_path is None or (moved / reference.image_path).is_file()
+    assert kinds["own"] == 60 and kinds["other_clip"] >= 97 and kinds["composite"] >= 1
+    # in-memory composites when no output folder is given (the dataset writer stores them)
+    samples = pair_samples(results, all_cross, np.random.default_rng(5), data_root=moved)
+    composites = [r for s in samples for r in s.references if r.image_path is None]
+    assert composites and all(r.image is not None and r.image.dtype == np.uint8 for r in composites)
+
+
+def test_single_source_cross_pairs_use_other_clips_or_procedural(tmp_path: Path) -> None:
+    clips = [make_clip([SubjectSpec(name)], frames=3, seed=20 + i) for i, name in enumerate(["cat", "cup", "cat"])]
+    models = oracle_models(*clips, fill=False, redux=False)
+    results = [curate(c, models, tmp_path, clip_id=f"s-{i}", source="raw/one.mp4") for i, c in enumerate(clips)]
+    cfg = DataConfig.model_validate({"references": {"cross_pair_ratio": 1.0}})
+    samples = pair_samples(results, cfg, np.random.default_rng(0))
+    kinds = {s.clip_id: s.provenance["references"][0] for s in samples}
+    assert kinds["s-0"]["kind"] == "other_clip" and samples[0].references[0].source_clip_id == "s-2"
+    expected = {"instance_id": "s-1/f0/coffee_cup#0", "kind": "composite", "background_clip_id": "procedural"}
+    assert kinds["s-1"] == expected
+
+
+# ---- real models end to end -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_curate_clip_with_tiny_real_models(tiny_vision: dict[str, Path], tmp_path: Path) -> None:
+    from kaleido.vision.tiny import tiny_vision_settings
+
+    cfg = DataConfig.model_validate(
+        {
+            "models": {**tiny_vision_settings(tiny_vision), "device": "cpu"},
+            "grounding": {"frames_per_clip": 1, "box_threshold": 0.0, "text_threshold": 0.0},
+            # random weights: open every filter so instances reach the reference builders
+            "filters": {"min_area": 0.0, "max_area": 1.0, "clip_min_score": -1.0, "min_sharpness": 0.0,
+                        "min_brightness": 0.0, "max_brightness": 255.0},
+            "references": {"max_references": 1, "inpaint_steps": 2, "redux_steps": 2, "redux_size": 32},
+        }
+    )
+    models = load_curation_models(cfg)
+    assert models.enabled_types == ["crop", "segment", "inpaint", "redux"] and models.face is None
+    clip = make_clip([CAT, CUP], frames=3, seed=12)
+    result = curate_clip(clip.record("real"), clip.frames, clip.matches, models, cfg, np.random.default_rng(0),
+                         tmp_path / "refs")
+    assert not [r for r in result.rejections if r.reason in ("model_error", "curation_error")]
+    assert result.ok and set(result.subjects[0].references) == {"crop", "segment", "inpaint", "redux"}
+    x0, y0, x1, y1 = result.subjects[0].instance.box
+    assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 64 and result.plate_inpainted
+    redux = load_image(result.resolve(result.subjects[0].references["redux"]))
+    assert redux.shape == (32, 32, 3)
+
+
+def test_load_curation_models_explains_missing_models(tmp_path: Path) -> None:
+    from kaleido.config.schema import validate_params
+
+    with pytest.raises(ValueError, match=r"data\.models\.grounding_dino is null"):
+        load_curation_models(DataConfig())
+    params = validate_params({"data": {"models": {"grounding_dino": "models/gd"}}}, base_dir=tmp_path)
+    # a relative path resolves against the folder of params.yaml
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "models" / "gd"))):
+        load_curation_models(params.data, params)
+    with pytest.raises(ValueError, match="flux_base is null"):
+        DataConfig.model_validate({"models": {"flux_redux": "x"}})
