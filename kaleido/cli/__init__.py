@@ -5,9 +5,13 @@ Heavy libraries are imported inside the commands so that `kaleido --help` stays 
 
 from kaleido.cli import (  # noqa: F401  (registration)
     checkpoint_commands,
+    data_commands,
+    eval_commands,
     generate_commands,
     params_commands,
+    registry_commands,
     samples_commands,
+    train_commands,
 )
 from kaleido.cli.app import app
 

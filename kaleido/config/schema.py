@@ -125,6 +125,12 @@ class IngestConfig(_Section):
             raise ValueError(
                 f"clip_max_seconds={self.clip_max_seconds} is below clip_min_seconds={self.clip_min_seconds}"
             )
+        # clips are H.264 mp4 at an integer frame rate in yuv420p (2x2 chroma): whole fps, even sizes
+        if self.fps != round(self.fps):
+            raise ValueError(f"fps={self.fps}: clips are written at a whole frame rate (e.g. 16, 24, 25)")
+        for name in ("height", "width"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"{name}={getattr(self, name)}: must be even (yuv420p video)")
         return self
 
 
@@ -134,18 +140,39 @@ class CaptionConfig(_Section):
     vlm: Path | None = Field(None, description="local transformers vision-language model folder")
     max_new_tokens: int = Field(64, ge=1)
     frames: int = Field(4, ge=1, description="frames shown to the VLM per clip")
+    prompt: str = Field(
+        "Describe this video in one detailed sentence: the main subjects (people, animals, objects, "
+        "characters), what they do, and the background.",
+        description="instruction given to the VLM with the frames",
+    )
+    taxonomy: Path | None = Field(
+        None, description="subject taxonomy YAML (relative to params.yaml); None: kaleido/data/taxonomy.yaml"
+    )
 
 
 class VisionModelsConfig(_Section):
     # Local paths only; relative paths resolve against the folder of params.yaml.
-    grounding_dino: Path | None = None
+    grounding_dino: Path | None = Field(None, description="transformers Grounding DINO folder (model + processor)")
     sam: Path | None = Field(None, description="segment-anything checkpoint file (.pth)")
     sam_type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
-    clip: Path | None = Field(None, description="open_clip checkpoint file")
-    clip_arch: str = "ViT-B-32"
+    clip: Path | None = Field(None, description="open_clip checkpoint file, or a folder with open_clip_config.json")
+    clip_arch: str = Field("ViT-B-32", description="open_clip architecture of a checkpoint FILE")
     face: Path | None = Field(None, description="insightface model root; None disables the face check")
+    face_model: str = Field("buffalo_l", description="insightface model pack under <face>/models/")
     flux_fill: Path | None = Field(None, description="diffusers FluxFillPipeline folder; None disables inpaint")
     flux_redux: Path | None = Field(None, description="diffusers FluxPriorReduxPipeline folder; None disables redux")
+    flux_base: Path | None = Field(None, description="diffusers FluxPipeline folder (FLUX.1-dev) that redux feeds")
+    flux_dtype: DTypeName = Field("bfloat16", description="FLUX weights dtype (float32 on CPU)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @model_validator(mode="after")
+    def _redux_needs_base(self) -> VisionModelsConfig:
+        if self.flux_redux is not None and self.flux_base is None:
+            raise ValueError(
+                "flux_redux is set but flux_base is null: the Redux prior only makes image embeddings; "
+                "set flux_base to the FluxPipeline folder (FLUX.1-dev) it feeds, or flux_redux to null"
+            )
+        return self
 
 
 class GroundingConfig(_Section):
@@ -166,17 +193,47 @@ class FilterConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    max_references: int = Field(3, ge=1)
+    max_references: int = Field(3, ge=1, description="subjects kept per clip (highest detection score first)")
     cross_pair_ratio: float = Field(0.4, ge=0.0, le=1.0, description="paper's best: 0.4")
     sample_mix: SampleMix = SampleMix()
+    crop_margin: float = Field(0.0, ge=0.0, le=1.0, description="crop references: box grown by this fraction per side")
+    mask_dilation: int = Field(4, ge=0, description="pixels added around a subject mask before inpainting")
+    flux_max_side: int = Field(1024, ge=16, description="FLUX fill works at most at this size (long side)")
+    inpaint_steps: int = Field(28, ge=1)
+    inpaint_guidance: float = Field(30.0, ge=0.0, description="FLUX.1-Fill-dev default")
+    redux_steps: int = Field(28, ge=1)
+    redux_guidance: float = Field(2.5, ge=0.0, description="FLUX.1-dev guidance for Redux variations")
+    redux_size: int = Field(512, ge=16, description="side of the square Redux variation")
+    background_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "a plain light grey studio backdrop",
+            "a sunny city park with green trees",
+            "a quiet beach under a blue sky",
+            "a cozy living room with a sofa",
+            "a busy city street in daylight",
+            "a snowy mountain landscape",
+        ],
+        description="new backgrounds painted around a subject for inpaint references (one drawn per subject)",
+    )
+    plate_prompt: str = Field(
+        "an empty scene, background only, no people, no animals, no objects in front",
+        description="prompt for removing subjects from a frame (background plates)",
+    )
+
+    @model_validator(mode="after")
+    def _prompts(self) -> ReferenceConfig:
+        if not self.background_prompts:
+            raise ValueError("background_prompts is empty: give at least one background description")
+        return self
 
 
 class DataConfig(_Section):
     root: Path = Path("data")
     seed: int = 0
     workers: int = Field(2, ge=1, description="parallel shard workers (local processes)")
-    shard_size: int = Field(8, ge=1, description="clips per work shard")
+    shard_size: int = Field(8, ge=1, description="clips (or source videos, for ingest) per work shard")
     ray_address: str | None = Field(None, description="run shards on Ray at this address ('local' starts one)")
+    samples_per_tar: int = Field(1000, ge=1, description="training samples per webdataset tar shard")
     ingest: IngestConfig = IngestConfig()
     caption: CaptionConfig = CaptionConfig()
     models: VisionModelsConfig = VisionModelsConfig()
@@ -187,8 +244,61 @@ class DataConfig(_Section):
 
 class StagePreset(_Section):
     lr: float = Field(gt=0.0)
-    steps: int = Field(ge=1)
-    global_batch: int = Field(ge=1)
+    steps: int = Field(ge=1, description="optimizer steps")
+    global_batch: int = Field(ge=1, description="samples per optimizer step over all data-parallel ranks")
+    init: Path | None = Field(
+        None, description="DiT weights to start from; None: model.checkpoint (pretrain), the pretrain export (sft)"
+    )
+    dataset: Path | None = Field(None, description="this stage's training tar shards; None: train.dataset")
+    latents: Path | None = Field(None, description="this stage's latent cache; None: train.latents")
+
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"  # a Kubernetes resource quantity
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class KubernetesToleration(_Section):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class KubernetesConfig(_Section):
+    """Multi-node training as an Indexed Job + headless Service (`kaleido.train.launch_kubernetes`)."""
+
+    # YAML reads `cpu: 8` as an int; quantities are strings to Kubernetes.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
+
+    namespace: str = Field("kaleido", pattern=_DNS_LABEL, max_length=63)
+    image: str = Field("kaleido:0.1.0", min_length=1, description="training image (the kaleido package + torch)")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    nodes: int = Field(1, ge=1, description="pods (torchrun nodes); the Job's completions and parallelism")
+    gpus_per_node: int = Field(1, ge=0, description="nvidia.com/gpu per pod = torchrun processes; 0: one CPU process")
+    cpu: str = Field("8", pattern=_QUANTITY, description="CPU request = limit per pod")
+    memory: str = Field("64Gi", pattern=_QUANTITY, description="memory request = limit per pod")
+    shm_size: str = Field("16Gi", pattern=_QUANTITY, description="/dev/shm (RAM) for dataloader workers and NCCL")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. {nvidia.com/gpu.present: 'true'}")
+    tolerations: list[KubernetesToleration] = Field(
+        default_factory=lambda: [KubernetesToleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+        description="GPU nodes are usually tainted; the default tolerates the NVIDIA taint",
+    )
+    data_claim: str = Field("kaleido-data", pattern=_DNS_LABEL, description="PVC with data.root (mounted read-only)")
+    checkpoints_claim: str = Field(
+        "kaleido-checkpoints", pattern=_DNS_LABEL, description="PVC mounted as the params folder: weights, checkpoints"
+    )
+    mlflow_secret: str = Field(
+        "mlflow-credentials", pattern=_DNS_LABEL, description="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD keys"
+    )
+    mlflow_tracking_uri: str = Field("http://mlflow.kaleido.svc:5000", description="tracking server, as pods see it")
+    master_port: int = Field(29500, ge=1024, le=65535)
+    backoff_limit: int = Field(0, ge=0, description="pod failures retried (preemptions never count)")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="wall-clock limit of the whole Job")
+    ttl_seconds_after_finished: int = Field(86400, ge=0, description="a finished Job (and its pods) is then removed")
+    run_as_user: int = Field(1000, ge=1, description="non-root uid (and gid, fsGroup) of the training pods")
+    service_account: str | None = Field(None, description="pod service account; the API token is never mounted")
 
 
 class TrainConfig(_Section):
@@ -198,20 +308,135 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(1e-4, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
-    sequence_parallel: int = Field(1, ge=1)
+    sequence_parallel: int = Field(1, ge=1, description="DeepSpeed-Ulysses degree: ranks sharing one sequence")
     activation_checkpointing: bool = True
+    nproc_per_node: int = Field(8, ge=1, description="processes (GPUs) the local launcher starts")
+    seed: int = 0
+    dataset: Path = Field(Path("data/dataset"), description="training tar shards (kaleido.data.writer)")
+    latents: Path = Field(Path("artifacts/latents"), description="latent cache written by `kaleido encode`")
+    output_dir: Path = Field(Path("runs/train"), description="<output_dir>/<stage>/: checkpoints, export, loss curve")
+    frames: int = Field(81, ge=1, description="pixel frames per clip at most (4k+1); shorter clips keep 4k+1 of theirs")
+    buckets: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(480, 832)],
+        description="training (height, width) sizes; each clip goes to the nearest aspect ratio",
+    )
+    cache_dtype: DTypeName = Field("bfloat16", description="dtype of the cached latents and text embeddings")
+    encode_batch: int = Field(1, ge=1, description="clips (or references) per VAE call in `kaleido encode`")
+    checkpoint_every: int = Field(500, ge=1, description="optimizer steps between DeepSpeed checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept on disk")
+    experiment: str = Field("kaleido-train", min_length=1, description="MLflow experiment of the training runs")
     launcher: Literal["local", "kubernetes"] = "local"
+    kubernetes: KubernetesConfig = KubernetesConfig()
     pretrain: StagePreset = StagePreset(lr=1e-5, steps=10_000, global_batch=256)
     sft: StagePreset = StagePreset(lr=5e-6, steps=5_000, global_batch=256)
 
+    @model_validator(mode="after")
+    def _shapes(self) -> TrainConfig:
+        if (self.frames - 1) % 4 != 0:
+            raise ValueError(f"frames={self.frames}: the Wan VAE needs 4k+1 frames (e.g. 1, 5, 9, ..., 81)")
+        if not self.buckets:
+            raise ValueError("buckets is empty: give at least one [height, width] training size")
+        for height, width in self.buckets:
+            if height < 16 or width < 16 or height % 16 or width % 16:
+                raise ValueError(f"buckets: [{height}, {width}] must be multiples of 16 (VAE stride 8 x patch 2)")
+        for beta in self.betas:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas={list(self.betas)}: each must lie in [0, 1)")
+        return self
+
+
+class EvalModelsConfig(_Section):
+    """Metric backbones, local paths only (relative to params.yaml). VBench's choices in the descriptions."""
+
+    dino: Path | None = Field(None, description="timm folder (config.json + weights) or weights file: DINO ViT-B/16")
+    dino_arch: str = Field("vit_base_patch16_224.dino", description="timm architecture of a DINO weights FILE")
+    clip: Path | None = Field(None, description="open_clip ViT-B/32 (background consistency, S2V, CLIP text score); "
+                              "None: data.models.clip")
+    clip_arch: str = Field("ViT-B-32", description="open_clip architecture of a CLIP checkpoint FILE")
+    aesthetic_clip: Path | None = Field(None, description="open_clip ViT-L/14 for the LAION aesthetic head")
+    aesthetic_clip_arch: str = Field("ViT-L-14", description="open_clip architecture of that checkpoint FILE")
+    aesthetic_head: Path | None = Field(None, description="LAION sa_0_4_vit_l_14_linear.pth (Linear 768 -> 1)")
+    musiq: Path | None = Field(None, description="pyiqa MUSIQ checkpoint (musiq_spaq_ckpt-358bb6af.pth)")
+    interpolator: Literal["farneback", "torchscript"] = Field(
+        "farneback", description="motion smoothness: farneback (OpenCV, no weights) or a TorchScript AMT-S export"
+    )
+    interpolator_path: Path | None = Field(None, description="TorchScript interpolation network (interpolator: "
+                                           "torchscript)")
+    viclip: Path | None = Field(None, description="ViCLIP TorchScript export; None: labelled CLIP image-text score")
+    grounding_dino: Path | None = Field(None, description="None: data.models.grounding_dino")
+    sam: Path | None = Field(None, description="None: data.models.sam")
+    sam_type: Literal["vit_b", "vit_l", "vit_h", "tiny"] | None = Field(None, description="None: data.models.sam_type")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
+class S2VEvalConfig(_Section):
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0, description="Grounding DINO box threshold (its default)")
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0, description="Grounding DINO text threshold (its default)")
+    detections_per_term: int = Field(1, ge=1, description="boxes kept per subject term and frame (highest first)")
+    max_frames: int | None = Field(None, ge=1, description="frames scored per video, evenly spread; None: every frame")
+
+
+def _metric_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from kaleido.eval.metrics import METRIC_CHOICES, METRICS
+
+    return METRIC_CHOICES, tuple(METRICS)
+
 
 class EvalConfig(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="noise seed of eval cases that give none")
+    eval_set: Path = Field(Path("artifacts/evalset"), description="default eval-set folder (kaleido eval-set init)")
+    metrics: list[str] = Field(
+        default_factory=lambda: list(_metric_names()[0]),
+        description="metrics to compute; text_alignment is ViCLIP when eval.models.viclip is set, else CLIP",
+    )
+    # None: the generate section's value. Evaluations are only comparable at equal settings.
+    frames: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=16)
+    width: int | None = Field(None, ge=16)
+    steps: int | None = Field(None, ge=1)
+    experiment: str = Field("kaleido-eval", min_length=1, description="MLflow experiment of evaluation runs")
+    models: EvalModelsConfig = EvalModelsConfig()
+    s2v: S2VEvalConfig = S2VEvalConfig()
+
+    @model_validator(mode="after")
+    def _valid(self) -> EvalConfig:
+        choices = _metric_names()[0]
+        unknown = [name for name in self.metrics if name not in choices]
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; choose from {', '.join(choices)}")
+        if not self.metrics:
+            raise ValueError("metrics is empty: list at least one metric")
+        if self.frames is not None and (self.frames - 1) % 4 != 0:
+            raise ValueError(f"frames={self.frames}: the Wan VAE needs 4k+1 frames (e.g. 1, 5, 9, ..., 81)")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value % 16 != 0:
+                raise ValueError(f"{name}={value}: must be a multiple of 16 (VAE stride 8 x patch 2)")
+        return self
 
 
 class GateConfig(_Section):
-    floors: dict[str, float] = Field(default_factory=dict)
-    regression_tolerance: float = Field(0.02, ge=0.0)
+    """Promotion gate (kaleido gate). Scores are per-case means; the rule is stated in kaleido.eval.gate."""
+
+    metrics: list[str] | None = Field(None, description="metrics checked for regression; None: all both runs have")
+    floors: dict[str, float] = Field(default_factory=dict, description="absolute minimum per metric")
+    regression_tolerance: float = Field(0.02, ge=0.0, description="allowed drop of a metric versus the champion")
+    tolerances: dict[str, float] = Field(default_factory=dict, description="per-metric regression_tolerance")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided bootstrap confidence level")
+    bootstrap_samples: int = Field(2000, ge=100)
+    seed: int = Field(0, ge=0, description="bootstrap resampling seed (decisions are reproducible)")
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> GateConfig:
+        known = _metric_names()[1]
+        named = [*(self.metrics or []), *self.floors, *self.tolerances]
+        unknown = sorted({name for name in named if name not in known})
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(known)}")
+        negative = sorted(name for name, value in self.tolerances.items() if value < 0)
+        if negative:
+            raise ValueError(f"tolerances must be >= 0: {negative}")
+        return self
 
 
 class PlatformConfig(_Section):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 # Bump when a part's layout or contents change: a stale folder is rebuilt, not reused.
-TINY_VISION_VERSION = 1
+TINY_VISION_VERSION = 2
 MARKER = "kaleido_tiny_vision.json"
 PARTS = ("grounding_dino", "sam", "clip", "flux_fill", "flux_base", "flux_redux")
 OUTPUTS = {
@@ -34,7 +34,10 @@ OUTPUTS = {
     "flux_base": "flux_base",
     "flux_redux": "flux_redux",
 }
-IMAGE_SIZE = 64  # Grounding DINO's shortest edge and the FLUX sizes the tiny models are meant for
+IMAGE_SIZE = 64  # the FLUX sizes the tiny models are meant for
+# Grounding DINO's shortest edge: at 64 a SQUARE image leaves the extra feature level at 1x1, where its
+# GroupNorm fails ("more than 1 value per channel"); 96 keeps it at 2x2.
+DETECTION_SIZE = 96
 TEXT_DIM = 32  # width of every tiny text / vision tower
 
 # Words in the tiny Grounding DINO vocabulary (anything else falls back to single-letter pieces).
@@ -93,7 +96,9 @@ def _grounding_dino(out: Path) -> None:
         max_text_len=32,
     )
     GroundingDinoForObjectDetection(config).eval().save_pretrained(str(out))
-    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": IMAGE_SIZE, "longest_edge": 2 * IMAGE_SIZE})
+    image_processor = GroundingDinoImageProcessor(
+        size={"shortest_edge": DETECTION_SIZE, "longest_edge": 2 * DETECTION_SIZE}
+    )
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out))
 
 

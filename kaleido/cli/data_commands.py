@@ -1,0 +1,151 @@
+"""Data curation commands: `kaleido ingest | caption | subjects | curate | write-dataset | data-stats`.
+
+All read the `data:` section of params.yaml; paths are under `data.root`. Every stage is resumable:
+finished shards are skipped on a re-run (`--force` redoes the whole stage).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kaleido.cli.app import ParamsOption, app, fail, read_params
+
+ForceOption = Annotated[bool, typer.Option("--force", help="redo every shard of this stage, not only unfinished ones")]
+ManifestOption = Annotated[
+    Path | None, typer.Option("--manifest", help="input manifest (JSONL) inside data.root instead of the stage default")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+def _run(stage: Callable[..., Any], params: Path | None, overrides: dict[str, Any], **kwargs: Any) -> None:
+    from kaleido.data.shards import StageFailed
+
+    loaded = read_params(params)
+    for key, value in overrides.items():
+        if value is not None:
+            section, _, leaf = key.rpartition(".")
+            try:  # sections validate on assignment: a bad option value fails like a bad params.yaml
+                setattr(loaded.data if not section else getattr(loaded.data, section), leaf, value)
+            except ValueError as exc:
+                fail(f"data.{key} = {value!r}: {exc}")
+    try:
+        report = stage(loaded, **kwargs)
+    except StageFailed as exc:
+        fail(str(exc), code=1)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(report.summary())
+    for name, path in report.outputs.items():
+        typer.echo(f"  {name}: {path}")
+
+
+@app.command("ingest")
+def ingest(
+    params: ParamsOption = None,
+    workers: Annotated[int | None, typer.Option(help="parallel shard workers (default: data.workers)")] = None,
+    detector: Annotated[
+        str | None, typer.Option("--detector", help="pyscenedetect | transnetv2 (default: data.ingest.shot_detector)")
+    ] = None,
+    force: ForceOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Find source videos (data.ingest.sources), cut them at shot boundaries into normalised clips."""
+    from kaleido.data.pipeline import run_ingest
+
+    _run(
+        run_ingest,
+        params,
+        {"workers": workers, "ingest.shot_detector": detector},
+        progress=not quiet,
+        force=force,
+    )
+
+
+@app.command("caption")
+def caption(
+    params: ParamsOption = None,
+    manifest: ManifestOption = None,
+    captioner: Annotated[str | None, typer.Option(help="sidecar | vlm (default: data.caption.captioner)")] = None,
+    sidecar: Annotated[
+        Path | None, typer.Option(help="captions file (JSONL/JSON/CSV) in data.root (default: data.caption.sidecar)")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="parallel shard workers (default: data.workers)")] = None,
+    force: ForceOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Caption every clip (sidecar file or local VLM) and match subject candidates from the taxonomy."""
+    from kaleido.data.pipeline import run_caption
+
+    _run(
+        run_caption,
+        params,
+        {"caption.captioner": captioner, "caption.sidecar": sidecar, "workers": workers},
+        manifest=manifest,
+        progress=not quiet,
+        force=force,
+    )
+
+
+@app.command("subjects")
+def subjects(
+    text: Annotated[str, typer.Argument(help="a caption to match against the taxonomy")],
+    params: ParamsOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the matches as JSON")] = False,
+) -> None:
+    """Show the subject candidates (category, group) the taxonomy finds in a caption."""
+    from kaleido.data.taxonomy import load_taxonomy
+
+    loaded = read_params(params)
+    path = loaded.resolve(loaded.data.caption.taxonomy)
+    try:
+        taxonomy = load_taxonomy(str(path) if path else None)
+    except (OSError, ValueError) as exc:
+        fail(f"taxonomy: {exc}")
+    matches = taxonomy.match(text)
+    if as_json:
+        typer.echo(json.dumps([m.to_json() for m in matches], indent=2))
+        return
+    if not matches:
+        typer.echo("no subject candidates")
+    for match in matches:
+        typer.echo(f"{match.term!r:28} -> {match.category} ({match.group})")
+
+
+@app.command("curate")
+def curate(
+    params: ParamsOption = None,
+    manifest: ManifestOption = None,
+    workers: Annotated[int | None, typer.Option(help="parallel shard workers (default: data.workers)")] = None,
+    force: ForceOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Ground, segment, filter and build reference images for every captioned clip (over shards)."""
+    from kaleido.data.pipeline import run_curation
+
+    _run(run_curation, params, {"workers": workers}, manifest=manifest, progress=not quiet, force=force)
+
+
+@app.command("write-dataset")
+def write_dataset(
+    params: ParamsOption = None,
+    manifest: ManifestOption = None,
+    force: ForceOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Pack the curated samples into webdataset tar shards under <data.root>/dataset."""
+    from kaleido.data.pipeline import run_write_dataset
+
+    _run(run_write_dataset, params, {}, manifest=manifest, progress=not quiet, force=force)
+
+
+@app.command("data-stats")
+def data_stats(params: ParamsOption = None) -> None:
+    """Category histogram (paper figure 7) and rejection counts: stats.json + PNG plots."""
+    from kaleido.data.pipeline import run_stats
+
+    _run(run_stats, params, {})

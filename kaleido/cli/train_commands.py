@@ -1,0 +1,103 @@
+"""Training commands: `kaleido encode` (latent cache) and `kaleido train --stage pretrain|sft`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kaleido.cli.app import ParamsOption, app, fail, read_params
+
+StageOption = Annotated[str, typer.Option("--stage", help="training stage: pretrain or sft")]
+
+
+def _params_path(path: Path | None) -> Path:
+    from kaleido.config import ParamsError, find_params_file
+
+    try:
+        return path if path is not None else find_params_file()
+    except ParamsError as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+
+
+@app.command("encode")
+def encode(
+    params: ParamsOption = None,
+    stage: StageOption = "pretrain",
+    force: Annotated[bool, typer.Option("--force", help="re-encode every shard, not only new or changed ones")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Encode the training set once: VAE latents of clips and references, umT5 caption embeddings."""
+    from kaleido.train.encode import run_encode
+    from kaleido.train.plan import STAGES
+
+    if stage not in STAGES:
+        fail(f"--stage {stage}: unknown; choose one of {', '.join(STAGES)}")
+    loaded = read_params(params)
+    try:
+        report = run_encode(loaded, stage, force=force, progress=not quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+    typer.echo(report.summary())
+
+
+@app.command("train")
+def train(
+    stage: StageOption,
+    params: ParamsOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the stage's latest checkpoint")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="check everything and print the plan (local) or manifests (kubernetes)")
+    ] = False,
+) -> None:
+    """Train one stage with DeepSpeed (train.launcher: local torchrun, or a Kubernetes Job)."""
+    from kaleido.train.plan import STAGES, TrainPlanError, deepspeed_config, dump_plan, plan_training
+
+    if stage not in STAGES:
+        fail(f"--stage {stage}: unknown; choose one of {', '.join(STAGES)}")
+    path = _params_path(params)
+    loaded = read_params(path)
+    train_cfg = loaded.train
+    if train_cfg.launcher == "kubernetes":
+        k8s = train_cfg.kubernetes
+        try:
+            # the cache, weights and tracking server live where the pods run: they check those themselves
+            plan_training(
+                loaded, stage, k8s.nodes * max(k8s.gpus_per_node, 1),
+                resume=resume, check_files=False, check_tracking=False,
+            )  # fmt: skip
+        except TrainPlanError as exc:
+            fail(str(exc))
+        from kaleido.train.launch_kubernetes import launch_kubernetes
+
+        raise typer.Exit(launch_kubernetes(loaded, stage, resume, dry_run, path))
+
+    try:
+        plan = plan_training(loaded, stage, train_cfg.nproc_per_node, resume=resume)
+    except TrainPlanError as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+    from kaleido.train.launch_local import launch_local, torchrun_command
+
+    if dry_run:
+        typer.echo(plan.describe())
+        typer.echo("command: " + " ".join(torchrun_command(path.resolve(), stage, plan.world_size, resume)))
+        typer.echo(dump_plan(plan, deepspeed_config(plan, loaded, bf16=_has_gpu())))
+        return
+    result = launch_local(path, stage, plan.world_size, resume)
+    if result.returncode:
+        fail(f"training stage {stage!r} failed: {result.failure or f'torchrun exit code {result.returncode}'}", code=1)
+    summary = Path(plan.output) / "metrics.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text())
+        typer.echo(f"{stage}: final loss {data['final_loss']:.4f}; Wan weights at {data['export']}")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,371 @@
+"""Ingest: raw source videos -> shot-bounded clips at a fixed frame rate and size, plus manifest rows.
+
+Paper section 3.2 (1): raw videos are sliced into short clips, each a coherent action or event.
+Per source: probe the container, detect shots (shots.py), cut each shot into clips of
+[clip_min_seconds, clip_max_seconds] (a longer shot is split into equal pieces, a shorter one is
+rejected as `too_short`), resample to `data.ingest.fps` (at each output time, the source frame on
+screen then), resize so the frame covers height x width and centre-crop, and write H.264 mp4
+(media.write_video).
+
+A source that cannot be read (empty, not a video, truncated, corrupt mid-stream) becomes a
+`Rejection` and its partial clips are deleted; the other sources of the run are not affected.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import os
+import shutil
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kaleido.config.schema import IngestConfig
+from kaleido.data.paths import PathOutsideRoot, relative_to_root, resolve_inside, safe_name
+from kaleido.data.records import ClipRecord, Rejection
+from kaleido.data.shots import Shot, ShotDetector
+
+STAGE = "ingest"
+
+
+class VideoError(Exception):
+    """A source that cannot be ingested; `reason` is the Rejection key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    fps: float
+    declared_frames: int  # from the container header; 0 when unknown
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ClipSpan:
+    shot_index: int
+    piece: int
+    start: int  # source frames, end exclusive
+    end: int
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+
+
+def discover_sources(root: Path, patterns: Sequence[str]) -> tuple[list[str], list[Rejection]]:
+    """Files matching the globs under `root`, as sorted root-relative paths; escapes become Rejections."""
+    root = Path(root)
+    found: set[str] = set()
+    rejections: list[Rejection] = []
+    for pattern in patterns:
+        if os.path.isabs(pattern) or ".." in Path(pattern).parts:
+            rejections.append(
+                Rejection(STAGE, pattern, "path_outside_root", f"source glob {pattern!r} must be relative to data.root")
+            )
+            continue
+        for match in sorted(glob.glob(str(root / pattern), recursive=True)):
+            if os.path.isdir(match):
+                continue
+            shown = Path(match).relative_to(root).as_posix() if Path(match).is_relative_to(root) else match
+            try:
+                found.add(relative_to_root(root, resolve_inside(root, shown)))
+            except PathOutsideRoot as exc:
+                rejections.append(Rejection(STAGE, shown, exc.reason, str(exc)))
+    return sorted(found), rejections
+
+
+# ---------------------------------------------------------------------------------------------
+# probing
+
+
+def _iso_bmff_truncated(path: Path, size: int) -> bool | None:
+    """For an MP4/MOV file: True when a top-level box runs past the end of the file (cut short).
+
+    None when the file is not ISO-BMFF. Walking only the box headers costs a few reads, and it
+    names the fault that ffmpeg reports only as "invalid data" (a missing or cut moov/mdat).
+    """
+    with path.open("rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[4:8] != b"ftyp":
+            return None
+        offset = 0
+        while offset < size:
+            handle.seek(offset)
+            header = handle.read(16)
+            if len(header) < 8:
+                return True
+            box_size = struct.unpack(">I", header[:4])[0]
+            if box_size == 1:
+                if len(header) < 16:
+                    return True
+                box_size = struct.unpack(">Q", header[8:16])[0]
+            elif box_size == 0:  # "to the end of the file"
+                return False
+            if box_size < 8 or offset + box_size > size:
+                return True
+            offset += box_size
+    return False
+
+
+def probe_video(path: Path) -> SourceInfo:
+    """Open the container and read the first video stream's rate and size; VideoError when it cannot."""
+    import av
+
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise VideoError("io_error", f"cannot stat {path.name}: {exc}") from None
+    if size == 0:
+        raise VideoError("empty_file", "the file is empty (0 bytes)")
+    if _iso_bmff_truncated(path, size):
+        raise VideoError("truncated", "MP4 box structure runs past the end of the file: the file was cut short")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError("no_video_stream", "the container has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else 0.0
+            info = SourceInfo(fps, int(stream.frames or 0), stream.codec_context.width, stream.codec_context.height)
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise VideoError("not_a_video", f"not a readable video ({exc.__class__.__name__}: {exc})") from None
+    if not math.isfinite(info.fps) or info.fps <= 0:
+        raise VideoError("no_frame_rate", "the video stream declares no frame rate")
+    if info.width <= 0 or info.height <= 0:
+        raise VideoError("not_a_video", f"the video stream has no picture size ({info.width}x{info.height})")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+def plan_clips(
+    shots: Sequence[Shot], source_fps: float, cfg: IngestConfig, item: str
+) -> tuple[list[ClipSpan], list[Rejection]]:
+    """Cut shots into clip spans within [clip_min_seconds, clip_max_seconds] (in source frames)."""
+    min_frames = max(1, math.ceil(cfg.clip_min_seconds * source_fps - 1e-6))
+    max_frames = max(min_frames, math.floor(cfg.clip_max_seconds * source_fps + 1e-6))
+    spans: list[ClipSpan] = []
+    rejections: list[Rejection] = []
+    for index, shot in enumerate(shots):
+        length = shot.length
+        if length < min_frames:
+            rejections.append(
+                Rejection(
+                    STAGE,
+                    f"{item}#shot{index}",
+                    "too_short",
+                    f"shot {index} (frames {shot.start}-{shot.end}) lasts {length / source_fps:.2f} s "
+                    f"< clip_min_seconds {cfg.clip_min_seconds}",
+                )
+            )
+            continue
+        pieces = math.ceil(length / max_frames)
+        sizes = [length // pieces + (1 if k < length % pieces else 0) for k in range(pieces)]
+        if min(sizes) < min_frames:
+            # equal pieces would be too short (clip_min_seconds > clip_max_seconds / 2): take whole
+            # clip_max_seconds pieces and drop the tail
+            sizes = [max_frames] * (length // max_frames)
+            tail = length - sum(sizes)
+            if tail >= min_frames:
+                sizes.append(tail)
+            elif tail:
+                rejections.append(
+                    Rejection(
+                        STAGE,
+                        f"{item}#shot{index}.tail",
+                        "too_short",
+                        f"the last {tail / source_fps:.2f} s of shot {index} after splitting into "
+                        f"{cfg.clip_max_seconds} s pieces is < clip_min_seconds {cfg.clip_min_seconds}",
+                    )
+                )
+        start = shot.start
+        for piece, size in enumerate(sizes):
+            spans.append(ClipSpan(index, piece, start, start + size))
+            start += size
+    return spans, rejections
+
+
+def frame_indices(start: int, end: int, source_fps: float, fps: float) -> list[int]:
+    """Source frames that make up [start, end) resampled to `fps`: at each output time k / fps, the
+    source frame on screen then (so the clip lasts as long as the span: ceil(span * fps / source_fps))."""
+    step = source_fps / fps
+    indices = []
+    k = 0
+    while True:
+        index = start + math.floor(k * step + 1e-9)
+        if index >= end:
+            return indices
+        indices.append(index)
+        k += 1
+
+
+def cover_size(width: int, height: int, out_width: int, out_height: int) -> tuple[int, int]:
+    """The size a (width, height) frame is scaled to so it covers (out_width, out_height), aspect kept."""
+    scale = max(out_width / width, out_height / height)
+    return max(out_width, round(width * scale)), max(out_height, round(height * scale))
+
+
+def centre_crop(frame: np.ndarray, out_height: int, out_width: int) -> np.ndarray:
+    top = (frame.shape[0] - out_height) // 2
+    left = (frame.shape[1] - out_width) // 2
+    return frame[top : top + out_height, left : left + out_width]
+
+
+def source_hash(relative: str) -> str:
+    return hashlib.sha256(relative.encode()).hexdigest()[:8]
+
+
+def clip_id_for(relative: str, shot_index: int, piece: int) -> str:
+    """'<source stem>-<8 hex of the source path's hash>-<shot:03d>-<piece:02d>' (stable across runs)."""
+    stem = safe_name(Path(relative).stem, 40)
+    return f"{stem}-{source_hash(relative)}-{shot_index:03d}-{piece:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# cutting
+
+
+def cut_clips(
+    path: Path,
+    spans: Sequence[ClipSpan],
+    info: SourceInfo,
+    cfg: IngestConfig,
+    out_dir: Path,
+) -> tuple[list[tuple[ClipSpan, Path, int]], int]:
+    """Decode the source once and write every span as a normalised mp4 under `out_dir`.
+
+    Returns ((span, mp4 path, frame count) per clip, frames decoded). Only the clips still open
+    are held in memory. VideoError (and no files left behind) when decoding fails.
+    """
+    import av
+
+    from kaleido.model.media import write_video
+
+    fps = cfg.fps
+    wanted: dict[int, list[tuple[int, int]]] = {}  # source frame -> [(clip, slot)]
+    plans = []
+    for clip_number, span in enumerate(spans):
+        indices = frame_indices(span.start, span.end, info.fps, fps)
+        plans.append(indices)
+        for slot, index in enumerate(indices):
+            wanted.setdefault(index, []).append((clip_number, slot))
+    last_needed = {n: plan[-1] for n, plan in enumerate(plans) if plan}
+    buffers: dict[int, list[np.ndarray | None]] = {}
+    written: list[tuple[ClipSpan, Path, int]] = []
+    decoded = 0
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame + slice threads: decode is the ingest bottleneck
+            for frame_number, frame in enumerate(container.decode(stream)):
+                decoded = frame_number + 1
+                targets = wanted.get(frame_number)
+                if not targets:
+                    continue
+                new_w, new_h = cover_size(frame.width, frame.height, cfg.width, cfg.height)
+                image = frame.to_ndarray(width=new_w, height=new_h, format="rgb24", interpolation="AREA")
+                image = np.ascontiguousarray(centre_crop(image, cfg.height, cfg.width))
+                for clip_number, slot in targets:
+                    buffer = buffers.setdefault(clip_number, [None] * len(plans[clip_number]))
+                    buffer[slot] = image
+                    if frame_number == last_needed[clip_number] and all(f is not None for f in buffer):
+                        span = spans[clip_number]
+                        clip_path = out_dir / f"{span.shot_index}-{span.piece}.mp4"
+                        try:
+                            write_video(np.stack(buffer), clip_path, fps=round(fps))
+                        except (av.error.FFmpegError, OSError) as exc:
+                            raise VideoError("write_failed", f"writing {clip_path.name} failed: {exc}") from None
+                        written.append((span, clip_path, len(buffer)))
+                        del buffers[clip_number]
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        for _, clip_path, _ in written:
+            clip_path.unlink(missing_ok=True)
+        raise VideoError(
+            "corrupt_video", f"decoding failed after {decoded} frames ({exc.__class__.__name__}: {exc})"
+        ) from None
+    if info.declared_frames and decoded < info.declared_frames - max(2, info.declared_frames // 100):
+        for _, clip_path, _ in written:
+            clip_path.unlink(missing_ok=True)
+        raise VideoError(
+            "truncated", f"decoded {decoded} frames but the container declares {info.declared_frames}"
+        )
+    if buffers:  # a shot reached past the last decodable frame
+        for _, clip_path, _ in written:
+            clip_path.unlink(missing_ok=True)
+        raise VideoError("truncated", f"the video ended after {decoded} frames, inside a detected shot")
+    return written, decoded
+
+
+def ingest_source(
+    root: Path,
+    relative: str,
+    cfg: IngestConfig,
+    detector: ShotDetector,
+    out_dir: Path,
+    out_rel: str,
+) -> tuple[list[ClipRecord], list[Rejection], float]:
+    """Clips, rejections and seconds of source video for one source (root-relative path)."""
+    try:
+        path = resolve_inside(root, relative)
+    except PathOutsideRoot as exc:
+        return [], [Rejection(STAGE, relative, exc.reason, str(exc))], 0.0
+    try:
+        info = probe_video(path)
+        try:
+            shots = detector.detect(path)
+        except Exception as exc:  # any detector failure is this source's fault, not the run's
+            raise VideoError(
+                "shot_detection_failed", f"{detector.name} failed ({exc.__class__.__name__}: {exc})"
+            ) from None
+        if not shots:
+            raise VideoError("no_frames", f"{detector.name} found no frames")
+        spans, rejections = plan_clips(shots, info.fps, cfg, relative)
+        work = out_dir / f".{source_hash(relative)}"
+        written, decoded = cut_clips(path, spans, info, cfg, work)
+    except VideoError as exc:
+        shutil.rmtree(out_dir / f".{source_hash(relative)}", ignore_errors=True)
+        return [], [Rejection(STAGE, relative, exc.reason, exc.detail)], 0.0
+    records = []
+    for span, clip_path, count in written:
+        clip_id = clip_id_for(relative, span.shot_index, span.piece)
+        final = out_dir / f"{clip_id}.mp4"
+        os.replace(clip_path, final)
+        records.append(
+            ClipRecord(
+                clip_id=clip_id,
+                source=relative,
+                start_frame=span.start,
+                end_frame=span.end,
+                start_s=round(span.start / info.fps, 6),
+                end_s=round(span.end / info.fps, 6),
+                source_fps=round(info.fps, 6),
+                fps=float(cfg.fps),
+                width=cfg.width,
+                height=cfg.height,
+                num_frames=count,
+                duration_s=round(count / cfg.fps, 6),
+                path=f"{out_rel}/{clip_id}.mp4",
+                shot_index=span.shot_index,
+                piece=span.piece,
+            )
+        )
+    if work.exists():
+        work.rmdir()
+    records.sort(key=lambda record: (record.start_frame, record.piece))
+    return records, rejections, decoded / info.fps

@@ -1,0 +1,368 @@
+"""Work shards: split a stage into shards, run them in parallel, and never redo a finished one.
+
+`run_shards(stage, specs, fn, params)` runs `fn(ctx)` once per shard:
+- locally in `data.workers` processes (concurrent.futures, spawn start: forking a process that
+  holds torch/Ray threads can deadlock), in-process when one worker suffices, or on Ray when
+  `data.ray_address` is set ('local' starts a local cluster; a remote cluster needs the data root
+  on a shared filesystem and `kaleido` installed on its nodes);
+- `fn` writes into `ctx.work_dir`, a hidden temp folder. When it returns, the worker hashes every
+  file, writes `_SUCCESS` (spec hash, per-file sha256, content hash, the fn's summary; no
+  timestamps) and renames the folder to `<root>/<stage>/shard-NNNNN` in one atomic rename;
+- a shard whose `_SUCCESS` carries the same spec hash (items, payload, stage fingerprint) is
+  skipped on a re-run, so an interrupted run resumes where it stopped; a failed shard leaves
+  nothing behind and is reported in `StageResult.failed` while the other shards finish;
+- seeds derive from `data.seed`, the stage name and the shard id, so re-runs are identical.
+One runner per stage folder at a time: a run clears the temp folders a killed run left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import traceback
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kaleido.config.schema import Params
+
+SUCCESS = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work: its id, the item keys it covers, and any JSON-able payload the fn needs."""
+
+    shard_id: int
+    items: tuple[str, ...]
+    payload: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.shard_id:05d}"
+
+
+def make_shards(items: Sequence[str], size: int, payloads: Mapping[str, Any] | None = None) -> list[ShardSpec]:
+    """Consecutive chunks of `size` items (callers pass items in a stable order)."""
+    if size < 1:
+        raise ValueError(f"shard size must be >= 1, got {size}")
+    specs = []
+    for shard_id, start in enumerate(range(0, len(items), size)):
+        chunk = tuple(items[start : start + size])
+        payload = {item: payloads[item] for item in chunk} if payloads is not None else None
+        specs.append(ShardSpec(shard_id, chunk, payload))
+    return specs
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from ints and strings (strings through crc32: stable across processes and runs)."""
+    words = [part if isinstance(part, int) else zlib.crc32(part.encode()) for part in parts]
+    state = np.random.SeedSequence([abs(w) for w in words]).generate_state(2, dtype=np.uint32)
+    return int(state.view(np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """What a shard fn gets: its spec, the params, where to write and its seed."""
+
+    stage: str
+    spec: ShardSpec
+    params: Params
+    root: Path  # the data root (absolute)
+    work_dir: Path  # write outputs here; it becomes the final shard folder
+    final_rel: str  # the final shard folder relative to the root (records point there)
+    seed: int  # derived from data.seed + stage + shard id
+
+    def rng(self, *keys: int | str) -> np.random.Generator:
+        """A generator for this shard, or for one item of it (`ctx.rng(clip_id)`).
+
+        Per-item generators depend on data.seed and the item key only, so an item's result does
+        not change when the shard size (and with it the shard composition) changes.
+        """
+        if keys:
+            return np.random.default_rng(derive_seed(self.params.data.seed, self.stage, *keys))
+        return np.random.default_rng(self.seed)
+
+
+ShardFn = Callable[[ShardContext], Mapping[str, Any] | None]
+
+
+@dataclass
+class ShardOutcome:
+    name: str
+    status: str  # "done" | "skipped" | "failed"
+    content_hash: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class StageResult:
+    stage: str
+    stage_dir: Path
+    outcomes: list[ShardOutcome]
+
+    @property
+    def failed(self) -> list[ShardOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def done(self) -> list[ShardOutcome]:
+        return [o for o in self.outcomes if o.status == "done"]
+
+    @property
+    def skipped(self) -> list[ShardOutcome]:
+        return [o for o in self.outcomes if o.status == "skipped"]
+
+    def shard_dirs(self) -> list[Path]:
+        """Folders of the finished shards, in shard order."""
+        return [self.stage_dir / o.name for o in self.outcomes if o.status != "failed"]
+
+    def raise_for_failures(self) -> None:
+        if self.failed:
+            raise StageFailed(self)
+
+
+class StageFailed(RuntimeError):
+    """Some shards failed; the others finished and are kept. Re-running the stage resumes."""
+
+    def __init__(self, result: StageResult) -> None:
+        lines = [f"{o.name}: {o.error.strip().splitlines()[-1] if o.error else 'failed'}" for o in result.failed]
+        super().__init__(
+            f"stage {result.stage}: {len(result.failed)} of {len(result.outcomes)} shards failed "
+            f"(finished shards are kept; run the stage again to redo only these):\n  " + "\n  ".join(lines)
+        )
+        self.result = result
+
+
+def spec_hash(stage: str, spec: ShardSpec, fingerprint: Any) -> str:
+    blob = json.dumps(
+        {"stage": stage, "shard": spec.name, "items": list(spec.items), "payload": spec.payload, "fp": fingerprint},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_folder(folder: Path) -> tuple[dict[str, str], str]:
+    """sha256 of every file under `folder` (except _SUCCESS) and one content hash over them all."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != SUCCESS:
+            files[path.relative_to(folder).as_posix()] = file_sha256(path)
+    content = hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in files.items()).encode()).hexdigest()
+    return files, content
+
+
+def read_marker(shard_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((shard_dir / SUCCESS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir: Path, expected: str) -> ShardOutcome:
+    """Run one shard in this process: temp folder, fn, hashes, marker, atomic rename."""
+    tmp = stage_dir / f".{spec.name}.tmp"
+    final = stage_dir / spec.name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    root = stage_dir.parent
+    ctx = ShardContext(
+        stage=stage,
+        spec=spec,
+        params=params,
+        root=root,
+        work_dir=tmp,
+        final_rel=final.relative_to(root).as_posix(),
+        seed=derive_seed(params.data.seed, stage, spec.shard_id),
+    )
+    try:
+        summary = dict(fn(ctx) or {})
+        files, content = hash_folder(tmp)
+        marker = {
+            "stage": stage,
+            "shard": spec.name,
+            "spec_hash": expected,
+            "items": len(spec.items),
+            "files": files,
+            "content_hash": content,
+            "summary": summary,
+        }
+        (tmp / SUCCESS).write_text(json.dumps(marker, indent=1, sort_keys=True, default=str) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)  # atomic: the shard folder appears complete or not at all
+    except BaseException as exc:  # SystemExit from a shard fn fails that shard, not the whole run
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return ShardOutcome(spec.name, "failed", error="".join(traceback.format_exception(exc)))
+    return ShardOutcome(spec.name, "done", content_hash=content, summary=summary)
+
+
+def _worker_init(threads: int) -> None:
+    # N workers on N cores: one intra-op thread each, unless the user set the thread count.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
+
+
+def _progress(total: int, stage: str, unit: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=stage, unit=unit, disable=not enabled or None, leave=True)
+
+
+def run_shards(
+    stage_name: str,
+    shard_specs: Sequence[ShardSpec],
+    fn: ShardFn,
+    cfg: Params,
+    *,
+    fingerprint: Any = None,
+    progress: bool = True,
+    unit: str = "item",
+) -> StageResult:
+    """Run `fn` over every shard not already finished; see the module docstring.
+
+    `fingerprint`: anything JSON-able that, when changed, must redo every shard (the stage's
+    params, model paths). `fn` must be a module-level function (it is pickled by name).
+    """
+    root = cfg.resolve(cfg.data.root)
+    assert root is not None
+    stage_dir = root / stage_name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in stage_dir.glob(".shard-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    names = {spec.name for spec in shard_specs}
+    if len(names) != len(shard_specs):
+        raise ValueError(f"stage {stage_name}: shard ids must be unique")
+    for orphan in stage_dir.glob("shard-*"):
+        if orphan.name not in names:  # left by a run with another shard size: not part of this output
+            shutil.rmtree(orphan, ignore_errors=True)
+
+    outcomes: dict[str, ShardOutcome] = {}
+    pending: list[tuple[ShardSpec, str]] = []
+    bar = _progress(sum(len(s.items) for s in shard_specs), stage_name, unit, progress)
+    for spec in shard_specs:
+        expected = spec_hash(stage_name, spec, fingerprint)
+        marker = read_marker(stage_dir / spec.name)
+        if marker is not None and marker.get("spec_hash") == expected:
+            outcomes[spec.name] = ShardOutcome(
+                spec.name, "skipped", content_hash=marker.get("content_hash"), summary=marker.get("summary", {})
+            )
+            bar.update(len(spec.items))
+        else:
+            pending.append((spec, expected))
+
+    def finished(spec: ShardSpec, outcome: ShardOutcome) -> None:
+        outcomes[spec.name] = outcome
+        bar.update(len(spec.items))
+
+    try:
+        if not pending:
+            pass
+        elif cfg.data.ray_address:
+            _run_ray(stage_name, pending, fn, cfg, stage_dir, finished)
+        elif cfg.data.workers == 1 or len(pending) == 1:
+            for spec, expected in pending:
+                finished(spec, _execute(stage_name, spec, fn, cfg, stage_dir, expected))
+        else:
+            _run_pool(stage_name, pending, fn, cfg, stage_dir, finished)
+    finally:
+        bar.close()
+    return StageResult(stage_name, stage_dir, [outcomes[spec.name] for spec in shard_specs])
+
+
+def _run_pool(
+    stage: str,
+    pending: Sequence[tuple[ShardSpec, str]],
+    fn: ShardFn,
+    cfg: Params,
+    stage_dir: Path,
+    finished: Callable[[ShardSpec, ShardOutcome], None],
+) -> None:
+    workers = min(cfg.data.workers, len(pending))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures: dict[Future[ShardOutcome], ShardSpec] = {
+            pool.submit(_execute, stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending
+        }
+        waiting: Iterable[Future[ShardOutcome]] = set(futures)
+        while waiting:
+            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec = futures[future]
+                try:
+                    finished(spec, future.result())
+                except BrokenProcessPool as exc:
+                    # a worker died (killed, out of memory, os._exit): the pool cannot run the rest
+                    finished(spec, ShardOutcome(spec.name, "failed", error=f"worker process died: {exc}"))
+                except Exception as exc:  # e.g. an unpicklable fn: report it, keep going
+                    finished(spec, ShardOutcome(spec.name, "failed", error="".join(traceback.format_exception(exc))))
+
+
+def _run_ray(
+    stage: str,
+    pending: Sequence[tuple[ShardSpec, str]],
+    fn: ShardFn,
+    cfg: Params,
+    stage_dir: Path,
+    finished: Callable[[ShardSpec, ShardOutcome], None],
+) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        if cfg.data.ray_address == "local":
+            ray.init(num_cpus=cfg.data.workers, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=cfg.data.ray_address, log_to_driver=False)
+    remote = ray.remote(num_cpus=1, max_retries=0)(_execute)
+    refs = {remote.remote(stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending}
+    waiting = list(refs)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        for ref in done:
+            spec = refs[ref]
+            try:
+                finished(spec, ray.get(ref))
+            except Exception as exc:  # a crashed Ray worker fails this shard only
+                finished(spec, ShardOutcome(spec.name, "failed", error=f"{exc.__class__.__name__}: {exc}"))
+
+
+def merge_jsonl(shard_dirs: Iterable[Path], name: str, out: Path, extra: Iterable[dict[str, Any]] = ()) -> int:
+    """Concatenate `name` from each shard folder (in order) plus `extra` rows into `out`, atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in extra:
+            handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+            count += 1
+        for folder in shard_dirs:
+            part = folder / name
+            if part.is_file():
+                for line in part.read_text(encoding="utf-8").splitlines():
+                    if line.strip():
+                        handle.write(line + "\n")
+                        count += 1
+    os.replace(tmp, out)
+    return count

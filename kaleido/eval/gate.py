@@ -1,0 +1,296 @@
+"""`kaleido gate`: decide whether a candidate model may be promoted, from its evaluation's metrics.json.
+
+The rule (also printed in every report and decision):
+- Each case gives one score per metric; an evaluation's score is the mean over cases. With few cases
+  that mean is noisy, so every check uses a percentile bootstrap over cases (two-sided, `confidence`
+  level, seeded: the same inputs always give the same decision).
+- Floor: a metric passes its floor unless the UPPER bound of the CI of the candidate's mean is below it.
+- Regression (only when a baseline, by default the champion, exists): pair the cases both evaluated
+  (same id and content) and bootstrap the mean of the differences candidate - baseline. The metric
+  fails only if the UPPER bound of that CI is below -tolerance, i.e. the data show a drop larger than
+  the tolerance; a noisy difference that might be zero does not fail.
+So a candidate fails only on evidence: noise alone cannot fail it. The price is that with few cases a
+slightly worse candidate can pass; more cases shrink the intervals and sharpen the gate. With one case
+the interval is the point itself. No champion: the floors alone decide. Evaluations made with other
+generation settings or other metric backbones are not comparable: the gate refuses (GateError) rather
+than guess.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kaleido.eval.metrics import METRICS, bootstrap_mean
+
+if TYPE_CHECKING:
+    from kaleido.config import Params
+    from kaleido.config.schema import GateConfig
+
+
+class GateError(RuntimeError):
+    """The gate cannot decide (missing or incomparable evaluations); exit code 2, not a failed gate."""
+
+
+def rule_text(config: GateConfig) -> str:
+    """The decision rule with this configuration's numbers, for reports and logs."""
+    floors = ", ".join(f"{k} >= {v:g}" for k, v in config.floors.items()) or "none"
+    tolerances = ", ".join(f"{k}: {v:g}" for k, v in config.tolerances.items())
+    level = f"{config.confidence:.0%}"
+    return (
+        f"Floors ({floors}): a metric fails its floor only if the upper bound of the {level} bootstrap CI of the "
+        f"candidate's mean over cases is below the floor. Regression versus the baseline (the champion by "
+        f"default): over the cases both evaluated, a metric fails only if the upper bound of the {level} "
+        f"bootstrap CI of the mean per-case difference (candidate - baseline) is below -tolerance "
+        f"(tolerance {config.regression_tolerance:g}{'; ' + tolerances if tolerances else ''}). "
+        f"{config.bootstrap_samples} resamples, seed {config.seed}. No baseline: the floors alone decide."
+    )
+
+
+@dataclass
+class Check:
+    metric: str
+    kind: str  # floor | regression
+    passed: bool
+    reason: str
+    estimate: float
+    low: float
+    high: float
+    n: int
+    threshold: float
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    checks: list[Check]
+    rule: str
+    candidate: str
+    baseline: str | None
+    notes: list[str] = field(default_factory=list)
+    registry_version: str | None = None
+
+    def reasons(self) -> dict[str, str]:
+        """{metric: 'pass|fail: why'} with every check of that metric."""
+        grouped: dict[str, list[Check]] = {}
+        for check in self.checks:
+            grouped.setdefault(check.metric, []).append(check)
+        return {
+            metric: ("pass" if all(c.passed for c in checks) else "fail") + ": " + "; ".join(c.reason for c in checks)
+            for metric, checks in grouped.items()
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "candidate": self.candidate,
+            "baseline": self.baseline,
+            "registry_version": self.registry_version,
+            "reasons": self.reasons(),
+            "checks": [asdict(c) for c in self.checks],
+            "notes": self.notes,
+            "rule": self.rule,
+        }
+
+
+def _case_scores(document: dict[str, Any], metric: str) -> dict[tuple[str, str], float]:
+    return {
+        (case["id"], case.get("fingerprint", "")): float(case["metrics"][metric])
+        for case in document.get("cases", [])
+        if case.get("metrics", {}).get(metric) is not None
+    }
+
+
+def _comparable(candidate: dict[str, Any], baseline: dict[str, Any], metrics: list[str]) -> None:
+    if candidate.get("settings") != baseline.get("settings"):
+        raise GateError(
+            f"candidate and baseline were generated with different settings ({candidate.get('settings')} vs "
+            f"{baseline.get('settings')}); evaluate both with the same eval/generate settings"
+        )
+    for metric in metrics:
+        ours, theirs = candidate.get("backbones", {}).get(metric), baseline.get("backbones", {}).get(metric)
+        if ours != theirs:
+            raise GateError(
+                f"{metric}: candidate and baseline used different backbones ({ours!r} vs {theirs!r}); "
+                "re-evaluate the baseline with the same eval.models"
+            )
+
+
+def decide(
+    candidate: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    config: GateConfig,
+    candidate_ref: str = "candidate",
+    baseline_ref: str | None = None,
+) -> GateDecision:
+    """Apply the floors and (with a baseline) the paired regression check; see the module docstring."""
+    available = [key for key in METRICS if _case_scores(candidate, key)]
+    gated = list(config.metrics) if config.metrics is not None else available
+    checks: list[Check] = []
+    notes: list[str] = []
+    boot = {"confidence": config.confidence, "samples": config.bootstrap_samples, "seed": config.seed}
+
+    for metric, floor in config.floors.items():
+        scores = _case_scores(candidate, metric)
+        if not scores:
+            checks.append(Check(metric, "floor", False, f"not computed by the candidate's evaluation (floor {floor:g})",
+                                float("nan"), float("nan"), float("nan"), 0, floor))
+            continue
+        ci = bootstrap_mean(list(scores.values()), **boot)
+        passed = ci.high >= floor
+        relation = ">=" if passed else "<"
+        checks.append(Check(metric, "floor", passed,
+                            f"mean {ci.mean:.4f}, CI [{ci.low:.4f}, {ci.high:.4f}] upper {relation} floor {floor:g}",
+                            ci.mean, ci.low, ci.high, ci.n, floor))
+
+    if baseline is not None:
+        comparable = [m for m in gated if _case_scores(baseline, m) and _case_scores(candidate, m)]
+        _comparable(candidate, baseline, comparable)
+        for metric in gated:
+            ours, theirs = _case_scores(candidate, metric), _case_scores(baseline, metric)
+            if not ours:
+                checks.append(Check(metric, "regression", False, "gated metric not computed by the candidate",
+                                    float("nan"), float("nan"), float("nan"), 0, 0.0))
+                continue
+            if not theirs:
+                notes.append(f"{metric}: the baseline has no scores for it; no regression check")
+                continue
+            common = sorted(set(ours) & set(theirs))
+            if not common:
+                raise GateError(
+                    f"{metric}: candidate and baseline share no eval case (same id and content); evaluate both on "
+                    "the same eval set"
+                )
+            dropped = len(set(ours) ^ set(theirs))
+            if dropped:
+                notes.append(f"{metric}: {dropped} case(s) evaluated by only one side are left out of the pairing")
+            tolerance = config.tolerances.get(metric, config.regression_tolerance)
+            ci = bootstrap_mean([ours[k] - theirs[k] for k in common], **boot)
+            passed = ci.high >= -tolerance
+            verdict = "no clear drop beyond" if passed else "drop beyond"
+            checks.append(Check(
+                metric, "regression", passed,
+                f"vs baseline: mean diff {ci.mean:+.4f}, CI [{ci.low:+.4f}, {ci.high:+.4f}] over {ci.n} paired "
+                f"case(s): {verdict} tolerance {tolerance:g}",
+                ci.mean, ci.low, ci.high, ci.n, -tolerance,
+            ))
+    else:
+        notes.append("no baseline (no champion yet): the floors alone decide")
+    if not checks:
+        notes.append("nothing to check: no floors and no baseline; the gate passes by default")
+    return GateDecision(
+        passed=all(check.passed for check in checks),
+        checks=checks,
+        rule=rule_text(config),
+        candidate=candidate_ref,
+        baseline=baseline_ref,
+        notes=notes,
+    )
+
+
+# ---- finding evaluations --------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    document: dict[str, Any]
+    ref: str
+    registry_name: str | None = None
+    registry_version: str | None = None
+
+
+def _registry(params: Params, name: str) -> Any:
+    from kaleido.registry import ModelRegistry
+
+    uri = params.platform.mlflow_tracking_uri
+    if not uri:
+        raise GateError("a registry reference needs platform.mlflow_tracking_uri in params.yaml")
+    return ModelRegistry(uri, name)
+
+
+def load_evaluation(ref: str, params: Params) -> Evaluation | None:
+    """A metrics.json (file or folder holding one) or models:/name/N | models:/name@alias.
+
+    An alias that no version holds yet (no champion) gives None.
+    """
+    if not ref.startswith("models:/"):
+        path = Path(ref)
+        path = path / "metrics.json" if path.is_dir() else path
+        if not path.is_file():
+            raise GateError(f"{ref}: no metrics.json there; pass a metrics.json or models:/<name>/<version>")
+        try:
+            document = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise GateError(f"{path}: not valid JSON ({exc})") from None
+        registry = (document.get("model") or {}).get("registry") or {}
+        return Evaluation(document, str(path), registry.get("name"), registry.get("version"))
+
+    from kaleido.eval.run import EvalError, parse_model_ref
+    from kaleido.registry import RegistryError
+
+    try:
+        name, selector = parse_model_ref(ref)
+    except EvalError as exc:
+        raise GateError(str(exc)) from None
+    registry = _registry(params, name)
+    try:
+        if selector.startswith("@"):
+            version = registry.alias_version(selector[1:])
+            if version is None:
+                return None
+        else:
+            version = registry.resolve(selector)
+        tags = registry.version_tags(version)
+    except RegistryError as exc:
+        raise GateError(str(exc)) from None
+    except Exception as exc:  # MLflow's own errors: unknown model or version, unreachable server
+        raise GateError(f"{ref}: cannot read the registry: {str(exc)[:300]}") from None
+    run_id = tags.get("eval.run_id")
+    if not run_id:
+        raise GateError(
+            f"{name} version {version} has no evaluation (tag eval.run_id); run "
+            f"`kaleido evaluate --model models:/{name}/{version}` first"
+        )
+    with tempfile.TemporaryDirectory(prefix="kaleido-gate-") as tmp:
+        local = registry.client.download_artifacts(run_id, "metrics.json", tmp)
+        document = json.loads(Path(local).read_text())
+    return Evaluation(document, f"models:/{name}/{version}", name, str(version))
+
+
+def run_gate(
+    params: Params,
+    candidate: str,
+    baseline: str | None = None,
+    record: bool = True,
+) -> GateDecision:
+    """Load both evaluations, decide, and write the decision onto the candidate's model version tags."""
+    found = load_evaluation(candidate, params)
+    if found is None:
+        raise GateError(f"{candidate}: no model version holds that alias")
+    baseline_ref = baseline or f"models:/{params.platform.registered_model}@champion"
+    if baseline is None and not params.platform.mlflow_tracking_uri:
+        base = None  # no registry configured: no champion to compare with
+    else:
+        base = load_evaluation(baseline_ref, params)
+    notes = []
+    if base is None and baseline is not None:
+        notes.append(f"baseline {baseline}: no model version holds that alias")
+    if base is not None and found.registry_version is not None and (base.registry_name, base.registry_version) == (
+        found.registry_name, found.registry_version
+    ):
+        notes.append(f"the candidate is the baseline ({base.ref}): no regression check")
+        base = None
+    decision = decide(found.document, base.document if base else None, params.gate, found.ref,
+                      base.ref if base else None)
+    decision.registry_version = found.registry_version
+    decision.notes[:0] = notes
+    if record and found.registry_name and found.registry_version:
+        registry = _registry(params, found.registry_name)
+        registry.record_gate(found.registry_version, decision.passed, decision.reasons())
+        decision.notes.append(f"decision written to {found.registry_name} version {found.registry_version} tags")
+    elif record:
+        decision.notes.append("the candidate is not a registry version: decision not recorded in MLflow")
+    return decision

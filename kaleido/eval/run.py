@@ -1,0 +1,560 @@
+"""`kaleido evaluate`: generate every eval case with the S2V pipeline, score it, report, log to MLflow.
+
+Output folder:
+  cases/<id>/video.mp4, sheet.png (every frame), strip.png (8 frames, embedded in the report),
+  cases/<id>/result.json   written last: its presence (with a matching key) marks the case done
+  metrics.json             every case's scores, means per category and overall, backbones, settings
+  report.html              references, frame strips, scores, backbones, the gate rule
+A re-run skips the cases whose result.json carries the same key (case content + model + settings +
+backbones), so an interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kaleido.eval.evalset import EvalCase, EvalSet, load_eval_set
+from kaleido.eval.metrics import METRICS, aggregate
+
+if TYPE_CHECKING:
+    from kaleido.config import Params
+
+SCHEMA_VERSION = 1
+STRIP_FRAMES = 8
+STRIP_HEIGHT = 96
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Generation settings every case of one evaluation shares."""
+
+    frames: int
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    shift: float
+    sampler: str
+    fps: int
+    negative_prompt: str
+
+    @classmethod
+    def from_params(cls, params: Params) -> EvalSettings:
+        g, e = params.generate, params.eval
+        return cls(
+            frames=g.frames if e.frames is None else e.frames,
+            height=g.height if e.height is None else e.height,
+            width=g.width if e.width is None else e.width,
+            steps=g.steps if e.steps is None else e.steps,
+            guidance_scale=g.guidance_scale,
+            shift=g.shift,
+            sampler=g.sampler,
+            fps=g.fps,
+            negative_prompt=g.negative_prompt,
+        )
+
+    def request(self) -> dict[str, Any]:
+        """Keyword arguments of S2VPipeline.__call__ (without prompt, references, seed)."""
+        values = asdict(self)
+        values.pop("fps")
+        return values
+
+
+# ---- the model under evaluation -------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    ref: str  # as given on the command line
+    checkpoint: Path  # local DiT checkpoint (file or folder)
+    identity: str  # changes when the weights change
+    registry_name: str | None = None
+    registry_version: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"ref": self.ref, "checkpoint": str(self.checkpoint), "identity": self.identity}
+        if self.registry_name:
+            info["registry"] = {"name": self.registry_name, "version": self.registry_version}
+        return info
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """models:/name/3 -> (name, "3"); models:/name@alias -> (name, "@alias")."""
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        name, _, alias = body.partition("@")
+        return name, f"@{alias}"
+    name, _, version = body.rpartition("/")
+    if not name or not version:
+        raise EvalError(f"model reference {ref!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    return name, version
+
+
+def _path_identity(path: Path) -> str:
+    """Hash of file names, sizes and modification times (cheap; catches replaced weights)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for item in files:
+        stat = item.stat()
+        digest.update(f"{item.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_model(ref: str, params: Params, cache_dir: Path) -> ModelSource:
+    """A local checkpoint for `ref`: a path, or a registry version downloaded into `cache_dir`."""
+    if ref.startswith("models:/"):
+        from kaleido.registry import ModelRegistry, RegistryError
+
+        uri = params.platform.mlflow_tracking_uri
+        if not uri:
+            raise EvalError(f"--model {ref}: a registry reference needs platform.mlflow_tracking_uri in params.yaml")
+        name, selector = parse_model_ref(ref)
+        registry = ModelRegistry(uri, name)
+        try:
+            version = registry.resolve(selector)
+        except RegistryError as exc:
+            raise EvalError(str(exc)) from None
+        except Exception as exc:  # MLflow raises its own exception types for a missing model or a dead server
+            raise EvalError(f"--model {ref}: cannot read the registry at {uri}: {str(exc)[:300]}") from None
+        target = cache_dir / f"{name}-v{version}"
+        done = target / ".complete"
+        if not done.exists():
+            checkpoint = registry.download(version, target)
+            done.write_text(str(checkpoint))
+        checkpoint = Path(done.read_text())
+        return ModelSource(ref, checkpoint, f"models:/{name}/{version}", name, version)
+    path = Path(ref).expanduser().resolve()
+    if not path.exists():
+        raise EvalError(f"--model {ref}: no such file or folder; pass a local checkpoint or models:/<name>@<alias>")
+    return ModelSource(ref, path, f"path:{path}:{_path_identity(path)}")
+
+
+# ---- metric backbones -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """The local paths and names of the configured backbones (eval.models, falling back to data.models)."""
+
+    clip: Path | None
+    clip_arch: str
+    dino: Path | None
+    aesthetic_clip: Path | None
+    aesthetic_head: Path | None
+    musiq: Path | None
+    interpolator_path: Path | None
+    viclip: Path | None
+    grounding_dino: Path | None
+    sam: Path | None
+    sam_type: str
+
+    @classmethod
+    def from_params(cls, params: Params) -> _Paths:
+        m, d = params.eval.models, params.data.models
+        return cls(
+            clip=params.resolve(m.clip if m.clip is not None else d.clip),
+            clip_arch=m.clip_arch if m.clip is not None else d.clip_arch,
+            dino=params.resolve(m.dino),
+            aesthetic_clip=params.resolve(m.aesthetic_clip),
+            aesthetic_head=params.resolve(m.aesthetic_head),
+            musiq=params.resolve(m.musiq),
+            interpolator_path=params.resolve(m.interpolator_path),
+            viclip=params.resolve(m.viclip),
+            grounding_dino=params.resolve(m.grounding_dino if m.grounding_dino is not None else d.grounding_dino),
+            sam=params.resolve(m.sam if m.sam is not None else d.sam),
+            sam_type=m.sam_type or d.sam_type,
+        )
+
+
+def _need(path: Path | None, key: str, metric: str) -> Path:
+    if path is None:
+        raise EvalError(f"metric {metric} needs {key} in params.yaml (a local path), or drop it from eval.metrics")
+    return path
+
+
+def backbone_plan(params: Params) -> dict[str, str]:
+    """{metrics.json key: what computes it}, from the configuration alone (nothing loaded).
+
+    Raises EvalError when a configured metric lacks its backbone path, before anything is generated.
+    """
+    from kaleido.eval.interpolation import FarnebackInterpolator
+
+    e, m = params.eval, params.eval.models
+    paths = _Paths.from_params(params)
+    wanted = list(dict.fromkeys(e.metrics))
+    plan: dict[str, str] = {}
+    clip = ""
+    if {"background_consistency", "text_alignment", "s2v_consistency", "s2v_decoupling"} & set(wanted):
+        clip_path = _need(paths.clip, "eval.models.clip (or data.models.clip)", "background / text / S2V")
+        clip = f"CLIP {paths.clip_arch if clip_path.is_file() else 'open_clip folder'} from {clip_path}"
+    for name in wanted:
+        if name == "subject_consistency":
+            dino = _need(paths.dino, "eval.models.dino", name)
+            plan[name] = f"DINO ViT (timm {m.dino_arch if dino.is_file() else 'folder'}) from {dino}"
+        elif name == "background_consistency":
+            plan[name] = clip
+        elif name == "motion_smoothness":
+            if m.interpolator == "farneback":
+                plan[name] = FarnebackInterpolator().describe()
+            else:
+                path = _need(paths.interpolator_path, "eval.models.interpolator_path", name)
+                plan[name] = f"TorchScript interpolation network from {path} (VBench: AMT-S)"
+        elif name == "aesthetic_quality":
+            model = _need(paths.aesthetic_clip, "eval.models.aesthetic_clip", name)
+            head = _need(paths.aesthetic_head, "eval.models.aesthetic_head", name)
+            arch = m.aesthetic_clip_arch if model.is_file() else "open_clip folder"
+            plan[name] = f"LAION linear head {head} on CLIP {arch} from {model}"
+        elif name == "imaging_quality":
+            plan[name] = f"MUSIQ (pyiqa) {_need(paths.musiq, 'eval.models.musiq', name)}"
+        elif name == "text_alignment":
+            if paths.viclip is not None:
+                plan["viclip_score"] = f"ViCLIP (TorchScript {paths.viclip})"
+            else:
+                plan["clip_text_score"] = f"CLIP image-text score ({clip}); ViCLIP weights not given"
+        elif name in ("s2v_consistency", "s2v_decoupling"):
+            s = e.s2v
+            detector = _need(paths.grounding_dino, "eval.models.grounding_dino (or data.models.grounding_dino)", name)
+            sam = _need(paths.sam, "eval.models.sam (or data.models.sam)", name)
+            plan[name] = (
+                f"Grounding DINO {detector} (box {s.box_threshold}, text {s.text_threshold}, "
+                f"{s.detections_per_term} per term) + SAM {paths.sam_type} {sam} + {clip}; "
+                f"frames scored: {s.max_frames or 'all'}"
+            )
+    return plan
+
+
+@dataclass
+class MetricSuite:
+    """The loaded backbones and which metrics to compute; `score` does one video."""
+
+    metrics: list[str]
+    dino: Any = None
+    clip: Any = None  # ClipFeatures for background consistency
+    interpolator: Any = None
+    aesthetic: Any = None
+    musiq: Any = None
+    text: Any = None  # TextVideoScorer
+    s2v: Any = None  # S2VScorer
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+    def backbones(self) -> dict[str, str]:
+        """{metrics.json key: what computes it} for the metrics this suite scores."""
+        keys = [self.text.metric if name == "text_alignment" else name for name in self.metrics]
+        return {key: self.descriptions.get(key, "") for key in dict.fromkeys(keys)}
+
+    @classmethod
+    def from_params(cls, params: Params, device: str | None = None) -> MetricSuite:
+        """Load the backbones the configured metrics need, from local paths."""
+        from kaleido.eval import vbench
+        from kaleido.eval.interpolation import load_interpolator
+        from kaleido.vision.clip import ClipScorer
+
+        e, m = params.eval, params.eval.models
+        plan = backbone_plan(params)  # validates every path first
+        paths = _Paths.from_params(params)
+        device = device or m.device
+        wanted = list(dict.fromkeys(e.metrics))
+        suite = cls(metrics=wanted, descriptions=plan)
+        clip_scorer = None
+        if paths.clip is not None and {"background_consistency", "text_alignment", "s2v_consistency",
+                                       "s2v_decoupling"} & set(wanted):
+            clip_scorer = ClipScorer.from_pretrained(paths.clip, paths.clip_arch, device=device)
+            suite.clip = vbench.ClipFeatures.from_scorer(clip_scorer, f"{paths.clip_arch} from {paths.clip}")
+        if "subject_consistency" in wanted:
+            suite.dino = vbench.DinoFeatures.from_pretrained(paths.dino, m.dino_arch, device=device)
+        if "motion_smoothness" in wanted:
+            suite.interpolator = load_interpolator(m.interpolator, paths.interpolator_path, device)
+        if "aesthetic_quality" in wanted:
+            scorer = ClipScorer.from_pretrained(paths.aesthetic_clip, m.aesthetic_clip_arch, device=device)
+            features = vbench.ClipFeatures.from_scorer(scorer, f"{m.aesthetic_clip_arch} from {paths.aesthetic_clip}")
+            suite.aesthetic = vbench.AestheticPredictor.from_files(features, paths.aesthetic_head)
+        if "imaging_quality" in wanted:
+            suite.musiq = vbench.MusiqScorer.from_checkpoint(paths.musiq, device=device)
+        if "text_alignment" in wanted:
+            if paths.viclip is not None:
+                suite.text = vbench.ViClipScorer.from_file(paths.viclip, device=device)
+            else:
+                suite.text = vbench.ClipTextScorer(clip_scorer, suite.clip)
+        if {"s2v_consistency", "s2v_decoupling"} & set(wanted):
+            from kaleido.eval.s2v import S2VScorer
+            from kaleido.vision.grounding import GroundingDino
+            from kaleido.vision.segmentation import SamSegmenter
+
+            s = e.s2v
+            detector = GroundingDino.from_pretrained(paths.grounding_dino, s.box_threshold, s.text_threshold,
+                                                     device=device)
+            segmenter = SamSegmenter.from_checkpoint(paths.sam, paths.sam_type, device=device)
+            suite.s2v = S2VScorer(detector, segmenter, clip_scorer, s.detections_per_term, s.max_frames)
+        return suite
+
+    def score(self, frames: np.ndarray, case: EvalCase, references: Sequence[Any]) -> tuple[dict[str, float],
+                                                                                             dict[str, Any]]:
+        """(metrics, details) of one generated video."""
+        from kaleido.eval import vbench
+
+        metrics: dict[str, float] = {}
+        details: dict[str, Any] = {"seconds": {}}
+
+        def timed(name: str, compute: Callable[[], Any]) -> Any:
+            start = time.perf_counter()
+            value = compute()
+            details["seconds"][name] = round(time.perf_counter() - start, 3)
+            return value
+
+        for name in self.metrics:
+            if name == "subject_consistency":
+                metrics[name] = timed(name, lambda: vbench.subject_consistency(frames, self.dino))
+            elif name == "background_consistency":
+                metrics[name] = timed(name, lambda: vbench.background_consistency(frames, self.clip))
+            elif name == "motion_smoothness":
+                metrics[name] = timed(name, lambda: vbench.motion_smoothness(frames, self.interpolator))
+            elif name == "aesthetic_quality":
+                metrics[name] = timed(name, lambda: vbench.aesthetic_quality(frames, self.aesthetic))
+            elif name == "imaging_quality":
+                metrics[name] = timed(name, lambda: vbench.imaging_quality(frames, self.musiq))
+            elif name == "text_alignment":
+                metrics[self.text.metric] = timed(self.text.metric, lambda: self.text.score(frames, case.prompt))
+        if self.s2v is not None:
+            result = timed("s2v", lambda: self.s2v.score(frames, references, case.subjects))
+            if "s2v_consistency" in self.metrics:
+                metrics["s2v_consistency"] = result.consistency
+            if "s2v_decoupling" in self.metrics:
+                metrics["s2v_decoupling"] = result.decoupling
+            details["s2v"] = result.details()
+        return {key: float(value) for key, value in metrics.items()}, details
+
+
+# ---- running --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSummary:
+    out_dir: Path
+    metrics_path: Path
+    report_path: Path
+    document: dict[str, Any]
+    generated: list[str]
+    skipped: list[str]
+    mlflow_run_id: str | None = None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a result behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _strip(frames: np.ndarray, path: Path) -> Path:
+    """A one-row strip of up to 8 evenly spaced frames, STRIP_HEIGHT pixels high (small: embedded in HTML)."""
+    from PIL import Image
+
+    from kaleido.model.media import contact_sheet
+
+    picks = sorted({round(float(v)) for v in np.linspace(0, len(frames) - 1, min(STRIP_FRAMES, len(frames)))})
+    height, width = frames.shape[1:3]
+    target = min(STRIP_HEIGHT, height)  # shrink large frames, never blow small ones up
+    size = (max(1, round(width * target / height)), target)
+    small = np.stack([np.asarray(Image.fromarray(frames[i]).resize(size, Image.Resampling.LANCZOS)) for i in picks])
+    return contact_sheet(small, path, columns=len(picks))
+
+
+def run_key(case: EvalCase, model: ModelSource, settings: EvalSettings, backbones: dict[str, str]) -> str:
+    blob = json.dumps([case.fingerprint(), model.identity, asdict(settings), backbones], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def evaluate(
+    params: Params,
+    model: str,
+    eval_set: Path | str | None = None,
+    out_dir: Path | str = "runs/eval",
+    *,
+    device: str | None = None,
+    fresh: bool = False,
+    log_mlflow: bool = True,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    suite: MetricSuite | None = None,
+    pipeline: Any = None,
+) -> EvalSummary:
+    """Evaluate `model` (a local checkpoint or models:/name@alias) on an eval set; see the module docstring.
+
+    `suite` / `pipeline` replace the loaded backbones / S2V pipeline (tests, notebooks).
+    """
+    from tqdm.auto import tqdm
+
+    from kaleido.model.media import contact_sheet, load_reference_image, write_video
+
+    out_dir = Path(out_dir).resolve()
+    evalset: EvalSet = load_eval_set(
+        params.resolve(Path(eval_set)) if eval_set is not None else params.resolve(params.eval.eval_set),
+        params.model.max_references,
+        params.eval.seed,
+    )
+    settings = EvalSettings.from_params(params)
+    from kaleido.model.vae import validate_video_size
+
+    try:
+        validate_video_size(settings.frames, settings.height, settings.width)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    source = resolve_model(model, params, out_dir / "model")
+    # The plan names every backbone without loading one: a fully resumed run loads no model at all.
+    backbones = suite.backbones() if suite is not None else backbone_plan(params)
+    echo(f"evaluating {source.ref} on {evalset.name} ({len(evalset.cases)} cases) -> {out_dir}")
+
+    generated, skipped, results = [], [], []
+    bar = tqdm(evalset.cases, desc="eval cases", unit="case", disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(case.id)
+        case_dir = out_dir / "cases" / case.id
+        result_path = case_dir / "result.json"
+        key = run_key(case, source, settings, backbones)
+        if not fresh and result_path.is_file():
+            previous = json.loads(result_path.read_text())
+            if previous.get("key") == key:
+                skipped.append(case.id)
+                results.append(previous)
+                continue
+        if pipeline is None:
+            pipeline = _load_pipeline(params, source, device)
+        references = [load_reference_image(path) for path in case.references]
+        start = time.perf_counter()
+        frames = pipeline(case.prompt, references, seed=case.seed, progress=False, **settings.request())
+        seconds = time.perf_counter() - start
+        write_video(frames, case_dir / "video.mp4", fps=settings.fps)
+        contact_sheet(frames, case_dir / "sheet.png")
+        _strip(frames, case_dir / "strip.png")
+        if suite is None:
+            suite = MetricSuite.from_params(params, device)
+        metrics, details = suite.score(frames, case, references)
+        details["seconds"]["generate"] = round(seconds, 3)
+        result = {
+            "id": case.id,
+            "category": case.category,
+            "prompt": case.prompt,
+            "references": list(case.reference_names),
+            "subjects": list(case.subjects),
+            "seed": case.seed,
+            "fingerprint": case.fingerprint(),
+            "key": key,
+            "metrics": metrics,
+            "details": details,
+        }
+        _write_json(result_path, result)
+        generated.append(case.id)
+        results.append(result)
+        echo(f"  {case.id}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    document: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": source.describe(),
+        "eval_set": {"path": str(evalset.root), "name": evalset.name, "fingerprint": evalset.fingerprint(),
+                     "cases": len(evalset.cases), "categories": evalset.categories()},
+        "settings": asdict(settings),
+        "backbones": backbones,
+        "text_metric": _text_metric(backbones),
+        "metric_titles": {key: METRICS[key].title for key in backbones},
+        **aggregate(results),
+        "cases": results,
+    }
+    metrics_path = out_dir / "metrics.json"
+    report_path = out_dir / "report.html"
+    run_id = None
+    uri = params.platform.mlflow_tracking_uri
+    if log_mlflow and uri:
+        run_id = _log_mlflow(params, document, source, out_dir, metrics_path, report_path)
+    else:
+        _write_outputs(params, document, metrics_path, report_path)
+    echo(f"metrics: {metrics_path}\nreport: {report_path}" + (f"\nmlflow run: {run_id}" if run_id else ""))
+    return EvalSummary(out_dir, metrics_path, report_path, document, generated, skipped, run_id)
+
+
+def _text_metric(backbones: dict[str, str]) -> dict[str, str] | None:
+    """Which text-alignment metric was used, and its label (a CLIP stand-in is never silent)."""
+    for key in ("viclip_score", "clip_text_score"):
+        if key in backbones:
+            return {"key": key, "label": backbones[key]}
+    return None
+
+
+def _load_pipeline(params: Params, source: ModelSource, device: str | None) -> Any:
+    from kaleido.model.generate import S2VPipeline
+
+    local = params.model_copy(deep=True)
+    local.model.checkpoint = source.checkpoint
+    try:
+        return S2VPipeline.from_params(local, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvalError(f"cannot load the model {source.ref}: {exc}") from None
+
+
+def _write_outputs(params: Params, document: dict[str, Any], metrics_path: Path, report_path: Path) -> None:
+    from kaleido.eval.report import write_report
+
+    _write_json(metrics_path, document)
+    write_report(document, report_path, params.gate)
+
+
+def _log_mlflow(params: Params, document: dict[str, Any], source: ModelSource, out_dir: Path,
+                metrics_path: Path, report_path: Path) -> str:
+    """One MLflow run: params, overall + per-category metrics, metrics.json, report, strips and sheets."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    uri = params.platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name(params.eval.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(params.eval.experiment)
+    tags = {"kaleido.kind": "evaluation", "eval.model": source.ref, "eval.set": document["eval_set"]["name"]}
+    if source.registry_name:
+        tags.update({"eval.registered_model": source.registry_name, "eval.model_version": str(source.registry_version)})
+    run = client.create_run(experiment_id, run_name=f"eval {source.ref}", tags=tags)
+    run_id = run.info.run_id
+    document["mlflow"] = {"tracking_uri": uri, "run_id": run_id, "experiment": params.eval.experiment}
+    _write_outputs(params, document, metrics_path, report_path)
+    try:
+        stamp = int(time.time() * 1000)
+        values = [Metric(key, value, stamp, 0) for key, value in document["overall"].items() if value is not None]
+        for category, scores in document["per_category"].items():
+            values += [Metric(f"{category}/{key}", value, stamp, 0) for key, value in scores.items()
+                       if value is not None]
+        logged = {"model": source.ref, "eval_set": document["eval_set"]["name"],
+                  "eval_set_fingerprint": document["eval_set"]["fingerprint"], "cases": document["eval_set"]["cases"],
+                  **{f"generate.{k}": v for k, v in document["settings"].items()},
+                  **{f"backbone.{k}": v[:500] for k, v in document["backbones"].items()}}
+        client.log_batch(run_id, metrics=values, params=[Param(k, str(v)) for k, v in logged.items()])
+        client.log_artifact(run_id, str(metrics_path))
+        client.log_artifact(run_id, str(report_path))
+        for result in document["cases"]:
+            case_dir = out_dir / "cases" / result["id"]
+            for name in ("result.json", "strip.png", "sheet.png"):
+                if (case_dir / name).is_file():
+                    client.log_artifact(run_id, str(case_dir / name), artifact_path=f"cases/{result['id']}")
+        client.set_terminated(run_id, "FINISHED")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    if source.registry_name:
+        # the gate finds a version's scores through this tag
+        client.set_model_version_tag(source.registry_name, str(source.registry_version), "eval.run_id", run_id)
+        client.set_model_version_tag(source.registry_name, str(source.registry_version), "eval.set",
+                                     f"{document['eval_set']['name']}:{document['eval_set']['fingerprint']}")
+    return run_id

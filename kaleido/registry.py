@@ -1,0 +1,187 @@
+"""The MLflow model registry for `kaleido-s2v`: register, record gate decisions, promote, roll back.
+
+Versions are created from a training run's checkpoint artifacts with `create_model_version(source=...)`
+(MLflow 3 refuses `register_model("runs:/...")` for a plain artifact folder). Aliases, not the
+deprecated stages, mark the serving model: `champion`, and `previous` for the one it replaced.
+Promotion is refused unless the version's gate decision tag says `passed`: every promotion path
+(CLI, Prefect flow, library) goes through `promote`. On the cluster, MLflow basic-auth permissions
+keep write access to the registered model with the platform's service account, so the tag check is
+the only way in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException, RestException
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+GATE_TAG = "gate.decision"
+GATE_REASONS_TAG = "gate.reasons"
+HISTORY_TAG = "champion_history"  # JSON list of versions that held `champion`, oldest first
+
+
+class RegistryError(RuntimeError):
+    """A registry operation was refused; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a model version comes from: all four become version tags."""
+
+    git_revision: str
+    dvc_data_hash: str
+    params_hash: str
+    training_run_id: str
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "lineage.git_revision": self.git_revision,
+            "lineage.dvc_data_hash": self.dvc_data_hash,
+            "lineage.params_hash": self.params_hash,
+            "lineage.training_run_id": self.training_run_id,
+        }
+
+
+def git_revision(repo: Path | None = None) -> str:
+    """HEAD's commit (with `-dirty` when the tree has changes), or `unknown` outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
+class ModelRegistry:
+    """Registry operations for one registered model."""
+
+    def __init__(self, tracking_uri: str, name: str = "kaleido-s2v"):
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.name = name
+
+    # ---- versions -----------------------------------------------------------------------------------
+
+    def ensure_model(self) -> None:
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(
+                self.name, description="Kaleido subject-to-video DiT (Wan2.1 + R-RoPE references)"
+            )
+
+    def register(
+        self,
+        run_id: str,
+        checkpoint_dir: Path,
+        lineage: Lineage,
+        artifact_path: str = "checkpoint",
+        extra_tags: dict[str, str] | None = None,
+    ) -> str:
+        """Upload `checkpoint_dir` to the run's artifacts and create a model version from it; returns the version."""
+        checkpoint_dir = Path(checkpoint_dir)
+        if not checkpoint_dir.is_dir() or not any(checkpoint_dir.iterdir()):
+            raise RegistryError(f"checkpoint folder {checkpoint_dir} is missing or empty; nothing to register")
+        self.ensure_model()
+        self.client.log_artifacts(run_id, str(checkpoint_dir), artifact_path=artifact_path)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        tags = {**lineage.tags(), **(extra_tags or {})}
+        version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
+        return str(version.version)
+
+    def version_tags(self, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(self.name, version).tags)
+
+    def resolve(self, ref: str) -> str:
+        """A version number from `3`, `@champion`, `champion` or `models:/name@champion` / `models:/name/3`."""
+        text = ref.removeprefix(f"models:/{self.name}")
+        text = text.removeprefix("/")
+        if text.isdigit():
+            return text
+        alias = text.removeprefix("@")
+        version = self.alias_version(alias)
+        if version is None:
+            raise RegistryError(f"{self.name} has no version with alias {alias!r}")
+        return version
+
+    def alias_version(self, alias: str) -> str | None:
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except (MlflowException, RestException):
+            return None
+
+    # ---- gate ---------------------------------------------------------------------------------------
+
+    def record_gate(self, version: str, passed: bool, reasons: dict[str, Any]) -> None:
+        """Write the gate's decision and per-metric reasons onto the version's tags."""
+        self.client.set_model_version_tag(self.name, version, GATE_TAG, "passed" if passed else "failed")
+        self.client.set_model_version_tag(self.name, version, GATE_REASONS_TAG, json.dumps(reasons, sort_keys=True))
+
+    def gate_decision(self, version: str) -> str | None:
+        return self.version_tags(version).get(GATE_TAG)
+
+    # ---- promotion ----------------------------------------------------------------------------------
+
+    def _history(self) -> list[str]:
+        tags = self.client.get_registered_model(self.name).tags
+        return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+    def _set_history(self, history: list[str]) -> None:
+        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
+
+    def promote(self, version: str) -> str | None:
+        """Make `version` the champion; the replaced champion becomes `previous`. Returns the replaced one.
+
+        Refused unless the version's gate decision is `passed`.
+        """
+        decision = self.gate_decision(version)
+        if decision != "passed":
+            raise RegistryError(
+                f"{self.name} version {version} cannot be promoted: its gate decision is "
+                f"{decision or 'missing'}; run `kaleido gate --candidate models:/{self.name}/{version}` first"
+            )
+        current = self.alias_version(CHAMPION)
+        if current == version:
+            return None
+        if current is not None:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, current)
+        self.client.set_registered_model_alias(self.name, CHAMPION, version)
+        self._set_history([*self._history(), version])
+        return current
+
+    def rollback(self) -> str:
+        """Give `champion` back to the version it replaced; returns the new champion."""
+        history = self._history()
+        current = self.alias_version(CHAMPION)
+        if current is None or len(history) < 2:
+            raise RegistryError(f"{self.name} has no earlier champion to roll back to")
+        history = history[:-1] if history[-1] == current else history
+        restored = history[-1]
+        self.client.set_registered_model_alias(self.name, CHAMPION, restored)
+        if len(history) >= 2:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, history[-2])
+        else:
+            self.client.delete_registered_model_alias(self.name, PREVIOUS)
+        self._set_history(history)
+        return restored
+
+    def download(self, ref: str, dst: Path) -> Path:
+        """Download a version's checkpoint folder (for evaluation or serving)."""
+        import mlflow.artifacts
+
+        version = self.client.get_model_version(self.name, self.resolve(ref))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(dst), tracking_uri=self.client.tracking_uri
+            )
+        )

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed worker and its launchers (local torchrun, Kubernetes)."""

@@ -1,0 +1,152 @@
+"""Micro-batches from the latent cache: one bucket per micro-batch, deterministic, resumable.
+
+A micro-batch stacks samples of ONE bucket key (frames, height, width, number of references), so
+every tensor in it has one shape and no sample is padded or cropped. The order of an epoch is a pure
+function of (seed, epoch): shuffle inside each bucket, cut into micro-batches (an incomplete tail is
+left for a later epoch's shuffle), shuffle the micro-batches, deal them round-robin to the
+data-parallel ranks (the count is cut to a multiple of the rank count so every rank takes as many
+steps). The position (epoch, cursor) is the whole sampler state, so a resumed run reads exactly the
+micro-batches the interrupted one would have read.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kaleido.model.flow_matching import FlowMatchingBatch
+from kaleido.train.latents import BucketKey, LatentCache
+
+
+def _group(buckets: Sequence[BucketKey]) -> dict[BucketKey, list[int]]:
+    groups: dict[BucketKey, list[int]] = defaultdict(list)
+    for index, key in enumerate(buckets):
+        groups[key].append(index)
+    return groups
+
+
+def micro_batches_per_epoch(buckets: Sequence[BucketKey], micro_batch: int) -> int:
+    """Full single-bucket micro-batches one epoch yields (before the cut to a multiple of the rank count)."""
+    return sum(len(members) // micro_batch for members in _group(buckets).values())
+
+
+class BucketBatchSampler:
+    """Yields lists of sample indices, one bucket each, for one data-parallel rank."""
+
+    def __init__(
+        self, buckets: Sequence[BucketKey], micro_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
+    ):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} outside [0, {dp_size})")
+        self.groups = _group(buckets)
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0  # micro-batches of the current epoch this rank has consumed
+        if self.per_rank_batches() == 0:
+            raise ValueError(
+                f"{len(buckets)} samples make {micro_batches_per_epoch(buckets, micro_batch)} full micro-batches of "
+                f"{micro_batch} per epoch, fewer than the {dp_size} data-parallel ranks"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's micro-batches of `epoch`, in order, before dealing (a pure function of seed and epoch)."""
+        rng = random.Random(f"{self.seed}:{epoch}")
+        batches: list[list[int]] = []
+        for key in sorted(self.groups):
+            members = list(self.groups[key])
+            rng.shuffle(members)
+            usable = len(members) - len(members) % self.micro_batch
+            batches += [members[i : i + self.micro_batch] for i in range(0, usable, self.micro_batch)]
+        rng.shuffle(batches)
+        return batches[: len(batches) - len(batches) % self.dp_size]
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        return self.epoch_batches(epoch)[self.dp_rank :: self.dp_size]
+
+    def per_rank_batches(self) -> int:
+        total = sum(len(members) // self.micro_batch for members in self.groups.values())
+        return total // self.dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            batches = self.rank_batches(self.epoch)
+            while self.cursor < len(batches):
+                batch = batches[self.cursor]
+                self.cursor += 1
+                yield batch
+            self.epoch += 1
+            self.cursor = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "dp_rank": self.dp_rank}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed or int(state["dp_rank"]) != self.dp_rank:
+            raise ValueError(
+                f"sampler state is for seed {state['seed']} / data-parallel rank {state['dp_rank']}, "
+                f"this run has seed {self.seed} / rank {self.dp_rank}"
+            )
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+
+
+@dataclass
+class MicroBatch:
+    batch: FlowMatchingBatch
+    keys: list[str]
+    bucket: BucketKey
+    tokens: int  # transformer tokens per sample (references + video), for throughput
+
+
+def pad_text(text: torch.Tensor, text_len: int) -> torch.Tensor:
+    """Real-token embeddings [n, d] -> [text_len, d], zeros after them (Wan's `context`; longer ones are cut)."""
+    out = text.new_zeros(text_len, text.shape[-1])
+    n = min(text.shape[0], text_len)
+    out[:n] = text[:n]
+    return out
+
+
+def sample_tokens(video: torch.Tensor, refs: torch.Tensor, patch: tuple[int, int, int]) -> int:
+    pt, ph, pw = patch
+    _, frames, height, width = video.shape
+    per_ref = (height // ph) * (width // pw)
+    return (frames // pt) * per_ref + refs.shape[0] * per_ref
+
+
+def collate(
+    cache: LatentCache,
+    indices: list[int],
+    null_context: torch.Tensor,
+    text_len: int,
+    patch: tuple[int, int, int],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> MicroBatch:
+    """Stack one bucket's samples into the loss's batch (text zero-padded to text_len)."""
+    items = [cache.load(i) for i in indices]
+    buckets = {cache.samples[i].bucket for i in indices}
+    if len(buckets) != 1:
+        raise ValueError(f"a micro-batch mixes buckets {sorted(buckets)}")
+    video = torch.stack([item["video"] for item in items]).to(device=device, dtype=dtype)
+    refs = torch.stack([item["refs"] for item in items]).to(device=device, dtype=dtype)
+    context = torch.stack([pad_text(item["text"], text_len) for item in items]).to(device=device, dtype=dtype)
+    batch = FlowMatchingBatch(
+        latents=video,
+        context=context,
+        null_context=pad_text(null_context, text_len).to(device=device, dtype=dtype),
+        reference_latents=refs if refs.shape[1] > 0 else None,
+    )
+    return MicroBatch(
+        batch=batch,
+        keys=[cache.samples[i].key for i in indices],
+        bucket=buckets.pop(),
+        tokens=sample_tokens(items[0]["video"], items[0]["refs"], patch),
+    )

@@ -1,0 +1,373 @@
+"""`kaleido encode`: VAE latents and text embeddings of the training set, computed ONCE.
+
+Training never runs the VAE or the text encoder: they are frozen, and at 480p the VAE costs more
+than a DiT step. Per sample of the webdataset shards (kaleido.data.writer):
+- the clip: a window of 4k+1 frames (at most train.frames, start drawn from a hash of seed and key
+  so a re-run picks the same one), resized to cover the bucket's (height, width) and centre-cropped,
+  where the bucket is the train.buckets size nearest to the clip's aspect ratio; encoded by WanVAE;
+- each reference: fit and WHITE-padded to the same size and encoded alone as one latent frame (as the
+  shipped Kaleido does, and as generation does);
+- the caption: umT5 embeddings of its real tokens only (zero-padded to model.text_len at batch time).
+The empty prompt's embedding is stored too: text dropout swaps it in for the caption.
+One cache shard per source tar; a shard whose marker carries the same hash (tar content + settings +
+models) is skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kaleido.config import Params
+from kaleido.train.latents import (
+    NULL_CONTEXT_NAME,
+    CachedSample,
+    bucket_name,
+    tensor_names,
+    write_index,
+)
+from kaleido.train.plan import stage_dataset, stage_latents
+
+if TYPE_CHECKING:
+    from kaleido.data.writer import TrainingExample
+    from kaleido.model.text_encoder import TextEncoder
+    from kaleido.model.vae import WanVAE
+
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CAPTION_BATCH = 16
+
+
+@dataclass
+class EncodeReport:
+    latents: Path
+    encoded_shards: list[str] = field(default_factory=list)
+    skipped_shards: list[str] = field(default_factory=list)
+    removed_shards: list[str] = field(default_factory=list)
+    samples: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    buckets: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rejected = sum(self.rejected.values())
+        lines = [
+            f"encode: {self.samples} samples in {len(self.buckets)} buckets -> {self.latents} "
+            f"({len(self.encoded_shards)} shards encoded, {len(self.skipped_shards)} up to date, "
+            f"{len(self.removed_shards)} stale removed, {rejected} samples rejected)"
+        ]
+        lines += [f"  bucket {name}: {count}" for name, count in sorted(self.buckets.items())]
+        lines += [f"  rejected ({reason}): {count}" for reason, count in sorted(self.rejected.items())]
+        return "\n".join(lines)
+
+
+def select_frames(total: int, max_frames: int, seed: int, key: str) -> tuple[int, int]:
+    """(start, count): count = the largest 4k+1 <= min(total, max_frames); start fixed by (seed, key)."""
+    count = (min(total, max_frames) - 1) // 4 * 4 + 1
+    span = total - count + 1
+    start = zlib.crc32(f"{seed}:{key}".encode()) % span
+    return start, count
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The training size whose aspect ratio is nearest (in log space, so 2:1 and 1:2 are equally far from 1:1)."""
+    aspect = math.log(height / width)
+    return min(buckets, key=lambda size: (abs(math.log(size[0] / size[1]) - aspect), -size[0] * size[1]))
+
+
+def resize_cover(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [3, T, height, width] in [-1, 1]: scale to cover, centre-crop (antialiased)."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    src_h, src_w = video.shape[-2:]
+    scale = max(height / src_h, width / src_w)
+    new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    if (new_h, new_w) != (src_h, src_w):
+        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    video = video[:, :, top : top + height, left : left + width]
+    return (video.clamp(0, 255) / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_fingerprint(path: Path) -> dict[str, Any]:
+    """Name, size and mtime of the files of a model folder: cheap, and changes when the weights do."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    root = path if path.is_dir() else path.parent
+    return {p.relative_to(root).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def _model_path(params: Params, key: str) -> Path:
+    value = getattr(params.model, key)
+    path = params.resolve(value)
+    if path is None:
+        raise FileNotFoundError(f"model.{key} is not set in params.yaml; point it at a local folder")
+    if not path.exists():
+        raise FileNotFoundError(f"model.{key}: {path} does not exist (`kaleido init-tiny` writes the tiny assets)")
+    return path
+
+
+def encode_settings(params: Params) -> dict[str, Any]:
+    """Everything that changes a cached tensor; its hash is part of every shard marker."""
+    train, model = params.train, params.model
+    text_path = _model_path(params, "text_encoder")
+    tokenizer = _model_path(params, "tokenizer") if model.tokenizer is not None else text_path
+    # The dataset's location is not part of it: a moved dataset with its cache stays up to date.
+    return {
+        "frames": train.frames,
+        "buckets": [list(size) for size in train.buckets],
+        "cache_dtype": train.cache_dtype,
+        "text_len": model.text_len,
+        "max_references": model.max_references,
+        "seed": train.seed,
+        "vae": _folder_fingerprint(_model_path(params, "vae")),
+        "text_encoder": _folder_fingerprint(text_path),
+        "tokenizer": _folder_fingerprint(tokenizer),
+    }
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def shard_name(tar: Path, dataset: Path) -> str:
+    """Cache shard name of a tar: its path under the dataset folder, '/' -> '__', without .tar."""
+    relative = tar.relative_to(dataset) if dataset.is_dir() else Path(tar.name)
+    return relative.with_suffix("").as_posix().replace("/", "__")
+
+
+class _Encoders:
+    """VAE + text encoder, loaded only when some shard needs encoding."""
+
+    def __init__(self, params: Params, device: torch.device):
+        from kaleido.model.generate import DTYPES
+        from kaleido.model.text_encoder import TextEncoder
+        from kaleido.model.vae import WanVAE
+
+        text_path = _model_path(params, "text_encoder")
+        tokenizer = _model_path(params, "tokenizer") if params.model.tokenizer is not None else text_path
+        # The VAE runs in fp32, as for generation: its latents are the targets the DiT learns.
+        self.vae: WanVAE = WanVAE.from_pretrained(_model_path(params, "vae"), device=device, dtype=torch.float32)
+        self.text: TextEncoder = TextEncoder.from_pretrained(
+            text_path, tokenizer, device=device, dtype=DTYPES[params.model.dtype]
+        )
+        self.text_len = params.model.text_len
+
+    def captions(self, captions: list[str]) -> list[torch.Tensor]:
+        """Each caption's real-token embeddings [n_i, d] (n_i includes </s>)."""
+        out = []
+        for start in range(0, len(captions), CAPTION_BATCH):
+            chunk = captions[start : start + CAPTION_BATCH]
+            hidden = self.text.encode(chunk, self.text_len)
+            # the same tokenizer call TextEncoder.encode makes (after its whitespace cleaning)
+            tokens = self.text.tokenizer(
+                [" ".join(c.split()) for c in chunk], padding="max_length", max_length=self.text_len,
+                truncation=True, add_special_tokens=True, return_tensors="pt",
+            )
+            lengths = tokens["attention_mask"].sum(dim=1).tolist()
+            out += [hidden[i, : int(n)].float().cpu() for i, n in enumerate(lengths)]
+        return out
+
+
+def _prepare_sample(example: TrainingExample, params: Params) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Pixels of the clip window [3, frames, height, width] and of each white-padded reference [3, height, width]."""
+    from PIL import Image
+
+    from kaleido.model.media import fit_and_pad
+    from kaleido.model.vae import image_to_tensor
+
+    train = params.train
+    frames = example.frames()
+    start, count = select_frames(frames.shape[0], train.frames, train.seed, example.key)
+    height, width = nearest_bucket(frames.shape[1], frames.shape[2], list(train.buckets))
+    video = resize_cover(frames[start : start + count], height, width)
+    refs = [
+        image_to_tensor(fit_and_pad(Image.fromarray(np.asarray(ref, dtype=np.uint8)), height, width))
+        for ref in example.references
+    ]
+    return video, refs
+
+
+def _encode_grouped(vae: WanVAE, items: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """VAE-encode [3, T, H, W] items, batching equal shapes (each item is still encoded on its own: the
+    VAE mixes nothing across the batch)."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, item in enumerate(items):
+        by_shape.setdefault(tuple(item.shape), []).append(index)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch):
+            chunk = indices[start : start + batch]
+            latents = vae.encode_video(torch.stack([items[i] for i in chunk])).cpu()
+            for i, latent in zip(chunk, latents, strict=True):
+                out[i] = latent
+    return [latent for latent in out if latent is not None]
+
+
+def _encode_shard(
+    tar: Path, name: str, out: Path, encoders: _Encoders, params: Params, progress: bool
+) -> tuple[list[CachedSample], dict[str, int]]:
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from kaleido.data.writer import iter_training_samples
+
+    dtype = CACHE_DTYPES[params.train.cache_dtype]
+    rejected: dict[str, int] = {}
+    kept, videos, refs = [], [], []
+    examples = list(iter_training_samples(tar))
+    for example in tqdm(examples, desc=f"decode {name}", unit="sample", disable=not progress, leave=False):
+        if len(example.references) > params.model.max_references:
+            rejected["too_many_references"] = rejected.get("too_many_references", 0) + 1
+            continue
+        try:
+            video, ref_pixels = _prepare_sample(example, params)
+        except ValueError:  # an undecodable clip: the writer checked the files, not the video stream
+            rejected["undecodable_clip"] = rejected.get("undecodable_clip", 0) + 1
+            continue
+        kept.append(example)
+        videos.append(video)
+        refs.append(ref_pixels)
+    batch = params.train.encode_batch
+    video_latents = _encode_grouped(encoders.vae, videos, batch)
+    # references: one latent frame each (T = 1), encoded alone as the shipped Kaleido does
+    flat_refs = [pixels[:, None] for sample_refs in refs for pixels in sample_refs]
+    ref_latents = _encode_grouped(encoders.vae, flat_refs, batch)
+    texts = encoders.captions([example.caption for example in kept]) if kept else []
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[CachedSample] = []
+    cursor = 0
+    for example, video, latent, sample_refs, text in zip(kept, videos, video_latents, refs, texts, strict=True):
+        n = len(sample_refs)
+        ref_stack = (
+            torch.stack([r[:, 0] for r in ref_latents[cursor : cursor + n]])
+            if n
+            else latent.new_zeros(0, latent.shape[0], *latent.shape[-2:])
+        )
+        cursor += n
+        video_name, refs_name, text_name = tensor_names(example.key)
+        tensors[video_name] = latent.to(dtype).contiguous()
+        tensors[refs_name] = ref_stack.to(dtype).contiguous()
+        tensors[text_name] = text.to(dtype).contiguous()
+        _, frames, height, width = video.shape
+        entries.append(CachedSample(example.key, name, (frames, height, width, n), int(text.shape[0])))
+    partial = out / f"{name}.safetensors.partial"
+    save_file(tensors, str(partial))
+    partial.replace(out / f"{name}.safetensors")
+    (out / f"{name}.json").write_text(
+        json.dumps({"samples": [e.to_json() for e in entries], "rejected": rejected}, indent=1) + "\n"
+    )
+    return entries, rejected
+
+
+def run_encode(
+    params: Params,
+    stage: str = "pretrain",
+    *,
+    force: bool = False,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> EncodeReport:
+    """Encode the stage's dataset into its latent cache (train.latents); finished shards are skipped."""
+    from kaleido.data.writer import dataset_tars
+
+    dataset = stage_dataset(params, stage)
+    out = stage_latents(params, stage)
+    tars = [Path(t) for t in dataset_tars(dataset)]
+    settings = encode_settings(params)
+    settings_hash = _digest(settings)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    report = EncodeReport(latents=out)
+    encoders: _Encoders | None = None
+    names = []
+    for tar in tars:
+        name = shard_name(tar, dataset)
+        names.append(name)
+        marker = out / f"{name}.done"
+        shard_hash = _digest([settings_hash, _hash_file(tar)])
+        done = (
+            not force
+            and marker.is_file()
+            and json.loads(marker.read_text()).get("hash") == shard_hash
+            and (out / f"{name}.safetensors").is_file()
+            and (out / f"{name}.json").is_file()
+        )
+        if done:
+            report.skipped_shards.append(name)
+            continue
+        marker.unlink(missing_ok=True)  # an interrupted shard must not look finished
+        encoders = encoders or _Encoders(params, device)
+        entries, _ = _encode_shard(tar, name, out, encoders, params, progress)
+        marker.write_text(json.dumps({"hash": shard_hash, "source": str(tar), "samples": len(entries)}) + "\n")
+        report.encoded_shards.append(name)
+
+    null_marker = out / (NULL_CONTEXT_NAME + ".done")
+    if force or not (out / NULL_CONTEXT_NAME).is_file() or null_marker.read_text().strip() != settings_hash:
+        from safetensors.torch import save_file
+
+        encoders = encoders or _Encoders(params, device)
+        null = encoders.captions([""])[0].to(CACHE_DTYPES[params.train.cache_dtype]).contiguous()
+        save_file({"null_context": null}, str(out / NULL_CONTEXT_NAME))
+        null_marker.write_text(settings_hash + "\n")
+
+    for stale in sorted(out.glob("*.done")):  # shards of tars that no longer exist
+        name = stale.name[: -len(".done")]
+        if name == NULL_CONTEXT_NAME or name in names:
+            continue
+        for suffix in (".safetensors", ".json", ".done"):
+            (out / f"{name}{suffix}").unlink(missing_ok=True)
+        report.removed_shards.append(name)
+
+    samples: list[CachedSample] = []
+    seen: set[str] = set()
+    for name in names:
+        shard = json.loads((out / f"{name}.json").read_text())
+        for reason, count in shard.get("rejected", {}).items():
+            report.rejected[reason] = report.rejected.get(reason, 0) + count
+        for row in shard["samples"]:
+            sample = CachedSample.from_json(row)
+            if sample.key in seen:  # the writer keeps keys unique per dataset; guard against merged folders
+                report.rejected["duplicate_key"] = report.rejected.get("duplicate_key", 0) + 1
+                continue
+            seen.add(sample.key)
+            samples.append(sample)
+    text_dim, z_dim = _dims(out, names)
+    meta = {"dataset": str(dataset), "settings_hash": settings_hash, "text_dim": text_dim, "z_dim": z_dim}
+    write_index(out, samples, meta)
+    report.samples = len(samples)
+    for sample in samples:
+        name = bucket_name(sample.bucket)
+        report.buckets[name] = report.buckets.get(name, 0) + 1
+    return report
+
+
+def _dims(out: Path, names: list[str]) -> tuple[int, int]:
+    """(text_dim, z_dim) read back from the cache (the empty prompt; any video latent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / NULL_CONTEXT_NAME), framework="pt") as handle:
+        text_dim = int(handle.get_slice("null_context").get_shape()[-1])
+    z_dim = 16
+    for name in names:
+        with safe_open(str(out / f"{name}.safetensors"), framework="pt") as handle:
+            videos = [k for k in handle.keys() if k.endswith("/video")]  # noqa: SIM118 (safe_open has no __iter__)
+            if videos:
+                z_dim = int(handle.get_slice(videos[0]).get_shape()[0])
+                break
+    return text_dim, z_dim

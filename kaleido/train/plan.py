@@ -1,0 +1,287 @@
+"""Where a training stage reads and writes, the sizes it derives, and the checks made BEFORE any launch.
+
+Every check that can fail on a params combination runs here, in the launching process, so a bad
+combination costs no process start, no model load and no cluster time. The worker runs the same
+checks at start-up (a pod started by hand gets the same message).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from kaleido.config import Params, ParamsError
+from kaleido.config.schema import StagePreset
+
+if TYPE_CHECKING:
+    from kaleido.model.dit import DiTConfig
+
+Stage = Literal["pretrain", "sft"]
+STAGES: tuple[str, ...] = ("pretrain", "sft")
+
+
+class TrainPlanError(ParamsError):
+    """A params combination that cannot train; the message names the params.yaml keys involved."""
+
+
+def stage_preset(params: Params, stage: str) -> StagePreset:
+    if stage not in STAGES:
+        raise TrainPlanError(f"unknown training stage {stage!r}; choose one of {', '.join(STAGES)}")
+    return getattr(params.train, stage)
+
+
+def _resolved(params: Params, path: Path) -> Path:
+    resolved = params.resolve(path)
+    assert resolved is not None  # a Path in, a Path out
+    return resolved
+
+
+def stage_dataset(params: Params, stage: str) -> Path:
+    """The stage's training tar shards: train.<stage>.dataset, else train.dataset."""
+    return _resolved(params, stage_preset(params, stage).dataset or params.train.dataset)
+
+
+def stage_latents(params: Params, stage: str) -> Path:
+    """The stage's latent cache: train.<stage>.latents, else train.latents."""
+    return _resolved(params, stage_preset(params, stage).latents or params.train.latents)
+
+
+def stage_output(params: Params, stage: str) -> Path:
+    """<train.output_dir>/<stage>: checkpoints/, export/, loss.csv, metrics.json."""
+    return _resolved(params, params.train.output_dir) / stage
+
+
+def checkpoint_dir(params: Params, stage: str) -> Path:
+    return stage_output(params, stage) / "checkpoints"
+
+
+def export_dir(params: Params, stage: str) -> Path:
+    """Consolidated weights in the original Wan2.1 layout (what the registry picks up)."""
+    return stage_output(params, stage) / "export"
+
+
+def stage_init(params: Params, stage: str) -> tuple[Path, str]:
+    """The weights a stage starts from and the key that names them (for messages)."""
+    preset = stage_preset(params, stage)
+    if preset.init is not None:
+        return _resolved(params, preset.init), f"train.{stage}.init"
+    if stage == "sft":  # SFT continues from the pretrain result
+        return export_dir(params, "pretrain"), "train.sft.init (default: the pretrain export)"
+    if params.model.checkpoint is None:
+        raise TrainPlanError("model.checkpoint is not set: pretraining starts from a Wan2.1 checkpoint")
+    return _resolved(params, params.model.checkpoint), "model.checkpoint"
+
+
+def tracking_uri(params: Params, environ: dict[str, str] | None = None) -> str:
+    """MLFLOW_TRACKING_URI from the environment (pods get the in-cluster address), else platform.mlflow_tracking_uri.
+
+    An empty string disables tracking.
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    return env.get("MLFLOW_TRACKING_URI", params.platform.mlflow_tracking_uri).strip()
+
+
+def model_config(params: Params, stage: str) -> tuple[DiTConfig, str]:
+    """The DiT config a stage trains: the init checkpoint's own config when it has one, else model.arch's.
+
+    Mirrors how the worker loads the weights (and S2VPipeline.from_params), so the checks see the real model.
+    """
+    from kaleido.model.checkpoint import CheckpointError, read_config
+    from kaleido.model.dit import dit_config
+
+    init_path, init_key = stage_init(params, stage)
+    if init_path.exists():
+        try:
+            found = read_config(init_path)
+        except (CheckpointError, OSError, ValueError):
+            found = None
+        if found is not None:
+            return found, f"the config of {init_key}"
+    return dit_config(params.model.arch), f"model.arch={params.model.arch}"
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    stage: str
+    world_size: int
+    sequence_parallel: int
+    data_parallel: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    steps: int
+    lr: float
+    zero_stage: int
+    latents: str
+    output: str
+    init: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.stage}: {self.steps} steps, lr {self.lr:g}, global batch {self.global_batch} = micro batch "
+            f"{self.micro_batch} x grad accumulation {self.grad_accum} x data parallel {self.data_parallel} "
+            f"(world {self.world_size}, sequence parallel {self.sequence_parallel}), ZeRO-{self.zero_stage}"
+        )
+
+
+def _check_tracking(uri: str) -> list[str]:
+    """An http(s) tracking server must answer now: a run must not train for hours and lose its record."""
+    if not uri.startswith(("http://", "https://")):
+        return []
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as response:
+            if response.status == 200:
+                return []
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return [
+            f"platform.mlflow_tracking_uri={uri!r} (or $MLFLOW_TRACKING_URI) does not answer ({reason}); "
+            "start the server (`mlflow server ...`) or set platform.mlflow_tracking_uri: \"\" to train untracked"
+        ]
+    return [f"platform.mlflow_tracking_uri={uri!r}: /health did not answer 200"]
+
+
+def plan_training(
+    params: Params,
+    stage: str,
+    world_size: int,
+    *,
+    resume: bool = False,
+    check_files: bool = True,
+    check_tracking: bool = True,
+) -> TrainPlan:
+    """Derive the batch geometry of a stage on `world_size` ranks; raise TrainPlanError listing EVERY problem.
+
+    check_files: the latent cache, init weights and (with resume) a checkpoint must exist here; False
+    when they live on storage only the training pods see (Kubernetes).
+    """
+    train = params.train
+    preset = stage_preset(params, stage)
+    problems: list[str] = []
+    sp = train.sequence_parallel
+    config, config_source = model_config(params, stage)
+    heads = config.num_heads
+    if heads % sp:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        problems.append(
+            f"train.sequence_parallel={sp} does not divide the model's {heads} attention heads ({config_source}); "
+            f"use one of {divisors}"
+        )
+    if world_size % sp:
+        problems.append(
+            f"train.sequence_parallel={sp} does not divide the world size {world_size} "
+            "(train.nproc_per_node x nodes): every rank must belong to exactly one sequence-parallel group"
+        )
+    if train.zero_stage not in (1, 2, 3):
+        problems.append(f"train.zero_stage={train.zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
+    dp = max(world_size // sp, 1)
+    per_step = train.micro_batch * dp
+    if preset.global_batch % per_step:
+        problems.append(
+            f"train.{stage}.global_batch={preset.global_batch} is not divisible by train.micro_batch="
+            f"{train.micro_batch} x data-parallel size {dp} (= {world_size} ranks / train.sequence_parallel={sp}) "
+            f"= {per_step}; use a multiple of {per_step}"
+        )
+    grad_accum = max(preset.global_batch // per_step, 1)
+    latents = stage_latents(params, stage)
+    init_path, init_key = stage_init(params, stage)
+    if check_files:
+        problems += _check_cache(params, stage, latents, dp, config.text_dim)
+        if not init_path.exists():
+            hint = " (run `kaleido train --stage pretrain` first)" if stage == "sft" else ""
+            problems.append(f"{init_key}: {init_path} does not exist{hint}")
+        if resume and not (checkpoint_dir(params, stage) / "latest").is_file():
+            problems.append(
+                f"--resume: no DeepSpeed checkpoint under {checkpoint_dir(params, stage)} "
+                f"(train.output_dir={train.output_dir}); start without --resume"
+            )
+    if check_tracking:
+        problems += _check_tracking(tracking_uri(params))
+    if problems:
+        raise TrainPlanError(f"cannot train stage {stage!r}:\n  " + "\n  ".join(problems))
+    return TrainPlan(
+        stage=stage,
+        world_size=world_size,
+        sequence_parallel=sp,
+        data_parallel=dp,
+        micro_batch=train.micro_batch,
+        grad_accum=grad_accum,
+        global_batch=preset.global_batch,
+        steps=preset.steps,
+        lr=preset.lr,
+        zero_stage=train.zero_stage,
+        latents=str(latents),
+        output=str(stage_output(params, stage)),
+        init=str(init_path),
+    )
+
+
+def _check_cache(params: Params, stage: str, latents: Path, dp: int, text_dim: int) -> list[str]:
+    """The cache exists, was encoded from this stage's dataset for this model, and feeds every data-parallel rank."""
+    from kaleido.train.data import micro_batches_per_epoch
+    from kaleido.train.latents import CachedSample, CacheError, read_index
+
+    key = f"train.{stage}.latents" if stage_preset(params, stage).latents else "train.latents"
+    try:
+        index = read_index(latents)
+    except CacheError as exc:
+        return [f"{key}: {exc}"]
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"{key}: latent cache {latents} is unreadable ({exc}); re-run `kaleido encode --force`"]
+    problems = []
+    dataset = str(stage_dataset(params, stage))
+    if index.get("dataset") != dataset:
+        problems.append(
+            f"{key}: the cache at {latents} was encoded from {index.get('dataset')}, but the stage reads {dataset}; "
+            f"run `kaleido encode --stage {stage}` or give train.{stage}.latents a folder of its own"
+        )
+    if int(index.get("text_dim", -1)) != text_dim:
+        problems.append(
+            f"{key}: cached text embeddings are {index.get('text_dim')}-wide, the DiT takes {text_dim}; "
+            "re-encode with the model.text_encoder that belongs to the checkpoint"
+        )
+    samples = [CachedSample.from_json(row) for row in index.get("samples", [])]
+    missing = sorted({s.shard for s in samples if not (latents / f"{s.shard}.safetensors").is_file()})
+    if missing:
+        problems.append(f"{key}: shard files missing in {latents}: {', '.join(missing[:5])}; re-run `kaleido encode`")
+    batches = micro_batches_per_epoch([s.bucket for s in samples], params.train.micro_batch)
+    if batches < dp:
+        problems.append(
+            f"{key}: {len(samples)} cached samples give {batches} full micro-batches of train.micro_batch="
+            f"{params.train.micro_batch} per epoch (one bucket per micro-batch), fewer than the {dp} data-parallel "
+            "ranks; add data or lower train.micro_batch / the world size"
+        )
+    return problems
+
+
+def deepspeed_config(plan: TrainPlan, params: Params, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a plan. DeepSpeed sees every rank as data-parallel (it is not told about the
+    sequence-parallel groups), so its batch size counts every rank; the Ulysses gather's backward makes the
+    gradient average over all ranks equal the data-parallel average (see sequence_parallel.py)."""
+    train = params.train
+    return {
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.micro_batch * plan.grad_accum * plan.world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": plan.zero_stage},
+        # The optimizer is a torch.optim.AdamW instance (client optimizer): a config "optimizer" block would
+        # select DeepSpeed's FusedAdam, whose JIT build costs minutes and needs a CUDA toolchain.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # our own progress bar and tracking report progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def dump_plan(plan: TrainPlan, ds_config: dict[str, Any]) -> str:
+    return json.dumps({"plan": plan.to_dict(), "deepspeed": ds_config}, indent=2)

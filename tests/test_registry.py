@@ -1,0 +1,90 @@
+"""The MLflow registry against a real MLflow server: lineage tags, gate-guarded promotion, rollback."""
+
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kaleido.cli import app
+from kaleido.registry import Lineage, ModelRegistry, RegistryError
+
+
+@pytest.fixture
+def registry(mlflow_server: str) -> ModelRegistry:
+    return ModelRegistry(mlflow_server, f"kaleido-s2v-test-{uuid.uuid4().hex[:8]}")
+
+
+def _version(registry: ModelRegistry, tmp_path: Path, tag: str) -> str:
+    client = registry.client
+    experiment = client.get_experiment_by_name("registry-tests") or None
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("registry-tests")
+    run = client.create_run(experiment_id)
+    checkpoint = tmp_path / f"ckpt-{tag}"
+    checkpoint.mkdir()
+    (checkpoint / "diffusion_pytorch_model.safetensors").write_bytes(b"weights-" + tag.encode())
+    (checkpoint / "config.json").write_text("{}")
+    lineage = Lineage(git_revision="abc123", dvc_data_hash=f"md5-{tag}", params_hash="p" * 16,
+                      training_run_id=run.info.run_id)
+    return registry.register(run.info.run_id, checkpoint, lineage)
+
+
+def test_register_records_lineage_and_artifacts(registry, tmp_path):
+    version = _version(registry, tmp_path, "a")
+    tags = registry.version_tags(version)
+    assert tags["lineage.git_revision"] == "abc123" and tags["lineage.dvc_data_hash"] == "md5-a"
+    assert tags["lineage.params_hash"] == "p" * 16 and tags["lineage.training_run_id"]
+    downloaded = registry.download(version, tmp_path / "dl")
+    assert (downloaded / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights-a"
+
+
+def test_empty_checkpoint_is_refused(registry, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegistryError, match="missing or empty"):
+        registry.register("run", tmp_path / "empty", Lineage("g", "d", "p", "r"))
+
+
+def test_only_a_passed_gate_can_be_promoted(registry, tmp_path):
+    version = _version(registry, tmp_path, "a")
+    with pytest.raises(RegistryError, match="gate decision is missing"):
+        registry.promote(version)
+    registry.record_gate(version, passed=False, reasons={"s2v_consistency": "0.41 < floor 0.5"})
+    with pytest.raises(RegistryError, match="gate decision is failed"):
+        registry.promote(version)
+    assert registry.alias_version("champion") is None
+
+
+def test_promote_keeps_previous_and_rollback_restores(registry, tmp_path):
+    first, second = _version(registry, tmp_path, "a"), _version(registry, tmp_path, "b")
+    for version in (first, second):
+        registry.record_gate(version, passed=True, reasons={})
+    assert registry.promote(first) is None
+    assert registry.promote(second) == first
+    assert registry.alias_version("champion") == second and registry.alias_version("previous") == first
+    assert registry.resolve(f"models:/{registry.name}@champion") == second
+    assert registry.rollback() == first
+    assert registry.alias_version("champion") == first and registry.alias_version("previous") is None
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        registry.rollback()
+
+
+def test_cli_promote_and_rollback(registry, tmp_path, mlflow_server):
+    first, second = _version(registry, tmp_path, "a"), _version(registry, tmp_path, "b")
+    registry.record_gate(first, passed=True, reasons={})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"platform": {"mlflow_tracking_uri": mlflow_server,
+                                                   "registered_model": registry.name}}))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["registry", "promote", second, "--params", str(params)])
+    assert refused.exit_code == 1 and "cannot be promoted" in refused.output
+    assert runner.invoke(app, ["registry", "promote", first, "--params", str(params)]).exit_code == 0
+    registry.record_gate(second, passed=True, reasons={})
+    assert runner.invoke(app, ["registry", "promote", f"models:/{registry.name}/{second}", "--params",
+                               str(params)]).exit_code == 0
+    shown = runner.invoke(app, ["registry", "show", "--params", str(params)])
+    assert "champion" in shown.output and "previous" in shown.output
+    rolled = runner.invoke(app, ["registry", "rollback", "--params", str(params)])
+    assert rolled.exit_code == 0 and f'"champion": "{first}"' in rolled.output
+    assert mlflow.get_tracking_uri()  # the CLI did not need the global tracking URI

@@ -1,0 +1,252 @@
+"""Training end to end on CPU: latent cache, two DeepSpeed ranks on gloo, exact resume, ZeRO-3 + Ulysses, MLflow.
+
+Expensive set-up is shared: one tiny dataset and latent cache per module, one uninterrupted ZeRO-2 run
+that is both the "loss falls / MLflow / export" subject and the reference of the kill-and-resume test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kaleido.cli import app
+from kaleido.config import load_params
+from kaleido.train.latents import LatentCache, read_index
+from kaleido.train.tracking import read_loss_curve
+from kaleido.train.trainer import EXIT_AFTER_STEP_ENV
+
+STEPS = 16
+EXPERIMENT = "kaleido-train-tests"
+# (height, width, frames, references) per sample: three buckets of 5 frames, one of 1 frame
+SPECS = [(64, 96, 9, 1)] * 6 + [(96, 64, 9, 1)] * 2 + [(64, 96, 9, 2)] * 4 + [(64, 96, 3, 1)] * 2
+
+
+def write_dataset(root: Path, specs: list[tuple[int, int, int, int]], seed: int = 0) -> list[Path]:
+    """Tiny training tars through the real writer: moving noise clips, random reference images."""
+    from PIL import Image
+
+    from kaleido.data.records import ReferenceImage, TrainingSample
+    from kaleido.data.writer import write_tar
+    from kaleido.model.media import write_video
+
+    rng = np.random.default_rng(seed)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, (height, width, frames, refs) in enumerate(specs):
+        still = np.repeat(np.repeat(rng.integers(0, 255, (height // 8, width // 8, 3)), 8, 0), 8, 1).astype(np.uint8)
+        write_video(np.stack([np.roll(still, 2 * k, axis=1) for k in range(frames)]), root / f"clips/c{i}.mp4")
+        references = []
+        for j in range(refs):
+            image = rng.integers(0, 255, (40 + 8 * j, 30, 3)).astype(np.uint8)
+            Image.fromarray(image).save(root / f"refs/r{i}_{j}.png")
+            references.append(
+                ReferenceImage(category="cat", group="animal", source_clip_id=f"c{i}", image_path=f"refs/r{i}_{j}.png")
+            )
+        sample = TrainingSample(
+            sample_id=f"s{i:03d}", clip_id=f"c{i}", clip_path=f"clips/c{i}.mp4", caption=f"a cat number {i} walks",
+            sample_type="crop", cross_pair=False, references=references,
+        )  # fmt: skip
+        samples.append(sample)
+    tars = [root / "dataset" / "train-00000.tar", root / "dataset" / "train-00001.tar"]
+    write_tar([(s, None) for s in samples[:7]], root, tars[0])
+    write_tar([(s, None) for s in samples[7:]], root, tars[1])
+    return tars
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_assets, params_for):
+    """The dataset, its latent cache, and `params(name, overrides)` -> a params.yaml writing under runs/<name>."""
+    from kaleido.train.encode import run_encode
+
+    folder = tmp_path_factory.mktemp("train")
+    write_dataset(folder / "data", SPECS)
+
+    def params(name: str, overrides: dict | None = None) -> Path:
+        base = {
+            "train.dataset": str(folder / "data" / "dataset"),
+            "train.latents": str(folder / "latents"),
+            "train.output_dir": str(folder / "runs" / name),
+            "train.pretrain.steps": STEPS,
+            "train.checkpoint_every": 4,
+            "train.experiment": EXPERIMENT,
+            "platform.mlflow_tracking_uri": "",
+        }
+        return params_for(folder / "params" / name, tiny_assets, {**base, **(overrides or {})})
+
+    report = run_encode(load_params(params("encode")), progress=False)
+    return {"folder": folder, "params": params, "report": report}
+
+
+def _train(params: Path, *extra: str, env_vars: dict | None = None, monkeypatch=None) -> tuple[int, str]:
+    if env_vars and monkeypatch is not None:
+        for key, value in env_vars.items():
+            monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["train", "--stage", "pretrain", "--params", str(params), *extra])
+    return result.exit_code, result.output
+
+
+def test_encode_writes_buckets_and_skips_finished_shards(env, monkeypatch):
+    from kaleido.train import encode
+
+    report = env["report"]
+    assert len(report.encoded_shards) == 2 and report.samples == len(SPECS)
+    assert report.buckets == {"5x32x48+1ref": 6, "5x48x32+1ref": 2, "5x32x48+2ref": 4, "1x32x48+1ref": 2}
+    cache = LatentCache(env["folder"] / "latents")
+    sample = cache.load(cache.samples.index(next(s for s in cache.samples if s.bucket == (5, 32, 48, 2))))
+    assert sample["video"].shape == (16, 2, 4, 6) and sample["refs"].shape == (2, 16, 4, 6)
+    assert sample["text"].shape[1] == 32 and sample["text"].abs().sum(-1).gt(0).all()  # real tokens only
+    assert cache.null_context().shape[1] == 32
+
+    # A moved copy of dataset + cache is up to date: nothing is encoded, no model is even loaded.
+    copy = env["folder"] / "copy"
+    shutil.copytree(env["folder"] / "data", copy / "data")
+    shutil.copytree(env["folder"] / "latents", copy / "latents")
+    params = load_params(env["params"]("encode"), {
+        "train.dataset": str(copy / "data" / "dataset"), "train.latents": str(copy / "latents"),
+    })  # fmt: skip
+
+    class NoModels:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("an up-to-date cache loaded the encoders")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(encode, "_Encoders", NoModels)
+        again = encode.run_encode(params, progress=False)
+    assert again.skipped_shards == ["train-00000", "train-00001"] and not again.encoded_shards
+    assert read_index(copy / "latents")["dataset"] == str(copy / "data" / "dataset")
+
+    # Rewrite one tar (one sample fewer) and drop the other: only the changed one is encoded again.
+    from kaleido.data.writer import iter_training_samples
+
+    second = copy / "data" / "dataset" / "train-00001.tar"
+    before = [example.key for example in iter_training_samples(second)]
+    write_dataset(copy / "data", SPECS[:-1], seed=1)
+    (copy / "data" / "dataset" / "train-00000.tar").unlink()
+    third = encode.run_encode(params, progress=False)
+    assert third.encoded_shards == ["train-00001"] and third.removed_shards == ["train-00000"]
+    assert third.samples == len(before) - 1 == len(SPECS) - 8
+    assert not (copy / "latents" / "train-00000.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(env, mlflow_server):
+    """Uninterrupted ZeRO-2 run on 2 ranks, tracked in MLflow: the reference curve."""
+    params = env["params"]("zero2", {"platform.mlflow_tracking_uri": mlflow_server})
+    code, output = _train(params)
+    assert code == 0, output[-4000:]
+    out = env["folder"] / "runs" / "zero2" / "pretrain"
+    return {"params": params, "out": out, "output": output, "uri": mlflow_server}
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_loss_falls_and_exports_wan_weights(zero2_run, tiny_assets):
+    from kaleido.model.checkpoint import load_dit
+
+    rows = read_loss_curve(zero2_run["out"] / "loss.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    losses = [r["loss"] for r in rows]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+    assert all(np.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["lr"] == pytest.approx(5e-4) and rows[-1]["lr"] == pytest.approx(1e-3)  # 2 warmup steps
+
+    trained = load_dit(zero2_run["out"] / "export")  # the original Wan layout, strict
+    initial = load_dit(tiny_assets / "transformer")
+    assert set(trained.state_dict()) == set(initial.state_dict())
+    moved = [k for k, v in trained.state_dict().items() if not torch.equal(v, initial.state_dict()[k])]
+    assert len(moved) == len(initial.state_dict())
+    info = json.loads((zero2_run["out"] / "export.json").read_text())
+    assert info["format"] == "wan" and info["step"] == STEPS
+
+    # SFT starts from this export
+    from kaleido.train.plan import plan_training
+
+    sft = plan_training(load_params(zero2_run["params"]), "sft", 2, check_tracking=False)
+    assert sft.init == str(zero2_run["out"] / "export") and sft.lr == pytest.approx(5e-4)
+
+
+@pytest.mark.slow
+def test_mlflow_run_has_params_and_metrics(zero2_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(zero2_run["uri"])
+    run_id = json.loads((zero2_run["out"] / "metrics.json").read_text())["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    params = run.data.params
+    assert params["train.zero_stage"] == "2" and params["model.arch"] == "tiny"
+    assert params["plan.grad_accum"] == "2" and params["train.pretrain.steps"] == str(STEPS)
+    assert len(params) > 100  # the whole params.yaml, flattened
+    for metric in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "peak_memory_gb"):
+        history = client.get_metric_history(run_id, metric)
+        assert sorted(m.step for m in history) == list(range(1, STEPS + 1)), metric
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    csv = {int(r["step"]): r["loss"] for r in read_loss_curve(zero2_run["out"] / "loss.csv")}
+    assert losses == pytest.approx(csv)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"loss.csv", "metrics.json", "export.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_kill_and_resume_repeats_the_loss_curve_exactly(env, zero2_run, monkeypatch):
+    # Same run, killed hard after step 6; the last checkpoint is step 4, so steps 5-6 are redone.
+    params = env["params"]("killed", {"platform.mlflow_tracking_uri": zero2_run["uri"]})
+    code, output = _train(params, env_vars={EXIT_AFTER_STEP_ENV: "6"}, monkeypatch=monkeypatch)
+    assert code == 1 and "exit code 86" in output, output[-3000:]
+    out = env["folder"] / "runs" / "killed" / "pretrain"
+    assert len(read_loss_curve(out / "loss.csv")) == 6
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+    monkeypatch.delenv(EXIT_AFTER_STEP_ENV)
+    code, output = _train(params, "--resume")
+    assert code == 0, output[-4000:]
+    resumed = read_loss_curve(out / "loss.csv")
+    reference = read_loss_curve(zero2_run["out"] / "loss.csv")
+    assert [int(r["step"]) for r in resumed] == list(range(1, STEPS + 1))
+    for mine, theirs in zip(resumed, reference, strict=True):
+        assert mine["loss"] == theirs["loss"], (mine, theirs)  # bit for bit on CPU
+        assert mine["grad_norm"] == theirs["grad_norm"] and mine["lr"] == theirs["lr"]
+    # the resumed process reopened the interrupted MLflow run
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((out / "metrics.json").read_text())["mlflow_run_id"]
+    history = MlflowClient(zero2_run["uri"]).get_metric_history(run_id, "loss")
+    assert {m.step for m in history} == set(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_zero3_with_ulysses_sequence_parallel_trains_and_exports(env, tiny_assets):
+    from kaleido.model.checkpoint import load_dit
+
+    params = env["params"]("zero3_sp2", {
+        "train.zero_stage": 3, "train.sequence_parallel": 2, "train.pretrain.steps": 3, "train.checkpoint_every": 2,
+    })  # fmt: skip
+    code, output = _train(params)
+    assert code == 0, output[-4000:]
+    assert "sequence parallel 2" in output and "ZeRO-3" in output and "data parallel 1" in output
+    out = env["folder"] / "runs" / "zero3_sp2" / "pretrain"
+    rows = read_loss_curve(out / "loss.csv")
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    trained = load_dit(out / "export")  # gathered from the ZeRO-3 partitions
+    initial = load_dit(tiny_assets / "transformer")
+    key = "blocks.0.self_attn.q.weight"
+    assert trained.state_dict()[key].shape == initial.state_dict()[key].shape
+    assert not torch.equal(trained.state_dict()[key], initial.state_dict()[key])
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_command_with_its_error(env):
+    broken = env["folder"] / "broken-latents"
+    shutil.copytree(env["folder"] / "latents", broken)
+    (broken / "null_context.safetensors").write_bytes(b"not a safetensors file")
+    params = env["params"]("broken", {"train.latents": str(broken)})
+    code, output = _train(params)
+    assert code == 1
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: training stage 'pretrain' failed: rank ") and "Error" in last, last
