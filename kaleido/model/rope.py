@@ -14,21 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import get_args
 
 import torch
 
+from kaleido.config.schema import RopeVariant
+
 Grid = tuple[int, int, int]  # (frames, height, width) in patches
 
-ROPE_VARIANTS = (
-    "none",
-    "shift_w",
-    "shift_h",
-    "shift_wh",
-    "shift_wh_no_overlap",
-    "time_fixed_neg",
-    "time_staggered_neg",
-    "time_future",
-)
+# The variant names are defined once, by the params.yaml schema.
+ROPE_VARIANTS: tuple[str, ...] = get_args(RopeVariant)
 
 
 def _grid_positions(grid: Grid, t0: int = 0, h0: int = 0, w0: int = 0) -> torch.Tensor:
