@@ -19,6 +19,8 @@ than guess.
 from __future__ import annotations
 
 import json
+import math
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,7 +81,8 @@ class GateDecision:
         for check in self.checks:
             grouped.setdefault(check.metric, []).append(check)
         return {
-            metric: ("pass" if all(c.passed for c in checks) else "fail") + ": " + "; ".join(c.reason for c in checks)
+            metric: ("pass" if all(c.passed for c in checks) else "fail") + ": "
+            + "; ".join(f"{c.kind} {'ok' if c.passed else 'FAILED'} ({c.reason})" for c in checks)
             for metric, checks in grouped.items()
         }
 
@@ -90,7 +93,9 @@ class GateDecision:
             "baseline": self.baseline,
             "registry_version": self.registry_version,
             "reasons": self.reasons(),
-            "checks": [asdict(c) for c in self.checks],
+            # strict JSON: a metric the candidate lacks has no estimate (None, not NaN)
+            "checks": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(c).items()}
+                       for c in self.checks],
             "notes": self.notes,
             "rule": self.rule,
         }
@@ -104,6 +109,15 @@ def _case_scores(document: dict[str, Any], metric: str) -> dict[tuple[str, str],
     }
 
 
+_FOLDERS = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^/\\\s,;()]+)*[/\\]")
+
+
+def portable(description: str | None) -> str | None:
+    """A backbone description without folders: the same weights evaluated on another machine (other local
+    paths) stay comparable; another file name or architecture does not."""
+    return None if description is None else _FOLDERS.sub("", description)
+
+
 def _comparable(candidate: dict[str, Any], baseline: dict[str, Any], metrics: list[str]) -> None:
     if candidate.get("settings") != baseline.get("settings"):
         raise GateError(
@@ -112,7 +126,7 @@ def _comparable(candidate: dict[str, Any], baseline: dict[str, Any], metrics: li
         )
     for metric in metrics:
         ours, theirs = candidate.get("backbones", {}).get(metric), baseline.get("backbones", {}).get(metric)
-        if ours != theirs:
+        if portable(ours) != portable(theirs):
             raise GateError(
                 f"{metric}: candidate and baseline used different backbones ({ours!r} vs {theirs!r}); "
                 "re-evaluate the baseline with the same eval.models"
@@ -173,7 +187,7 @@ def decide(
             verdict = "no clear drop beyond" if passed else "drop beyond"
             checks.append(Check(
                 metric, "regression", passed,
-                f"vs baseline: mean diff {ci.mean:+.4f}, CI [{ci.low:+.4f}, {ci.high:+.4f}] over {ci.n} paired "
+                f"mean diff vs baseline {ci.mean:+.4f}, CI [{ci.low:+.4f}, {ci.high:+.4f}] over {ci.n} paired "
                 f"case(s): {verdict} tolerance {tolerance:g}",
                 ci.mean, ci.low, ci.high, ci.n, -tolerance,
             ))

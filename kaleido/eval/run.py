@@ -15,6 +15,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 STRIP_FRAMES = 8
 STRIP_HEIGHT = 96
+SHEET_HEIGHT = 240
 
 
 class EvalError(RuntimeError):
@@ -360,18 +363,25 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _strip(frames: np.ndarray, path: Path) -> Path:
-    """A one-row strip of up to 8 evenly spaced frames, STRIP_HEIGHT pixels high (small: embedded in HTML)."""
+def _shrink(frames: np.ndarray, max_height: int) -> np.ndarray:
+    """Frames scaled down (aspect kept) to at most `max_height` rows; small frames are left as they are."""
     from PIL import Image
 
+    height, width = frames.shape[1:3]
+    if height <= max_height:
+        return frames
+    size = (max(1, round(width * max_height / height)), max_height)
+    return np.stack([np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.LANCZOS)) for frame in frames])
+
+
+def _previews(frames: np.ndarray, case_dir: Path) -> None:
+    """strip.png: up to 8 evenly spaced frames, STRIP_HEIGHT high (embedded in the report); sheet.png:
+    every frame at most SHEET_HEIGHT high (an 81-frame 480p sheet stays a few MB)."""
     from kaleido.model.media import contact_sheet
 
     picks = sorted({round(float(v)) for v in np.linspace(0, len(frames) - 1, min(STRIP_FRAMES, len(frames)))})
-    height, width = frames.shape[1:3]
-    target = min(STRIP_HEIGHT, height)  # shrink large frames, never blow small ones up
-    size = (max(1, round(width * target / height)), target)
-    small = np.stack([np.asarray(Image.fromarray(frames[i]).resize(size, Image.Resampling.LANCZOS)) for i in picks])
-    return contact_sheet(small, path, columns=len(picks))
+    contact_sheet(_shrink(frames[picks], STRIP_HEIGHT), case_dir / "strip.png", columns=len(picks))
+    contact_sheet(_shrink(frames, SHEET_HEIGHT), case_dir / "sheet.png")
 
 
 def run_key(case: EvalCase, model: ModelSource, settings: EvalSettings, backbones: dict[str, str]) -> str:
@@ -399,21 +409,23 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from kaleido.model.media import contact_sheet, load_reference_image, write_video
-
-    out_dir = Path(out_dir).resolve()
-    evalset: EvalSet = load_eval_set(
-        params.resolve(Path(eval_set)) if eval_set is not None else params.resolve(params.eval.eval_set),
-        params.model.max_references,
-        params.eval.seed,
-    )
-    settings = EvalSettings.from_params(params)
+    from kaleido.model.media import load_reference_image, write_video
     from kaleido.model.vae import validate_video_size
 
+    out_dir = Path(out_dir).resolve()
+    # a folder given here is relative to the working directory; the params.yaml default to its folder
+    folder = Path(eval_set).expanduser().resolve() if eval_set is not None else params.resolve(params.eval.eval_set)
+    evalset: EvalSet = load_eval_set(folder, params.model.max_references, params.eval.seed)
+    settings = EvalSettings.from_params(params)
     try:
         validate_video_size(settings.frames, settings.height, settings.width)
     except ValueError as exc:
         raise EvalError(str(exc)) from None
+    wanted = suite.metrics if suite is not None else params.eval.metrics
+    if "motion_smoothness" in wanted and settings.frames < 3:
+        raise EvalError(f"frames={settings.frames}: motion smoothness needs at least 3 frames (eval.frames)")
+    if log_mlflow and params.platform.mlflow_tracking_uri:
+        _check_tracking(params.platform.mlflow_tracking_uri)  # fail now, not after generating every case
     source = resolve_model(model, params, out_dir / "model")
     # The plan names every backbone without loading one: a fully resumed run loads no model at all.
     backbones = suite.backbones() if suite is not None else backbone_plan(params)
@@ -439,8 +451,7 @@ def evaluate(
         frames = pipeline(case.prompt, references, seed=case.seed, progress=False, **settings.request())
         seconds = time.perf_counter() - start
         write_video(frames, case_dir / "video.mp4", fps=settings.fps)
-        contact_sheet(frames, case_dir / "sheet.png")
-        _strip(frames, case_dir / "strip.png")
+        _previews(frames, case_dir)
         if suite is None:
             suite = MetricSuite.from_params(params, device)
         metrics, details = suite.score(frames, case, references)
@@ -485,6 +496,24 @@ def evaluate(
         _write_outputs(params, document, metrics_path, report_path)
     echo(f"metrics: {metrics_path}\nreport: {report_path}" + (f"\nmlflow run: {run_id}" if run_id else ""))
     return EvalSummary(out_dir, metrics_path, report_path, document, generated, skipped, run_id)
+
+
+def _check_tracking(uri: str) -> None:
+    """A tracking server that does not answer its health check is an error before any work starts."""
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return  # a file or database store needs no server
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+            if response.status == 200:
+                return
+    except OSError:
+        pass
+    raise EvalError(
+        f"the MLflow server at {uri} (platform.mlflow_tracking_uri) does not answer; start it, or pass "
+        "--no-mlflow (or set platform.mlflow_tracking_uri to \"\") to evaluate without logging"
+    )
 
 
 def _text_metric(backbones: dict[str, str]) -> dict[str, str] | None:
@@ -543,11 +572,15 @@ def _log_mlflow(params: Params, document: dict[str, Any], source: ModelSource, o
         client.log_batch(run_id, metrics=values, params=[Param(k, str(v)) for k, v in logged.items()])
         client.log_artifact(run_id, str(metrics_path))
         client.log_artifact(run_id, str(report_path))
-        for result in document["cases"]:
-            case_dir = out_dir / "cases" / result["id"]
-            for name in ("result.json", "strip.png", "sheet.png"):
-                if (case_dir / name).is_file():
-                    client.log_artifact(run_id, str(case_dir / name), artifact_path=f"cases/{result['id']}")
+        with tempfile.TemporaryDirectory(prefix="kaleido-eval-") as staging:
+            # one upload for every case's results and previews (the videos stay on disk)
+            for result in document["cases"]:
+                case_dir = out_dir / "cases" / result["id"]
+                (Path(staging) / result["id"]).mkdir()
+                for name in ("result.json", "strip.png", "sheet.png"):
+                    if (case_dir / name).is_file():
+                        shutil.copy2(case_dir / name, Path(staging) / result["id"] / name)
+            client.log_artifacts(run_id, staging, artifact_path="cases")
         client.set_terminated(run_id, "FINISHED")
     except Exception:
         client.set_terminated(run_id, "FAILED")

@@ -19,6 +19,7 @@ The detector, segmenter and embedder are interfaces: tests plug in oracles and f
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -111,6 +112,8 @@ class S2VScorer:
         self.embedder = embedder
         self.detections_per_term = int(detections_per_term)
         self.max_frames = max_frames
+        # reference subject / background crops by (image content, term): eval sets reuse references
+        self._reference_cache: dict[tuple[bytes, str], tuple[np.ndarray, np.ndarray, bool]] = {}
 
     def find(self, image: np.ndarray, terms: Sequence[str]) -> Regions:
         """Top detections per term (highest score first), each with its segmentation mask."""
@@ -128,6 +131,19 @@ class S2VScorer:
         )
         return Regions(boxes, masks, [d.label for d in kept])
 
+    def reference_regions(self, image: np.ndarray, term: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(subject crop, background, found) of a reference; the whole image for both when nothing is found."""
+        key = (hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).digest(), term)
+        if key not in self._reference_cache:
+            regions = self.find(image, [term])
+            if regions.boxes:
+                entry = (subject_image(image, regions.boxes[0], regions.masks[0]),
+                         background_image(image, regions.masks[:1]), True)
+            else:
+                entry = (image, image, False)
+            self._reference_cache[key] = entry
+        return self._reference_cache[key]
+
     def score(
         self,
         frames: np.ndarray,
@@ -144,14 +160,10 @@ class S2VScorer:
 
         ref_subjects, ref_backgrounds, found = [], [], []
         for image, term in zip(refs, reference_terms, strict=True):
-            regions = self.find(image, [term])
-            if regions.boxes:
-                ref_subjects.append(subject_image(image, regions.boxes[0], regions.masks[0]))
-                ref_backgrounds.append(background_image(image, regions.masks[:1]))
-            else:
-                ref_subjects.append(image)
-                ref_backgrounds.append(image)
-            found.append(bool(regions.boxes))
+            subject, background, ok = self.reference_regions(image, term)
+            ref_subjects.append(subject)
+            ref_backgrounds.append(background)
+            found.append(ok)
 
         terms = list(dict.fromkeys(reference_terms))
         indices = sample_indices(len(frames), self.max_frames)

@@ -3,7 +3,8 @@
 Frames are uint8 [T, H, W, 3] RGB, exactly what the S2V pipeline returns (VBench decodes its mp4s to
 the same uint8 tensors). Preprocessing follows VBench's transforms on uint8 tensors:
 - DINO: resize so the SHORT side is 224 (bilinear, no antialias), no crop, /255, ImageNet mean/std;
-  the ViT interpolates its position embeddings to the resulting grid (timm `dynamic_img_size`).
+  the ViT interpolates its position embeddings to the resulting grid (timm `dynamic_img_size`; timm
+  resamples them bicubically as DINO does, without DINO's +0.1 offset: tiny numeric differences).
 - CLIP: resize short side to the model's input size (224 for ViT-B/32 and ViT-L/14; bicubic, no
   antialias), centre crop, /255, CLIP mean/std.
 - MUSIQ: when the LONG side exceeds 512, resize it to 512 (bilinear, no antialias); /255.
@@ -142,6 +143,11 @@ class DinoFeatures:
         import torch
 
         batch = dino_preprocess(frames)
+        # DINO's stride-16 patch conv drops a partial last row/column of patches; timm asserts instead
+        # (or pads), so crop to whole patches first: the same tokens DINO sees.
+        patch_h, patch_w = self.model.patch_embed.patch_size
+        height, width = batch.shape[-2:]
+        batch = batch[..., : height - height % patch_h, : width - width % patch_w]
         outputs = []
         with torch.inference_mode():
             for start in range(0, batch.shape[0], BATCH):

@@ -1,0 +1,179 @@
+"""The promotion gate: floors, the bootstrap regression rule, exit codes, and decisions in MLflow tags."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kaleido.cli import app
+from kaleido.config.schema import GateConfig
+from kaleido.eval.gate import GateError, decide, rule_text
+
+SETTINGS = {"frames": 5, "height": 32, "width": 48, "steps": 2}
+
+
+def _doc(scores: dict[str, list[float]], registry: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    count = len(next(iter(scores.values())))
+    cases = [{"id": f"case{i}", "category": "object", "fingerprint": f"fp{i}",
+              "metrics": {key: values[i] for key, values in scores.items()}} for i in range(count)]
+    model = {"ref": "test", **({"registry": registry} if registry else {})}
+    document = {"schema": 1, "model": model, "settings": dict(SETTINGS), "backbones": dict.fromkeys(scores, "same"),
+                "cases": cases, "overall": {key: float(np.mean(v)) for key, v in scores.items()}}
+    document.update(extra)
+    return document
+
+
+def _noisy(mean: float, spread: float, count: int = 6, seed: int = 0) -> list[float]:
+    return list(mean + np.random.default_rng(seed).uniform(-spread, spread, count))
+
+
+def test_floors_fail_only_on_evidence() -> None:
+    config = GateConfig(floors={"s2v_consistency": 0.5})
+    assert decide(_doc({"s2v_consistency": [0.6, 0.7, 0.65]}), None, config).passed
+    clearly_low = decide(_doc({"s2v_consistency": [0.30, 0.31, 0.29, 0.30]}), None, config)
+    assert not clearly_low.passed
+    assert clearly_low.reasons()["s2v_consistency"].startswith("fail: floor FAILED (mean 0.3000")
+    # mean just under the floor but the cases disagree wildly: not evidence, so no failure
+    noisy = decide(_doc({"s2v_consistency": [0.05, 0.95, 0.1, 0.8]}), None, config)
+    assert noisy.passed and noisy.checks[0].estimate < 0.5 < noisy.checks[0].high
+    missing = decide(_doc({"motion_smoothness": [0.9]}), None, config)
+    assert not missing.passed and "not computed" in missing.reasons()["s2v_consistency"]
+    assert any("floors alone decide" in note for note in missing.notes)
+
+
+def test_regression_uses_paired_bootstrap_against_the_baseline() -> None:
+    config = GateConfig(regression_tolerance=0.02)
+    baseline = _doc({"s2v_consistency": _noisy(0.70, 0.1, seed=1), "motion_smoothness": _noisy(0.95, 0.01, seed=2)})
+    base = baseline["cases"]
+    # noise only: each case moves by a little, both ways
+    jitter = _doc({"s2v_consistency": [c["metrics"]["s2v_consistency"] + d for c, d in
+                                       zip(base, [0.03, -0.04, 0.02, -0.03, 0.01, -0.02], strict=True)],
+                   "motion_smoothness": [c["metrics"]["motion_smoothness"] for c in base]})
+    assert decide(jitter, baseline, config).passed
+    # every case drops by ~0.1: clearly beyond the tolerance
+    drop = _doc({"s2v_consistency": [c["metrics"]["s2v_consistency"] - 0.1 + d for c, d in
+                                     zip(base, [0.01, -0.01, 0.0, 0.01, -0.01, 0.0], strict=True)],
+                 "motion_smoothness": [c["metrics"]["motion_smoothness"] + 0.01 for c in base]})
+    decision = decide(drop, baseline, config, "cand", "base")
+    assert not decision.passed
+    reasons = decision.reasons()
+    assert reasons["s2v_consistency"].startswith("fail: regression FAILED (mean diff vs baseline -0.1000")
+    assert "drop beyond tolerance 0.02" in reasons["s2v_consistency"]
+    assert reasons["motion_smoothness"].startswith("pass")
+    # a looser per-metric tolerance lets the same drop through
+    assert decide(drop, baseline, GateConfig(tolerances={"s2v_consistency": 0.15})).passed
+    # the same inputs always give the same decision (seeded bootstrap)
+    assert [c.high for c in decide(drop, baseline, config).checks] == [c.high for c in decision.checks]
+
+
+def test_incomparable_evaluations_are_refused() -> None:
+    config = GateConfig()
+    candidate = _doc({"s2v_consistency": [0.5, 0.6]})
+    other_settings = _doc({"s2v_consistency": [0.5, 0.6]})
+    other_settings["settings"]["steps"] = 50
+    with pytest.raises(GateError, match="different settings"):
+        decide(candidate, other_settings, config)
+    other_backbone = _doc({"s2v_consistency": [0.5, 0.6]})
+    other_backbone["backbones"]["s2v_consistency"] = "another CLIP"
+    with pytest.raises(GateError, match="different backbones"):
+        decide(candidate, other_backbone, config)
+    # the same weights in other folders (another machine) stay comparable
+    here, there = _doc({"s2v_consistency": [0.5, 0.6]}), _doc({"s2v_consistency": [0.5, 0.6]})
+    here["backbones"]["s2v_consistency"] = "SAM vit_h /data/models/sam_vit_h.pth + CLIP from /data/clip"
+    there["backbones"]["s2v_consistency"] = "SAM vit_h /home/ci/cache/sam_vit_h.pth + CLIP from /opt/clip"
+    assert decide(here, there, config).passed
+    disjoint = _doc({"s2v_consistency": [0.5, 0.6]})
+    for case in disjoint["cases"]:
+        case["fingerprint"] = "changed"
+    with pytest.raises(GateError, match="share no eval case"):
+        decide(candidate, disjoint, config)
+
+
+def test_rule_is_stated_with_the_numbers() -> None:
+    text = rule_text(GateConfig(floors={"motion_smoothness": 0.9}, confidence=0.9))
+    assert "motion_smoothness >= 0.9" in text and "90% bootstrap CI" in text and "-tolerance" in text
+
+
+def _params(folder: Path, uri: str = "", name: str = "kaleido-s2v", gate: dict | None = None) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"platform": {"mlflow_tracking_uri": uri, "registered_model": name},
+                                    "gate": gate or {"floors": {"s2v_consistency": 0.5}}}))
+    return path
+
+
+def test_cli_exit_codes_with_local_metrics(tmp_path: Path) -> None:
+    runner = CliRunner()
+    params = _params(tmp_path)
+    good, bad = tmp_path / "good.json", tmp_path / "bad"
+    good.write_text(json.dumps(_doc({"s2v_consistency": [0.8, 0.7, 0.75]})))
+    bad.mkdir()
+    (bad / "metrics.json").write_text(json.dumps(_doc({"s2v_consistency": [0.2, 0.21, 0.19]})))
+    result = runner.invoke(app, ["gate", "--candidate", str(good), "--params", str(params),
+                                 "--out", str(tmp_path / "decision.json")])
+    assert result.exit_code == 0, result.output
+    assert "gate PASS" in result.output and "not a registry version" in result.output
+    assert json.loads((tmp_path / "decision.json").read_text())["passed"] is True
+    result = runner.invoke(app, ["gate", "--candidate", str(bad), "--params", str(params)])
+    assert result.exit_code == 1 and "gate FAIL" in result.output and "s2v_consistency: fail" in result.output
+    # a regression against an explicit baseline file
+    result = runner.invoke(app, ["gate", "--candidate", str(bad), "--baseline", str(good), "--params",
+                                 str(_params(tmp_path, gate={"floors": {}}))])
+    assert result.exit_code == 1 and "regression FAILED" in result.output
+    result = runner.invoke(app, ["gate", "--candidate", str(tmp_path / "nope.json"), "--params", str(params)])
+    assert result.exit_code == 2 and "no metrics.json" in result.output
+
+
+def _register_with_evaluation(registry: Any, tmp_path: Path, tag: str, document: dict[str, Any] | None) -> str:
+    from kaleido.registry import Lineage
+
+    client = registry.client
+    experiment = client.get_experiment_by_name("gate-tests")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("gate-tests")
+    run = client.create_run(experiment_id)
+    checkpoint = tmp_path / f"ckpt-{tag}"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    version = registry.register(run.info.run_id, checkpoint, Lineage("g", "d", "p", run.info.run_id))
+    if document is not None:  # what `kaleido evaluate --model models:/name/N` leaves behind
+        document["model"]["registry"] = {"name": registry.name, "version": version}
+        folder = tmp_path / f"eval-{tag}"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(document))
+        eval_run = client.create_run(experiment_id)
+        client.log_artifact(eval_run.info.run_id, str(folder / "metrics.json"))
+        client.set_model_version_tag(registry.name, version, "eval.run_id", eval_run.info.run_id)
+    return version
+
+
+def test_gate_against_the_champion_writes_tags(mlflow_server: str, tmp_path: Path) -> None:
+    from kaleido.registry import ModelRegistry
+
+    registry = ModelRegistry(mlflow_server, f"kaleido-gate-{uuid.uuid4().hex[:8]}")
+    params = _params(tmp_path, mlflow_server, registry.name, {"floors": {"s2v_consistency": 0.3}})
+    runner = CliRunner()
+    first = _register_with_evaluation(registry, tmp_path, "a", _doc({"s2v_consistency": [0.7, 0.72, 0.69, 0.71]}))
+    # no champion yet: the floors alone decide
+    result = runner.invoke(app, ["gate", "--candidate", f"models:/{registry.name}/{first}", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    assert "no baseline" in result.output and registry.gate_decision(first) == "passed"
+    registry.promote(first)
+    # a clearly worse candidate, still above the floor: the regression check fails it
+    worse = _register_with_evaluation(registry, tmp_path, "b", _doc({"s2v_consistency": [0.5, 0.52, 0.49, 0.5]}))
+    result = runner.invoke(app, ["gate", "--candidate", f"models:/{registry.name}/{worse}", "--params", str(params)])
+    assert result.exit_code == 1, result.output
+    assert f"vs models:/{registry.name}/{first}" in result.output
+    assert registry.gate_decision(worse) == "failed"
+    reasons = json.loads(registry.version_tags(worse)["gate.reasons"])
+    assert reasons["s2v_consistency"].startswith("fail: floor ok") and "regression FAILED" in reasons["s2v_consistency"]
+    # an unevaluated version cannot be gated: exit 2, nothing recorded
+    bare = _register_with_evaluation(registry, tmp_path, "c", None)
+    result = runner.invoke(app, ["gate", "--candidate", f"models:/{registry.name}/{bare}", "--params", str(params)])
+    assert result.exit_code == 2 and "has no evaluation" in result.output
+    assert registry.gate_decision(bare) is None
