@@ -117,8 +117,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--artifacts-destination", str(folder / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+    # No job-execution consumers (a handful of extra processes): tracking and the registry do not use them.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # its own session: the server's worker processes are stopped with it, as one group
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=env
+    )
     deadline = time.monotonic() + 180
     try:
         while True:
@@ -144,3 +148,51 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """ONE real Prefect server for the whole session (fresh SQLite DB, ~20 s to start); yields its API URL.
+
+    PREFECT_API_URL and PREFECT_HOME point at it for the rest of the session, so flows, deployments and
+    workers that tests start all talk to it.
+    """
+    import os
+
+    from kaleido.platform.services import Service
+
+    folder = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        "PREFECT_HOME": str(folder / "home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    }
+    import sys
+
+    command = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+               "--port", str(port)]  # fmt: skip
+    server = Service("prefect-server", command, folder, health_url=f"{api}/health", env=env, start_timeout=240)
+    saved = {key: os.environ.get(key) for key in env}
+    server.start()
+    os.environ.update(env)
+    try:
+        yield api
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_eval(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{eval.models key: path} of the tiny random-weight metric backbones (kaleido.eval.tiny, seed 0):
+    dino (timm folder), musiq (pyiqa state dict), aesthetic_head (Linear sized for the tiny CLIP)."""
+    from kaleido.eval.tiny import build_tiny_eval_models
+
+    return build_tiny_eval_models(tmp_path_factory.mktemp("tiny_eval"), seed=0)

@@ -91,6 +91,7 @@ def _train(params: Path, *extra: str, env_vars: dict | None = None, monkeypatch=
     return result.exit_code, result.output
 
 
+@pytest.mark.slow
 def test_encode_writes_buckets_and_skips_finished_shards(env, monkeypatch):
     from kaleido.train import encode
 

@@ -9,6 +9,7 @@ from kaleido.cli import (  # noqa: F401  (registration)
     eval_commands,
     generate_commands,
     params_commands,
+    platform_commands,
     registry_commands,
     samples_commands,
     train_commands,

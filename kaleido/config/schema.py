@@ -443,6 +443,21 @@ class PlatformConfig(_Section):
     registered_model: str = "kaleido-s2v"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     prefect_api_url: str = "http://127.0.0.1:4200/api"
+    state_dir: Path = Field(
+        Path(".platform"), description="local services' pid files, logs, Prefect home, MLflow store, DVC remote"
+    )
+    work_pool: str = Field("local", min_length=1, description="Prefect process work pool of the embedded default")
+    dvc_remote: str = Field(
+        ".platform/dvc-remote", min_length=1, description="DVC remote the flow pushes data versions to (path or URL)"
+    )
+    sample_prompt: str = Field(
+        "An astronaut plays with a cat next to a cup of coffee on a table",
+        description="prompt of the video the flow generates with the champion at the end",
+    )
+    sample_refs: list[Path] = Field(
+        default_factory=lambda: [Path(f"artifacts/samples/{n}.png") for n in ("astronaut", "chelsea", "coffee")],
+        description="reference images of that video",
+    )
 
 
 class Params(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ def load_model(params: Params, stage: str, device: torch.device) -> torch.nn.Mod
     return model
 
 
-def warmup_constant(warmup_steps: int) -> Any:
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
     """LR factor: linear warmup over `warmup_steps` optimizer steps, then constant (the shipped schedule)."""
 
     def factor(step: int) -> float:

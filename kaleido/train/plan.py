@@ -87,6 +87,13 @@ def tracking_uri(params: Params, environ: dict[str, str] | None = None) -> str:
     return env.get("MLFLOW_TRACKING_URI", params.platform.mlflow_tracking_uri).strip()
 
 
+def world_size_keys(params: Params) -> str:
+    """The params.yaml keys that set the number of ranks, for messages."""
+    if params.train.launcher == "kubernetes":
+        return "train.kubernetes.nodes x train.kubernetes.gpus_per_node"
+    return "train.nproc_per_node"
+
+
 def model_config(params: Params, stage: str) -> tuple[DiTConfig, str]:
     """The DiT config a stage trains: the init checkpoint's own config when it has one, else model.arch's.
 
@@ -179,7 +186,7 @@ def plan_training(
     if world_size % sp:
         problems.append(
             f"train.sequence_parallel={sp} does not divide the world size {world_size} "
-            "(train.nproc_per_node x nodes): every rank must belong to exactly one sequence-parallel group"
+            f"({world_size_keys(params)}): every rank must belong to exactly one sequence-parallel group"
         )
     if train.zero_stage not in (1, 2, 3):
         problems.append(f"train.zero_stage={train.zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
@@ -188,8 +195,8 @@ def plan_training(
     if preset.global_batch % per_step:
         problems.append(
             f"train.{stage}.global_batch={preset.global_batch} is not divisible by train.micro_batch="
-            f"{train.micro_batch} x data-parallel size {dp} (= {world_size} ranks / train.sequence_parallel={sp}) "
-            f"= {per_step}; use a multiple of {per_step}"
+            f"{train.micro_batch} x data-parallel size {dp} (= {world_size} ranks ({world_size_keys(params)}) / "
+            f"train.sequence_parallel={sp}) = {per_step}; use a multiple of {per_step}"
         )
     grad_accum = max(preset.global_batch // per_step, 1)
     latents = stage_latents(params, stage)

@@ -187,6 +187,13 @@ class Trainer:
 
         if self.resume:
             self.load_checkpoint()
+        else:
+            # A fresh run owns its checkpoint folder: an older run's `latest` must never be resumed into it,
+            # and its higher step numbers would outlive this run's checkpoints when pruning.
+            if self.ctx.is_main and self.ckpt_dir.exists():
+                print(f"fresh run: removing the previous checkpoints in {self.ckpt_dir}", flush=True)
+                shutil.rmtree(self.ckpt_dir)
+            dist.barrier()
         tracker = self._tracker(progress)
         exit_after = int(os.environ.get(EXIT_AFTER_STEP_ENV, "0") or 0)
         fm = self.params.flow_matching
