@@ -10,9 +10,13 @@ BIN := $(VENV)/bin
 SAMPLES := artifacts/samples
 PROMPT := "An astronaut plays with a cat next to a cup of coffee on a table"
 
-.PHONY: setup run test test-fast lint lock bench clean
+.PHONY: setup browser run stop test test-fast lint lock bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# headless Chromium for the MLflow UI screenshot test (a Debian package, not in the venv)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m pip install -q "uv==$(UV_VERSION)"
@@ -21,13 +25,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $@
 
-# The main job: the richest end-to-end path that exists (grows into the full Prefect flow).
+# The main job: local MLflow + Prefect server + `local` process worker, deploy prefect.yaml, run and watch
+# kaleido/full (curate -> version -> train -> register -> evaluate -> gate -> promote) on the embedded default.
+# The services stop when it ends; `make stop` stops them after an interrupted run.
 run: setup
-	$(BIN)/kaleido init-tiny
-	$(BIN)/kaleido samples $(SAMPLES)
-	$(BIN)/kaleido generate --prompt $(PROMPT) \
-		--ref $(SAMPLES)/astronaut.png --ref $(SAMPLES)/chelsea.png --ref $(SAMPLES)/coffee.png \
-		--out artifacts/generated/sample.mp4
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/kaleido platform run
+
+stop:
+	@test -x $(BIN)/kaleido && $(BIN)/kaleido platform down || true
 
 test: setup lint
 	$(BIN)/python -m pytest -q
@@ -45,4 +50,4 @@ bench: setup
 	$(BIN)/python benchmarks/dit_throughput.py
 
 clean:
-	rm -rf artifacts runs .pytest_cache
+	rm -rf artifacts runs .pytest_cache .platform

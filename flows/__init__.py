@@ -1,0 +1,1 @@
+"""Prefect flows of the Kaleido platform (deployments in prefect.yaml)."""

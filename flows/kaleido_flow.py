@@ -1,0 +1,298 @@
+"""The Kaleido flow: curate -> version the data -> train -> register -> evaluate -> gate -> promote or reject.
+
+Every task is thin: it runs a DVC stage or a `kaleido` command, or one registry call, and publishes a Prefect
+artifact. Resuming after a crash is layered: DVC skips stages whose deps, params and outs are unchanged (and the
+data stages keep finished shards), and the registry/evaluation tasks are cached on their inputs and source
+(`INPUTS + TASK_SOURCE`, persisted results), so a re-run neither registers nor evaluates the same training run
+twice. Deployments (prefect.yaml): `kaleido/full`, and the parts `kaleido/curate`, `kaleido/train`,
+`kaleido/evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+Part = Literal["full", "curate", "train", "evaluate"]
+CACHED = INPUTS + TASK_SOURCE
+# A model version is identified by its training run: lineage details (a dirty tree, say) must not register it twice
+REGISTER_CACHE = (INPUTS - "data_version" - "params_hash") + TASK_SOURCE
+DATA_STAGE = "data-stats"  # the last DVC stage of curation (ingest, caption, curate, write-dataset before it)
+TRAIN_STAGE = "train"
+DATASET_OUT = "data/dataset"
+TRAIN_OUTPUT = Path("runs/train/pretrain")
+
+
+class StepFailed(RuntimeError):
+    """A command of the flow failed; the message holds its tail."""
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def run_command(args: list[str], repo: Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+    """Run a CLI in the repository, its output into the task log; raise StepFailed on an unexpected exit code."""
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(args))
+    result = subprocess.run(args, cwd=repo, capture_output=True, text=True)
+    output = (result.stdout + result.stderr).strip()
+    if output:
+        logger.info(output[-8000:])
+    if result.returncode not in ok:
+        raise StepFailed(f"`{' '.join(args)}` exited with {result.returncode}:\n{output[-3000:]}")
+    return result
+
+
+def last_json(text: str) -> dict[str, Any]:
+    """The last JSON object a command printed (libraries may print lines before it)."""
+    starts = [i for i, char in enumerate(text) if char == "{" and (i == 0 or text[i - 1] == "\n")]
+    for start in reversed(starts):
+        try:
+            value = json.loads(text[start:])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise StepFailed(f"no JSON summary in the command's output:\n{text[-2000:]}")
+
+
+def _params(repo: Path) -> Any:
+    from kaleido.config import load_params
+
+    return load_params(repo / "params.yaml")
+
+
+def _mlflow_run_link(uri: str, run_id: str) -> str:
+    import mlflow
+
+    experiment = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{uri}/#/experiments/{experiment}/runs/{run_id}"
+
+
+# ---- steps --------------------------------------------------------------------------------------------
+
+
+@task(name="curate", retries=1, retry_delay_seconds=5)
+def curate(repo: Path) -> dict[str, Any]:
+    """The DVC data stages up to data-stats; a retry resumes at the first unfinished shard."""
+    run_command([_bin("dvc"), "repro", DATA_STAGE], repo)
+    stats = json.loads((repo / "data/stats/stats.json").read_text())
+    rows = [{"key": key, "value": json.dumps(value)[:200]} for key, value in stats.items()]
+    create_table_artifact(rows, key="kaleido-data-stats", description="data/stats/stats.json after curation")
+    return stats
+
+
+def dvc_out_hash(repo: Path, stage: str, out: str) -> str:
+    """The md5 dvc.lock records for a stage's out (a folder's hash ends in .dir)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for entry in lock["stages"][stage]["outs"]:
+        if entry["path"] == out:
+            return str(entry["md5"])
+    raise StepFailed(f"dvc.lock has no out {out} in stage {stage}; run `dvc repro {stage}`")
+
+
+@task(name="version-data", retries=2, retry_delay_seconds=5)
+def version_data(repo: Path) -> dict[str, str]:
+    """Commit the data stages' outs to the DVC cache and push them; the data version is (dataset hash, git)."""
+    from kaleido.registry import git_revision
+
+    params = _params(repo)
+    remote = params.platform.dvc_remote
+    if "://" not in remote:
+        remote = str((repo / remote).resolve())
+    run_command([_bin("dvc"), "commit", "--force", "--with-deps", DATA_STAGE], repo)
+    run_command([_bin("dvc"), "remote", "add", "--local", "--force", "--default", "kaleido", remote], repo)
+    run_command([_bin("dvc"), "push", "--remote", "kaleido", "--with-deps", DATA_STAGE], repo)
+    version = {"dvc_data_hash": dvc_out_hash(repo, "write-dataset", DATASET_OUT), "git_revision": git_revision(repo)}
+    create_markdown_artifact(
+        f"## Data version\n\n| | |\n|---|---|\n| dataset (`{DATASET_OUT}`) | `{version['dvc_data_hash']}` |\n"
+        f"| git revision | `{version['git_revision']}` |\n| DVC remote | `{remote}` |\n",
+        key="kaleido-data-version", description="the data version the model trains on",
+    )  # fmt: skip
+    return version
+
+
+@task(name="train")
+def train(repo: Path) -> dict[str, Any]:
+    """The DVC encode + train stages (train.launcher decides where); nothing is registered here."""
+    run_command([_bin("dvc"), "repro", TRAIN_STAGE], repo)
+    metrics = json.loads((repo / TRAIN_OUTPUT / "metrics.json").read_text())
+    params = _params(repo)
+    rows = [{k: metrics.get(k) for k in ("stage", "steps", "final_loss", "mean_loss_last_10", "mlflow_run_id")}]
+    create_table_artifact(rows, key="kaleido-train-metrics", description=f"{TRAIN_OUTPUT}/metrics.json")
+    if metrics.get("mlflow_run_id") and params.platform.mlflow_tracking_uri:
+        create_link_artifact(
+            _mlflow_run_link(params.platform.mlflow_tracking_uri, metrics["mlflow_run_id"]),
+            link_text="MLflow training run", key="kaleido-train-run",
+        )  # fmt: skip
+    return metrics
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=REGISTER_CACHE, persist_result=True)
+def register(tracking_uri: str, model_name: str, run_id: str, export: str, data_version: dict[str, str],
+             params_hash: str) -> str:
+    """One model version per training run (cached on the run id: a re-run does not register it twice)."""
+    from kaleido.registry import Lineage, ModelRegistry
+
+    registry = ModelRegistry(tracking_uri, model_name)
+    lineage = Lineage(data_version["git_revision"], data_version["dvc_data_hash"], params_hash, run_id)
+    version = registry.register(run_id, Path(export), lineage)
+    create_markdown_artifact(
+        f"## Registered {model_name} version {version}\n\n"
+        + "\n".join(f"- {key}: `{value}`" for key, value in lineage.tags().items())
+        + f"\n\n[MLflow model]({tracking_uri}/#/models/{model_name}/versions/{version})\n",
+        key="kaleido-registered-version",
+    )  # fmt: skip
+    return version
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=CACHED, persist_result=True)
+def evaluate(repo: Path, tracking_uri: str, model_name: str, version: str) -> dict[str, Any]:
+    """`kaleido evaluate` on the registered version (per-case results resume inside the output folder)."""
+    out = repo / "runs/eval" / f"{model_name}-v{version}"
+    result = run_command(
+        [_bin("kaleido"), "evaluate", "--model", f"models:/{model_name}/{version}", "--out", str(out), "--quiet"], repo
+    )
+    summary = last_json(result.stdout)
+    overall = summary.get("overall") or {}
+    create_table_artifact(
+        [{"metric": key, "value": value} for key, value in overall.items()],
+        key="kaleido-eval-metrics", description=f"{model_name} v{version}: overall means over the eval set",
+    )  # fmt: skip
+    if summary.get("mlflow_run_id"):
+        create_link_artifact(
+            _mlflow_run_link(tracking_uri, summary["mlflow_run_id"]), link_text="MLflow evaluation run",
+            key="kaleido-eval-run",
+        )  # fmt: skip
+    return summary
+
+
+@task(name="gate")
+def gate(repo: Path, model_name: str, version: str) -> dict[str, Any]:
+    """`kaleido gate` against the champion; it records the decision on the version's tags."""
+    out = repo / "runs/eval" / f"{model_name}-v{version}" / "gate.json"
+    run_command(
+        [_bin("kaleido"), "gate", "--candidate", f"models:/{model_name}/{version}", "--out", str(out)], repo, ok=(0, 1)
+    )
+    decision = json.loads(out.read_text())
+    reasons = decision.get("reasons") or {}
+    create_markdown_artifact(
+        f"## Gate: {'PASS' if decision.get('passed') else 'FAIL'} ({model_name} v{version})\n\n"
+        + "\n".join(f"- **{metric}**: {reason}" for metric, reason in reasons.items())
+        + f"\n\nrule: {decision.get('rule', '')}\n",
+        key="kaleido-gate",
+    )  # fmt: skip
+    return decision
+
+
+@task(name="promote", retries=2, retry_delay_seconds=5)
+def promote(tracking_uri: str, model_name: str, version: str, decision: dict[str, Any]) -> dict[str, Any]:
+    """Make the version `champion` only if its gate passed (the registry checks the recorded tag again)."""
+    from kaleido.registry import CHAMPION, ModelRegistry
+
+    registry = ModelRegistry(tracking_uri, model_name)
+    if decision.get("passed"):
+        replaced = registry.promote(version)
+        outcome = {"promoted": True, "champion": version, "previous": replaced}
+        text = f"## {model_name} v{version} is `champion`\n\nreplaced: {replaced or 'none'}\n"
+    else:
+        outcome = {"promoted": False, "champion": registry.alias_version(CHAMPION), "reasons": decision.get("reasons")}
+        lines = [f"- **{metric}**: {reason}" for metric, reason in (decision.get("reasons") or {}).items()]
+        text = f"## {model_name} v{version} rejected\n\nchampion stays {outcome['champion'] or 'unset'}\n\n"
+        text += "\n".join(lines)
+    create_markdown_artifact(text, key="kaleido-promotion")
+    return outcome
+
+
+@task(name="generate-sample", retries=1)
+def generate_sample(repo: Path, tracking_uri: str, model_name: str) -> str | None:
+    """A video from the champion (the sample prompt and references), to look at; None without a champion."""
+    from kaleido.registry import CHAMPION, ModelRegistry
+
+    params = _params(repo)
+    registry = ModelRegistry(tracking_uri, model_name)
+    version = registry.alias_version(CHAMPION)
+    if version is None:
+        return None
+    folder = repo / "runs/platform" / f"{model_name}-v{version}"
+    weights = registry.download(version, folder / "model")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    # generation reads model.*: the champion's weights, the rest of the model assets as params.yaml has them
+    for key in ("vae", "text_encoder", "tokenizer"):
+        raw["model"][key] = str(params.resolve(Path(raw["model"][key])))
+    raw["model"]["checkpoint"] = str(weights)
+    params_file = folder / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    video = folder / "sample.mp4"
+    refs = [arg for ref in params.platform.sample_refs for arg in ("--ref", str(params.resolve(ref)))]
+    run_command(
+        [_bin("kaleido"), "generate", "--prompt", params.platform.sample_prompt, *refs, "--out", str(video),
+         "--params", str(params_file)], repo,
+    )  # fmt: skip
+    create_markdown_artifact(
+        f"## Sample from {model_name}@champion (v{version})\n\n`{video}`\n\nprompt: {params.platform.sample_prompt}\n",
+        key="kaleido-sample",
+    )  # fmt: skip
+    return str(video)
+
+
+def _latest_version(tracking_uri: str, model_name: str) -> str:
+    from kaleido.registry import ModelRegistry
+
+    versions = ModelRegistry(tracking_uri, model_name).client.search_model_versions(f"name='{model_name}'")
+    if not versions:
+        raise StepFailed(f"{model_name} has no versions; run the train part first")
+    return str(max(int(v.version) for v in versions))
+
+
+# ---- the flow -----------------------------------------------------------------------------------------
+
+
+@flow(name="kaleido", log_prints=True)
+def kaleido_flow(part: Part = "full", repo: str | None = None, version: str | None = None) -> dict[str, Any]:
+    """Run the platform's steps; `part` picks curate (+ data version), train (+ register), evaluate (+ gate and
+    promotion of `version`, default the newest) or all of them. Returns what happened, gate reasons included."""
+    root = Path(repo or os.environ.get("KALEIDO_REPO") or Path.cwd()).resolve()
+    params = _params(root)
+    from kaleido.config.schema import params_hash
+
+    uri, name = params.platform.mlflow_tracking_uri, params.platform.registered_model
+    result: dict[str, Any] = {"repo": str(root), "part": part}
+    if part in ("full", "curate", "train"):
+        result["stats"] = curate(root)
+        result["data_version"] = version_data(root)
+    if part in ("full", "train"):
+        metrics = train(root)
+        export = str((root / metrics["export"]) if not Path(metrics["export"]).is_absolute() else metrics["export"])
+        # the params the training ran with (export.json), not today's file
+        trained = json.loads((root / TRAIN_OUTPUT / "export.json").read_text()).get("params_hash")
+        version = register(uri, name, metrics["mlflow_run_id"], export, result["data_version"],
+                           trained or params_hash(params))
+        result["version"] = version
+    if part in ("full", "evaluate"):
+        version = version or _latest_version(uri, name)
+        result["version"] = version
+        result["evaluation"] = evaluate(root, uri, name, version)
+        decision = gate(root, name, version)
+        result["gate"] = {"passed": decision.get("passed"), "reasons": decision.get("reasons")}
+        result["promotion"] = promote(uri, name, version, decision)
+        result["sample"] = generate_sample(root, uri, name)
+        if not decision.get("passed"):
+            print(f"{name} v{version} rejected by the gate: {json.dumps(decision.get('reasons'), indent=2)}")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("stats", "evaluation")}, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    kaleido_flow(sys.argv[1] if len(sys.argv) > 1 else "full")  # type: ignore[arg-type]

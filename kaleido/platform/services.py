@@ -1,0 +1,269 @@
+"""Local services of the embedded default: an MLflow server, a Prefect server and a Prefect process worker.
+
+Each service is a process group started in its own session, with its pid in <state>/pids/<name>.pid and its
+output in <state>/logs/<name>.log; `start` waits until the service answers (or fails with the log's tail),
+`stop` ends the group (SIGTERM, then SIGKILL). A service whose pid file names a live, healthy process is
+reused, so `make run` twice does not start a second server. Everything binds to the loopback interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from kaleido.config.schema import Params
+
+
+class ServiceError(RuntimeError):
+    """A service did not start, or a platform step failed; the message says which and where its log is."""
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (next to the running Python), else from PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers kill(0): reap it if it is ours
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class Service:
+    name: str
+    command: list[str]
+    state_dir: Path
+    health_url: str | None = None  # None: alive is healthy (the worker has no endpoint)
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    start_timeout: float = 180.0
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "pids" / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def healthy(self) -> bool:
+        return self.pid() is not None and (self.health_url is None or http_ok(self.health_url))
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> int:
+        """Start (or reuse) the service and wait until it answers; returns its pid."""
+        pid = self.pid()
+        if pid is not None and self.healthy():
+            return pid
+        if pid is not None:  # running but not answering: a stale or hung instance
+            self.stop()
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("a") as log:
+            log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(self.command)}\n")
+            log.flush()
+            process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.cwd, env={**os.environ, **self.env}, start_new_session=True,
+            )  # fmt: skip
+        self.pid_file.write_text(f"{process.pid}\n")
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise ServiceError(
+                    f"{self.name} exited with code {process.returncode} while starting; log {self.log_file}:\n"
+                    f"{self.log_tail()}"
+                )
+            if self.health_url is None or http_ok(self.health_url):
+                return process.pid
+            time.sleep(0.5)
+        self.stop()
+        raise ServiceError(
+            f"{self.name} did not answer at {self.health_url} within {self.start_timeout:.0f} s; log {self.log_file}:\n"
+            f"{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        """Stop the service's process group; False when it was not running."""
+        pid = self.pid()
+        self.pid_file.unlink(missing_ok=True)
+        if pid is None:
+            return False
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.2)
+            if not _alive(pid):
+                return True
+        return not _alive(pid)
+
+
+def _host_port(url: str, default_port: int) -> tuple[str, int]:
+    parsed = urlparse(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
+
+
+@dataclass
+class Platform:
+    """The three local services of one checkout, and the end-to-end deployment run."""
+
+    repo: Path
+    state_dir: Path
+    mlflow_uri: str
+    prefect_api_url: str
+    work_pool: str
+
+    @classmethod
+    def from_params(cls, params: Params) -> Platform:
+        state = params.resolve(params.platform.state_dir)
+        assert state is not None
+        return cls(
+            repo=params.base_dir, state_dir=state, mlflow_uri=params.platform.mlflow_tracking_uri,
+            prefect_api_url=params.platform.prefect_api_url, work_pool=params.platform.work_pool,
+        )  # fmt: skip
+
+    @property
+    def prefect_ui_url(self) -> str:
+        return self.prefect_api_url.removesuffix("/api")
+
+    def prefect_env(self) -> dict[str, str]:
+        """Every Prefect call of this platform talks to its own server, with its home under the state folder."""
+        return {
+            "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_HOME": str(self.state_dir / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            # DVC stages call `kaleido`: this environment's scripts come first
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+
+    def services(self) -> list[Service]:
+        mlflow_host, mlflow_port = _host_port(self.mlflow_uri, 5000)
+        prefect_host, prefect_port = _host_port(self.prefect_api_url, 4200)
+        store = self.state_dir / "mlflow"
+        store.mkdir(parents=True, exist_ok=True)
+        mlflow = Service(
+            "mlflow",
+            [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+             "--artifacts-destination", str(store / "artifacts"), "--host", mlflow_host,
+             "--port", str(mlflow_port), "--workers", "1"],
+            self.state_dir, health_url=f"{self.mlflow_uri}/health", cwd=store,
+        )  # fmt: skip
+        prefect = Service(
+            "prefect-server",
+            [_bin("prefect"), "server", "start", "--host", prefect_host, "--port", str(prefect_port)],
+            self.state_dir, health_url=f"{self.prefect_api_url}/health", env=self.prefect_env(),
+        )  # fmt: skip
+        worker = Service(
+            "prefect-worker",
+            [_bin("prefect"), "worker", "start", "--pool", self.work_pool, "--type", "process"],
+            self.state_dir, env=self.prefect_env(), cwd=self.repo,
+        )  # fmt: skip
+        return [mlflow, prefect, worker]
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services() if s.name == name)
+
+    def prefect(self, *args: str, check: bool = True, timeout: float | None = 300) -> subprocess.CompletedProcess:
+        """Run the prefect CLI against this platform's server."""
+        result = subprocess.run(
+            [_bin("prefect"), *args], cwd=self.repo, env={**os.environ, **self.prefect_env()},
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if check and result.returncode:
+            output = f"{result.stdout}\n{result.stderr}"
+            raise ServiceError(f"prefect {' '.join(args)} failed ({result.returncode}):\n{output}")
+        return result
+
+    def up(self) -> None:
+        mlflow, server, worker = self.services()
+        mlflow.start()
+        server.start()
+        # the pool must exist before its worker polls it; `create` fails harmlessly when it does
+        self.prefect("--no-prompt", "work-pool", "create", self.work_pool, "--type", "process", check=False)
+        worker.start()
+
+    def deploy(self) -> None:
+        self.prefect("--no-prompt", "deploy", "--all")
+
+    def down(self) -> dict[str, bool]:
+        # worker first: it must not pick up runs from a server that is going away
+        return {service.name: service.stop() for service in reversed(self.services())}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            service.name: {"pid": service.pid(), "healthy": service.healthy(), "log": str(service.log_file)}
+            for service in self.services()
+        } | {"prefect_ui": self.prefect_ui_url, "mlflow_ui": self.mlflow_uri}
+
+    def describe(self) -> str:
+        return (
+            f"Prefect UI: {self.prefect_ui_url}   (flow runs, task runs, artifacts)\n"
+            f"MLflow UI:  {self.mlflow_uri}   (runs; Models -> kaleido-s2v: versions and the champion alias)\n"
+            f"logs:       {self.state_dir / 'logs'}"
+        )
+
+    def run_deployment(self, deployment: str = "full", keep: bool = False, echo: Callable[[str], Any] = print) -> int:
+        """up, deploy, `prefect deployment run kaleido/<deployment> --watch`; returns the watch's exit code."""
+        started = time.monotonic()
+        try:
+            self.up()
+            echo(f"services up in {time.monotonic() - started:.0f} s\n{self.describe()}")
+            self.deploy()
+            process = subprocess.run(
+                [_bin("prefect"), "deployment", "run", f"kaleido/{deployment}", "--watch"],
+                cwd=self.repo, env={**os.environ, **self.prefect_env()},
+            )  # fmt: skip
+            echo(f"kaleido/{deployment} finished with exit code {process.returncode} "
+                 f"after {time.monotonic() - started:.0f} s")
+            echo(self.describe())
+            return process.returncode
+        finally:
+            if not keep:
+                self.down()

@@ -1,0 +1,203 @@
+"""The platform pieces that need no pipeline run: sample data, local services, dvc.yaml, prefect.yaml, Makefile."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sample_data_copies_videos_and_captions_name_subjects(tmp_path: Path) -> None:
+    from kaleido.data.caption import load_sidecar
+    from kaleido.data.taxonomy import load_taxonomy
+    from kaleido.platform.sample_data import write_sample_data
+
+    written = write_sample_data(tmp_path)
+    assert (tmp_path / "raw" / "bikes.mp4").stat().st_size > 100_000
+    assert (tmp_path / "raw" / "bigbuckbunny.mp4").stat().st_size > 100_000
+    captions, rejections = load_sidecar(tmp_path, "captions.jsonl")
+    assert not rejections and captions is not None
+    assert set(captions.by_key) == {"raw/bikes.mp4", "raw/bigbuckbunny.mp4"}
+    taxonomy = load_taxonomy(None)
+    categories = {m.category for text in captions.by_key.values() for m in taxonomy.match(text)}
+    assert {"man", "bicycle", "rabbit"} <= categories
+    before = {name: path.stat().st_mtime_ns for name, path in written.items()}
+    again = write_sample_data(tmp_path)  # a re-run rewrites nothing (DVC sees the same data)
+    assert {name: path.stat().st_mtime_ns for name, path in again.items()} == before
+
+
+def test_sample_data_command(tmp_path: Path, params_for) -> None:
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    params = params_for(tmp_path, tmp_path / "unused-models", {"data.root": str(tmp_path / "data")})
+    result = CliRunner().invoke(app, ["sample-data", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "data" / "captions.jsonl").is_file()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http_service(tmp_path: Path, port: int):
+    from kaleido.platform.services import Service
+
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    return Service("web", command, tmp_path / "state", health_url=f"http://127.0.0.1:{port}/", cwd=tmp_path)
+
+
+def test_service_start_reuse_stop(tmp_path: Path) -> None:
+    from kaleido.platform.services import http_ok
+
+    service = _http_service(tmp_path, free_port())
+    pid = service.start()
+    try:
+        assert service.pid_file.read_text().strip() == str(pid)
+        assert service.healthy() and http_ok(service.health_url or "")
+        assert service.start() == pid  # healthy: reused, not started twice
+    finally:
+        assert service.stop()
+    assert not service.pid_file.exists() and service.pid() is None
+    assert not http_ok(service.health_url or "", timeout=0.5)
+    assert not service.stop()  # nothing left to stop
+    assert "start:" in service.log_file.read_text()
+
+
+def test_service_that_exits_reports_its_log(tmp_path: Path) -> None:
+    from kaleido.platform.services import Service, ServiceError
+
+    command = [sys.executable, "-c", "import sys; print('bad config: port taken'); sys.exit(3)"]
+    service = Service("broken", command, tmp_path, health_url=f"http://127.0.0.1:{free_port()}/")
+    with pytest.raises(ServiceError, match=r"(?s)exited with code 3.*bad config: port taken"):
+        service.start()
+    assert not service.pid_file.exists()
+
+
+def test_platform_services_from_params(tmp_path: Path, params_for) -> None:
+    from kaleido.config import load_params
+    from kaleido.platform.services import Platform
+
+    path = params_for(tmp_path, tmp_path / "unused-models", {"platform.mlflow_tracking_uri": "http://127.0.0.1:5999",
+                                              "platform.prefect_api_url": "http://127.0.0.1:4299/api"})
+    platform = Platform.from_params(load_params(path))
+    mlflow, server, worker = platform.services()
+    assert platform.state_dir == (tmp_path / ".platform").resolve()
+    assert "--port" in mlflow.command and "5999" in mlflow.command and "127.0.0.1" in mlflow.command
+    assert mlflow.health_url == "http://127.0.0.1:5999/health"
+    assert server.command[-1] == "4299" and server.env["PREFECT_API_URL"] == "http://127.0.0.1:4299/api"
+    assert worker.command[-3:] == ["local", "--type", "process"] and worker.health_url is None
+    assert platform.prefect_ui_url == "http://127.0.0.1:4299"
+    status = platform.status()
+    assert status["mlflow"]["pid"] is None and not status["prefect-server"]["healthy"]
+    assert platform.down() == {"prefect-worker": False, "prefect-server": False, "mlflow": False}
+
+
+def _params_keys(raw: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        keys.add(dotted)
+        if isinstance(value, dict):
+            keys |= _params_keys(value, dotted + ".")
+    return keys
+
+
+def test_dvc_pipeline_names_real_params_and_chains_stages() -> None:
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    stages = pipeline["stages"]
+    assert list(stages) == ["assets", "ingest", "caption", "curate", "write-dataset", "data-stats", "encode", "train",
+                            "evaluate"]
+    known = _params_keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    outs: dict[str, str] = {}
+    for name, stage in stages.items():
+        assert stage["cmd"].startswith("kaleido "), name
+        for key in stage.get("params", []):
+            assert key in known, f"{name}: params key {key} is not in params.yaml"
+        for out in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
+            outs[next(iter(out)) if isinstance(out, dict) else out] = name
+    for name, stage in stages.items():  # every dependency inside data/, artifacts/ or runs/ is some stage's out
+        for dep in stage.get("deps", []):
+            if dep.split("/")[0] in ("data", "artifacts", "runs"):
+                assert any(dep == out or dep.startswith(out + "/") for out in outs), f"{name}: {dep} has no stage"
+    assert outs["data/stats/stats.json"] == "data-stats"
+    assert outs["runs/train/pretrain/metrics.json"] == "train"
+    assert outs["runs/train/pretrain/loss.csv"] == "train"
+    assert outs["runs/eval/pretrain/metrics.json"] == "evaluate"
+    persisted = [next(iter(o)) for s in stages.values() for o in s["outs"] if isinstance(o, dict)
+                 and next(iter(o.values())).get("persist")]
+    assert {"data/ingest", "data/caption", "data/curate"} <= set(persisted)
+
+
+def test_prefect_deployments_point_at_the_kaleido_flow() -> None:
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in config["deployments"]}
+    assert set(deployments) == {"full", "curate", "train", "evaluate"}
+    for name, deployment in deployments.items():
+        assert deployment["entrypoint"] == "flows/kaleido_flow.py:kaleido_flow"
+        assert deployment["parameters"] == {"part": name}
+        assert deployment["work_pool"]["name"] == "local"
+    from flows.kaleido_flow import kaleido_flow
+
+    assert kaleido_flow.name == "kaleido"
+    assert "k8s/work-pool-gpu.json" in (REPO / "prefect.yaml").read_text()
+    assert json.loads((REPO / "k8s/work-pool-gpu.json").read_text())["job_configuration"]
+
+
+def test_flow_tasks_cache_on_inputs_and_source() -> None:
+    from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+    from flows import kaleido_flow as module
+
+    assert module.evaluate.cache_policy == INPUTS + TASK_SOURCE and module.evaluate.persist_result
+    assert module.register.cache_policy == (INPUTS - "data_version" - "params_hash") + TASK_SOURCE
+    assert module.curate.retries >= 1
+
+
+def test_dvc_out_hash_reads_the_lock(tmp_path: Path) -> None:
+    from flows.kaleido_flow import StepFailed, dvc_out_hash
+
+    lock = {"schema": "2.0", "stages": {"write-dataset": {"cmd": "kaleido write-dataset", "outs": [
+        {"path": "data/dataset", "md5": "0123abcd.dir", "size": 10, "nfiles": 2}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert dvc_out_hash(tmp_path, "write-dataset", "data/dataset") == "0123abcd.dir"
+    with pytest.raises(StepFailed, match="no out"):
+        dvc_out_hash(tmp_path, "write-dataset", "data/other")
+
+
+def test_make_run_and_readme() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^run: setup\n\t.*kaleido platform run", makefile, re.M)
+    assert re.search(r"^stop:\n\t.*kaleido platform down", makefile, re.M)
+    assert "command -v chromium" in makefile
+    readme = (REPO / "README.md").read_text()
+    first = re.search(r"```bash\n(.*?)```", readme, re.S)
+    assert first is not None and first.group(1).split("\n")[:-1] == ["make run", "make test"]
+
+
+def test_platform_params_defaults() -> None:
+    from kaleido.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    assert params.platform.work_pool == "local" and params.platform.registered_model == "kaleido-s2v"
+    assert params.data.caption.sidecar == Path("captions.jsonl")
+    assert all(str(ref).startswith("artifacts/samples/") for ref in params.platform.sample_refs)
+
+
+def test_last_json_skips_leading_output() -> None:
+    from flows.kaleido_flow import StepFailed, last_json
+
+    assert last_json('warning: {x}\n{\n  "a": {"b": 1}\n}\n') == {"a": {"b": 1}}
+    with pytest.raises(StepFailed):
+        last_json("no json here")
