@@ -178,7 +178,7 @@ class VLMCaptioner:
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": self.prompt}]
             text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
             return processor(images=list(images), text=text, return_tensors="pt")
-        # no chat template: one contact-sheet image, with the image placeholder if the processor uses one
+        # no chat template: one contact-sheet image, with the image token if the processor uses one
         from PIL import Image
 
         sheet = Image.fromarray(_grid(np.stack([np.asarray(image) for image in images])))
