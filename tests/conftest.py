@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kaleido.config.schema import set_dotted
+
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
@@ -25,11 +27,7 @@ def _write_params(folder: Path, assets: Path, overrides: dict[str, Any] | None =
     for part in ("checkpoint", "vae", "text_encoder", "tokenizer"):
         raw["model"][part] = str(assets / ("transformer" if part == "checkpoint" else part))
     for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_dotted(raw, dotted, value)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -64,11 +62,7 @@ def make_data_params(root: Path, overrides: dict[str, Any] | None = None) -> Any
     raw = yaml.safe_load(REPO_PARAMS.read_text())
     raw["data"]["root"] = str(root)
     for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_dotted(raw, dotted, value)
     return validate_params(raw, base_dir=root.parent)
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kaleido.config.schema import set_dotted
+
 pytestmark = pytest.mark.slow
 
 SOURCE = Path(__file__).resolve().parents[1]
@@ -76,11 +78,7 @@ class E2E:
         path = self.repo / "params.yaml"
         raw = yaml.safe_load(path.read_text())
         for dotted, value in overrides.items():
-            node = raw
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = value
+            set_dotted(raw, dotted, value)
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 

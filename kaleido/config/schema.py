@@ -547,11 +547,12 @@ def load_params(path: Path | str | None = None, overrides: dict[str, Any] | None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     return validate_params(raw, source=str(path), base_dir=path.parent)
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` in a parsed params mapping, creating sections on the way."""
     node = raw
     *parents, leaf = dotted.split(".")
     for part in parents:
