@@ -9,8 +9,9 @@ UV := $(PYTHON) -m uv
 BIN := $(VENV)/bin
 SAMPLES := artifacts/samples
 PROMPT := "An astronaut plays with a cat next to a cup of coffee on a table"
+IMAGE ?= kaleido:0.1.0
 
-.PHONY: setup browser run stop test test-fast lint lock bench clean
+.PHONY: setup browser run stop test test-fast lint lock bench image clean
 
 setup: $(VENV)/.installed browser
 
@@ -48,6 +49,11 @@ lock:
 
 bench: setup
 	$(BIN)/python benchmarks/dit_throughput.py
+
+# The cluster image (Dockerfile): push it where the GPU nodes pull from and name it in params.yaml
+# (train.kubernetes.image) and the work pool's `image` variable.
+image:
+	docker build -t $(IMAGE) --build-arg GIT_REVISION=$$(git rev-parse HEAD) .
 
 clean:
 	rm -rf artifacts runs .pytest_cache .platform

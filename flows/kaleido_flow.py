@@ -25,7 +25,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 Part = Literal["full", "curate", "train", "evaluate"]
 CACHED = INPUTS + TASK_SOURCE
 # A model version is identified by its training run: lineage details (a dirty tree, say) must not register it twice
-REGISTER_CACHE = (INPUTS - "data_version" - "params_hash") + TASK_SOURCE
+REGISTER_CACHE = (INPUTS - "data_version" - "params_hash" - "lock_file") + TASK_SOURCE
 DATA_STAGE = "data-stats"  # the last DVC stage of curation (ingest, caption, curate, write-dataset before it)
 TRAIN_STAGE = "train"
 DATASET_OUT = "data/dataset"
@@ -141,13 +141,14 @@ def train(repo: Path) -> dict[str, Any]:
 
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=REGISTER_CACHE, persist_result=True)
 def register(tracking_uri: str, model_name: str, run_id: str, export: str, data_version: dict[str, str],
-             params_hash: str) -> str:
-    """One model version per training run (cached on the run id: a re-run does not register it twice)."""
+             params_hash: str, lock_file: str) -> str:
+    """One model version per training run (cached on the run id: a re-run does not register it twice).
+    dvc.lock goes with it: the flow does not commit to the user's git history, the registry keeps the record."""
     from kaleido.registry import Lineage, ModelRegistry
 
     registry = ModelRegistry(tracking_uri, model_name)
     lineage = Lineage(data_version["git_revision"], data_version["dvc_data_hash"], params_hash, run_id)
-    version = registry.register(run_id, Path(export), lineage)
+    version = registry.register(run_id, Path(export), lineage, lineage_files=(Path(lock_file),))
     create_markdown_artifact(
         f"## Registered {model_name} version {version}\n\n"
         + "\n".join(f"- {key}: `{value}`" for key, value in lineage.tags().items())
@@ -278,7 +279,7 @@ def kaleido_flow(part: Part = "full", repo: str | None = None, version: str | No
         # the params the training ran with (export.json), not today's file
         trained = json.loads((root / TRAIN_OUTPUT / "export.json").read_text()).get("params_hash")
         version = register(uri, name, metrics["mlflow_run_id"], export, result["data_version"],
-                           trained or params_hash(params))
+                           trained or params_hash(params), str(root / "dvc.lock"))
         result["version"] = version
     if part in ("full", "evaluate"):
         version = version or _latest_version(uri, name)

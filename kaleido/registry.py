@@ -50,7 +50,10 @@ class Lineage:
 
 
 def git_revision(repo: Path | None = None) -> str:
-    """HEAD's commit (with `-dirty` when the tree has changes), or `unknown` outside git."""
+    """HEAD's commit (with `-dirty` when the tree has changes); outside git (a flow-run pod's workspace) the image's
+    revision from $KALEIDO_GIT_REVISION (a Dockerfile build argument), else `unknown`."""
+    import os
+
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
@@ -59,7 +62,7 @@ def git_revision(repo: Path | None = None) -> str:
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("KALEIDO_GIT_REVISION") or "unknown"
     return f"{head}-dirty" if dirty else head
 
 
@@ -87,13 +90,23 @@ class ModelRegistry:
         lineage: Lineage,
         artifact_path: str = "checkpoint",
         extra_tags: dict[str, str] | None = None,
+        lineage_files: tuple[Path, ...] = (),
     ) -> str:
-        """Upload `checkpoint_dir` to the run's artifacts and create a model version from it; returns the version."""
+        """Upload `checkpoint_dir` to the run's artifacts and create a model version from it; returns the version.
+
+        lineage_files (dvc.lock, say) go to the run's `lineage/` artifacts: every out's hash of the data version,
+        beside the one dataset hash the tags carry.
+        """
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir() or not any(checkpoint_dir.iterdir()):
             raise RegistryError(f"checkpoint folder {checkpoint_dir} is missing or empty; nothing to register")
+        missing = [str(path) for path in lineage_files if not Path(path).is_file()]
+        if missing:
+            raise RegistryError(f"lineage file(s) {', '.join(missing)} do not exist; run the DVC stages first")
         self.ensure_model()
         self.client.log_artifacts(run_id, str(checkpoint_dir), artifact_path=artifact_path)
+        for path in lineage_files:
+            self.client.log_artifact(run_id, str(path), artifact_path="lineage")
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         tags = {**lineage.tags(), **(extra_tags or {})}
         version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)

@@ -119,6 +119,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, prefect_se
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PREFECT_API_URL": prefect_server,
         "MLFLOW_TRACKING_URI": mlflow_server,
+        "KALEIDO_REPO": str(repo),
     }
     env.pop("KALEIDO_PARAMS", None)
     ctx = E2E(repo, env, mlflow_server, prefect_server)
@@ -134,7 +135,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, prefect_se
     ctx.run([_bin("prefect"), "--no-prompt", "deploy", "--all"])
     worker = Service(
         "prefect-worker", [_bin("prefect"), "worker", "start", "--pool", "local", "--type", "process"],
-        base / "state", env={k: v for k, v in env.items() if k in ("PATH", "PREFECT_API_URL", "MLFLOW_TRACKING_URI")},
+        base / "state", env={k: env[k] for k in ("PATH", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "KALEIDO_REPO")},
         cwd=repo,
     )  # fmt: skip
     worker.start()
@@ -271,3 +272,28 @@ def test_failing_training_registers_nothing(e2e: E2E) -> None:
     assert result.returncode != 0
     assert e2e.versions() == versions
     assert e2e.registry().alias_version("champion") == e2e.notes["champion"]
+
+
+def test_dvc_repro_and_an_experiment_sweep(e2e: E2E) -> None:
+    """`dvc repro` in the flow's checkout finishes the pipeline (the flow evaluates the registered version, so the
+    DVC `evaluate` stage is what is left), then `dvc exp run -S` sweeps two knobs: the stages that read them run
+    again, the ones before them are skipped, and `dvc exp show` lists the experiment with its params and metrics."""
+    dvc = _bin("dvc")
+    repro = e2e.run([dvc, "repro"])
+    assert "Running stage 'evaluate'" in repro.stdout, repro.stdout[-3000:]
+    assert "Data and pipelines are up to date" in e2e.run([dvc, "status"]).stdout
+    metrics = json.loads(e2e.run([dvc, "metrics", "show", "--json"]).stdout)
+    files = next(iter(metrics.values()))["data"]
+    expected = {"runs/eval/pretrain/metrics.json", "runs/train/pretrain/metrics.json", "data/stats/stats.json"}
+    assert expected <= set(files)
+
+    sweep = e2e.run([dvc, "exp", "run", "--name", "cross-pair-half",
+                     "-S", "data.references.cross_pair_ratio=0.5", "-S", "model.rope.variant=shift_h"])  # fmt: skip
+    ran = {line.split("'")[1] for line in sweep.stdout.splitlines() if line.startswith("Running stage")}
+    assert {"curate", "train", "evaluate"} <= ran, sweep.stdout[-3000:]
+    assert not {"assets", "ingest", "caption"} & ran, sweep.stdout[-3000:]
+    shown = json.loads(e2e.run([dvc, "exp", "show", "--json"]).stdout)
+    experiments = [exp for row in shown for exp in (row.get("experiments") or [])]
+    names = {rev.get("name") for exp in experiments for rev in exp.get("revs", [])}
+    assert "cross-pair-half" in names, json.dumps(shown)[:3000]
+    e2e.run(["git", "checkout", "--", "params.yaml"])

@@ -249,3 +249,123 @@ def test_prod_template_differs_only_in_sizing_defaults() -> None:
     for name in base["variables"]["properties"].keys() | prod["variables"]["properties"].keys():
         if name not in sized:
             assert base["variables"]["properties"][name] == prod["variables"]["properties"][name], name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The image (Dockerfile) the manifests name. No Docker engine runs here or in CI, so the build itself is not run:
+# these tests hold the Dockerfile to the facts the cluster relies on, and run the flow pod's workspace step.
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines, current = [], ""
+    for raw in (REPO / "Dockerfile").read_text().splitlines():
+        if not current and (not raw.strip() or raw.lstrip().startswith("#")):
+            continue
+        current += raw.rstrip().removesuffix("\\") + " "
+        if not raw.rstrip().endswith("\\"):
+            word, _, rest = current.strip().partition(" ")
+            lines.append((word.upper(), " ".join(rest.split())))
+            current = ""
+    return lines
+
+
+def _dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in _dockerfile():
+        if word == "ENV":
+            env.update(item.split("=", 1) for item in rest.split())
+    return env
+
+
+def _image_context() -> list[str]:
+    """The files `docker build .` sends: the tracked and new files minus .dockerignore's patterns."""
+    import fnmatch
+
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True,
+        check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and p[0] != "#"]
+
+    def ignored(name: str) -> bool:
+        parts = name.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(fnmatch.fnmatch(prefix, pattern.removeprefix("**/")) or fnmatch.fnmatch(name, pattern)
+                   for pattern in patterns for prefix in prefixes)  # fmt: skip
+
+    return [name for name in filter(None, listed) if (REPO / name).is_file() and not ignored(name)]
+
+
+def test_image_matches_what_the_cluster_expects() -> None:
+    from kaleido.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    k8s = params.train.kubernetes
+    instructions = _dockerfile()
+    env = _dockerfile_env()
+    makefile = (REPO / "Makefile").read_text()
+    # one image name: params, the work pool's default, `make image`
+    assert re.search(rf"^IMAGE \?= {re.escape(k8s.image)}$", makefile, re.M)
+    template = json.loads((K8S / "work-pool-gpu.json").read_text())
+    assert template["variables"]["properties"]["image"]["default"] == k8s.image
+    # the pods' user, and a writable HOME under a read-only root filesystem
+    (user,) = [rest for word, rest in instructions if word == "USER"]
+    assert user == f"{k8s.run_as_user}:{k8s.run_as_user}"
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == k8s.run_as_user and env["HOME"] == "/tmp"
+    # the same uv and the same lock as `make setup`
+    (uv,) = [rest for word, rest in instructions if word == "ARG" and rest.startswith("UV_VERSION=")]
+    assert re.search(rf"^UV_VERSION := {re.escape(uv.split('=')[1])}$", makefile, re.M)
+    assert any(word == "RUN" and "-r /opt/kaleido/requirements.lock" in rest for word, rest in instructions)
+    # every COPY source exists, and the checkout lands where the init container reads it
+    copies = [rest.split() for word, rest in instructions if word == "COPY"]
+    assert all((REPO / source).exists() for *sources, _ in copies for source in sources)
+    (init,) = pod["initContainers"]
+    source = init["command"][init["command"].index("--source") + 1]
+    target = init["command"][init["command"].index("--target") + 1]
+    assert [".", source] in copies
+    # the flow run's checkout: the template's env, the image's env, prefect.yaml's pull step
+    (container,) = pod["containers"]
+    assert {"name": "KALEIDO_REPO", "value": target} in container["env"] and env["KALEIDO_REPO"] == target
+    assert container["workingDir"] == target
+    pull = yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
+    assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ KALEIDO_REPO }}"}}]
+    # outputs and environments stay out of the build context
+    context = _image_context()
+    assert "dvc.yaml" in context and "flows/kaleido_flow.py" in context and "requirements.lock" in context
+    assert not [name for name in context if name.split("/")[0] in (".venv", "artifacts", "runs", "data", ".git")]
+
+
+def test_workspace_sync_keeps_outputs_and_runs_dvc_without_git(tmp_path: Path) -> None:
+    """The flow pod's init step on a copy of the image's checkout: DVC works there without git, a second sync
+    refreshes changed code and keeps what runs wrote."""
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    image = tmp_path / "opt-kaleido"
+    for name in _image_context():
+        (image / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, image / name)
+    workspace = tmp_path / "workspace"
+    result = CliRunner().invoke(app, ["platform", "sync-workspace", "--source", str(image), "--target", str(workspace)])
+    assert result.exit_code == 0, result.output
+    assert "copied" in result.output and "core.no_scm" in result.output
+    assert (workspace / "dvc.yaml").read_bytes() == (image / "dvc.yaml").read_bytes()
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    status = subprocess.run([dvc, "status", "--json"], cwd=workspace, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0, status.stderr
+    assert "train" in json.loads(status.stdout)  # stages are known, nothing has run yet
+
+    (workspace / "runs").mkdir()
+    (workspace / "runs" / "metrics.json").write_text("{}")
+    (workspace / "dvc.lock").write_text("schema: '2.0'\n")
+    (image / "dvc.yaml").write_text((image / "dvc.yaml").read_text() + "\n# a newer image\n")
+    again = CliRunner().invoke(app, ["platform", "sync-workspace", "--source", str(image), "--target", str(workspace)])
+    assert again.exit_code == 0 and "files 1 copied" in again.output, again.output
+    assert (workspace / "dvc.yaml").read_text().endswith("# a newer image\n")
+    assert (workspace / "runs" / "metrics.json").read_text() == "{}" and (workspace / "dvc.lock").is_file()
+
+    bad = CliRunner().invoke(app, ["platform", "sync-workspace", "--source", str(tmp_path), "--target", str(workspace)])
+    assert bad.exit_code == 2 and "no dvc.yaml" in bad.output

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,14 +42,6 @@ def test_sample_data_command(tmp_path: Path, params_for) -> None:
     result = CliRunner().invoke(app, ["sample-data", "--params", str(params)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "data" / "captions.jsonl").is_file()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _http_service(tmp_path: Path, port: int):
@@ -102,6 +95,43 @@ def test_platform_services_from_params(tmp_path: Path, params_for) -> None:
     status = platform.status()
     assert status["mlflow"]["pid"] is None and not status["prefect-server"]["healthy"]
     assert platform.down() == {"prefect-worker": False, "prefect-server": False, "mlflow": False}
+
+
+def test_tracking_server_of_the_embedded_default_is_started_others_fail_fast(tmp_path: Path, params_for) -> None:
+    """`kaleido registry show` (any command that records into MLflow) starts the loopback server of
+    platform.mlflow_tracking_uri when it is down, and names the fix for a server that is not ours."""
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+    from kaleido.config import load_params
+    from kaleido.platform.services import Platform, TrackingUnavailable, ensure_tracking_server, tracking_problem
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    path = params_for(tmp_path, tmp_path / "unused-models", {"platform.mlflow_tracking_uri": uri,
+                                                             "platform.state_dir": str(tmp_path / "state")})
+    params = load_params(path)
+    assert tracking_problem(str(tmp_path / "mlruns")) is None  # a file store needs no server
+    assert tracking_problem(uri) is not None
+    remote = "http://mlflow.invalid:5000"  # .invalid never resolves (RFC 2606)
+    with pytest.raises(TrackingUnavailable, match=r"mlflow\.invalid.*kaleido platform up.*mlflow_tracking_uri"):
+        ensure_tracking_server(params, remote)
+    assert Platform.from_params(params).service("mlflow").pid() is None  # nothing started for someone else's URI
+
+    cluster = params_for(tmp_path / "cluster", tmp_path / "unused-models", {"platform.mlflow_tracking_uri": remote})
+    result = CliRunner().invoke(app, ["registry", "show", "--params", str(cluster)])
+    assert result.exit_code == 2 and "does not answer" in result.output, result.output
+
+    try:
+        result = CliRunner().invoke(app, ["registry", "show", "--params", str(path)])
+        assert result.exit_code == 0, result.output
+        assert "starting the embedded server" in result.output
+        assert tracking_problem(uri) is None
+        assert (tmp_path / "state" / "mlflow" / "mlflow.db").is_file()
+        again = CliRunner().invoke(app, ["registry", "show", "--params", str(path)])
+        assert again.exit_code == 0 and "starting" not in again.output  # reused, not started twice
+    finally:
+        Platform.from_params(params).down()
+    assert tracking_problem(uri) is not None
 
 
 def _params_keys(raw: dict, prefix: str = "") -> set[str]:
@@ -161,7 +191,7 @@ def test_flow_tasks_cache_on_inputs_and_source() -> None:
     from flows import kaleido_flow as module
 
     assert module.evaluate.cache_policy == INPUTS + TASK_SOURCE and module.evaluate.persist_result
-    assert module.register.cache_policy == (INPUTS - "data_version" - "params_hash") + TASK_SOURCE
+    assert module.register.cache_policy == (INPUTS - "data_version" - "params_hash" - "lock_file") + TASK_SOURCE
     assert module.curate.retries >= 1
 
 

@@ -28,7 +28,9 @@ def _version(registry: ModelRegistry, tmp_path: Path, tag: str) -> str:
     (checkpoint / "config.json").write_text("{}")
     lineage = Lineage(git_revision="abc123", dvc_data_hash=f"md5-{tag}", params_hash="p" * 16,
                       training_run_id=run.info.run_id)
-    return registry.register(run.info.run_id, checkpoint, lineage)
+    lock = tmp_path / f"dvc-{tag}.lock"
+    lock.write_text(f"schema: '2.0'\nstages: {{write-dataset: {{outs: [{{path: data/dataset, md5: md5-{tag}}}]}}}}\n")
+    return registry.register(run.info.run_id, checkpoint, lineage, lineage_files=(lock,))
 
 
 def test_register_records_lineage_and_artifacts(registry, tmp_path):
@@ -38,6 +40,11 @@ def test_register_records_lineage_and_artifacts(registry, tmp_path):
     assert tags["lineage.params_hash"] == "p" * 16 and tags["lineage.training_run_id"]
     downloaded = registry.download(version, tmp_path / "dl")
     assert (downloaded / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights-a"
+    lock = mlflow.artifacts.download_artifacts(
+        run_id=tags["lineage.training_run_id"], artifact_path="lineage/dvc-a.lock", dst_path=str(tmp_path / "lin"),
+        tracking_uri=registry.client.tracking_uri,
+    )  # fmt: skip
+    assert yaml.safe_load(Path(lock).read_text())["stages"]["write-dataset"]["outs"][0]["md5"] == "md5-a"
 
 
 def test_empty_checkpoint_is_refused(registry, tmp_path):

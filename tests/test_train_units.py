@@ -137,7 +137,7 @@ def bad_params(tiny_assets, params_for, tmp_path_factory):
         ({"train.sequence_parallel": 2, "train.nproc_per_node": 3}, ["train.sequence_parallel=2", "world size 3"]),
         ({"train.pretrain.global_batch": 5}, ["train.pretrain.global_batch=5", "train.micro_batch=1", "data-parallel"]),
         ({}, ["train.latents", "run `kaleido encode` first"]),
-        ({"platform.mlflow_tracking_uri": "http://127.0.0.1:9"}, ["platform.mlflow_tracking_uri"]),
+        ({"platform.mlflow_tracking_uri": "http://mlflow.invalid:5000"}, ["platform.mlflow_tracking_uri"]),
     ],
     ids=["sp-vs-heads", "sp-vs-world", "global-batch", "no-cache", "tracking-down"],
 )

@@ -37,6 +37,16 @@ def read_params(path: Path | None) -> Params:
         raise  # unreachable, for type checkers
 
 
+def require_tracking(params: Params, uri: str | None = None) -> None:
+    """The MLflow server a command records into must answer; the embedded default's own is started if down."""
+    from kaleido.platform.services import ServiceError, ensure_tracking_server
+
+    try:
+        ensure_tracking_server(params, uri, echo=lambda line: typer.echo(line, err=True))
+    except ServiceError as exc:
+        fail(str(exc))
+
+
 @app.callback()
 def main() -> None:
     """Kaleido subject-to-video platform: curate, train, evaluate, generate."""

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kaleido.cli.app import ParamsOption, app, fail, read_params
+from kaleido.cli.app import ParamsOption, app, fail, read_params, require_tracking
 
 eval_set_app = typer.Typer(help="Evaluation sets: write the built-in one, validate yours.", no_args_is_help=True)
 app.add_typer(eval_set_app, name="eval-set")
@@ -66,6 +66,8 @@ def evaluate(
     from kaleido.eval.run import evaluate as run_evaluation
 
     loaded = read_params(params)
+    if not no_mlflow or model.startswith("models:/"):
+        require_tracking(loaded)
     try:
         summary = run_evaluation(
             loaded, model, eval_set, out, device=device, fresh=fresh, log_mlflow=not no_mlflow, progress=not quiet,
@@ -100,6 +102,9 @@ def gate(
     from kaleido.eval.gate import GateError, run_gate
 
     loaded = read_params(params)
+    registry_refs = [ref for ref in (candidate, baseline) if ref and ref.startswith("models:/")]
+    if not no_record or registry_refs or baseline is None:
+        require_tracking(loaded)
     try:
         decision = run_gate(loaded, candidate, baseline, record=not no_record)
     except GateError as exc:

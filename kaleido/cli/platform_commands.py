@@ -83,3 +83,22 @@ def run(
         fail(str(exc), code=1)
         raise  # unreachable, for type checkers
     raise typer.Exit(code)
+
+
+@platform_app.command("sync-workspace")
+def sync_workspace(
+    source: Annotated[Path, typer.Option("--source", help="the image's checkout")] = Path("/opt/kaleido"),
+    target: Annotated[Path, typer.Option("--target", help="the DVC workspace (a PVC)")] = Path("/workspace"),
+) -> None:
+    """Refresh a flow-run pod's DVC workspace from the image's checkout, keeping data, artifacts, runs, DVC cache."""
+    import os
+
+    from kaleido.platform.workspace import WorkspaceError
+    from kaleido.platform.workspace import sync_workspace as sync
+
+    try:
+        report = sync(source, target, revision=os.environ.get("KALEIDO_GIT_REVISION", "unknown"))
+    except WorkspaceError as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+    typer.echo(report.summary())

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from kaleido.cli.app import ParamsOption, app, fail, read_params
+from kaleido.cli.app import ParamsOption, app, fail, read_params, require_tracking
 
 registry_app = typer.Typer(help="The MLflow model registry: show, promote, roll back.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
@@ -19,6 +19,8 @@ def _registry(params_path):
     uri = params.platform.mlflow_tracking_uri
     if not uri:
         fail("platform.mlflow_tracking_uri is empty in params.yaml; set it to the MLflow server's URL")
+    # a server that is down fails here in seconds, not after MLflow's minutes of HTTP retries
+    require_tracking(params)
     return ModelRegistry(uri, params.platform.registered_model)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kaleido.cli.app import ParamsOption, app, fail, read_params
+from kaleido.cli.app import ParamsOption, app, fail, read_params, require_tracking
 
 StageOption = Annotated[str, typer.Option("--stage", help="training stage: pretrain or sft")]
 
@@ -76,11 +76,19 @@ def train(
 
         raise typer.Exit(launch_kubernetes(loaded, stage, resume, dry_run, path))
 
+    from kaleido.train.plan import tracking_uri
+
     try:
-        plan = plan_training(loaded, stage, train_cfg.nproc_per_node, resume=resume)
-    except TrainPlanError as exc:
-        fail(str(exc))
-        raise  # unreachable, for type checkers
+        plan = plan_training(loaded, stage, train_cfg.nproc_per_node, resume=resume, check_tracking=False)
+    except TrainPlanError:
+        # every problem, an unreachable tracking server's included; nothing is started for a run that cannot train
+        try:
+            plan_training(loaded, stage, train_cfg.nproc_per_node, resume=resume)
+        except TrainPlanError as exc:
+            fail(str(exc))
+        raise
+    if not dry_run:
+        require_tracking(loaded, tracking_uri(loaded))
     from kaleido.train.launch_local import launch_local, torchrun_command
 
     if dry_run:

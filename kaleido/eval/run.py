@@ -500,20 +500,15 @@ def evaluate(
 
 def _check_tracking(uri: str) -> None:
     """A tracking server that does not answer its health check is an error before any work starts."""
-    import urllib.request
+    from kaleido.platform.services import tracking_problem
 
-    if not uri.startswith(("http://", "https://")):
-        return  # a file or database store needs no server
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
-            if response.status == 200:
-                return
-    except OSError:
-        pass
-    raise EvalError(
-        f"the MLflow server at {uri} (platform.mlflow_tracking_uri) does not answer; start it, or pass "
-        "--no-mlflow (or set platform.mlflow_tracking_uri to \"\") to evaluate without logging"
-    )
+    problem = tracking_problem(uri, timeout=10)
+    if problem is not None:
+        raise EvalError(
+            f"the MLflow server at {uri} (platform.mlflow_tracking_uri) does not answer ({problem}); start it "
+            "(`kaleido platform up`), or pass --no-mlflow (or set platform.mlflow_tracking_uri to \"\") to evaluate "
+            "without logging"
+        )
 
 
 def _text_metric(backbones: dict[str, str]) -> dict[str, str] | None:

@@ -29,6 +29,10 @@ class ServiceError(RuntimeError):
     """A service did not start, or a platform step failed; the message says which and where its log is."""
 
 
+class TrackingUnavailable(ServiceError):
+    """The MLflow tracking server a command needs does not answer, and it is not ours to start."""
+
+
 def _bin(name: str) -> str:
     """A console script of this environment (next to the running Python), else from PATH."""
     local = Path(sys.executable).with_name(name)
@@ -56,6 +60,54 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
             return 200 <= response.status < 300
     except (OSError, ValueError):
         return False
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def tracking_problem(uri: str, timeout: float = 3.0) -> str | None:
+    """Why the MLflow tracking URI cannot take records now, or None when it can.
+
+    A file or database store (`./mlruns`, `sqlite:///...`) needs no server; an http(s) server must answer /health.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            if response.status == 200:
+                return None
+            return f"{url} answered {response.status}"
+    except (OSError, ValueError) as exc:
+        return f"{url}: {getattr(exc, 'reason', exc)}"
+
+
+def ensure_tracking_server(params: Params, uri: str | None = None, echo: Callable[[str], Any] = print) -> None:
+    """Make sure the tracking server `uri` (default platform.mlflow_tracking_uri) answers before work starts.
+
+    The embedded default's own server (platform.mlflow_tracking_uri on loopback) is started when it is down, as
+    `kaleido platform up` starts it, and left running: a bare `dvc repro` or `kaleido train` on a fresh clone then
+    records into the same store the MLflow UI shows; `kaleido platform down` stops it. Any other server is not
+    ours to start: TrackingUnavailable names it and the ways out. An empty URI means "do not track".
+    """
+    uri = (params.platform.mlflow_tracking_uri if uri is None else uri).strip()
+    if not uri:
+        return
+    problem = tracking_problem(uri)
+    if problem is None:
+        return
+    embedded = uri.rstrip("/") == params.platform.mlflow_tracking_uri.strip().rstrip("/")
+    if embedded and urlparse(uri).hostname in LOOPBACK_HOSTS:
+        service = Platform.from_params(params).service("mlflow")
+        echo(f"MLflow does not answer at {uri}; starting the embedded server (log {service.log_file}) ...")
+        service.start()
+        echo(f"MLflow is up at {uri}; it keeps running for the UI (`kaleido platform down` stops it)")
+        return
+    raise TrackingUnavailable(
+        f"the MLflow tracking server at {uri} does not answer ({problem}). Start it (the cluster: see "
+        f"docs/operations.md; this machine: `kaleido platform up`), point platform.mlflow_tracking_uri or "
+        f"$MLFLOW_TRACKING_URI at a running one, or set platform.mlflow_tracking_uri: \"\" to run without MLflow"
+    )
 
 
 @dataclass
@@ -179,6 +231,7 @@ class Platform:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "KALEIDO_REPO": str(self.repo),  # prefect.yaml's pull step: where flow runs work
             # DVC stages call `kaleido`: this environment's scripts come first
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
@@ -194,6 +247,8 @@ class Platform:
              "--artifacts-destination", str(store / "artifacts"), "--host", mlflow_host,
              "--port", str(mlflow_port), "--workers", "1"],
             self.state_dir, health_url=f"{self.mlflow_uri}/health", cwd=store,
+            # no job-runner processes: tracking, the registry and the UI do not use them
+            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )  # fmt: skip
         prefect = Service(
             "prefect-server",

@@ -8,8 +8,6 @@ checks at start-up (a pod started by hand gets the same message).
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -142,19 +140,15 @@ class TrainPlan:
 
 def _check_tracking(uri: str) -> list[str]:
     """An http(s) tracking server must answer now: a run must not train for hours and lose its record."""
-    if not uri.startswith(("http://", "https://")):
+    from kaleido.platform.services import tracking_problem
+
+    problem = tracking_problem(uri)
+    if problem is None:
         return []
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as response:
-            if response.status == 200:
-                return []
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return [
-            f"platform.mlflow_tracking_uri={uri!r} (or $MLFLOW_TRACKING_URI) does not answer ({reason}); "
-            "start the server (`mlflow server ...`) or set platform.mlflow_tracking_uri: \"\" to train untracked"
-        ]
-    return [f"platform.mlflow_tracking_uri={uri!r}: /health did not answer 200"]
+    return [
+        f"platform.mlflow_tracking_uri={uri!r} (or $MLFLOW_TRACKING_URI) does not answer ({problem}); "
+        "start the server (`kaleido platform up`) or set platform.mlflow_tracking_uri: \"\" to train untracked"
+    ]
 
 
 def plan_training(
