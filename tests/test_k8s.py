@@ -330,7 +330,7 @@ def test_image_matches_what_the_cluster_expects() -> None:
     assert {"name": "KALEIDO_REPO", "value": target} in container["env"] and env["KALEIDO_REPO"] == target
     assert container["workingDir"] == target
     pull = yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
-    assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ KALEIDO_REPO }}"}}]
+    assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $KALEIDO_REPO }}"}}]
     # outputs and environments stay out of the build context
     context = _image_context()
     assert "dvc.yaml" in context and "flows/kaleido_flow.py" in context and "requirements.lock" in context
