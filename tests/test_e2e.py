@@ -284,8 +284,13 @@ def test_dvc_repro_and_an_experiment_sweep(e2e: E2E) -> None:
     assert "Data and pipelines are up to date" in e2e.run([dvc, "status"]).stdout
     metrics = json.loads(e2e.run([dvc, "metrics", "show", "--json"]).stdout)
     files = next(iter(metrics.values()))["data"]
-    expected = {"runs/eval/pretrain/metrics.json", "runs/train/pretrain/metrics.json", "data/stats/stats.json"}
+    expected = {"runs/eval/pretrain/summary.json", "runs/train/pretrain/metrics.json", "data/stats/stats.json"}
     assert expected <= set(files)
+    plots = json.loads(e2e.run([dvc, "plots", "show", "--json"]).stdout)
+    expected = {"runs/train/pretrain/loss.csv", "runs/eval/pretrain/cases.csv", "data/stats/categories.png"}
+    assert expected <= set(plots["data"]), json.dumps(plots)[:2000]
+    rows = plots["data"]["runs/eval/pretrain/cases.csv"][0]["content"]["data"]["values"]
+    assert {row["id"] for row in rows} >= {"astronaut-waves"}  # one bar per eval case
 
     sweep = e2e.run([dvc, "exp", "run", "--name", "cross-pair-half",
                      "-S", "data.references.cross_pair_ratio=0.5", "-S", "model.rope.variant=shift_h"])  # fmt: skip

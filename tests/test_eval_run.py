@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import uuid
 from collections.abc import Callable
@@ -78,6 +79,12 @@ def test_evaluate_registry_model_end_to_end_then_resume_and_gate(
     for case in document["cases"]:
         assert set(case["metrics"]) == METRIC_KEYS and 0.0 <= case["metrics"]["s2v_consistency"] <= 1.0
         assert (tmp_path / "out" / "cases" / case["id"] / "video.mp4").is_file()
+    summary_file = json.loads((tmp_path / "out" / "summary.json").read_text())  # DVC's metrics file
+    assert summary_file == {"overall": document["overall"], "per_category": document["per_category"]}
+    with (tmp_path / "out" / "cases.csv").open() as handle:  # DVC's per-case plot
+        rows = list(csv.DictReader(handle))
+    assert [row["id"] for row in rows] == [case["id"] for case in document["cases"]]
+    assert float(rows[0]["s2v_consistency"]) == pytest.approx(document["cases"][0]["metrics"]["s2v_consistency"])
     report = (tmp_path / "out" / "report.html").read_text()
     assert "not ViCLIP" in report and "Farneback" in report and "astronaut-and-cat" in report
     assert report.count("data:image/jpeg;base64,") >= 5 + 6  # a strip per case + reference thumbnails
@@ -89,7 +96,7 @@ def test_evaluate_registry_model_end_to_end_then_resume_and_gate(
     assert logged["s2v_consistency"] == pytest.approx(document["overall"]["s2v_consistency"])
     assert "multi-subject/s2v_decoupling" in logged
     artifacts = {item.path for item in client.list_artifacts(run_id)}
-    assert {"metrics.json", "report.html", "cases"} <= artifacts
+    assert {"metrics.json", "report.html", "cases.csv", "cases"} <= artifacts
     assert registry.version_tags(version)["eval.run_id"] == run_id
 
     # a re-run scores nothing again

@@ -165,7 +165,10 @@ def test_dvc_pipeline_names_real_params_and_chains_stages() -> None:
     assert outs["runs/train/pretrain/metrics.json"] == "train"
     assert outs["runs/train/pretrain/loss.csv"] == "train"
     assert outs["runs/eval/pretrain/metrics.json"] == "evaluate"
-    persisted = [next(iter(o)) for s in stages.values() for o in s["outs"] if isinstance(o, dict)
+    assert {plot: outs[plot] for plot in ("runs/eval/pretrain/cases.csv", "data/stats/categories.png")} == {
+        "runs/eval/pretrain/cases.csv": "evaluate", "data/stats/categories.png": "data-stats"}
+    assert next(iter(stages["evaluate"]["metrics"][0])) == "runs/eval/pretrain/summary.json"
+    persisted = [next(iter(o)) for s in stages.values() for o in s.get("outs", []) if isinstance(o, dict)
                  and next(iter(o.values())).get("persist")]
     assert {"data/ingest", "data/caption", "data/curate"} <= set(persisted)
 

@@ -4,6 +4,8 @@ Output folder:
   cases/<id>/video.mp4, sheet.png (every frame), strip.png (8 frames, embedded in the report),
   cases/<id>/result.json   written last: its presence (with a matching key) marks the case done
   metrics.json             every case's scores, means per category and overall, backbones, settings
+  summary.json             the overall and per-category means only (DVC metrics: `dvc exp show` columns)
+  cases.csv                one row per case (id, category, every metric): DVC's per-case plot
   report.html              references, frame strips, scores, backbones, the gate rule
 A re-run skips the cases whose result.json carries the same key (case content + model + settings +
 backbones), so an interrupted evaluation resumes where it stopped.
@@ -534,7 +536,22 @@ def _write_outputs(params: Params, document: dict[str, Any], metrics_path: Path,
     from kaleido.eval.report import write_report
 
     _write_json(metrics_path, document)
+    _write_json(metrics_path.with_name("summary.json"),
+                {"overall": document["overall"], "per_category": document["per_category"]})  # fmt: skip
+    write_cases_csv(document, metrics_path.with_name("cases.csv"))
     write_report(document, report_path, params.gate)
+
+
+def write_cases_csv(document: dict[str, Any], path: Path) -> None:
+    """One row per case, the metrics in METRICS order (columns the run did not compute are left out)."""
+    import csv
+
+    columns = [key for key in METRICS if any(key in case["metrics"] for case in document["cases"])]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "category", *columns])
+        for case in document["cases"]:
+            writer.writerow([case["id"], case["category"], *(case["metrics"].get(key, "") for key in columns)])
 
 
 def _log_mlflow(params: Params, document: dict[str, Any], source: ModelSource, out_dir: Path,
@@ -567,6 +584,7 @@ def _log_mlflow(params: Params, document: dict[str, Any], source: ModelSource, o
         client.log_batch(run_id, metrics=values, params=[Param(k, str(v)) for k, v in logged.items()])
         client.log_artifact(run_id, str(metrics_path))
         client.log_artifact(run_id, str(report_path))
+        client.log_artifact(run_id, str(metrics_path.with_name("cases.csv")))
         with tempfile.TemporaryDirectory(prefix="kaleido-eval-") as staging:
             # one upload for every case's results and previews (the videos stay on disk)
             for result in document["cases"]:
