@@ -234,3 +234,23 @@ def test_last_json_skips_leading_output() -> None:
     assert last_json('warning: {x}\n{\n  "a": {"b": 1}\n}\n') == {"a": {"b": 1}}
     with pytest.raises(StepFailed):
         last_json("no json here")
+
+
+def test_prefect_pull_step_reads_the_checkout_from_the_environment(tmp_path: Path, monkeypatch, prefect_server) -> None:
+    """prefect.yaml's pull step as a flow run executes it (Prefect's own step runner): the directory comes from
+    $KALEIDO_REPO of the run's environment, which is how a cluster pod lands in its /workspace."""
+    import asyncio
+    import os
+
+    from prefect.deployments.steps.core import run_steps
+
+    pull = yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    monkeypatch.setenv("KALEIDO_REPO", str(workspace))
+    monkeypatch.chdir(tmp_path)
+    try:
+        output = asyncio.run(run_steps(pull))
+        assert Path(output["directory"]) == workspace and Path.cwd() == workspace
+    finally:
+        os.chdir(tmp_path)
