@@ -2,7 +2,8 @@
 # the exact environment of requirements.lock in /opt/venv and the repository checkout at /opt/kaleido, which a
 # flow-run pod's init container refreshes into its DVC workspace (`kaleido platform sync-workspace`).
 #   make image                                   (docker build -t kaleido:0.1.0 --build-arg GIT_REVISION=...)
-# Runs as uid/gid 1000 (the pods' runAsUser); the root filesystem may be read-only: HOME and caches are in /tmp.
+# Runs as uid/gid 1000 (the pods' runAsUser); the root filesystem may be read-only: HOME and caches are in /tmp,
+# DVC's site cache (its file-hash state, /var/tmp by default) on the workspace PVC, so hashes survive the pod.
 FROM python:3.11-slim-bookworm
 
 ARG UV_VERSION=0.13.9
@@ -21,7 +22,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
     UV_NO_CACHE=1 \
     KALEIDO_REPO=/workspace \
-    KALEIDO_GIT_REVISION=${GIT_REVISION}
+    KALEIDO_GIT_REVISION=${GIT_REVISION} \
+    DVC_SITE_CACHE_DIR=/workspace/.dvc/tmp/site-cache
 
 # The locked environment first: it changes far less often than the code, so this layer stays cached.
 COPY requirements.lock /opt/kaleido/requirements.lock

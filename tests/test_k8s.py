@@ -329,6 +329,8 @@ def test_image_matches_what_the_cluster_expects() -> None:
     (container,) = pod["containers"]
     assert {"name": "KALEIDO_REPO", "value": target} in container["env"] and env["KALEIDO_REPO"] == target
     assert container["workingDir"] == target
+    # nothing writes to the read-only root filesystem: DVC's site cache (default /var/tmp) lives in the workspace
+    assert env["DVC_SITE_CACHE_DIR"].startswith(target + "/.dvc/tmp/")
     pull = yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
     assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $KALEIDO_REPO }}"}}]
     # outputs and environments stay out of the build context
