@@ -355,6 +355,7 @@ def test_workspace_sync_keeps_outputs_and_runs_dvc_without_git(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "copied" in result.output and "core.no_scm" in result.output
     assert (workspace / "dvc.yaml").read_bytes() == (image / "dvc.yaml").read_bytes()
+    assert (workspace / "kaleido/data/curate.py").is_file()  # only the root's data/ is an output
     dvc = str(Path(sys.executable).with_name("dvc"))
     status = subprocess.run([dvc, "status", "--json"], cwd=workspace, capture_output=True, text=True, timeout=300)
     assert status.returncode == 0, status.stderr
