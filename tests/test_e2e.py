@@ -199,6 +199,8 @@ def test_first_run_resumes_curation_and_a_failing_gate_sets_no_champion(e2e: E2E
     assert tags["lineage.dvc_data_hash"] == dataset["md5"]
     train = json.loads((e2e.repo / "runs/train/pretrain/metrics.json").read_text())
     assert tags["lineage.training_run_id"] == train["mlflow_run_id"]
+    logged = {item.path for item in registry.client.list_artifacts(train["mlflow_run_id"], "lineage")}
+    assert logged == {"lineage/dvc.lock"}  # every out's hash of the data version goes with the model version
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=e2e.repo, capture_output=True, text=True).stdout.strip()
     assert tags["lineage.git_revision"].split("-")[0] == head
     assert any((e2e.repo.parent / "dvc-remote").rglob("*"))  # the data version was pushed
