@@ -12,6 +12,7 @@ the only way in.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
+
+from kaleido.platform.workspace import REVISION_ENV
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -52,8 +55,6 @@ class Lineage:
 def git_revision(repo: Path | None = None) -> str:
     """HEAD's commit (with `-dirty` when the tree has changes); outside git (a flow-run pod's workspace) the image's
     revision from $KALEIDO_GIT_REVISION (a Dockerfile build argument), else `unknown`."""
-    import os
-
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
@@ -62,7 +63,7 @@ def git_revision(repo: Path | None = None) -> str:
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("KALEIDO_GIT_REVISION") or "unknown"
+        return os.environ.get(REVISION_ENV) or "unknown"
     return f"{head}-dirty" if dirty else head
 
 

@@ -80,6 +80,17 @@ def tiny_vision(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_tiny_vision_models(tmp_path_factory.mktemp("tiny_vision"), seed=0)
 
 
+def working_tree_files(root: Path = REPO_PARAMS.parent) -> list[str]:
+    """The tracked and new (not ignored) files of the checkout, as `git` lists them: what a clone would hold."""
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root, capture_output=True,
+        check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    return [name for name in listed if name and (root / name).is_file()]
+
+
 def free_port() -> int:
     import socket
 

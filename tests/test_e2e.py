@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import working_tree_files
 
 from kaleido.config.schema import set_dotted
 
@@ -88,15 +89,9 @@ def _bin(name: str) -> str:
 
 def copy_checkout(dst: Path) -> Path:
     """The working tree's tracked and new (not ignored) files, as a fresh git repository: a 'fresh clone'."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=SOURCE, capture_output=True,
-        check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
-    for name in filter(None, listed):
-        source = SOURCE / name
-        if source.is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dst / name)
+    for name in working_tree_files(SOURCE):
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(SOURCE / name, dst / name)
     _git(dst, "init", "-q")
     _git(dst, "add", "-A")
     _git(dst, "commit", "-qm", "fresh checkout")

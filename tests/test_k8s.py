@@ -15,6 +15,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import working_tree_files
 
 K8S_VERSION = "1.34"  # schemas bundled with kubernetes-validate; the oldest cluster version we support
 REPO = Path(__file__).resolve().parents[1]
@@ -282,10 +283,6 @@ def _image_context() -> list[str]:
     """The files `docker build .` sends: the tracked and new files minus .dockerignore's patterns."""
     import fnmatch
 
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True,
-        check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
     patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and p[0] != "#"]
 
     def ignored(name: str) -> bool:
@@ -294,7 +291,7 @@ def _image_context() -> list[str]:
         return any(fnmatch.fnmatch(prefix, pattern.removeprefix("**/")) or fnmatch.fnmatch(name, pattern)
                    for pattern in patterns for prefix in prefixes)  # fmt: skip
 
-    return [name for name in filter(None, listed) if (REPO / name).is_file() and not ignored(name)]
+    return [name for name in working_tree_files(REPO) if not ignored(name)]
 
 
 def test_image_matches_what_the_cluster_expects() -> None:
@@ -337,9 +334,14 @@ def test_image_matches_what_the_cluster_expects() -> None:
     context = _image_context()
     assert "dvc.yaml" in context and "flows/kaleido_flow.py" in context and "requirements.lock" in context
     assert not [name for name in context if name.split("/")[0] in (".venv", "artifacts", "runs", "data", ".git")]
+    # what the workspace sync keeps is what the image never carries (one list could drift from the other)
+    from kaleido.platform.workspace import KEPT, MARKER
+
+    ignored = {p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip()[:1] not in ("", "#")}
+    assert KEPT - {MARKER} <= ignored, KEPT - {MARKER} - ignored
 
 
-def test_workspace_sync_keeps_outputs_and_runs_dvc_without_git(tmp_path: Path) -> None:
+def test_workspace_sync_keeps_outputs_and_runs_dvc_without_git(tmp_path: Path, monkeypatch) -> None:
     """The flow pod's init step on a copy of the image's checkout: DVC works there without git, a second sync
     refreshes changed code and keeps what runs wrote."""
     from typer.testing import CliRunner
@@ -351,11 +353,16 @@ def test_workspace_sync_keeps_outputs_and_runs_dvc_without_git(tmp_path: Path) -
         (image / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, image / name)
     workspace = tmp_path / "workspace"
+    monkeypatch.setenv("KALEIDO_GIT_REVISION", "0123abcd")
     result = CliRunner().invoke(app, ["platform", "sync-workspace", "--source", str(image), "--target", str(workspace)])
     assert result.exit_code == 0, result.output
     assert "copied" in result.output and "core.no_scm" in result.output
     assert (workspace / "dvc.yaml").read_bytes() == (image / "dvc.yaml").read_bytes()
     assert (workspace / "kaleido/data/curate.py").is_file()  # only the root's data/ is an output
+    assert json.loads((workspace / ".kaleido-image.json").read_text())["revision"] == "0123abcd"
+    from kaleido.registry import git_revision
+
+    assert git_revision(workspace) == "0123abcd"  # no git in the workspace: lineage names the image's revision
     dvc = str(Path(sys.executable).with_name("dvc"))
     status = subprocess.run([dvc, "status", "--json"], cwd=workspace, capture_output=True, text=True, timeout=300)
     assert status.returncode == 0, status.stderr

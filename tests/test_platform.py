@@ -117,6 +117,10 @@ def test_tracking_server_of_the_embedded_default_is_started_others_fail_fast(tmp
         ensure_tracking_server(params, remote)
     assert Platform.from_params(params).service("mlflow").pid() is None  # nothing started for someone else's URI
 
+    bad_plan = CliRunner().invoke(app, ["train", "--stage", "pretrain", "--params", str(path)])  # no latents
+    assert bad_plan.exit_code == 2 and "kaleido encode" in bad_plan.output, bad_plan.output
+    assert Platform.from_params(params).service("mlflow").pid() is None  # a run that cannot train starts nothing
+
     cluster = params_for(tmp_path / "cluster", tmp_path / "unused-models", {"platform.mlflow_tracking_uri": remote})
     result = CliRunner().invoke(app, ["registry", "show", "--params", str(cluster)])
     assert result.exit_code == 2 and "does not answer" in result.output, result.output
@@ -240,17 +244,16 @@ def test_prefect_pull_step_reads_the_checkout_from_the_environment(tmp_path: Pat
     """prefect.yaml's pull step as a flow run executes it (Prefect's own step runner): the directory comes from
     $KALEIDO_REPO of the run's environment, which is how a cluster pod lands in its /workspace."""
     import asyncio
-    import os
 
     from prefect.deployments.steps.core import run_steps
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     pull = yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     monkeypatch.setenv("KALEIDO_REPO", str(workspace))
     monkeypatch.chdir(tmp_path)
-    try:
-        output = asyncio.run(run_steps(pull))
-        assert Path(output["directory"]) == workspace and Path.cwd() == workspace
-    finally:
-        os.chdir(tmp_path)
+    # the session's server, even when Prefect read its settings before the fixture set PREFECT_API_URL
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        output = asyncio.run(run_steps(pull))  # monkeypatch gives the test's working directory back afterwards
+    assert Path(output["directory"]) == workspace and Path.cwd() == workspace

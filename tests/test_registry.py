@@ -47,6 +47,16 @@ def test_register_records_lineage_and_artifacts(registry, tmp_path):
     assert yaml.safe_load(Path(lock).read_text())["stages"]["write-dataset"]["outs"][0]["md5"] == "md5-a"
 
 
+def test_missing_lineage_file_is_refused(registry, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    lineage = Lineage("abc123", "md5-x", "p" * 16, "run-x")
+    with pytest.raises(RegistryError, match=r"dvc\.lock do not exist; run the DVC stages"):
+        registry.register("run-x", checkpoint, lineage, lineage_files=(tmp_path / "dvc.lock",))
+    assert registry.client.search_model_versions(f"name='{registry.name}'") == []
+
+
 def test_empty_checkpoint_is_refused(registry, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RegistryError, match="missing or empty"):

@@ -91,13 +91,11 @@ def sync_workspace(
     target: Annotated[Path, typer.Option("--target", help="the DVC workspace (a PVC)")] = Path("/workspace"),
 ) -> None:
     """Refresh a flow-run pod's DVC workspace from the image's checkout, keeping data, artifacts, runs, DVC cache."""
-    import os
-
     from kaleido.platform.workspace import WorkspaceError
     from kaleido.platform.workspace import sync_workspace as sync
 
     try:
-        report = sync(source, target, revision=os.environ.get("KALEIDO_GIT_REVISION", "unknown"))
+        report = sync(source, target)
     except WorkspaceError as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers

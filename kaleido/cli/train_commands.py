@@ -76,18 +76,18 @@ def train(
 
         raise typer.Exit(launch_kubernetes(loaded, stage, resume, dry_run, path))
 
+    from kaleido.platform.services import is_embedded_tracking
     from kaleido.train.plan import tracking_uri
 
+    # The embedded default's MLflow server is started below, after a good plan (a run that cannot train starts
+    # nothing); any other server must answer now, and the plan lists it with every other problem.
+    startable = is_embedded_tracking(loaded, tracking_uri(loaded))
     try:
-        plan = plan_training(loaded, stage, train_cfg.nproc_per_node, resume=resume, check_tracking=False)
-    except TrainPlanError:
-        # every problem, an unreachable tracking server's included; nothing is started for a run that cannot train
-        try:
-            plan_training(loaded, stage, train_cfg.nproc_per_node, resume=resume)
-        except TrainPlanError as exc:
-            fail(str(exc))
-        raise
-    if not dry_run:
+        plan = plan_training(loaded, stage, train_cfg.nproc_per_node, resume=resume, check_tracking=not startable)
+    except TrainPlanError as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+    if startable and not dry_run:
         require_tracking(loaded, tracking_uri(loaded))
     from kaleido.train.launch_local import launch_local, torchrun_command
 

@@ -82,6 +82,12 @@ def tracking_problem(uri: str, timeout: float = 3.0) -> str | None:
         return f"{url}: {getattr(exc, 'reason', exc)}"
 
 
+def is_embedded_tracking(params: Params, uri: str) -> bool:
+    """`uri` is the embedded default's own server (platform.mlflow_tracking_uri on loopback): ours to start."""
+    own = params.platform.mlflow_tracking_uri.strip().rstrip("/")
+    return bool(own) and uri.strip().rstrip("/") == own and urlparse(own).hostname in LOOPBACK_HOSTS
+
+
 def ensure_tracking_server(params: Params, uri: str | None = None, echo: Callable[[str], Any] = print) -> None:
     """Make sure the tracking server `uri` (default platform.mlflow_tracking_uri) answers before work starts.
 
@@ -96,8 +102,7 @@ def ensure_tracking_server(params: Params, uri: str | None = None, echo: Callabl
     problem = tracking_problem(uri)
     if problem is None:
         return
-    embedded = uri.rstrip("/") == params.platform.mlflow_tracking_uri.strip().rstrip("/")
-    if embedded and urlparse(uri).hostname in LOOPBACK_HOSTS:
+    if is_embedded_tracking(params, uri):
         service = Platform.from_params(params).service("mlflow")
         echo(f"MLflow does not answer at {uri}; starting the embedded server (log {service.log_file}) ...")
         service.start()

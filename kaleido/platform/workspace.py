@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+REVISION_ENV = "KALEIDO_GIT_REVISION"  # the image's git revision (Dockerfile build argument GIT_REVISION)
 MARKER = ".kaleido-image.json"  # which image last refreshed the workspace
 # What a run writes (or a developer's machine holds) is never copied from, nor overwritten in, the workspace.
 KEPT = frozenset({"data", "artifacts", "runs", ".platform", ".git", ".venv", ".dvc/cache", ".dvc/tmp",
@@ -46,8 +47,10 @@ def _kept(relative: Path) -> bool:
     return "__pycache__" in parts or any("/".join(parts[: i + 1]) in KEPT for i in range(len(parts)))
 
 
-def sync_workspace(source: Path, target: Path, revision: str = "unknown") -> SyncReport:
+def sync_workspace(source: Path, target: Path) -> SyncReport:
     """Copy the checkout at `source` over `target` (files that differ), keeping every output; set DVC up there."""
+    from kaleido.platform.services import _bin
+
     source, target = Path(source), Path(target)
     if not (source / "dvc.yaml").is_file():
         raise WorkspaceError(f"{source} has no dvc.yaml: --source must be the repository checkout of the image")
@@ -66,11 +69,11 @@ def sync_workspace(source: Path, target: Path, revision: str = "unknown") -> Syn
         copied += 1
     no_scm = not (target / ".git").exists()
     if no_scm:
-        dvc = Path(sys.executable).with_name("dvc")
-        command = [str(dvc) if dvc.exists() else "dvc", "config", "--local", "core.no_scm", "true"]
+        command = [_bin("dvc"), "config", "--local", "core.no_scm", "true"]
         result = subprocess.run(command, cwd=target, capture_output=True, text=True)
         if result.returncode:
             raise WorkspaceError(f"`{' '.join(command)}` failed in {target}:\n{result.stderr[-2000:]}")
+    revision = os.environ.get(REVISION_ENV, "unknown")
     marker = {"source": str(source), "revision": revision, "synced_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (target / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return SyncReport(copied, unchanged, no_scm)
