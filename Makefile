@@ -11,7 +11,7 @@ SAMPLES := artifacts/samples
 PROMPT := "An astronaut plays with a cat next to a cup of coffee on a table"
 IMAGE ?= kaleido:0.1.0
 
-.PHONY: setup browser run stop test test-fast lint lock bench image clean
+.PHONY: setup browser run stop test test-fast lint lock bench gpu-check image clean
 
 setup: $(VENV)/.installed browser
 
@@ -49,6 +49,10 @@ lock:
 
 bench: setup
 	$(BIN)/python benchmarks/dit_throughput.py
+
+# First run on a lent GPU machine: GPU-only kernel tests, kernel benchmark, 1.3B training step and generation.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 # The cluster image (Dockerfile): push it where the GPU nodes pull from and name it in params.yaml
 # (train.kubernetes.image) and the work pool's `image` variable.

@@ -100,3 +100,5 @@ def inspect_checkpoint_command(
         typer.echo(f"  {key}: {value}")
     typer.echo(f"parameters: {info.num_parameters} ({_human(info.num_parameters)})")
     typer.echo("dtypes: " + ", ".join(f"{name} ({count} tensors)" for name, count in info.dtypes.items()))
+    if info.extras:
+        typer.echo("also in the file (not loaded): " + ", ".join(info.extras))

@@ -28,6 +28,17 @@ RopeVariant = Literal[
 AttentionBackendName = Literal["reference", "sdpa", "triton"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
+# The negative prompt of the shipped sampling config (`zai-org/Kaleido` configs/sampling/
+# sample_wanvae_concat_14b.yaml, `sample_neg_prompt`): Wan2.1's standard negative prompt without its
+# "画得不好的脸部" (badly drawn faces) term. It lists what to avoid: oversaturated, overexposed, static,
+# blurry details, subtitles, worst/low quality, JPEG artefacts, extra fingers, deformed limbs, messy
+# background, three legs, crowded background, walking backwards.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 
 class ParamsError(ValueError):
     """params.yaml is missing or invalid; the message names the key, the value and what is allowed."""
@@ -54,20 +65,25 @@ class ModelConfig(_Section):
     rope: RopeConfig = RopeConfig()
     max_references: int = Field(3, ge=1, le=16)
     dtype: DTypeName = "float32"
+    vae_dtype: DTypeName | None = Field(
+        None, description="VAE dtype; null: bfloat16 on a GPU (as the shipped Kaleido runs it), float32 on CPU"
+    )
     text_len: int = Field(512, ge=1, description="text tokens the DiT sees (zero-padded), Wan: 512")
 
 
 class GenerateConfig(_Section):
     frames: int = Field(81, ge=1, description="pixel frames; must be 4k+1 for the Wan VAE")
-    height: int = Field(480, ge=16)
-    width: int = Field(832, ge=16)
+    height: int = Field(512, ge=16, description="shipped sampling size 512x896 (training: 480x832)")
+    width: int = Field(896, ge=16)
     fps: int = Field(16, ge=1)
     steps: int = Field(50, ge=1)
     guidance_scale: float = Field(6.0, ge=0.0, description="CFG on text only; references kept in both")
     shift: float = Field(7.0, gt=0.0, description="flow-matching sigma shift at sampling")
     sampler: Literal["euler", "unipc"] = "euler"
     seed: int = 0
-    negative_prompt: str = ""
+    negative_prompt: str = Field(
+        WAN_NEGATIVE_PROMPT, description="the shipped sampling config's (Wan's standard, Chinese); \"\" for none"
+    )
 
     @model_validator(mode="after")
     def _vae_compatible(self) -> GenerateConfig:

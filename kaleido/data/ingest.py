@@ -29,6 +29,7 @@ from kaleido.config.schema import IngestConfig
 from kaleido.data.paths import PathOutsideRoot, relative_to_root, resolve_inside, safe_name
 from kaleido.data.records import ClipRecord, Rejection
 from kaleido.data.shots import Shot, ShotDetector
+from kaleido.model.media import centre_crop_box, cover_size
 
 STAGE = "ingest"
 
@@ -213,15 +214,8 @@ def frame_indices(start: int, end: int, source_fps: float, fps: float) -> list[i
         k += 1
 
 
-def cover_size(width: int, height: int, out_width: int, out_height: int) -> tuple[int, int]:
-    """The size a (width, height) frame is scaled to so it covers (out_width, out_height), aspect kept."""
-    scale = max(out_width / width, out_height / height)
-    return max(out_width, round(width * scale)), max(out_height, round(height * scale))
-
-
 def centre_crop(frame: np.ndarray, out_height: int, out_width: int) -> np.ndarray:
-    top = (frame.shape[0] - out_height) // 2
-    left = (frame.shape[1] - out_width) // 2
+    left, top = centre_crop_box(frame.shape[1], frame.shape[0], out_width, out_height)
     return frame[top : top + out_height, left : left + out_width]
 
 

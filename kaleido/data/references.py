@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from kaleido.data.records import ClipRecord, Instance, Rejection
+from kaleido.model.media import centre_crop_box, cover_size
 from kaleido.vision import Box, ImageLike, Inpainter, Variator, box_pixels, to_rgb_array
 
 WHITE = 255
@@ -102,11 +103,9 @@ def remove_subjects(
 def cover_resize(image: ImageLike, height: int, width: int) -> np.ndarray:
     """Resize keeping the aspect ratio so the image covers (height, width), then centre-crop."""
     array = to_rgb_array(image)
-    src_h, src_w = array.shape[:2]
-    scale = max(height / src_h, width / src_w)
-    new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
+    new_w, new_h = cover_size(array.shape[1], array.shape[0], width, height)
     resized = np.asarray(Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BICUBIC))
-    top, left = (new_h - height) // 2, (new_w - width) // 2
+    left, top = centre_crop_box(new_w, new_h, width, height)
     return resized[top : top + height, left : left + width].copy()
 
 

@@ -11,7 +11,10 @@ Loading never holds a checkpoint twice: the model is built on the meta device an
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ from safetensors.torch import save_file
 
 from kaleido.model.dit import DiTConfig, KaleidoDiT
 from kaleido.model.keymaps import diffusers_key_to_wan, sat_to_wan, wan_key_to_diffusers, wan_to_sat
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("wan", "diffusers", "sat")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -112,25 +117,145 @@ def _tensor_files(path: Path) -> tuple[tuple[Path, ...], Path | None]:
     raise _no_checkpoint(path, "no DiT checkpoint in this folder")
 
 
-def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """A torch state dict, memory-mapped, unwrapped from DeepSpeed's {"module": ...} and similar."""
+def _numpy_rng_globals() -> list:
+    """The pickle globals of a NumPy RNG state (np.random.get_state(): ('MT19937', uint32 array, pos, has_gauss,
+    cached_gaussian)), which the official SAT/DeepSpeed trainer saves beside the weights (`np_rng_state`).
+
+    Only these are allowed on top of torch's weights-only set: they rebuild an array, nothing else. NumPy 2
+    pickles the array rebuilder as numpy._core.multiarray._reconstruct, NumPy 1.x as numpy.core.multiarray.
+    """
+    import numpy as np
+
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType, how NumPy >= 1.25 may name the state's dtype
+    ]
+
+
+# Top-level entries of an official SAT / DeepSpeed checkpoint besides the weights ("module"), for messages.
+_EXTRA_NAMES = {
+    "random_rng_state": "Python RNG state", "np_rng_state": "NumPy RNG state", "torch_rng_state": "torch RNG state",
+    "cuda_rng_state": "CUDA RNG state", "rng_tracker_states": "model-parallel RNG states",
+    "client_lr_scheduler": "LR scheduler state", "lr_scheduler": "LR scheduler state", "optimizer": "optimizer state",
+    "ds_config": "DeepSpeed config", "param_shapes": "ZeRO parameter shapes",
+}
+
+
+def _describe_extra(key: str, value: object) -> str:
+    if isinstance(value, bool | int | float | str) and len(str(value)) <= 40:
+        return f"{key}={value}"
+    if key in _EXTRA_NAMES:
+        return f"{key} ({_EXTRA_NAMES[key]})"
+    return f"{key} ({type(value).__name__})"
+
+
+def _load_torch_file_with_extras(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A torch state dict, memory-mapped and unwrapped from DeepSpeed's {"module": ...} and similar, plus a
+    one-line description of every other top-level entry (RNG states, iteration, DeepSpeed config, ...).
+
+    Loading stays weights-only (no code from the file runs): torch's tensor-only unpickler plus exactly the
+    NumPy globals of an RNG state (`_numpy_rng_globals`). Any other global is refused with its name.
+    """
     try:
         # mmap needs the zip format (torch >= 1.6); a legacy file is read into memory instead.
-        state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except Exception as exc:  # pickle, zip and mmap errors have many types; all mean the same to the user
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused: the file needs {', '.join(unsafe)} to load, which is neither a tensor nor an "
+                "RNG state, and loading never runs code from a checkpoint. Re-save the weights alone (e.g. "
+                "torch.save(state_dict) or safetensors) in a process that trusts the file"
+            ) from None
         raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({exc})") from exc
+    except Exception as exc:  # zip, mmap and truncation errors have many types; all mean the same to the user
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({exc})") from exc
+    extras: list[str] = []
     for wrapper in ("module", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            extras += [_describe_extra(k, v) for k, v in state.items() if k != wrapper and v is not None]
             state = state[wrapper]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state
+    return state, extras
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a zip-format torch file needs beyond the weights-only set and the NumPy RNG ones."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip file, or unreadable: the caller reports the load error itself
+        return []
+    allowed = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
+               "numpy.dtype", "numpy.dtypes.UInt32DType"}
+    return [name for name in found if name not in allowed]
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a torch file (see `_load_torch_file_with_extras`)."""
+    return _load_torch_file_with_extras(path)[0]
+
+
+def checkpoint_extras(path: str | Path) -> list[str]:
+    """What a checkpoint's torch files hold besides the DiT weights, one description per entry (not loaded).
+
+    An official SAT/DeepSpeed checkpoint lists e.g. `iteration=1000`, `np_rng_state (NumPy RNG state)`,
+    `ds_version=0.14.4`; a safetensors checkpoint lists nothing.
+    """
+    extras: list[str] = []
+    for file in _locate(path).files:
+        if file.suffix != ".safetensors":
+            extras += _load_torch_file_with_extras(file)[1]
+    return extras
+
+
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """(tensor name -> {"dtype", "shape", "data_offsets"}, __metadata__) of a .safetensors file, from its header.
+
+    Reads only the 8-byte length and the JSON header (the format's first bytes), never maps the file:
+    `safe_open` maps it whole, which fails for a 28-57 GB single-file 14B checkpoint on a machine with less
+    memory (ENOMEM) although the header is a few hundred KB. CheckpointError names a truncated or damaged file.
+    """
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({len(prefix)} bytes; the file is truncated "
+                                      "or empty): download or export it again")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > _MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {length} bytes is implausible)")
+            blob = handle.read(length)
+            size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: damaged safetensors header (truncated, or not safetensors)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    if 8 + length + end > size:
+        raise CheckpointError(
+            f"{path}: truncated: the header describes {8 + length + end} bytes, the file has {size}; "
+            "download or export it again"
+        )
+    return header, metadata
 
 
 def _file_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as handle:
-            return list(handle.keys())
+        return list(safetensors_header(path)[0])
     return list(_load_torch_file(path))
 
 
@@ -210,8 +335,7 @@ def read_config(path: str | Path) -> DiTConfig | None:
         if config is not None:
             return config
     if len(files) == 1 and files[0].suffix == ".safetensors":
-        with safe_open(files[0], framework="pt") as handle:
-            embedded = (handle.metadata() or {}).get("config")
+        embedded = safetensors_header(files[0])[1].get("config")
         if embedded:
             return _config_from_json(json.loads(embedded), files[0])
     return None
@@ -296,13 +420,10 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
 def _read_file_meta(file: Path) -> dict[str, torch.Tensor]:
     """Like _read_file but meta tensors from the headers: shapes and dtypes, no data."""
     if file.suffix == ".safetensors":
-        with safe_open(file, framework="pt") as handle:
-            shard = {}
-            for key in handle.keys():  # noqa: SIM118 (not a dict)
-                piece = handle.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.uint8)
-                shard[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
-            return shard
+        return {
+            key: torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES.get(entry["dtype"], torch.uint8), device="meta")
+            for key, entry in safetensors_header(file)[0].items()
+        }
     return {k: torch.empty_like(v, device="meta") for k, v in _load_torch_file(file).items()}
 
 
@@ -418,6 +539,7 @@ def load_dit(
     The model is created on the meta device (no memory, no random init) and every tensor read is assigned
     as the parameter itself, so peak memory stays near one model size. Missing, unexpected and wrong-shaped
     tensors are all reported together in one CheckpointError. dtype=None keeps the checkpoint's dtypes.
+    device="meta" checks every name and shape at full size without memory (a dry run of the load).
     On the CPU without a dtype change the parameters stay memory-mapped views of the files (copy-on-write):
     replace checkpoint files (as save_dit does), never rewrite them in place while such a model lives.
     """
@@ -428,7 +550,8 @@ def load_dit(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     seen: set[str] = set()
     problems = _Mismatch([], [], [])
-    for shard in _iter_wan(layout):
+    dry_run = torch.device(device).type == "meta"
+    for shard in _iter_wan(layout, _read_file_meta if dry_run else _read_file):
         accepted = {}
         for key, tensor in shard.items():
             if key not in expected:
@@ -444,8 +567,11 @@ def load_dit(
     problems.missing = [k for k in expected if k not in seen]
     if problems:
         raise problems.error(f"checkpoint {layout.path}", layout.format, config, config_source)
+    extras = checkpoint_extras(layout.path) if any(f.suffix != ".safetensors" for f in layout.files) else []
+    if extras:
+        log.info("%s: also holds (not loaded): %s", layout.path, ", ".join(extras))
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left_on_meta:
+    if left_on_meta and not dry_run:
         raise CheckpointError(f"{layout.path}: tensors not loaded (still on meta): {left_on_meta[:_MAX_LISTED]}")
     return model
 
@@ -648,6 +774,7 @@ class CheckpointInfo:
     config_source: str
     num_parameters: int
     dtypes: dict[str, int]  # dtype name -> number of tensors
+    extras: tuple[str, ...] = ()  # other entries of the file (RNG states, iteration, ...), not loaded
 
 
 def inspect_checkpoint(path: str | Path, config: DiTConfig | None = None) -> CheckpointInfo:
@@ -665,4 +792,5 @@ def inspect_checkpoint(path: str | Path, config: DiTConfig | None = None) -> Che
     return CheckpointInfo(
         path=layout.path, format=layout.format, files=layout.files, config=config, config_source=config_source,
         num_parameters=sum(t.numel() for t in metas.values()), dtypes=dtypes,
+        extras=tuple(checkpoint_extras(path)),
     )

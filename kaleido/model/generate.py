@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kaleido.config.schema import WAN_NEGATIVE_PROMPT
 from kaleido.model.media import load_reference_image
 from kaleido.model.vae import validate_video_size
 
@@ -66,17 +67,30 @@ def validate_request(
     return images
 
 
-def make_scheduler(sampler: str, shift: float) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
-    """A fresh diffusers flow-matching scheduler (they keep per-run state, so never share one)."""
+def make_scheduler(
+    sampler: str, shift: float, steps: int, device: str | torch.device = "cpu"
+) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
+    """A fresh diffusers flow-matching scheduler with its `steps` timesteps set (schedulers keep per-run state,
+    so never share one).
+
+    Euler follows the shipped sampler (`zai-org/Kaleido` sgm/modules/diffusionmodules/sampling.py,
+    `make_hunyuan_timesteps` with shift_scale 7): sigma_i = shift u / (1 + (shift - 1) u) for
+    u = linspace(1, 0, steps + 1), i.e. shifted ONCE; the DiT gets timestep 1000 sigma. UniPC uses Wan2.1's
+    settings (flow sigmas with the same shift).
+    """
     if sampler == "euler":
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+        # Explicit sigmas: without them diffusers' Euler starts from its already-shifted training sigmas and
+        # shifts again (the last step then jumps from ~0.05 to 0).
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=device)
+        return scheduler
     if sampler == "unipc":
         from diffusers import UniPCMultistepScheduler
 
         # Wan2.1's sampler settings (its diffusers scheduler config)
-        return UniPCMultistepScheduler(
+        scheduler = UniPCMultistepScheduler(
             num_train_timesteps=NUM_TRAIN_TIMESTEPS,
             prediction_type="flow_prediction",
             use_flow_sigmas=True,
@@ -87,11 +101,27 @@ def make_scheduler(sampler: str, shift: float) -> FlowMatchEulerDiscreteSchedule
             lower_order_final=True,
             final_sigmas_type="zero",
         )
+        scheduler.set_timesteps(steps, device=device)
+        return scheduler
     raise ValueError(f"sampler={sampler!r}: unknown; use one of {', '.join(SAMPLERS)}")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def vae_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
+    """model.vae_dtype, or for null the shipped choice: bfloat16 on a GPU (`zai-org/Kaleido` runs its WanVAE in
+    bf16 for sampling and for training latents), float32 on CPU (where bf16 convolutions are slow)."""
+    if name is not None:
+        return DTYPES[name]
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def frames_to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float pixels -> uint8 as the shipped sampler converts them: clamp((x + 1) / 2, 0, 1) * 255, then
+    TRUNCATED (numpy astype). Truncation is ~0.5 level darker on average than rounding; kept for fidelity."""
+    return (((video.float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
 def _required_path(params: Params, key: str) -> Path:
@@ -171,8 +201,7 @@ class S2VPipeline:
             dtype=dtype,
             device=device,
         )
-        # The VAE stays in fp32 (as Wan runs it): its decoder is sensitive to low precision.
-        vae = WanVAE.from_pretrained(vae_path, device=device, dtype=torch.float32)
+        vae = WanVAE.from_pretrained(vae_path, device=device, dtype=vae_dtype(model.vae_dtype, device))
         text_encoder = TextEncoder.from_pretrained(text_path, tokenizer_path, device=device, dtype=dtype)
         return cls(
             dit,
@@ -228,14 +257,14 @@ class S2VPipeline:
         prompt: str,
         reference_images: Sequence[ReferenceInput] = (),
         frames: int = 81,
-        height: int = 480,
-        width: int = 832,
+        height: int = 512,
+        width: int = 896,
         steps: int = 50,
         guidance_scale: float = 6.0,
         shift: float = 7.0,
         sampler: str = "euler",
         seed: int = 0,
-        negative_prompt: str = "",
+        negative_prompt: str = WAN_NEGATIVE_PROMPT,
         progress: bool = True,
     ) -> np.ndarray:
         """Generate a video; returns uint8 frames [frames, height, width, 3]."""
@@ -251,13 +280,7 @@ class S2VPipeline:
             reference_latents=self.encode_references(images, height, width),
         )
 
-        scheduler = make_scheduler(sampler, shift)
-        if sampler == "euler":
-            # Wan's schedule: sigmas linspace(1, 0) shifted once. Without explicit sigmas diffusers' Euler
-            # starts from its already-shifted training sigmas and shifts again (last step from ~0.05 to 0).
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=self.device)
-        else:
-            scheduler.set_timesteps(steps, device=self.device)
+        scheduler = make_scheduler(sampler, shift, steps, self.device)
         # Noise from a CPU generator: the same seed gives the same video on any device.
         shape = (1, *self.vae.latent_shape(frames, height, width))
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -270,5 +293,4 @@ class S2VPipeline:
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
 
         video = self.vae.decode(latents)[0]  # [3, T, H, W] in [-1, 1]
-        pixels = ((video + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return pixels.permute(1, 2, 3, 0).cpu().numpy()
+        return frames_to_uint8(video).permute(1, 2, 3, 0).cpu().numpy()

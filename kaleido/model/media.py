@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 WHITE = (255, 255, 255)
 
@@ -37,24 +41,73 @@ def load_reference_image(path: str | Path) -> Image.Image:
         ) from None
 
 
-def fit_and_pad(image: Image.Image, height: int, width: int, fill: tuple[int, int, int] = WHITE) -> Image.Image:
-    """Resize keeping the aspect ratio to fit inside (height, width), then pad (centred) with `fill`.
+def fit_size(src_width: int, src_height: int, width: int, height: int) -> tuple[int, int]:
+    """(new_width, new_height) that fits a src_width x src_height image inside width x height, aspect kept.
 
-    This is the shipped Kaleido reference preprocessing: the whole subject stays visible and the
-    padding is white, so the model learns to ignore the border rather than crop the subject.
+    The shipped Kaleido arithmetic, float for float (`zai-org/Kaleido`: sample_video.py for inference,
+    data_video.py `_load_reference_images` for training): compare the aspect ratios, the long side takes the
+    target size and the other is `int(...)` of the scaled side, i.e. TRUNCATED (4032x3024 -> 682x512 at
+    512x896, where rounding gives 683). One deliberate difference: a side that truncates to 0 (an image more
+    than ~900 times wider than tall) is kept at 1 pixel; the official code fails there.
+    """
+    if min(src_width, src_height, width, height) < 1:
+        raise ValueError(f"sizes must be positive: image {src_width}x{src_height}, target {width}x{height}")
+    image_ratio = src_width / src_height
+    if image_ratio > width / height:
+        new_width, new_height = width, int(width / image_ratio)
+    else:
+        new_width, new_height = int(height * image_ratio), height
+    return max(1, new_width), max(1, new_height)
+
+
+def fit_and_pad(image: Image.Image, height: int, width: int, fill: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Resize keeping the aspect ratio to fit inside (height, width) (`fit_size`, Lanczos), then pad centred.
+
+    This is the shipped Kaleido reference preprocessing, used by generation, latent encoding and evaluation
+    alike: the whole subject stays visible and the padding is white. The padding puts the odd pixel on the
+    right / bottom: (left, top, right, bottom) = (dw // 2, dh // 2, dw - dw // 2, dh - dh // 2).
     """
     if height < 1 or width < 1:
         raise ValueError(f"target size {height}x{width} must be positive")
     image = image.convert("RGB")
-    src_w, src_h = image.size
-    scale = min(width / src_w, height / src_h)
-    new_w = min(width, max(1, round(src_w * scale)))
-    new_h = min(height, max(1, round(src_h * scale)))
-    if (new_w, new_h) != (src_w, src_h):
+    new_w, new_h = fit_size(image.width, image.height, width, height)
+    if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
     pad_w, pad_h = width - new_w, height - new_h
     border = (pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2)  # left, top, right, bottom
     return ImageOps.expand(image, border, fill=fill) if any(border) else image
+
+
+def reference_pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """One reference as the DiT's VAE sees it: `fit_and_pad` to the video size, then (x - 127.5) / 127.5.
+
+    Returns float32 [3, height, width] in [-1, 1]. The one reference preprocessing of the project: generation
+    (`WanVAE.encode_reference`, hence evaluation) and latent encoding for training both call it.
+    """
+    import torch
+
+    array = np.asarray(fit_and_pad(image, height, width), dtype=np.float32)  # [H, W, 3]
+    return (torch.from_numpy(array).permute(2, 0, 1) - 127.5) / 127.5
+
+
+def cover_size(src_width: int, src_height: int, width: int, height: int) -> tuple[int, int]:
+    """(new_width, new_height) that covers width x height with the aspect kept, before a centre crop.
+
+    The shipped training arithmetic for video frames (`zai-org/Kaleido` data_video.py
+    `resize_for_rectangle_crop`): when the source is wider than the target, the height takes the target and
+    the width is int(src_width * height / src_height), truncated; otherwise the width takes the target.
+    The division is correctly rounded, so the truncated side is never below the target.
+    """
+    if min(src_width, src_height, width, height) < 1:
+        raise ValueError(f"sizes must be positive: frame {src_width}x{src_height}, target {width}x{height}")
+    if src_width / src_height > width / height:
+        return int(src_width * height / src_height), height
+    return width, int(src_height * width / src_width)
+
+
+def centre_crop_box(src_width: int, src_height: int, width: int, height: int) -> tuple[int, int]:
+    """(left, top) of the centred width x height window, as the shipped loader crops: delta // 2."""
+    return (src_width - width) // 2, (src_height - height) // 2
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:

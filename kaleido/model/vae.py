@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from PIL import Image
 
-from kaleido.model.media import fit_and_pad
+from kaleido.model.media import reference_pixels
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
@@ -44,12 +43,6 @@ def validate_video_size(frames: int, height: int, width: int) -> None:
                 f"{name}={value}: must be a positive multiple of {SPATIAL_MULTIPLE} "
                 f"(VAE stride 8 x DiT patch 2); use e.g. {low} or {low + SPATIAL_MULTIPLE}"
             )
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float [3, H, W] in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
 class WanVAE:
@@ -106,8 +99,8 @@ class WanVAE:
         return video.float().clamp(-1.0, 1.0)
 
     def preprocess_reference(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
-        """Fit + white-pad to the video size -> [3, height, width] in [-1, 1]."""
-        return image_to_tensor(fit_and_pad(image, height, width))
+        """Fit + white-pad to the video size -> [3, height, width] in [-1, 1] (`media.reference_pixels`)."""
+        return reference_pixels(image, height, width)
 
     @torch.no_grad()
     def encode_reference(self, image: Image.Image, height: int, width: int) -> torch.Tensor:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kaleido.config import Params
 from kaleido.train.latents import (
@@ -44,6 +43,9 @@ if TYPE_CHECKING:
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CAPTION_BATCH = 16
+# Bumped when the pixel preprocessing changes, so that caches made by the old one are re-encoded.
+# 2: the shipped truncating fit/cover arithmetic and bicubic video resize (was: rounding, bilinear).
+PREPROCESSING_VERSION = 2
 
 
 @dataclass
@@ -83,16 +85,25 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 
 
 def resize_cover(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float [3, T, height, width] in [-1, 1]: scale to cover, centre-crop (antialiased)."""
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    """uint8 [T, H, W, 3] -> float [3, T, height, width] in [-1, 1], as the shipped training loader does it.
+
+    `zai-org/Kaleido` data_video.py `resize_for_rectangle_crop(..., reshape_mode="center")`: torchvision's
+    bicubic resize of the uint8 frames (antialiased, rounded back to uint8) to `cover_size`, the centred
+    crop, then (x - 127.5) / 127.5.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    from kaleido.model.media import centre_crop_box, cover_size
+
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
     src_h, src_w = video.shape[-2:]
-    scale = max(height / src_h, width / src_w)
-    new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    new_w, new_h = cover_size(src_w, src_h, width, height)
     if (new_h, new_w) != (src_h, src_w):
-        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    video = video[:, :, top : top + height, left : left + width]
-    return (video.clamp(0, 255) / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()
+        video = resize(video, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    left, top = centre_crop_box(new_w, new_h, width, height)
+    video = video[:, :, top : top + height, left : left + width].float()
+    return ((video - 127.5) / 127.5).permute(1, 0, 2, 3).contiguous()
 
 
 def _hash_file(path: Path) -> str:
@@ -120,8 +131,10 @@ def _model_path(params: Params, key: str) -> Path:
     return path
 
 
-def encode_settings(params: Params) -> dict[str, Any]:
+def encode_settings(params: Params, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Everything that changes a cached tensor; its hash is part of every shard marker."""
+    from kaleido.model.generate import vae_dtype
+
     train, model = params.train, params.model
     text_path = _model_path(params, "text_encoder")
     tokenizer = _model_path(params, "tokenizer") if model.tokenizer is not None else text_path
@@ -130,6 +143,8 @@ def encode_settings(params: Params) -> dict[str, Any]:
         "frames": train.frames,
         "buckets": [list(size) for size in train.buckets],
         "cache_dtype": train.cache_dtype,
+        "vae_dtype": str(vae_dtype(params.model.vae_dtype, device)),  # resolved: GPU and CPU caches never mix
+        "preprocessing": PREPROCESSING_VERSION,
         "text_len": model.text_len,
         "max_references": model.max_references,
         "seed": train.seed,
@@ -153,14 +168,16 @@ class _Encoders:
     """VAE + text encoder, loaded only when some shard needs encoding."""
 
     def __init__(self, params: Params, device: torch.device):
-        from kaleido.model.generate import DTYPES
+        from kaleido.model.generate import DTYPES, vae_dtype
         from kaleido.model.text_encoder import TextEncoder
         from kaleido.model.vae import WanVAE
 
         text_path = _model_path(params, "text_encoder")
         tokenizer = _model_path(params, "tokenizer") if params.model.tokenizer is not None else text_path
-        # The VAE runs in fp32, as for generation: its latents are the targets the DiT learns.
-        self.vae: WanVAE = WanVAE.from_pretrained(_model_path(params, "vae"), device=device, dtype=torch.float32)
+        # The same VAE dtype as generation (model.vae_dtype): its latents are the targets the DiT learns.
+        self.vae: WanVAE = WanVAE.from_pretrained(
+            _model_path(params, "vae"), device=device, dtype=vae_dtype(params.model.vae_dtype, device)
+        )
         self.text: TextEncoder = TextEncoder.from_pretrained(
             text_path, tokenizer, device=device, dtype=DTYPES[params.model.dtype]
         )
@@ -186,8 +203,7 @@ def _prepare_sample(example: TrainingExample, params: Params) -> tuple[torch.Ten
     """Pixels of the clip window [3, frames, height, width] and of each white-padded reference [3, height, width]."""
     from PIL import Image
 
-    from kaleido.model.media import fit_and_pad
-    from kaleido.model.vae import image_to_tensor
+    from kaleido.model.media import reference_pixels
 
     train = params.train
     frames = example.frames()
@@ -195,7 +211,7 @@ def _prepare_sample(example: TrainingExample, params: Params) -> tuple[torch.Ten
     height, width = nearest_bucket(frames.shape[1], frames.shape[2], list(train.buckets))
     video = resize_cover(frames[start : start + count], height, width)
     refs = [
-        image_to_tensor(fit_and_pad(Image.fromarray(np.asarray(ref, dtype=np.uint8)), height, width))
+        reference_pixels(Image.fromarray(np.asarray(ref, dtype=np.uint8)), height, width)
         for ref in example.references
     ]
     return video, refs
@@ -287,10 +303,10 @@ def run_encode(
     dataset = stage_dataset(params, stage)
     out = stage_latents(params, stage)
     tars = [Path(t) for t in dataset_tars(dataset)]
-    settings = encode_settings(params)
-    settings_hash = _digest(settings)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = encode_settings(params, device)
+    settings_hash = _digest(settings)
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
     report = EncodeReport(latents=out)
