@@ -28,7 +28,7 @@ ENV VIRTUAL_ENV=/opt/venv \
 # The locked environment first: it changes far less often than the code, so this layer stays cached.
 COPY requirements.lock /opt/kaleido/requirements.lock
 RUN uv venv --python /usr/local/bin/python3.11 /opt/venv \
-    && uv pip install --python /opt/venv/bin/python --compile-bytecode -r /opt/kaleido/requirements.lock
+    && uv pip sync --python /opt/venv/bin/python --compile-bytecode /opt/kaleido/requirements.lock
 
 COPY . /opt/kaleido
 RUN uv pip install --python /opt/venv/bin/python --compile-bytecode --no-deps /opt/kaleido \

@@ -22,7 +22,7 @@ browser:
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m pip install -q "uv==$(UV_VERSION)"
 	test -x $(BIN)/python || $(UV) venv -q --python $(PYTHON) $(VENV)
-	$(UV) pip install -q --compile-bytecode --python $(BIN)/python -r requirements.lock
+	$(UV) pip sync -q --compile-bytecode --python $(BIN)/python requirements.lock
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $@
 
@@ -44,8 +44,11 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# bitsandbytes (pulled in by pyiqa, never used) is left out: diffusers imports it whenever it is installed,
+# and on CPUs with AVX512-BF16 it then warns on every run ("Failed to load CPU gemm_4bit_forward from
+# kernels-community"). `uv pip sync` installs exactly the lock, so it stays out.
 lock:
-	$(UV) pip compile -q requirements.in --python-version 3.11 -o requirements.lock
+	$(UV) pip compile -q requirements.in --python-version 3.11 --no-emit-package bitsandbytes -o requirements.lock
 
 bench: setup
 	$(BIN)/python benchmarks/dit_throughput.py

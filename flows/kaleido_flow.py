@@ -49,6 +49,9 @@ def run_command(args: list[str], repo: Path, ok: tuple[int, ...] = (0,)) -> subp
     output = (result.stdout + result.stderr).strip()
     if output:
         logger.info(output[-8000:])
+    for line in output.splitlines():  # the library's warnings (truncated prompts, adapted images) stand out
+        if line.startswith("warning: "):
+            logger.warning(line.removeprefix("warning: "))
     if result.returncode not in ok:
         raise StepFailed(f"`{' '.join(args)}` exited with {result.returncode}:\n{output[-3000:]}")
     return result

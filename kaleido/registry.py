@@ -113,14 +113,33 @@ class ModelRegistry:
         version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
         return str(version.version)
 
+    def exists(self, version: str) -> bool:
+        """False for a version that was never created or was deleted (the MLflow UI allows that)."""
+        try:
+            self.client.get_model_version(self.name, version)
+        except (MlflowException, RestException):
+            return False
+        return True
+
     def version_tags(self, version: str) -> dict[str, str]:
-        return dict(self.client.get_model_version(self.name, version).tags)
+        """The version's tags; RegistryError naming the version when it does not exist (any more)."""
+        try:
+            return dict(self.client.get_model_version(self.name, version).tags)
+        except (MlflowException, RestException):
+            raise RegistryError(
+                f"{self.name} version {version} does not exist (deleted?); `kaleido registry show` lists the versions"
+            ) from None
 
     def resolve(self, ref: str) -> str:
-        """A version number from `3`, `@champion`, `champion` or `models:/name@champion` / `models:/name/3`."""
+        """A version number from `3`, `@champion`, `champion` or `models:/name@champion` / `models:/name/3`.
+
+        RegistryError when the version does not exist or the alias points nowhere.
+        """
         text = ref.removeprefix(f"models:/{self.name}")
         text = text.removeprefix("/")
         if text.isdigit():
+            if not self.exists(text):
+                raise RegistryError(f"{self.name} has no version {text} (deleted?); `kaleido registry show` lists them")
             return text
         alias = text.removeprefix("@")
         version = self.alias_version(alias)
@@ -129,10 +148,12 @@ class ModelRegistry:
         return version
 
     def alias_version(self, alias: str) -> str | None:
+        """The version an alias names, or None when no existing version holds it."""
         try:
-            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+            version = str(self.client.get_model_version_by_alias(self.name, alias).version)
         except (MlflowException, RestException):
             return None
+        return version if self.exists(version) else None
 
     # ---- gate ---------------------------------------------------------------------------------------
 
@@ -142,13 +163,25 @@ class ModelRegistry:
         self.client.set_model_version_tag(self.name, version, GATE_REASONS_TAG, json.dumps(reasons, sort_keys=True))
 
     def gate_decision(self, version: str) -> str | None:
-        return self.version_tags(version).get(GATE_TAG)
+        """`passed`, `failed`, or None when the version has no gate tag (never gated) or does not exist."""
+        try:
+            return self.version_tags(version).get(GATE_TAG)
+        except RegistryError:
+            return None
 
     # ---- promotion ----------------------------------------------------------------------------------
 
     def _history(self) -> list[str]:
-        tags = self.client.get_registered_model(self.name).tags
-        return json.loads(tags.get(HISTORY_TAG, "[]"))
+        """The versions that held `champion`, oldest first, as recorded (deleted ones included)."""
+        try:
+            tags = self.client.get_registered_model(self.name).tags
+        except (MlflowException, RestException):
+            return []
+        try:
+            history = json.loads(tags.get(HISTORY_TAG, "[]"))
+        except json.JSONDecodeError:
+            return []  # a hand-edited tag: start afresh rather than fail every command
+        return [str(v) for v in history] if isinstance(history, list) else []
 
     def _set_history(self, history: list[str]) -> None:
         self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
@@ -158,6 +191,8 @@ class ModelRegistry:
 
         Refused unless the version's gate decision is `passed`.
         """
+        if not self.exists(version):
+            raise RegistryError(f"{self.name} version {version} does not exist (deleted?); nothing to promote")
         decision = self.gate_decision(version)
         if decision != "passed":
             raise RegistryError(
@@ -173,27 +208,52 @@ class ModelRegistry:
         self._set_history([*self._history(), version])
         return current
 
-    def rollback(self) -> str:
-        """Give `champion` back to the version it replaced; returns the new champion."""
+    def rollback(self) -> tuple[str, list[str]]:
+        """Give `champion` back to the latest earlier champion that still exists and whose gate passed.
+
+        Earlier champions that were deleted, or whose latest gate decision is not `passed` (re-gated since), are
+        skipped and named. Returns (the new champion, notes on what was skipped); RegistryError when no earlier
+        champion qualifies (the current one stays).
+        """
         history = self._history()
         current = self.alias_version(CHAMPION)
-        if current is None or len(history) < 2:
-            raise RegistryError(f"{self.name} has no earlier champion to roll back to")
-        history = history[:-1] if history[-1] == current else history
-        restored = history[-1]
+        if current is None:
+            raise RegistryError(f"{self.name} has no champion to roll back from")
+        earlier = history[:-1] if history and history[-1] == current else list(history)
+        notes: list[str] = []
+        candidates = []
+        for version in earlier:
+            if version == current:
+                continue
+            if not self.exists(version):
+                notes.append(f"version {version} was deleted")
+            elif self.gate_decision(version) != "passed":
+                notes.append(f"version {version}'s gate decision is {self.gate_decision(version) or 'missing'}")
+            else:
+                candidates.append(version)
+        if not candidates:
+            skipped = f" (skipped: {'; '.join(notes)})" if notes else ""
+            raise RegistryError(f"{self.name} has no earlier champion to roll back to{skipped}; v{current} stays")
+        restored = candidates[-1]
         self.client.set_registered_model_alias(self.name, CHAMPION, restored)
-        if len(history) >= 2:
-            self.client.set_registered_model_alias(self.name, PREVIOUS, history[-2])
-        else:
+        if len(candidates) >= 2:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, candidates[-2])
+        elif self.alias_version(PREVIOUS) is not None or self._alias_exists(PREVIOUS):
             self.client.delete_registered_model_alias(self.name, PREVIOUS)
-        self._set_history(history)
-        return restored
+        self._set_history(candidates)
+        return restored, notes
+
+    def _alias_exists(self, alias: str) -> bool:
+        try:
+            return alias in self.client.get_registered_model(self.name).aliases
+        except (MlflowException, RestException):
+            return False
 
     def download(self, ref: str, dst: Path) -> Path:
         """Download a version's checkpoint folder (for evaluation or serving)."""
         import mlflow.artifacts
 
-        version = self.client.get_model_version(self.name, self.resolve(ref))
+        version = self.client.get_model_version(self.name, self.resolve(ref))  # resolve: it exists
         return Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=version.source, dst_path=str(dst), tracking_uri=self.client.tracking_uri

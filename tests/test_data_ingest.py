@@ -12,12 +12,21 @@ import numpy as np
 import pytest
 
 from kaleido.config.schema import IngestConfig
-from kaleido.data.ingest import frame_indices, plan_clips
+from kaleido.data.ingest import ClipSpan, SourceInfo, frame_indices, plan_clips, probe_video
 from kaleido.data.paths import PathOutsideRoot, check_inside, resolve_inside
 from kaleido.data.records import ClipRecord, Rejection, read_jsonl
 from kaleido.data.shots import Shot, shots_from_transitions
 
 BIKES_CUTS = [30, 76, 137, 187, 242]
+
+
+def _cfr(fps: float, frames: int) -> SourceInfo:
+    """The timeline of a constant-rate source: frame k at k / fps."""
+    return SourceInfo(fps, frames, 96, 64, tuple(k / fps for k in range(frames)), frames / fps)
+
+
+def _times(path: Path) -> tuple[float, ...]:
+    return probe_video(path).frame_times
 
 
 def _cuts(shots: list[Shot]) -> list[int]:
@@ -38,10 +47,11 @@ def test_pyscenedetect_finds_the_bikes_cuts_and_one_shot_in_bigbuckbunny(sample_
     from kaleido.data.shots import PySceneDetectDetector
 
     detector = PySceneDetectDetector(threshold=27, min_scene_len=15)
-    shots = detector.detect(sample_videos["bikes"])
+    shots = detector.detect(sample_videos["bikes"], _times(sample_videos["bikes"]))
     _assert_cuts(_cuts(shots), BIKES_CUTS)
     assert shots[0].start == 0 and shots[-1].end == 250
-    assert detector.detect(sample_videos["bigbuckbunny"]) == [Shot(0, 132)]
+    bunny = sample_videos["bigbuckbunny"]
+    assert detector.detect(bunny, _times(bunny)) == [Shot(0, 132)]
 
 
 @pytest.mark.slow
@@ -52,10 +62,10 @@ def test_transnetv2_finds_the_bikes_cuts_and_one_shot_in_bigbuckbunny(sample_vid
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     detector = TransNetV2Detector(threshold=0.5)
-    shots = detector.detect(sample_videos["bikes"])
+    shots = detector.detect(sample_videos["bikes"], _times(sample_videos["bikes"]))
     _assert_cuts(_cuts(shots), BIKES_CUTS)
     assert shots[0].start == 0 and shots[-1].end == 250
-    bunny = detector.detect(sample_videos["bigbuckbunny"])
+    bunny = detector.detect(sample_videos["bigbuckbunny"], _times(sample_videos["bigbuckbunny"]))
     assert len(bunny) == 1 and bunny[0].start == 0 and bunny[0].end >= 130
     # loading the packaged model must not flip process-wide torch settings
     assert torch.are_deterministic_algorithms_enabled() == deterministic
@@ -77,7 +87,7 @@ def test_shots_from_transition_probabilities():
 def test_plan_clips_respects_min_and_max_seconds():
     cfg = IngestConfig(clip_min_seconds=2.0, clip_max_seconds=5.0, fps=16, height=64, width=96)
     shots = [Shot(0, 25), Shot(25, 125), Shot(125, 425)]  # 1 s, 4 s, 12 s at 25 fps
-    spans, rejections = plan_clips(shots, 25.0, cfg, "raw/x.mp4")
+    spans, rejections = plan_clips(shots, _cfr(25.0, 425), cfg, "raw/x.mp4")
     assert [r.reason for r in rejections] == ["too_short"] and rejections[0].item == "raw/x.mp4#shot0"
     assert [(s.shot_index, s.piece, s.start, s.end) for s in spans] == [
         (1, 0, 25, 125),
@@ -89,16 +99,17 @@ def test_plan_clips_respects_min_and_max_seconds():
         assert 2.0 <= (span.end - span.start) / 25.0 <= 5.0
     # min > max / 2: equal pieces would be too short -> whole max-length pieces, tail rejected
     cfg = IngestConfig(clip_min_seconds=4.0, clip_max_seconds=5.0, fps=16, height=64, width=96)
-    spans, rejections = plan_clips([Shot(0, 275)], 25.0, cfg, "raw/y.mp4")  # 11 s
+    spans, rejections = plan_clips([Shot(0, 275)], _cfr(25.0, 275), cfg, "raw/y.mp4")  # 11 s
     assert [(s.start, s.end) for s in spans] == [(0, 125), (125, 250)]
     assert [r.reason for r in rejections] == ["too_short"]
 
 
 def test_frame_selection_resamples_to_the_target_rate():
-    indices = frame_indices(0, 50, 25.0, 16.0)  # 2 s at 25 fps -> 32 frames at 16 fps
+    indices = frame_indices(ClipSpan(0, 0, 0, 50), _cfr(25.0, 50), 16.0)  # 2 s at 25 fps -> 32 frames at 16 fps
     assert len(indices) == 32 and indices[0] == 0 and indices[-1] <= 49
+    assert indices == [k * 25 // 16 for k in range(32)]  # constant rate: floor(k * 25 / 16)
     assert all(b > a for a, b in itertools.pairwise(indices))
-    up = frame_indices(10, 20, 10.0, 20.0)  # upsampling repeats frames, never leaves the span
+    up = frame_indices(ClipSpan(0, 0, 10, 20), _cfr(10.0, 30), 20.0)  # upsampling repeats frames, stays in the span
     assert len(up) == 20 and min(up) == 10 and max(up) == 19
 
 
@@ -162,7 +173,8 @@ def test_ingest_cuts_shots_into_bounded_clips(ingested):
         span_s = (clip.end_frame - clip.start_frame) / clip.source_fps
         assert 1.0 - 1e-6 <= span_s <= 2.0 + 1e-6
         assert clip.fps == 16 and (clip.width, clip.height) == (96, 64) and clip.source_fps == 25
-        assert clip.num_frames == len(frame_indices(clip.start_frame, clip.end_frame, 25.0, 16.0))
+        span = ClipSpan(clip.shot_index, clip.piece, clip.start_frame, clip.end_frame)
+        assert clip.num_frames == len(frame_indices(span, _cfr(25.0, clip.end_frame), 16.0))
         assert clip.duration_s == pytest.approx(clip.num_frames / 16)
         assert clip.start_s == pytest.approx(clip.start_frame / 25) and clip.end_s == pytest.approx(clip.end_frame / 25)
         assert clip.path.startswith("ingest/shard-00000/clips/") and clip.clip_id in clip.path
@@ -306,8 +318,7 @@ def test_caption_stage_with_sidecar_fills_captions_and_subjects(ingested, tmp_pa
     assert first.caption_source == "sidecar:captions.jsonl"
     assert [(m.term, m.category, m.group) for m in first.subjects] == [
         ("rabbit", "rabbit", "animal"),
-        ("forest", "forest", "background"),
-        ("meadow", "field", "background"),
+        ("meadow", "field", "background"),  # "a forest meadow" is a meadow: the compound names its head
     ]
     cats = [(m.category, m.group) for m in captioned[bikes[0].clip_id].subjects]
     assert cats == [("athlete", "human"), ("bicycle", "object"), ("person", "human"), ("street", "background")]
@@ -436,3 +447,74 @@ def test_matches_name_their_group_and_custom_taxonomies_are_validated(tmp_path):
         Taxonomy.from_mapping({"animal": {"dog": ["hound"], "wolf": ["hound"]}})
     with pytest.raises(ValueError, match="group"):
         Taxonomy.from_mapping({"plants": {"tree": ["oak"]}})
+
+
+# Realistic multi-subject captions and the subjects a reader finds in them (categories, first mention first).
+# Compounds name their head only: a profession or an animal that qualifies the next noun adds no subject.
+CAPTION_SUBJECTS = [
+    ("A nurse shark glides past two scuba divers over a coral reef.", ["shark", "athlete", "sea"]),
+    ("A king penguin waddles across the snow while a man films it.", ["penguin", "snowscape", "man"]),
+    ("A queen bee crawls over the honeycomb.", ["insect"]),
+    ("A police horse and its rider patrol a city street.", ["horse", "driver", "street"]),
+    ("A police officer pets a police dog next to a police car.", ["police officer", "dog", "car"]),
+    ("A fire truck races down the road as firefighters hold on.", ["truck", "street", "firefighter"]),
+    ("A fire-fighter sprays water on a burning house.", ["firefighter", "room"]),
+    ("Two fire fighters carry a ladder.", ["firefighter", "tool"]),
+    ("A toddler boy chases a beach ball on the sand.", ["boy", "ball"]),
+    ("A woman in a cowboy hat rides a horse across a field.", ["woman", "hat", "horse", "field"]),
+    ("A boy in a cowboy costume waves at the camera.", ["boy", "clothing", "camera"]),
+    ("A girl hugs her teddybear in bed.", ["girl", "toy", "bed"]),
+    ("A teddy-bear sits on a wooden chair.", ["toy", "chair"]),
+    ("A child holds a cat-shaped balloon at a birthday party.", ["child", "toy"]),
+    ("The fisherman's boat drifts on a calm lake.", ["worker", "boat", "lake"]),
+    ("A German shepherd runs beside a shepherd and his sheep.", ["dog", "worker", "sheep"]),
+    ("A pilot whale surfaces near a fishing boat.", ["whale", "boat"]),
+    ("Soldier ants march along a tree branch.", ["insect", "tree"]),
+    ("A worker bee lands on a sunflower.", ["insect", "flower"]),
+    ("A giant panda chews bamboo while a red panda sleeps.", ["panda", "plant"]),
+    ("A robot dog walks next to a robot.", ["robot"]),
+    ("A woman wearing a panda mask dances on a stage.", ["woman", "mask", "venue"]),
+    ("Pokémon fans cheer as Pikachu appears on the screen.", ["named cartoon animal"]),
+    ("A barista pours latte art in a café.", ["chef", "beverage", "shop"]),
+    ("Three puppies and two kittens play on a rug.", ["dog", "cat", "home decor"]),
+    ("The wolves howl at the moon in a snowy forest.", ["wolf", "forest"]),
+    ("Geese fly over a farmer and his oxen.", ["duck", "worker", "cow"]),
+    ("A man and a woman walk their dogs in the park.", ["man", "woman", "dog", "park"]),
+    ("A businessman talks on his phone on a busy sidewalk.", ["man", "phone", "street"]),
+    ("Children build a snowman in the backyard.", ["child", "statue", "park"]),
+    ("A skateboarder does a kickflip at the skate park.", ["athlete", "venue"]),
+    ("A dog food bowl sits on the kitchen floor.", ["kitchenware", "room"]),
+    ("A cat sleeps in a cat bed by the window.", ["cat", "bed"]),
+    ("A hot dog and a burger on a picnic table.", ["food", "table"]),
+    ("A doctor examines a patient while a nurse takes notes.", ["doctor"]),
+    ("A mouse trap on the basement floor.", ["room"]),
+    ("Mickey Mouse waves to a crowd of tourists.", ["named cartoon animal", "person"]),
+    ("A truck driver climbs into his truck.", ["driver", "truck"]),
+    ("A horse rider jumps a fence.", ["driver"]),
+    ("A little girl feeds ducks at the pond.", ["girl", "duck", "lake"]),
+    ("Firemen and policemen stand by an ambulance.", ["firefighter", "police officer", "truck"]),
+    ("A man wearing sun glasses reads a newspaper.", ["man", "glasses", "book"]),
+    ("A boy fishes at the lake.", ["boy", "lake"]),
+    ("A knight fights a dragon in front of a castle.", ["soldier", "fantasy creature", "landmark"]),
+    ("Two golden retrievers chase a frisbee on the beach.", ["dog", "sports equipment", "beach"]),
+    ("A woman doctor talks to an elderly man.", ["doctor", "elderly person"]),
+]
+
+
+@pytest.mark.parametrize(("caption", "categories"), CAPTION_SUBJECTS)
+def test_caption_subjects_table(caption, categories):
+    from kaleido.data.taxonomy import candidate_categories, match_subjects
+
+    assert [category for category, _ in candidate_categories(match_subjects(caption))] == categories
+
+
+def test_compound_rules_name_the_words_they_drop():
+    from kaleido.data.taxonomy import match_subjects
+
+    # a possessive or a comma keeps both subjects; spaces or a hyphen make one compound
+    assert [m.category for m in match_subjects("the chef's knife")] == ["chef", "kitchenware"]
+    assert [m.category for m in match_subjects("a chef, a knife")] == ["chef", "kitchenware"]
+    assert [m.term for m in match_subjects("a nurse-shark")] == ["shark"]
+    # accents and joined/split spellings
+    assert [m.term for m in match_subjects("a Café, a POKÉMON")] == ["Café", "POKÉMON"]
+    assert [m.category for m in match_subjects("a teddybear and fire fighters")] == ["toy", "firefighter"]

@@ -43,9 +43,25 @@ def test_floors_fail_only_on_evidence() -> None:
     # mean just under the floor but the cases disagree wildly: not evidence, so no failure
     noisy = decide(_doc({"s2v_consistency": [0.05, 0.95, 0.1, 0.8]}), None, config)
     assert noisy.passed and noisy.checks[0].estimate < 0.5 < noisy.checks[0].high
-    missing = decide(_doc({"motion_smoothness": [0.9]}), None, config)
-    assert not missing.passed and "not computed" in missing.reasons()["s2v_consistency"]
-    assert any("floors alone decide" in note for note in missing.notes)
+    alone = decide(_doc({"s2v_consistency": [0.6], "motion_smoothness": [0.9]}), None, config)
+    assert any("floors alone decide" in note for note in alone.notes)
+
+
+def test_a_missing_metric_means_the_gate_cannot_decide() -> None:
+    """Before: with gate.metrics null a candidate lacking a metric the champion has passed with no check on it."""
+    baseline = _doc({"s2v_consistency": [0.7, 0.7, 0.7], "motion_smoothness": [0.95, 0.95, 0.95]})
+    candidate = _doc({"motion_smoothness": [0.96, 0.96, 0.96]})  # s2v_consistency not computed
+    with pytest.raises(GateError, match=r"no scores for s2v_consistency \(needed by the baseline\)"):
+        decide(candidate, baseline, GateConfig())
+    with pytest.raises(GateError, match=r"s2v_consistency \(needed by gate.metrics\)"):
+        decide(candidate, None, GateConfig(metrics=["s2v_consistency", "motion_smoothness"]))
+    with pytest.raises(GateError, match=r"s2v_consistency \(needed by gate.floors\)"):
+        decide(candidate, None, GateConfig(floors={"s2v_consistency": 0.5}))
+    # a metric only the candidate has is fine: no baseline to compare it with, said in the notes
+    richer = _doc({"s2v_consistency": [0.7, 0.7, 0.7], "motion_smoothness": [0.95, 0.95, 0.95],
+                   "aesthetic_quality": [0.5, 0.5, 0.5]})
+    decision = decide(richer, _doc({"s2v_consistency": [0.7] * 3, "motion_smoothness": [0.95] * 3}), GateConfig())
+    assert decision.passed and any("aesthetic_quality: the baseline has no scores" in n for n in decision.notes)
 
 
 def test_regression_uses_paired_bootstrap_against_the_baseline() -> None:

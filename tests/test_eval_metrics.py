@@ -167,3 +167,25 @@ def test_bootstrap_is_seeded_and_degenerates_to_the_point() -> None:
     assert single.low == single.high == pytest.approx(0.42)
     with pytest.raises(ValueError):
         bootstrap_mean([])
+
+
+def test_torchscript_interpolator_pads_and_truncates_as_vbench(tmp_path: Path) -> None:
+    """VBench's AMT-S path: InputPadder pads to a multiple of 16 symmetrically (replicate; odd pixel right/bottom)
+    and tensor2img truncates. A fake network that adds a ramp over the PADDED columns shows where the frame sat."""
+    import torch
+
+    class RampBlend(torch.nn.Module):
+        def forward(self, img0: torch.Tensor, img1: torch.Tensor, embt: torch.Tensor) -> dict[str, torch.Tensor]:
+            ramp = torch.arange(img0.shape[-1], dtype=img0.dtype) * 0.01
+            return {"imgt_pred": (img0 + img1) / 2 + ramp}
+
+    path = tmp_path / "ramp.pt"
+    torch.jit.save(torch.jit.script(RampBlend()), str(path))
+    interpolator = load_interpolator("torchscript", path)
+    frame = np.full((10, 11, 3), 128, np.uint8)  # 10x11 -> 16x16: 3 rows on top, 2 columns left (5 = 2 + 3)
+    middle = interpolator.interpolate(frame, frame)
+    # worked out from VBench's rule: pixel x of the frame sits at padded column x + 2; value (128/255 + 0.01 (x+2))
+    # x 255, truncated: x=0 -> 133.1 -> 133, x=1 -> 135.65 -> 135, x=10 -> 158.6 -> 158
+    expected = [int((128 / 255 + 0.01 * (x + 2)) * 255) for x in range(11)]
+    assert middle[0, :, 0].tolist() == expected
+    assert middle[0, :3, 0].tolist() == [133, 135, 138]  # rounding would give 133, 136, 138; no padding offset 128

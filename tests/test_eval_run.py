@@ -61,6 +61,12 @@ def test_evaluate_registry_model_end_to_end_then_resume_and_gate(
 
     runner = CliRunner()
     assert runner.invoke(app, ["eval-set", "init", str(tmp_path / "set")]).exit_code == 0
+    import yaml
+
+    spec = yaml.safe_load((tmp_path / "set" / "evalset.yaml").read_text())  # one prompt past the 512 tokens
+    spec["cases"][0]["prompt"] += " The camera slowly pans to the left." * 90
+    (tmp_path / "set" / "evalset.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    long_case = spec["cases"][0]["id"]
     command = ["evaluate", "--model", f"models:/{name}/{version}",
                "--eval-set", str(tmp_path / "set"), "--out", str(tmp_path / "out"), "--params", str(params),
                "--quiet"]
@@ -68,6 +74,7 @@ def test_evaluate_registry_model_end_to_end_then_resume_and_gate(
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert len(summary["generated"]) == 5 and summary["skipped"] == []
+    assert f"warning: case {long_case}: prompt has " in result.output
 
     document = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(document["overall"]) == METRIC_KEYS
@@ -89,6 +96,9 @@ def test_evaluate_registry_model_end_to_end_then_resume_and_gate(
     assert "not ViCLIP" in report and "Farneback" in report and "astronaut-and-cat" in report
     assert report.count("data:image/jpeg;base64,") >= 5 + 6  # a strip per case + reference thumbnails
     assert "upper bound" in report  # the gate rule is stated
+    truncated = [case for case in document["cases"] if case.get("prompt_truncation")]
+    assert [case["id"] for case in truncated] == [long_case] and truncated[0]["prompt_truncation"]["kept"] == 512
+    assert report.count("the model read the first 512") == 1
 
     # MLflow: one run with overall + per-category metrics and the artifacts; the version points at it
     run_id = document["mlflow"]["run_id"]

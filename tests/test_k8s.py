@@ -314,7 +314,9 @@ def test_image_matches_what_the_cluster_expects() -> None:
     # the same uv and the same lock as `make setup`
     (uv,) = [rest for word, rest in instructions if word == "ARG" and rest.startswith("UV_VERSION=")]
     assert re.search(rf"^UV_VERSION := {re.escape(uv.split('=')[1])}$", makefile, re.M)
-    assert any(word == "RUN" and "-r /opt/kaleido/requirements.lock" in rest for word, rest in instructions)
+    assert any(word == "RUN" and "uv pip sync" in rest and "/opt/kaleido/requirements.lock" in rest
+               for word, rest in instructions)
+    assert "pip sync" in makefile  # exactly the lock (bitsandbytes stays out), here and in the image
     # every COPY source exists, and the checkout lands where the init container reads it
     copies = [rest.split() for word, rest in instructions if word == "COPY"]
     assert all((REPO / source).exists() for *sources, _ in copies for source in sources)

@@ -81,7 +81,7 @@ def test_promote_keeps_previous_and_rollback_restores(registry, tmp_path):
     assert registry.promote(second) == first
     assert registry.alias_version("champion") == second and registry.alias_version("previous") == first
     assert registry.resolve(f"models:/{registry.name}@champion") == second
-    assert registry.rollback() == first
+    assert registry.rollback() == (first, [])
     assert registry.alias_version("champion") == first and registry.alias_version("previous") is None
     with pytest.raises(RegistryError, match="no earlier champion"):
         registry.rollback()
@@ -105,3 +105,52 @@ def test_cli_promote_and_rollback(registry, tmp_path, mlflow_server):
     rolled = runner.invoke(app, ["registry", "rollback", "--params", str(params)])
     assert rolled.exit_code == 0 and f'"champion": "{first}"' in rolled.output
     assert mlflow.get_tracking_uri()  # the CLI did not need the global tracking URI
+
+
+def test_rollback_skips_deleted_and_failed_versions_and_names_them(registry, tmp_path, mlflow_server):
+    """A history v1 -> v2 -> v3 -> v4 where v3 was deleted in the UI and v2 was re-gated `failed`: rollback from
+    v4 goes to v1 (not a traceback, never to a failed or missing version) and says what it skipped."""
+    versions = [_version(registry, tmp_path, tag) for tag in "abcd"]
+    for version in versions:
+        registry.record_gate(version, passed=True, reasons={})
+        registry.promote(version)
+    v1, v2, v3, _ = versions
+    registry.client.delete_model_version(registry.name, v3)
+    registry.record_gate(v2, passed=False, reasons={"s2v_consistency": "re-gated"})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"platform": {"mlflow_tracking_uri": mlflow_server,
+                                                   "registered_model": registry.name}}))
+    rolled = CliRunner().invoke(app, ["registry", "rollback", "--params", str(params)])
+    assert rolled.exit_code == 0, rolled.output
+    assert f'"champion": "{v1}"' in rolled.output and '"previous": null' in rolled.output
+    assert f"warning: skipped version {v3} was deleted" in rolled.output
+    assert f"warning: skipped version {v2}'s gate decision is failed" in rolled.output
+    assert registry.alias_version("champion") == v1 and registry.alias_version("previous") is None
+    # nothing left to go back to: refused, naming why, and the champion stays
+    with pytest.raises(RegistryError, match=rf"no earlier champion to roll back to; v{v1} stays"):
+        registry.rollback()
+    assert registry.alias_version("champion") == v1
+
+
+def test_deleted_versions_and_missing_tags_give_messages_not_tracebacks(registry, tmp_path, mlflow_server):
+    first, second = _version(registry, tmp_path, "a"), _version(registry, tmp_path, "b")
+    registry.record_gate(first, passed=True, reasons={})
+    registry.promote(first)
+    registry.client.delete_model_version(registry.name, first)  # the champion itself, deleted in the UI
+    assert registry.alias_version("champion") is None  # the alias points nowhere
+    with pytest.raises(RegistryError, match=rf"has no version {first} \(deleted\?\)"):
+        registry.resolve(first)
+    with pytest.raises(RegistryError, match=rf"version {first} does not exist"):
+        registry.promote(first)
+    assert registry.gate_decision(second) is None  # never gated: no tag, no error
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"platform": {"mlflow_tracking_uri": mlflow_server,
+                                                   "registered_model": registry.name}}))
+    runner = CliRunner()
+    for command in (["registry", "show"], ["registry", "rollback"], ["registry", "promote", first],
+                    ["registry", "promote", second]):
+        result = runner.invoke(app, [*command, "--params", str(params)])
+        assert "Traceback" not in result.output and "MlflowException" not in result.output, result.output
+        assert result.exit_code in (0, 1), result.output
+    shown = runner.invoke(app, ["registry", "show", "--params", str(params)])
+    assert f"v{second}" in shown.output and "gate=-" in shown.output and "champion" not in shown.output

@@ -49,7 +49,8 @@ def write_dataset(root: Path, specs: list[tuple[int, int, int, int]], seed: int 
                 ReferenceImage(category="cat", group="animal", source_clip_id=f"c{i}", image_path=f"refs/r{i}_{j}.png")
             )
         sample = TrainingSample(
-            sample_id=f"s{i:03d}", clip_id=f"c{i}", clip_path=f"clips/c{i}.mp4", caption=f"a cat number {i} walks",
+            sample_id=f"s{i:03d}", clip_id=f"c{i}", clip_path=f"clips/c{i}.mp4", caption=f"a cat number {i} walks"
+            + (" and walks on and on along the long river" * 80 if i == 3 else ""),  # > 512 tokens: truncated
             sample_type="crop", cross_pair=False, references=references,
         )  # fmt: skip
         samples.append(sample)
@@ -103,6 +104,10 @@ def test_encode_writes_buckets_and_skips_finished_shards(env, monkeypatch):
     assert sample["video"].shape == (16, 2, 4, 6) and sample["refs"].shape == (2, 16, 4, 6)
     assert sample["text"].shape[1] == 32 and sample["text"].abs().sum(-1).gt(0).all()  # real tokens only
     assert cache.null_context().shape[1] == 32
+    # the one caption longer than model.text_len is named, with its token count, not cut silently
+    (key, tokens), = report.truncated_captions.items()
+    assert "s003" in key and tokens > 512
+    assert "warning: 1 captions are longer than the text encoder's 512 tokens" in report.summary()
 
     # A moved copy of dataset + cache is up to date: nothing is encoded, no model is even loaded.
     copy = env["folder"] / "copy"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -29,9 +30,12 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def read_params(path: Path | None) -> Params:
+def read_params(path: Path | None, overrides: dict[str, object] | None = None) -> Params:
+    """params.yaml with command-line `overrides` (dotted keys; None values are skipped), validated by the schema
+    so a bad number fails here, before any model loads, with the key and its allowed range."""
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
     try:
-        return load_params(path)
+        return load_params(path, given)
     except ParamsError as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers
@@ -47,6 +51,21 @@ def require_tracking(params: Params, uri: str | None = None) -> None:
         fail(str(exc))
 
 
+class _WarningLines(logging.Handler):
+    """The library's warnings (logger "kaleido"), one `warning: ...` line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.secho(f"warning: {record.getMessage()}", fg=typer.colors.YELLOW, err=True)
+
+
+def show_library_warnings() -> None:
+    """Route warnings of the kaleido.* loggers to stderr (once per process)."""
+    logger = logging.getLogger("kaleido")
+    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+        logger.addHandler(_WarningLines(level=logging.WARNING))
+
+
 @app.callback()
 def main() -> None:
     """Kaleido subject-to-video platform: curate, train, evaluate, generate."""
+    show_library_warnings()

@@ -40,7 +40,7 @@ def eval_set_check(
     loaded = read_params(params)
     target = folder if folder is not None else loaded.resolve(loaded.eval.eval_set)
     try:
-        evalset = load_eval_set(target, loaded.model.max_references, loaded.eval.seed)
+        evalset = load_eval_set(target, loaded.model.max_references, loaded.eval.seed, loaded.media.max_image_pixels)
     except EvalSetError as exc:
         fail(str(exc))
     counts = ", ".join(f"{name} {count}" for name, count in evalset.categories().items())

@@ -34,36 +34,32 @@ def generate(
     params: ParamsOption = None,
 ) -> None:
     """Generate a video of the referenced subjects following the prompt."""
-    loaded = read_params(params)
+    # Every number is validated by the params schema (ranges in the message) before any model loads.
+    loaded = read_params(params, {
+        "generate.frames": frames, "generate.height": height, "generate.width": width, "generate.steps": steps,
+        "generate.guidance_scale": guidance_scale, "generate.shift": shift, "generate.sampler": sampler,
+        "generate.seed": seed, "generate.negative_prompt": negative_prompt,
+    })
     g = loaded.generate
-    request = {
-        "frames": g.frames if frames is None else frames,
-        "height": g.height if height is None else height,
-        "width": g.width if width is None else width,
-        "steps": g.steps if steps is None else steps,
-        "guidance_scale": g.guidance_scale if guidance_scale is None else guidance_scale,
-        "shift": g.shift if shift is None else shift,
-        "sampler": g.sampler if sampler is None else sampler,
-        "seed": g.seed if seed is None else seed,
-        "negative_prompt": g.negative_prompt if negative_prompt is None else negative_prompt,
-    }
     if out.suffix.lower() != ".mp4":
         fail(f"--out {out}: must end in .mp4 (an H.264 mp4 is written)")
     if not prompt.strip():
         fail("--prompt is empty; describe the video to generate")
 
-    # Validate everything cheap (sizes, reference files) BEFORE loading any model.
-    from kaleido.model.generate import validate_request
+    # Validate everything cheap (sizes, reference files, prompt length) BEFORE loading any model.
+    from kaleido.model.generate import GenerationSettings, check_prompts, validate_request
 
+    request = GenerationSettings.from_params(loaded)
     try:
         images = validate_request(
-            ref or [], request["frames"], request["height"], request["width"],
-            loaded.model.max_references, request["steps"], request["sampler"],
+            ref or [], request.frames, request.height, request.width,
+            loaded.model.max_references, request.steps, request.sampler, loaded.media.max_image_pixels,
         )
-    except ValueError as exc:
+        check_prompts(loaded, [("--prompt", prompt), ("the negative prompt", request.negative_prompt)])
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
 
-    from kaleido.model.generate import S2VPipeline
+    from kaleido.model.generate import NumericalError, S2VPipeline
     from kaleido.model.media import contact_sheet, write_video
 
     try:
@@ -71,13 +67,15 @@ def generate(
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     try:
-        video = pipe(prompt, images, **request)
-    except ValueError as exc:
+        video = pipe(prompt, images, warn_truncation=False, **request.call_kwargs())
+    except (ValueError, NumericalError) as exc:
         fail(str(exc))
-    video_path = write_video(video, out, fps=g.fps)
+    metadata = request.metadata(prompt, [str(r) for r in ref or []], seed=pipe.last_seed)
+    video_path = write_video(video, out, fps=g.fps, metadata=metadata)
     sheet_path = contact_sheet(video, out.with_suffix(".png"))
     typer.echo(f"video: {video_path}")
     typer.echo(f"contact sheet: {sheet_path}")
+    typer.echo(f"seed: {pipe.last_seed}" + (" (drawn at random for --seed -1)" if request.seed == -1 else ""))
 
 
 @app.command("init-tiny")

@@ -30,6 +30,8 @@ def show(params: ParamsOption = None) -> None:
     registry = _registry(params)
     champion, previous = registry.alias_version("champion"), registry.alias_version("previous")
     versions = registry.client.search_model_versions(f"name='{registry.name}'")
+    if not versions:
+        typer.echo(f"{registry.name}: no versions yet")
     for version in sorted(versions, key=lambda v: int(v.version)):
         aliases = [a for a, v in (("champion", champion), ("previous", previous)) if v == str(version.version)]
         tags = dict(version.tags)
@@ -60,7 +62,9 @@ def rollback(params: ParamsOption = None) -> None:
 
     registry = _registry(params)
     try:
-        restored = registry.rollback()
+        restored, notes = registry.rollback()
     except RegistryError as exc:
         fail(str(exc), code=1)
+    for note in notes:
+        typer.secho(f"warning: skipped {note}", fg=typer.colors.YELLOW, err=True)
     typer.echo(json.dumps({"champion": restored, "previous": registry.alias_version("previous")}))

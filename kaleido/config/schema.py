@@ -45,7 +45,34 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: a `.nan` or `.inf` in params.yaml (or an override) is an error, not a silent value
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+# A noise seed: 0 .. 2^63 - 1 (what torch.Generator.manual_seed takes); generate.seed may also be -1 = random.
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000  # the flow-matching schedulers' training timesteps: more sampling steps than that repeat them
+
+
+def rope_size_problem(height: int, width: int, variant: str, offset: int) -> str | None:
+    """Why a video of height x width pixels does not fit the R-RoPE layout, or None.
+
+    References sit at h/w positions offset, offset+1, ... (latent patches; one patch = 16 pixels). A video wider
+    or taller than 16 * offset pixels would put its own tokens at those positions too, so references and video
+    would share rotary positions: the shipped offset 80 supports up to 1280 pixels (official config: `max_h`,
+    `max_w` = 80, "max w or h / 8 / 2"). `none` shifts nothing; `shift_w` / `shift_h` only their axis.
+    """
+    axes = {"none": (), "shift_w": ("width",), "shift_h": ("height",)}.get(variant, ("height", "width"))
+    sizes = {"height": height, "width": width}
+    for axis in axes:
+        if sizes[axis] > 16 * offset:
+            return (
+                f"{axis}={sizes[axis]}: R-RoPE ({variant}) places reference tokens from latent patch {offset} "
+                f"(model.rope.offset) on, so a video may be at most {16 * offset} pixels on that axis; the video's "
+                f"{sizes[axis] // 16} patches would share positions with the references. Lower the size (the "
+                "shipped model: 1280 px) or raise model.rope.offset (positions the released model never saw)"
+            )
+    return None
 
 
 class RopeConfig(_Section):
@@ -76,11 +103,12 @@ class GenerateConfig(_Section):
     height: int = Field(512, ge=16, description="shipped sampling size 512x896 (training: 480x832)")
     width: int = Field(896, ge=16)
     fps: int = Field(16, ge=1)
-    steps: int = Field(50, ge=1)
+    steps: int = Field(50, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(6.0, ge=0.0, description="CFG on text only; references kept in both")
     shift: float = Field(7.0, gt=0.0, description="flow-matching sigma shift at sampling")
     sampler: Literal["euler", "unipc"] = "euler"
-    seed: int = 0
+    seed: int = Field(0, ge=-1, le=MAX_SEED, description="noise seed; -1 draws a random one (Wan's convention), "
+                      "which the output's metadata records")
     negative_prompt: str = Field(
         WAN_NEGATIVE_PROMPT, description="the shipped sampling config's (Wan's standard, Chinese); \"\" for none"
     )
@@ -245,7 +273,7 @@ class ReferenceConfig(_Section):
 
 class DataConfig(_Section):
     root: Path = Path("data")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     workers: int = Field(2, ge=1, description="parallel shard workers (local processes)")
     shard_size: int = Field(8, ge=1, description="clips (or source videos, for ingest) per work shard")
     ray_address: str | None = Field(None, description="run shards on Ray at this address ('local' starts one)")
@@ -327,7 +355,7 @@ class TrainConfig(_Section):
     sequence_parallel: int = Field(1, ge=1, description="DeepSpeed-Ulysses degree: ranks sharing one sequence")
     activation_checkpointing: bool = True
     nproc_per_node: int = Field(8, ge=1, description="processes (GPUs) the local launcher starts")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     dataset: Path = Field(Path("data/dataset"), description="training tar shards (kaleido.data.writer)")
     latents: Path = Field(Path("artifacts/latents"), description="latent cache written by `kaleido encode`")
     output_dir: Path = Field(Path("runs/train"), description="<output_dir>/<stage>/: checkpoints, export, loss curve")
@@ -409,7 +437,7 @@ class EvalConfig(_Section):
     frames: int | None = Field(None, ge=1)
     height: int | None = Field(None, ge=16)
     width: int | None = Field(None, ge=16)
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     experiment: str = Field("kaleido-eval", min_length=1, description="MLflow experiment of evaluation runs")
     models: EvalModelsConfig = EvalModelsConfig()
     s2v: S2VEvalConfig = S2VEvalConfig()
@@ -476,7 +504,17 @@ class PlatformConfig(_Section):
     )
 
 
+class MediaConfig(_Section):
+    # Every user image (generate --ref, eval-set references, curation, samples) goes through one loader.
+    max_image_pixels: int = Field(
+        120_000_000, ge=1,
+        description="images above this many pixels are refused before decoding (a 102 Mpx medium-format photo "
+        "passes; RGB at the limit is 360 MB in memory)",
+    )
+
+
 class Params(_Section):
+    media: MediaConfig = MediaConfig()
     model: ModelConfig = ModelConfig()
     generate: GenerateConfig = GenerateConfig()
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
@@ -488,6 +526,18 @@ class Params(_Section):
     # The folder relative paths resolve against (the folder of params.yaml); not a knob.
     base_dir: Path = Field(Path("."), exclude=True)
 
+    @model_validator(mode="after")
+    def _sizes_fit_rope(self) -> Params:
+        rope = self.model.rope
+        sizes = [("generate", self.generate.height, self.generate.width)]
+        sizes.append(("eval", self.eval.height or self.generate.height, self.eval.width or self.generate.width))
+        sizes += [(f"train.buckets[{i}]", h, w) for i, (h, w) in enumerate(self.train.buckets)]
+        for where, height, width in sizes:
+            problem = rope_size_problem(height, width, rope.variant, rope.offset)
+            if problem:
+                raise ValueError(f"{where}: {problem}")
+        return self
+
     def resolve(self, path: Path | None) -> Path | None:
         """A path from params.yaml, made absolute against the folder that holds params.yaml."""
         if path is None:
@@ -497,7 +547,9 @@ class Params(_Section):
 
 
 def _describe_error(error: dict[str, Any], source: str) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "<root>"
+    if not error["loc"]:  # a check across sections (model_validator): its message names the keys itself
+        return f"{source}: {str(error['msg']).removeprefix('Value error, ')}"
+    key = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"{source}: unknown key '{key}' (value {error['input']!r}); remove it or fix its spelling"

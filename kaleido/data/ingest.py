@@ -1,11 +1,12 @@
 """Ingest: raw source videos -> shot-bounded clips at a fixed frame rate and size, plus manifest rows.
 
 Paper section 3.2 (1): raw videos are sliced into short clips, each a coherent action or event.
-Per source: probe the container, detect shots (shots.py), cut each shot into clips of
-[clip_min_seconds, clip_max_seconds] (a longer shot is split into equal pieces, a shorter one is
-rejected as `too_short`), resample to `data.ingest.fps` (at each output time, the source frame on
-screen then), resize so the frame covers height x width and centre-crop, and write H.264 mp4
-(media.write_video).
+Per source: probe the container (every frame's presentation time, the display rotation), detect shots
+(shots.py), cut each shot into clips of [clip_min_seconds, clip_max_seconds] of SOURCE TIME (a longer shot
+is split into equal pieces, a shorter one is rejected as `too_short`), resample to `data.ingest.fps` by
+presentation timestamps (at each output time, the source frame on screen then: a variable-frame-rate phone
+video keeps its real timeline), rotate as the display matrix says (a phone video tagged 90 degrees comes out
+upright), resize so the frame covers height x width and centre-crop, and write H.264 mp4 (media.write_video).
 
 A source that cannot be read (empty, not a video, truncated, corrupt mid-stream) becomes a
 `Rejection` and its partial clips are deleted; the other sources of the run are not affected.
@@ -13,8 +14,10 @@ A source that cannot be read (empty, not a video, truncated, corrupt mid-stream)
 
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -32,6 +35,7 @@ from kaleido.data.shots import Shot, ShotDetector
 from kaleido.model.media import centre_crop_box, cover_size
 
 STAGE = "ingest"
+TIME_EPS = 1e-6  # seconds: timestamps are exact fractions; this absorbs float rounding
 
 
 class VideoError(Exception):
@@ -45,10 +49,21 @@ class VideoError(Exception):
 
 @dataclass(frozen=True)
 class SourceInfo:
-    fps: float
+    fps: float  # average rate (the container's); the timeline itself is `frame_times`
     declared_frames: int  # from the container header; 0 when unknown
-    width: int
+    width: int  # as displayed (after rotation)
     height: int
+    frame_times: tuple[float, ...] = ()  # presentation time of every frame, seconds from the first, ascending
+    end_time: float = 0.0  # when the last frame stops being shown
+    rotation: int = 0  # display rotation, degrees counter-clockwise (0, 90, 180, 270)
+
+    def time_at(self, index: int) -> float:
+        """Presentation time of frame `index`; `end_time` for index == number of frames."""
+        return self.frame_times[index] if index < len(self.frame_times) else self.end_time
+
+    def index_at(self, seconds: float) -> int:
+        """The frame on screen at `seconds` (the last one presented at or before it)."""
+        return max(0, bisect.bisect_right(self.frame_times, seconds + TIME_EPS) - 1)
 
 
 @dataclass(frozen=True)
@@ -137,16 +152,60 @@ def probe_video(path: Path) -> SourceInfo:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
-            info = SourceInfo(fps, int(stream.frames or 0), stream.codec_context.width, stream.codec_context.height)
+            width, height = stream.codec_context.width, stream.codec_context.height
+            declared = int(stream.frames or 0)  # read before demuxing: PyAV's value is garbage afterwards
+            pts, durations, rotation = _packet_times(container, stream)
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise VideoError("not_a_video", f"not a readable video ({exc.__class__.__name__}: {exc})") from None
-    if not math.isfinite(info.fps) or info.fps <= 0:
+    if not math.isfinite(fps) or fps <= 0:
         raise VideoError("no_frame_rate", "the video stream declares no frame rate")
-    if info.width <= 0 or info.height <= 0:
-        raise VideoError("not_a_video", f"the video stream has no picture size ({info.width}x{info.height})")
-    return info
+    if width <= 0 or height <= 0:
+        raise VideoError("not_a_video", f"the video stream has no picture size ({width}x{height})")
+    if rotation in (90, 270):
+        width, height = height, width
+    times, end_time = _timeline(pts, durations, fps)
+    return SourceInfo(fps, declared, width, height, times, end_time, rotation)
+
+
+def _packet_times(container: object, stream: object) -> tuple[list[float | None], list[float], int]:
+    """Presentation times (seconds, None when a packet has none) and durations of every video packet, read by
+    demuxing only (no decoding), plus the display rotation of the first decoded frame."""
+    from kaleido.model.media import frame_rotation
+
+    base = stream.time_base
+    pts: list[float | None] = []
+    durations: list[float] = []
+    rotation = None
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's final flush packet
+            continue
+        pts.append(float(packet.pts * base) if packet.pts is not None else None)
+        durations.append(float(packet.duration * base) if packet.duration else 0.0)
+        if rotation is None:
+            for frame in packet.decode():
+                rotation = frame_rotation(frame)
+                break
+    return pts, durations, rotation or 0
+
+
+def _timeline(pts: list[float | None], durations: list[float], fps: float) -> tuple[tuple[float, ...], float]:
+    """Frame times in presentation order, from the first frame (0.0), and the end of the last frame.
+
+    Without timestamps (raw streams) frame k is at k / fps. The last frame lasts its packet's duration, else the
+    median frame interval, else 1 / fps.
+    """
+    if not pts:
+        return (), 0.0
+    if any(t is None for t in pts):
+        return tuple(k / fps for k in range(len(pts))), len(pts) / fps
+    order = sorted(range(len(pts)), key=lambda k: pts[k])  # decode order -> presentation order (B-frames)
+    first = pts[order[0]]
+    times = tuple(pts[k] - first for k in order)
+    gaps = sorted(b - a for a, b in itertools.pairwise(times) if b > a)
+    last = durations[order[-1]] or (gaps[len(gaps) // 2] if gaps else 1.0 / fps)
+    return times, times[-1] + last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,64 +213,73 @@ def probe_video(path: Path) -> SourceInfo:
 
 
 def plan_clips(
-    shots: Sequence[Shot], source_fps: float, cfg: IngestConfig, item: str
+    shots: Sequence[Shot], info: SourceInfo, cfg: IngestConfig, item: str
 ) -> tuple[list[ClipSpan], list[Rejection]]:
-    """Cut shots into clip spans within [clip_min_seconds, clip_max_seconds] (in source frames)."""
-    min_frames = max(1, math.ceil(cfg.clip_min_seconds * source_fps - 1e-6))
-    max_frames = max(min_frames, math.floor(cfg.clip_max_seconds * source_fps + 1e-6))
+    """Cut shots into clip spans lasting [clip_min_seconds, clip_max_seconds] of presentation time.
+
+    A shot longer than the maximum is split into equal-duration pieces, their boundaries on the first frame
+    presented at or after each boundary time (so a variable-frame-rate source is split by time, not by frame
+    count). Spans are in source frames (presentation order), end exclusive.
+    """
+    min_s, max_s = cfg.clip_min_seconds, cfg.clip_max_seconds
     spans: list[ClipSpan] = []
     rejections: list[Rejection] = []
+
+    def first_at(seconds: float) -> int:
+        return bisect.bisect_left(info.frame_times, seconds - TIME_EPS)
+
     for index, shot in enumerate(shots):
-        length = shot.length
-        if length < min_frames:
+        start_s, end_s = info.time_at(shot.start), info.time_at(shot.end)
+        length = end_s - start_s
+        if length < min_s - TIME_EPS:
             rejections.append(
                 Rejection(
                     STAGE,
                     f"{item}#shot{index}",
                     "too_short",
-                    f"shot {index} (frames {shot.start}-{shot.end}) lasts {length / source_fps:.2f} s "
-                    f"< clip_min_seconds {cfg.clip_min_seconds}",
+                    f"shot {index} (frames {shot.start}-{shot.end}, {start_s:.3f}-{end_s:.3f} s) lasts "
+                    f"{length:.2f} s < clip_min_seconds {min_s}",
                 )
             )
             continue
-        pieces = math.ceil(length / max_frames)
-        sizes = [length // pieces + (1 if k < length % pieces else 0) for k in range(pieces)]
-        if min(sizes) < min_frames:
+        pieces = max(1, math.ceil(length / max_s - TIME_EPS))
+        bounds = [shot.start] + [first_at(start_s + k * length / pieces) for k in range(1, pieces)] + [shot.end]
+        if min(info.time_at(b) - info.time_at(a) for a, b in itertools.pairwise(bounds)) < min_s - TIME_EPS:
             # equal pieces would be too short (clip_min_seconds > clip_max_seconds / 2): take whole
             # clip_max_seconds pieces and drop the tail
-            sizes = [max_frames] * (length // max_frames)
-            tail = length - sum(sizes)
-            if tail >= min_frames:
-                sizes.append(tail)
-            elif tail:
+            bounds = [shot.start]
+            while info.time_at(shot.end) - info.time_at(bounds[-1]) >= max_s - TIME_EPS:
+                bounds.append(min(shot.end, first_at(info.time_at(bounds[-1]) + max_s)))
+            tail = info.time_at(shot.end) - info.time_at(bounds[-1])
+            if tail >= min_s - TIME_EPS:
+                bounds.append(shot.end)
+            elif tail > TIME_EPS:
                 rejections.append(
                     Rejection(
                         STAGE,
                         f"{item}#shot{index}.tail",
                         "too_short",
-                        f"the last {tail / source_fps:.2f} s of shot {index} after splitting into "
-                        f"{cfg.clip_max_seconds} s pieces is < clip_min_seconds {cfg.clip_min_seconds}",
+                        f"the last {tail:.2f} s of shot {index} after splitting into "
+                        f"{max_s} s pieces is < clip_min_seconds {min_s}",
                     )
                 )
-        start = shot.start
-        for piece, size in enumerate(sizes):
-            spans.append(ClipSpan(index, piece, start, start + size))
-            start += size
+        for piece, (start, end) in enumerate(itertools.pairwise(bounds)):
+            if end > start:
+                spans.append(ClipSpan(index, piece, start, end))
     return spans, rejections
 
 
-def frame_indices(start: int, end: int, source_fps: float, fps: float) -> list[int]:
-    """Source frames that make up [start, end) resampled to `fps`: at each output time k / fps, the
-    source frame on screen then (so the clip lasts as long as the span: ceil(span * fps / source_fps))."""
-    step = source_fps / fps
+def frame_indices(span: ClipSpan, info: SourceInfo, fps: float) -> list[int]:
+    """Source frames (presentation order) that make up `span` resampled to `fps`: output frame k is shown at
+    t_k = start + k / fps for every t_k before the span's end, and takes the source frame on screen at t_k
+    (the last one presented at or before it). For a constant rate this is start + floor(k * rate / fps)."""
+    start_s, end_s = info.time_at(span.start), info.time_at(span.end)
     indices = []
     k = 0
-    while True:
-        index = start + math.floor(k * step + 1e-9)
-        if index >= end:
-            return indices
-        indices.append(index)
+    while start_s + k / fps < end_s - TIME_EPS:
+        indices.append(min(max(info.index_at(start_s + k / fps), span.start), span.end - 1))
         k += 1
+    return indices
 
 
 def centre_crop(frame: np.ndarray, out_height: int, out_width: int) -> np.ndarray:
@@ -247,13 +315,13 @@ def cut_clips(
     """
     import av
 
-    from kaleido.model.media import write_video
+    from kaleido.model.media import frame_to_rgb, write_video
 
     fps = cfg.fps
     wanted: dict[int, list[tuple[int, int]]] = {}  # source frame -> [(clip, slot)]
     plans = []
     for clip_number, span in enumerate(spans):
-        indices = frame_indices(span.start, span.end, info.fps, fps)
+        indices = frame_indices(span, info, fps)
         plans.append(indices)
         for slot, index in enumerate(indices):
             wanted.setdefault(index, []).append((clip_number, slot))
@@ -270,8 +338,9 @@ def cut_clips(
                 targets = wanted.get(frame_number)
                 if not targets:
                     continue
-                new_w, new_h = cover_size(frame.width, frame.height, cfg.width, cfg.height)
-                image = frame.to_ndarray(width=new_w, height=new_h, format="rgb24", interpolation="AREA")
+                # sizes of the frame as displayed (rotation applied)
+                new_w, new_h = cover_size(info.width, info.height, cfg.width, cfg.height)
+                image = frame_to_rgb(frame, (new_w, new_h), interpolation="AREA")
                 image = np.ascontiguousarray(centre_crop(image, cfg.height, cfg.width))
                 for clip_number, slot in targets:
                     buffer = buffers.setdefault(clip_number, [None] * len(plans[clip_number]))
@@ -322,16 +391,16 @@ def ingest_source(
     try:
         info = probe_video(path)
         try:
-            shots = detector.detect(path)
+            shots = detector.detect(path, info.frame_times)
         except Exception as exc:  # any detector failure is this source's fault, not the run's
             raise VideoError(
                 "shot_detection_failed", f"{detector.name} failed ({exc.__class__.__name__}: {exc})"
             ) from None
         if not shots:
             raise VideoError("no_frames", f"{detector.name} found no frames")
-        spans, rejections = plan_clips(shots, info.fps, cfg, relative)
+        spans, rejections = plan_clips(shots, info, cfg, relative)
         work = out_dir / f".{source_hash(relative)}"
-        written, decoded = cut_clips(path, spans, info, cfg, work)
+        written, _ = cut_clips(path, spans, info, cfg, work)
     except VideoError as exc:
         shutil.rmtree(out_dir / f".{source_hash(relative)}", ignore_errors=True)
         return [], [Rejection(STAGE, relative, exc.reason, exc.detail)], 0.0
@@ -346,8 +415,8 @@ def ingest_source(
                 source=relative,
                 start_frame=span.start,
                 end_frame=span.end,
-                start_s=round(span.start / info.fps, 6),
-                end_s=round(span.end / info.fps, 6),
+                start_s=round(info.time_at(span.start), 6),
+                end_s=round(info.time_at(span.end), 6),
                 source_fps=round(info.fps, 6),
                 fps=float(cfg.fps),
                 width=cfg.width,
@@ -362,4 +431,4 @@ def ingest_source(
     if work.exists():
         work.rmdir()
     records.sort(key=lambda record: (record.start_frame, record.piece))
-    return records, rejections, decoded / info.fps
+    return records, rejections, info.end_time

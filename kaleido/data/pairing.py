@@ -3,10 +3,14 @@
 - Sample types crop:segment:inpaint:redux follow `data.references.sample_mix` (paper 1:5:3:1),
   renormalised over the types the configured models can build. Counts are EXACT for any N:
   largest-remainder apportionment of N, then a seeded shuffle of which sample gets which type.
-- A `cross_pair_ratio` share of the samples (again exact) is cross-paired: each subject's reference
-  comes from a DIFFERENT clip of the same source video (same category), or, when there is none, the
-  subject is cut out by its mask and composited onto the background plate of a clip from an
-  unrelated source (a procedural texture when the batch holds a single source).
+- A `cross_pair_ratio` share of the samples (again exact) is cross-paired as appendix A.1 states it:
+  "segmented subjects are composited with backgrounds ... from different, unrelated sources". Each
+  subject is cut out of its own clip by its mask (its identity stays) and pasted onto the background
+  plate of a clip from a DIFFERENT SOURCE VIDEO (source = the raw video a clip was cut from, never
+  another shot of the same video). A redux reference is already a generated variation (new pose and
+  background). When the batch has no clip from another source, the background is a procedural texture
+  and the shortfall is counted (`cross_source` in the stats), never hidden. Each reference's provenance
+  names the raw video of its subject and of its background.
 Inputs are sorted by clip id first, so the output depends on the results and the seed only.
 """
 
@@ -35,7 +39,8 @@ from kaleido.data.references import (
 from kaleido.data.synthetic import texture
 
 log = logging.getLogger(__name__)
-PROCEDURAL = "procedural"
+PROCEDURAL = "procedural"  # a texture: the batch held no clip of another source video
+GENERATED = "generated"  # a redux variation: FLUX painted the pose and the background
 
 
 # ---- exact ratios -------------------------------------------------------------------------------
@@ -177,6 +182,32 @@ def _composite_reference(
     return reference
 
 
+def cross_source_summary(samples: Iterable[TrainingSample | Mapping[str, Any]]) -> dict[str, Any]:
+    """How many references of cross-paired samples have a background from another raw source video.
+
+    {"references", "other_source", "generated" (redux variations), "procedural" (no other source available),
+    "share": other_source / references (None without cross pairs), "shortfall": procedural}.
+    """
+    counts: Counter[str] = Counter()
+    for sample in samples:
+        row = sample.to_json() if isinstance(sample, TrainingSample) else sample
+        if not row.get("cross_pair"):
+            continue
+        for info in row.get("provenance", {}).get("references", []):
+            counts["references"] += 1
+            kind = info.get("kind")
+            counts["generated" if kind == "redux_variation" else str(kind)] += 1
+    total = counts["references"]
+    return {
+        "references": total,
+        "other_source": counts["other_source"],
+        "generated": counts["generated"],
+        "procedural": counts[PROCEDURAL],
+        "share": round(counts["other_source"] / total, 6) if total else None,
+        "shortfall": counts[PROCEDURAL],
+    }
+
+
 def pair_samples(
     results: Iterable[CurationResult],
     cfg: DataConfig,
@@ -213,41 +244,33 @@ def pair_samples(
             out = OutputDir(Path(out_dir) / sample_id, f"{rel_dir}/{sample_id}" if rel_dir else sample_id)
         references, provenance_refs = [], []
         for k, subject in enumerate(result.subjects):
-            kind, background = "own", None
+            kind, background_clip, background_source = "own", clip.clip_id, clip.source
             if not is_cross:
                 reference = _reference(subject, result, sample_type)
+            elif sample_type == "redux":
+                # no mask to cut the variation out with; its pose and background are generated already
+                reference, kind = _reference(subject, result, sample_type), "redux_variation"
+                background_clip = background_source = GENERATED
             else:
-                others = [
-                    (other, candidate)
-                    for other in usable
-                    if other.clip.source == clip.source and other.clip.clip_id != clip.clip_id
-                    for candidate in other.subjects
-                    if candidate.instance.category == subject.instance.category and sample_type in candidate.references
-                ]
-                if others:
-                    other, candidate = others[int(rng.integers(len(others)))]
-                    reference, kind = _reference(candidate, other, sample_type), "other_clip"
-                elif sample_type == "redux":
-                    # no mask to cut the variation out with; its pose and background are generated already
-                    reference, kind = _reference(subject, result, sample_type), "redux_variation"
+                unrelated = [r for r in plates if r.clip.source != clip.source]
+                if unrelated:
+                    donor = unrelated[int(rng.integers(len(unrelated)))]
+                    plate = load_image(donor.resolve(donor.plate or "", root))
+                    kind, background_clip, background_source = "other_source", donor.clip.clip_id, donor.clip.source
                 else:
-                    unrelated = [r for r in plates if r.clip.source != clip.source]
-                    if unrelated:
-                        donor = unrelated[int(rng.integers(len(unrelated)))]
-                        plate = load_image(donor.resolve(donor.plate or "", root))
-                        background = donor.clip.clip_id
-                    else:
-                        height, width = subject.frame_size
-                        plate = texture(height, width, seed=int(rng.integers(2**31)))
-                        background = PROCEDURAL
-                    name = f"xpair_{k}_{safe_name(subject.instance.category)}"
-                    reference = _composite_reference(subject, result, sample_type, plate, root, out, name)
-                    kind = "composite"
+                    height, width = subject.frame_size
+                    plate = texture(height, width, seed=int(rng.integers(2**31)))
+                    kind, background_clip = PROCEDURAL, PROCEDURAL
+                    background_source = PROCEDURAL
+                name = f"xpair_{k}_{safe_name(subject.instance.category)}"
+                reference = _composite_reference(subject, result, sample_type, plate, root, out, name)
             kinds[kind] += 1
             references.append(reference)
-            provenance_refs.append(
-                {"instance_id": reference.instance_id, "kind": kind, "background_clip_id": background}
-            )
+            provenance_refs.append({
+                "instance_id": reference.instance_id, "kind": kind,
+                "subject_clip_id": clip.clip_id, "subject_source": clip.source,
+                "background_clip_id": background_clip, "background_source": background_source,
+            })
         samples.append(
             TrainingSample(
                 sample_id=sample_id,
@@ -281,7 +304,14 @@ def pair_samples(
                 "cross_pairs": sum(cross),
                 "cross_pair_ratio": cfg.references.cross_pair_ratio,
                 "reference_kinds": dict(kinds),
+                "cross_source": cross_source_summary(samples),
             }
+        )
+    procedural = kinds.get(PROCEDURAL, 0)
+    if procedural:
+        log.warning(
+            "%d cross-paired reference(s) got a procedural background: the batch has no clip of another source "
+            "video (paper A.1 pairs subjects with unrelated sources); add source videos", procedural
         )
     if shortfall:
         log.warning("sample-type mix missed by %d sample(s): their references of the drawn type failed", shortfall)

@@ -308,8 +308,8 @@ def curate_shard(ctx: ShardContext) -> dict[str, Any]:
 def pair_shard(ctx: ShardContext) -> dict[str, Any]:
     """Shard fn (one shard): `kaleido.data.curate.pair_samples` over the results of every curate shard.
 
-    Pairing looks across clips (cross pairs: another clip of the same source, or a background
-    plate of an unrelated source), so it sees all results at once. Items: the curate shard names;
+    Pairing looks across clips (cross pairs: the subject on a background plate of a clip from another
+    source video), so it sees all results at once. Items: the curate shard names;
     payload: their content hashes (a changed curate shard redoes the pairing).
     Writes samples.jsonl (TrainingSample rows), pairing.json (realised mix and ratios).
     """

@@ -155,8 +155,10 @@ class OutputDir:
 
 
 def load_image(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    """An RGB uint8 array through the project's one image loader (media.load_image)."""
+    from kaleido.model.media import load_image as load_rgb
+
+    return np.asarray(load_rgb(path, "curation image"))
 
 
 def load_mask(path: Path) -> np.ndarray:

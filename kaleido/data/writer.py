@@ -64,13 +64,21 @@ def _inside_file(root: Path, value: str | None, what: str) -> Path:
 
 
 def _png_bytes(path: Path, mode: str, what: str) -> bytes:
-    """The image as PNG bytes in `mode` ("RGB" or "L"); a PNG already in that mode is copied as is."""
+    """The image as PNG bytes in `mode` ("RGB" or "L"); a plain PNG already in that mode is copied as is.
+
+    RGB goes through the project's one image loader (media.load_image: orientation, bit depth, alpha, profile).
+    """
+    from kaleido.model.media import ImageError, load_image
+
     try:
         with Image.open(path) as image:
             image.load()
-            if image.format == "PNG" and image.mode == mode:
+            plain = not (image.info.get("exif") or image.info.get("icc_profile") or "transparency" in image.info)
+            if image.format == "PNG" and image.mode == mode and plain:
                 return path.read_bytes()
-            converted = image.convert(mode)
+            converted = load_image(path, what) if mode == "RGB" else image.convert(mode)
+    except ImageError as exc:
+        raise SampleError("bad_image", str(exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise SampleError("bad_image", f"{what} {path.name} is not a readable image ({exc})") from None
     if mode == "L":  # masks are binary
@@ -213,8 +221,10 @@ class TrainingExample:
 def decode_mp4_bytes(data: bytes) -> np.ndarray:
     import av
 
+    from kaleido.model.media import frame_to_rgb
+
     with av.open(io.BytesIO(data)) as container:
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        frames = [frame_to_rgb(frame) for frame in container.decode(video=0)]
     if not frames:
         raise ValueError("the clip has no decodable frames")
     return np.stack(frames)

@@ -74,20 +74,22 @@ class EvalSet:
         return counts
 
 
-def _check_image(path: Path) -> str | None:
-    from PIL import Image, UnidentifiedImageError
+def _check_image(path: Path, name: str, max_pixels: int | None) -> str | None:
+    """The problem with a reference image as the generator would load it (media.load_image), or None."""
+    from kaleido.model.media import ImageError, load_image
 
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        return f"not a readable image ({exc.__class__.__name__})"
+        load_image(path, f"reference {name!r}", max_pixels, warn=lambda note: None)
+    except ImageError as exc:
+        return str(exc)
     return None
 
 
-def _reference_path(root: Path, name: Any) -> tuple[Path | None, str | None]:
+def _reference_path(root: Path, name: Any, max_pixels: int | None = None) -> tuple[Path | None, str | None]:
     if not isinstance(name, str) or not name.strip():
         return None, f"reference {name!r} must be a non-empty path string"
+    if "\x00" in name:
+        return None, f"reference {name!r} contains a NUL character; write a plain relative path"
     if Path(name).is_absolute() or name.startswith("~"):
         return None, f"reference {name!r} is absolute; write it relative to the eval-set folder"
     path = (root / name).resolve()
@@ -95,12 +97,12 @@ def _reference_path(root: Path, name: Any) -> tuple[Path | None, str | None]:
         return None, f"reference {name!r} resolves to {path}, outside the eval-set folder {root}"
     if not path.is_file():
         return None, f"reference {name!r} not found (looked for {path})"
-    problem = _check_image(path)
-    return (None, f"reference {name!r}: {problem}") if problem else (path, None)
+    problem = _check_image(path, name, max_pixels)
+    return (None, problem) if problem else (path, None)
 
 
 def _parse_case(root: Path, raw: Any, position: int, max_references: int, default_seed: int,
-                errors: list[str]) -> EvalCase | None:
+                errors: list[str], max_pixels: int | None = None) -> EvalCase | None:
     where = f"case #{position + 1}"
     if not isinstance(raw, dict):
         errors.append(f"{where}: expected a mapping with id, prompt, category, references")
@@ -133,7 +135,7 @@ def _parse_case(root: Path, raw: Any, position: int, max_references: int, defaul
             "(model.max_references)"
         )
     for name in references:
-        path, problem = _reference_path(root, name)
+        path, problem = _reference_path(root, name, max_pixels)
         if problem:
             errors.append(f"{where}: {problem}")
         elif path is not None:
@@ -168,8 +170,14 @@ def _parse_case(root: Path, raw: Any, position: int, max_references: int, defaul
     )
 
 
-def load_eval_set(folder: str | Path, max_references: int = 3, default_seed: int = 0) -> EvalSet:
-    """Read and validate `<folder>/evalset.yaml`; EvalSetError lists every problem found."""
+def load_eval_set(
+    folder: str | Path, max_references: int = 3, default_seed: int = 0, max_pixels: int | None = None
+) -> EvalSet:
+    """Read and validate `<folder>/evalset.yaml`; EvalSetError lists every problem found.
+
+    Every reference is loaded as generation loads it (media.load_image, at most `max_pixels` =
+    media.max_image_pixels), so an image the generator would refuse is refused here, before any model runs.
+    """
     root = Path(folder).expanduser().resolve()
     spec = root / FILENAME
     if not spec.is_file():
@@ -187,7 +195,8 @@ def load_eval_set(folder: str | Path, max_references: int = 3, default_seed: int
     unknown = sorted(set(raw) - {"name", "description", "cases"})
     if unknown:
         errors.append(f"unknown top-level keys {unknown}; allowed: name, description, cases")
-    cases = [_parse_case(root, item, i, max_references, default_seed, errors) for i, item in enumerate(raw["cases"])]
+    cases = [_parse_case(root, item, i, max_references, default_seed, errors, max_pixels)
+             for i, item in enumerate(raw["cases"])]
     seen: dict[str, int] = {}
     for case in cases:
         if case is not None:

@@ -140,19 +140,32 @@ def decide(
     candidate_ref: str = "candidate",
     baseline_ref: str | None = None,
 ) -> GateDecision:
-    """Apply the floors and (with a baseline) the paired regression check; see the module docstring."""
+    """Apply the floors and (with a baseline) the paired regression check; see the module docstring.
+
+    GateError (cannot decide, exit 2) when the candidate's evaluation lacks a metric the decision needs: one that
+    gate.metrics or gate.floors names, or (with gate.metrics null) one the baseline has. A candidate that simply
+    did not compute a metric must not pass without the check on it.
+    """
     available = [key for key in METRICS if _case_scores(candidate, key)]
-    gated = list(config.metrics) if config.metrics is not None else available
+    if config.metrics is not None:
+        gated, named_by = list(config.metrics), "gate.metrics"
+    else:
+        in_baseline = [key for key in METRICS if baseline is not None and _case_scores(baseline, key)]
+        gated, named_by = sorted(set(available) | set(in_baseline), key=list(METRICS).index), "the baseline"
+    needed = {metric: named_by for metric in gated} | {metric: "gate.floors" for metric in config.floors}
+    missing = {metric: why for metric, why in needed.items() if not _case_scores(candidate, metric)}
+    if missing:
+        listed = ", ".join(f"{metric} (needed by {why})" for metric, why in missing.items())
+        raise GateError(
+            f"cannot decide: the candidate's evaluation has no scores for {listed}; re-evaluate the candidate with "
+            "those metrics in eval.metrics, or drop them from gate.metrics / gate.floors"
+        )
     checks: list[Check] = []
     notes: list[str] = []
     boot = {"confidence": config.confidence, "samples": config.bootstrap_samples, "seed": config.seed}
 
     for metric, floor in config.floors.items():
         scores = _case_scores(candidate, metric)
-        if not scores:
-            checks.append(Check(metric, "floor", False, f"not computed by the candidate's evaluation (floor {floor:g})",
-                                float("nan"), float("nan"), float("nan"), 0, floor))
-            continue
         ci = bootstrap_mean(list(scores.values()), **boot)
         passed = ci.high >= floor
         relation = ">=" if passed else "<"
@@ -165,10 +178,6 @@ def decide(
         _comparable(candidate, baseline, comparable)
         for metric in gated:
             ours, theirs = _case_scores(candidate, metric), _case_scores(baseline, metric)
-            if not ours:
-                checks.append(Check(metric, "regression", False, "gated metric not computed by the candidate",
-                                    float("nan"), float("nan"), float("nan"), 0, 0.0))
-                continue
             if not theirs:
                 notes.append(f"{metric}: the baseline has no scores for it; no regression check")
                 continue

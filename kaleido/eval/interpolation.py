@@ -129,12 +129,16 @@ class TorchScriptInterpolator:
 
         frame0, frame1 = _check_pair(frame0, frame1)
         height, width = frame0.shape[:2]
+        # VBench (third_party/amt/utils/utils.py InputPadder): pad to a multiple of 16 on BOTH sides, the odd
+        # pixel right / bottom, replicating the border; unpad the same window.
         pad_h = (-height) % self.pad_multiple
         pad_w = (-width) % self.pad_multiple
+        left, top = pad_w // 2, pad_h // 2
+        padding = (left, pad_w - left, top, pad_h - top)
 
         def tensor(frame: np.ndarray) -> torch.Tensor:
             x = torch.from_numpy(frame).permute(2, 0, 1)[None].float().div(255.0).to(self.device)
-            return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+            return F.pad(x, padding, mode="replicate") if pad_h or pad_w else x
 
         embt = torch.full((1, 1, 1, 1), 0.5, device=self.device)
         with torch.inference_mode():
@@ -143,7 +147,8 @@ class TorchScriptInterpolator:
             output = output["imgt_pred"]
         if isinstance(output, tuple | list):
             output = output[0]
-        middle = output[0, :, :height, :width].clamp(0, 1).mul(255.0).round().to(torch.uint8)
+        # VBench's tensor2img: (x * 255).clip(0, 255).astype(uint8), i.e. TRUNCATED, not rounded
+        middle = output[0, :, top : top + height, left : left + width].mul(255.0).clamp(0, 255).to(torch.uint8)
         return middle.permute(1, 2, 0).cpu().numpy()
 
 

@@ -81,6 +81,9 @@ paper's ViCLIP score.</div>
 <div class="case" id="{{ case.id }}">
 <h3>{{ case.id }} <small>{{ case.category }} &middot; seed {{ case.seed }}</small></h3>
 <p>{{ case.prompt }}<br><small>subjects: {{ case.subjects | join(", ") }}</small></p>
+{% if case.prompt_truncation %}<p class="warn">&#9888; the prompt has {{ case.prompt_truncation.tokens }} tokens;
+ the model read the first {{ case.prompt_truncation.kept }}, dropping: &ldquo;{{ case.prompt_truncation.dropped_text
+ }}&rdquo;</p>{% endif %}
 <div class="refs">{% for ref in case.ref_images %}<img src="{{ ref.src }}" alt="{{ ref.name }}"
  title="{{ ref.name }}">{% endfor %}</div>
 {% if case.strip %}<p><img class="strip" src="{{ case.strip }}" alt="frames of {{ case.id }}"></p>{% endif %}
@@ -104,16 +107,18 @@ def _fmt(value: Any) -> str:
 
 def _data_uri(path: Path, max_side: int | None = None) -> str | None:
     """The image as an embedded JPEG (quality 85): a few KB per picture keeps 400-case reports small."""
-    from PIL import Image
+    from kaleido.model.media import ImageError, load_image
 
     if not path.is_file():
         return None
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if max_side:
-            image.thumbnail((max_side, max_side))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
+    try:  # the same loader as generation: a phone photo shows upright, a 16-bit one scaled
+        image = load_image(path, "report image", warn=lambda note: None)
+    except ImageError:
+        return None
+    if max_side:
+        image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -131,6 +136,7 @@ def render_report(document: dict[str, Any], out_dir: Path, gate: GateConfig) -> 
             "ref_images": [ref for ref in refs if ref["src"]],
             "strip": _data_uri(out_dir / "cases" / result["id"] / "strip.png"),
             "s2v": result.get("details", {}).get("s2v"),
+            "prompt_truncation": result.get("prompt_truncation"),
         })
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return environment.from_string(TEMPLATE).render(

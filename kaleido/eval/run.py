@@ -391,6 +391,23 @@ def run_key(case: EvalCase, model: ModelSource, settings: EvalSettings, backbone
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _prompt_truncations(params: Params, evalset: EvalSet, echo: Callable[[str], None]) -> dict[str, dict]:
+    """Case id -> what truncation drops from its prompt (model.text_len tokens), warned now, before any model."""
+    from kaleido.model.text_encoder import load_tokenizer, prompt_truncation
+
+    folder = params.resolve(params.model.tokenizer or params.model.text_encoder)
+    if folder is None or not folder.is_dir():
+        return {}  # the model load that follows names the missing folder
+    tokenizer = load_tokenizer(folder)
+    found = {}
+    for case in evalset.cases:
+        truncation = prompt_truncation(tokenizer, case.prompt, params.model.text_len)
+        if truncation is not None:
+            echo(f"warning: case {case.id}: " + truncation.message())
+            found[case.id] = truncation.to_json()
+    return found
+
+
 def evaluate(
     params: Params,
     model: str,
@@ -417,7 +434,9 @@ def evaluate(
     out_dir = Path(out_dir).resolve()
     # a folder given here is relative to the working directory; the params.yaml default to its folder
     folder = Path(eval_set).expanduser().resolve() if eval_set is not None else params.resolve(params.eval.eval_set)
-    evalset: EvalSet = load_eval_set(folder, params.model.max_references, params.eval.seed)
+    evalset: EvalSet = load_eval_set(
+        folder, params.model.max_references, params.eval.seed, params.media.max_image_pixels
+    )
     settings = EvalSettings.from_params(params)
     try:
         validate_video_size(settings.frames, settings.height, settings.width)
@@ -428,6 +447,7 @@ def evaluate(
         raise EvalError(f"frames={settings.frames}: motion smoothness needs at least 3 frames (eval.frames)")
     if log_mlflow and params.platform.mlflow_tracking_uri:
         _check_tracking(params.platform.mlflow_tracking_uri)  # fail now, not after generating every case
+    truncations = _prompt_truncations(params, evalset, echo)
     source = resolve_model(model, params, out_dir / "model")
     # The plan names every backbone without loading one: a fully resumed run loads no model at all.
     backbones = suite.backbones() if suite is not None else backbone_plan(params)
@@ -448,9 +468,10 @@ def evaluate(
                 continue
         if pipeline is None:
             pipeline = _load_pipeline(params, source, device)
-        references = [load_reference_image(path) for path in case.references]
+        references = [load_reference_image(path, params.media.max_image_pixels) for path in case.references]
         start = time.perf_counter()
-        frames = pipeline(case.prompt, references, seed=case.seed, progress=False, **settings.request())
+        frames = pipeline(case.prompt, references, seed=case.seed, progress=False, warn_truncation=False,
+                          **settings.request())
         seconds = time.perf_counter() - start
         write_video(frames, case_dir / "video.mp4", fps=settings.fps)
         _previews(frames, case_dir)
@@ -470,6 +491,8 @@ def evaluate(
             "metrics": metrics,
             "details": details,
         }
+        if case.id in truncations:
+            result["prompt_truncation"] = truncations[case.id]
         _write_json(result_path, result)
         generated.append(case.id)
         results.append(result)

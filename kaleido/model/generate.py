@@ -7,8 +7,10 @@ prompt. Every request is validated before any model runs.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,15 +19,17 @@ import torch
 from PIL import Image
 
 from kaleido.config.schema import WAN_NEGATIVE_PROMPT
-from kaleido.model.media import load_reference_image
+from kaleido.model.media import load_reference_image, to_rgb
 from kaleido.model.vae import validate_video_size
 
 if TYPE_CHECKING:
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     from kaleido.config import Params
-    from kaleido.model.text_encoder import TextEncoder
+    from kaleido.model.text_encoder import PromptTruncation, TextEncoder
     from kaleido.model.vae import WanVAE
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("euler", "unipc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +46,7 @@ def validate_request(
     max_references: int,
     steps: int = 1,
     sampler: str = "euler",
+    max_pixels: int | None = None,
 ) -> list[Image.Image]:
     """Check a request without touching a model; return the references as RGB images.
 
@@ -62,9 +67,70 @@ def validate_request(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: unknown; use one of {', '.join(SAMPLERS)}")
     images = []
-    for item in reference_images:
-        images.append(item.convert("RGB") if isinstance(item, Image.Image) else load_reference_image(item))
+    for index, item in enumerate(reference_images):
+        if isinstance(item, Image.Image):  # in memory: the same orientation/bit-depth/alpha rules as a file
+            images.append(to_rgb(item, Path(getattr(item, "filename", "") or f"<reference {index}>"), "reference"))
+        else:
+            images.append(load_reference_image(item, max_pixels))
     return images
+
+
+class NumericalError(RuntimeError):
+    """Generation produced NaN or Inf values; the message names where, the dtype and the fix."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The sampling settings of one generation (params.yaml `generate`, after command-line overrides)."""
+
+    frames: int
+    height: int
+    width: int
+    fps: int
+    steps: int
+    guidance_scale: float
+    shift: float
+    sampler: str
+    seed: int  # -1: a random seed, drawn at generation time
+    negative_prompt: str
+
+    @classmethod
+    def from_params(cls, params: Params) -> GenerationSettings:
+        g = params.generate
+        return cls(g.frames, g.height, g.width, g.fps, g.steps, g.guidance_scale, g.shift, g.sampler, g.seed,
+                   g.negative_prompt)
+
+    def call_kwargs(self) -> dict:
+        """The keyword arguments of S2VPipeline.__call__."""
+        kwargs = asdict(self)
+        kwargs.pop("fps")
+        return kwargs
+
+    def metadata(self, prompt: str, references: list[str], seed: int) -> dict[str, str]:
+        """What the written video records about itself (mp4 metadata): the prompt and the seed actually used."""
+        import json
+
+        settings = {**asdict(self), "seed": seed, "requested_seed": self.seed}
+        return {"comment": json.dumps({"prompt": prompt, "references": references, **settings}, ensure_ascii=False)}
+
+
+def check_prompts(params: Params, prompts: Sequence[tuple[str, str]]) -> list[tuple[str, PromptTruncation]]:
+    """Warn (logger) for every prompt longer than model.text_len tokens, with the count and the dropped words.
+
+    Loads only the tokenizer (no model), so it runs before any model is loaded. `prompts` pairs what a prompt
+    is (for the message) with its text; returns the truncated ones.
+    """
+    from kaleido.model.text_encoder import load_tokenizer, prompt_truncation
+
+    model = params.model
+    tokenizer = load_tokenizer(_required_path(params, "tokenizer" if model.tokenizer is not None else "text_encoder"))
+    found = []
+    for what, prompt in prompts:
+        truncation = prompt_truncation(tokenizer, prompt, model.text_len) if prompt else None
+        if truncation is not None:
+            log.warning(truncation.message(what))
+            found.append((what, truncation))
+    return found
 
 
 def make_scheduler(
@@ -166,6 +232,7 @@ class S2VPipeline:
         self.max_references = max_references
         self.device = torch.device(device)
         self.dtype = dtype
+        self.last_seed: int | None = None  # the seed of the last generation (after -1 is drawn)
         # One forward for both CFG branches (batch 2) is faster; False halves activation memory.
         self.batch_cfg = batch_cfg
         text_dim = getattr(getattr(dit, "cfg", None), "text_dim", None)
@@ -266,14 +333,30 @@ class S2VPipeline:
         seed: int = 0,
         negative_prompt: str = WAN_NEGATIVE_PROMPT,
         progress: bool = True,
+        warn_truncation: bool = True,
     ) -> np.ndarray:
-        """Generate a video; returns uint8 frames [frames, height, width, 3]."""
+        """Generate a video; returns uint8 frames [frames, height, width, 3].
+
+        seed -1 draws a random seed (Wan's convention); `self.last_seed` holds the seed used. A prompt longer
+        than `text_len` tokens is truncated with a warning (unless the caller checked it: warn_truncation=False).
+        NumericalError when the latents or the decoded frames hold NaN/Inf (e.g. a float16 model overflowing).
+        """
         from tqdm.auto import tqdm
 
         images = validate_request(reference_images, frames, height, width, self.max_references, steps, sampler)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not -1 <= int(seed) <= 2**63 - 1:
+            raise ValueError(f"seed={seed}: use 0 .. 2^63-1, or -1 for a random seed")
+        if seed == -1:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self.last_seed = int(seed)
         cfg = guidance_scale != 1.0  # g = 1 makes the uncond branch cancel out: skip its cost
+        if warn_truncation:
+            for what, text in (("prompt", prompt), ("negative prompt", negative_prompt if cfg else "")):
+                truncation = self.text_encoder.truncation(text, self.text_len) if text else None
+                if truncation is not None:
+                    log.warning(truncation.message(what))
 
         inputs = _Branches(
             context=self.encode_prompts(prompt, negative_prompt, cfg),
@@ -286,11 +369,29 @@ class S2VPipeline:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
-        for t in tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress, leave=False):
+        for step, t in enumerate(
+            tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress, leave=False), start=1
+        ):
             # timesteps are sigma * 1000 (UniPC rounds them to integers); the DiT takes that scale
             timestep = t.to(device=self.device, dtype=torch.float32).reshape(1)
             velocity = self._velocity(latents, timestep, inputs, guidance_scale, cfg)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            self._check_finite(latents, f"the latents after sampling step {step} of {steps}", self.dtype, "model.dtype")
 
-        video = self.vae.decode(latents)[0]  # [3, T, H, W] in [-1, 1]
+        decoded = self.vae.decode(latents, clamp=False)
+        self._check_finite(decoded, "the frames the VAE decoded", self.vae.dtype, "model.vae_dtype")
+        video = decoded.clamp(-1.0, 1.0)[0]  # [3, T, H, W] in [-1, 1]
         return frames_to_uint8(video).permute(1, 2, 3, 0).cpu().numpy()
+
+    @staticmethod
+    def _check_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype, key: str) -> None:
+        """NumericalError instead of a silent black or noisy video (clamp and uint8 hide NaN and Inf)."""
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            name = str(dtype).removeprefix("torch.")
+            fix = ("float16's range (max 65504) overflows in this model: use bfloat16 (GPU) or float32"
+                   if dtype == torch.float16 else "check the checkpoint for NaN/Inf weights, or use float32")
+            raise NumericalError(
+                f"generation produced NaN/Inf in {what} ({bad.sum().item()} of {bad.numel()} values; {key}={name}): "
+                f"{fix} ({key} in params.yaml)"
+            )

@@ -5,40 +5,166 @@ Frames are uint8 numpy arrays [T, H, W, 3] (RGB) everywhere outside the models.
 
 from __future__ import annotations
 
+import io
+import logging
 import math
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from kaleido.config.schema import MediaConfig
+
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 WHITE = (255, 255, 255)
+MAX_IMAGE_PIXELS = MediaConfig().max_image_pixels  # the schema default; callers pass media.max_image_pixels
 
 
-def load_reference_image(path: str | Path) -> Image.Image:
-    """Open a reference image as RGB; ValueError naming the path when it is missing or not an image."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"reference image {path}: file not found; check the path passed with --ref")
-    if not path.is_file():
-        raise ValueError(f"reference image {path}: not a file; pass an image file (PNG, JPEG, WebP, ...)")
+class ImageError(ValueError):
+    """A user image that cannot be used; the one-line message names the file, what is wrong and the fix."""
+
+
+_BOMB_CHECK = threading.Lock()
+
+
+def _open_checked(path: Path, what: str, max_pixels: int) -> Image.Image:
+    """Open (header only) with OUR pixel limit instead of Pillow's global one, which it checks inside open()."""
+    with _BOMB_CHECK:  # Pillow reads Image.MAX_IMAGE_PIXELS at open time; restore it for everyone else
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(
+            f"{what} {path}: {width}x{height} = {width * height / 1e6:.1f} Mpx exceeds the limit of "
+            f"{max_pixels / 1e6:.1f} Mpx (media.max_image_pixels); downscale it (the model sees at most the video "
+            "size) or raise the limit"
+        )
+    return image
+
+
+def _scaled_to_8_bit(image: Image.Image, path: Path, what: str, warn: Callable[[str], None]) -> Image.Image:
+    """16-bit and 32-bit greyscale modes as 8-bit "L", SCALED (Pillow's convert("L") clamps: a 0..65535 ramp
+    would become ~99% white).
+
+    I;16*: 0..65535 -> 0..255 (x * 255 / 65535, rounded). I (32-bit int, how some readers deliver 16-bit data):
+    the same when the values lie in 0..65535, else the value range [min, max] is stretched to 0..255 (warned).
+    F (float): 0..1 -> 0..255; any other range is stretched the same way (warned).
+    """
+    values = np.asarray(image)
+    sixteen_bit = values.size and values.min() >= 0 and values.max() <= 65535
+    if image.mode.startswith("I;16") or (image.mode == "I" and sixteen_bit):
+        scaled = (values.astype(np.float64) * (255.0 / 65535.0)).round()
+    else:
+        values = values.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if image.mode == "F" and low >= 0.0 and high <= 1.0:
+            scaled = np.nan_to_num(values, nan=0.0) * 255.0
+        else:
+            span = high - low if high > low else 1.0
+            warn(f"{what} {path}: {image.mode} values span {low:g}..{high:g}; stretched to 0..255")
+            scaled = (np.nan_to_num(values, nan=low) - low) * (255.0 / span)
+        scaled = scaled.round()
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_srgb(image: Image.Image, path: Path, what: str, warn: Callable[[str], None]) -> Image.Image:
+    """RGB / RGBA / CMYK with an embedded ICC profile (Display P3 phone photos, Adobe RGB, print CMYK) converted
+    to sRGB as a colour-managed viewer shows them; without a profile (or with one lcms cannot use), as is."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ("RGB", "RGBA", "CMYK"):
+        return image
+    from PIL import ImageCms
+
     try:
-        with Image.open(path) as image:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        output = "RGBA" if image.mode == "RGBA" else "RGB"
+        converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode=output)
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+        warn(f"{what} {path}: its ICC colour profile cannot be applied ({exc}); colours are taken as sRGB")
+        return image
+    return converted if converted is not None else image
+
+
+def to_rgb(
+    image: Image.Image, path: Path, what: str = "image", warn: Callable[[str], None] | None = None
+) -> Image.Image:
+    """Any Pillow image as 8-bit RGB as a viewer shows it: EXIF orientation applied, first frame of an
+    animation, 16/32-bit modes scaled (not clamped), colour profiles to sRGB, transparency onto WHITE (so a
+    cut-out's background matches the white padding the reference gets), CMYK / palette / LAB converted."""
+    warn = warn or log.warning
+    frames = getattr(image, "n_frames", 1)
+    if getattr(image, "is_animated", False) and frames > 1:
+        warn(f"{what} {path}: animated {image.format} with {frames} frames; frame 0 (the first) is used")
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)  # applies and drops the Orientation tag; a copy when it rotates
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _scaled_to_8_bit(image, path, what, warn)
+    elif image.mode == "LAB":
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        image = ImageCms.applyTransform(image, transform)
+    image = _to_srgb(image, path, what, warn)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(
+    path: str | Path,
+    what: str = "image",
+    max_pixels: int | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Image.Image:
+    """THE loader of user images (generate --ref, eval-set references, curation images, samples): 8-bit RGB.
+
+    Checks before decoding: the file exists and is a file, the pixel count is within `max_pixels`
+    (media.max_image_pixels; refused with the size and the limit). Then `to_rgb`. Every failure is an
+    ImageError with a one-line message naming `what` and the file; notes (animated input, stretched value
+    ranges, unusable colour profiles) go to `warn` (default: this module's logger, printed by the CLI).
+    """
+    path = Path(path)
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if not path.exists():
+        raise ImageError(f"{what} {path}: file not found; check the path")
+    if not path.is_file():
+        raise ImageError(f"{what} {path}: not a file; pass an image file (PNG, JPEG, WebP, ...)")
+    try:
+        image = _open_checked(path, what, max_pixels)
+        with image:
             image.load()  # decode now: a truncated file must fail here, not during generation
-            # drop alpha onto white so transparent cut-outs match the white padding around them
-            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (*WHITE, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(
-            f"reference image {path}: not a readable image ({exc.__class__.__name__}); "
-            "pass a PNG, JPEG or WebP file"
+            return to_rgb(image, path, what, warn)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise ImageError(
+            f"{what} {path}: not a readable image ({exc.__class__.__name__}: {detail[:120]}); "
+            "pass a PNG, JPEG, WebP, GIF, TIFF or BMP file"
         ) from None
+
+
+def load_reference_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """A reference image as RGB (`load_image`); ImageError (a ValueError) naming the path when unusable."""
+    return load_image(path, "reference image", max_pixels)
 
 
 def fit_size(src_width: int, src_height: int, width: int, height: int) -> tuple[int, int]:
@@ -110,6 +236,27 @@ def centre_crop_box(src_width: int, src_height: int, width: int, height: int) ->
     return (src_width - width) // 2, (src_height - height) // 2
 
 
+def frame_rotation(frame: object) -> int:
+    """A decoded PyAV frame's display rotation in degrees counter-clockwise: 0, 90, 180 or 270.
+
+    PyAV reads it from the display matrix (a phone video tagged "rotate 90"); flips in that matrix are rare and
+    not applied.
+    """
+    return round((getattr(frame, "rotation", 0) or 0) / 90.0) % 4 * 90
+
+
+def frame_to_rgb(frame: object, size: tuple[int, int] | None = None, interpolation: str | None = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of a PyAV video frame AS A PLAYER SHOWS IT (display rotation applied, as ffmpeg's
+    autorotate does), optionally resized so that the DISPLAYED frame is `size` = (width, height)."""
+    turns = frame_rotation(frame) // 90
+    if size is None:
+        array = frame.to_ndarray(format="rgb24")
+    else:
+        width, height = size if turns % 2 == 0 else (size[1], size[0])  # resize in stored orientation
+        array = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation=interpolation)
+    return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
+
+
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -121,8 +268,13 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18) -> Path:
-    """Write uint8 frames [T, H, W, 3] as an H.264 (yuv420p) mp4 that common players open."""
+def write_video(
+    frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write uint8 frames [T, H, W, 3] as an H.264 (yuv420p) mp4 that common players open.
+
+    `metadata`: container tags (e.g. {"comment": json}) that `ffprobe` and `read_video_metadata` show.
+    """
     import av
 
     frames = _check_frames(frames)
@@ -133,19 +285,31 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w", options={"movflags": "+faststart"}) as container:
+        container.metadata.update(metadata or {})
         stream = container.add_stream("libx264", rate=int(fps))
         stream.width = frames.shape[2]
         stream.height = frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        # One encoder thread: x264's output depends on its thread count (auto = the cores it sees), so pinning it
+        # makes the bytes the same on every machine and executor (a Ray worker sees other cores than a local
+        # process). Ingest runs one encoder per worker process, so the cores are used anyway.
+        stream.options = {"crf": str(crf), "threads": "1"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())  # flush the encoder's delayed frames
     return path
 
 
+def read_video_metadata(path: str | Path) -> dict[str, str]:
+    """The container tags of a video (what `write_video(metadata=...)` wrote)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return dict(container.metadata)
+
+
 def read_video(path: str | Path) -> np.ndarray:
-    """Decode every frame of the first video stream as uint8 [T, H, W, 3] RGB."""
+    """Decode every frame of the first video stream as uint8 [T, H, W, 3] RGB, as displayed (`frame_to_rgb`)."""
     import av
 
     path = Path(path)
@@ -154,7 +318,7 @@ def read_video(path: str | Path) -> np.ndarray:
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError(f"video {path}: no video stream")
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        frames = [frame_to_rgb(frame) for frame in container.decode(video=0)]
     if not frames:
         raise ValueError(f"video {path}: no decodable frames")
     return np.stack(frames)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,48 @@ def _clean(prompt: str) -> str:
     return " ".join(prompt.split())
 
 
+@dataclass(frozen=True)
+class PromptTruncation:
+    """A prompt longer than the text encoder reads: what is kept and what is lost."""
+
+    tokens: int  # the whole prompt, </s> included
+    kept: int  # text_len: what the DiT sees (the last kept position is </s>)
+    dropped_text: str  # the words past the cut
+
+    def message(self, what: str = "prompt") -> str:
+        shown = self.dropped_text if len(self.dropped_text) <= 80 else self.dropped_text[:77] + "..."
+        return (
+            f"{what} has {self.tokens} tokens; the text encoder reads {self.kept} (model.text_len), so the last "
+            f"{self.tokens - self.kept} are dropped: \"{shown}\". Shorten it to keep them"
+        )
+
+    def to_json(self) -> dict[str, int | str]:
+        return {"tokens": self.tokens, "kept": self.kept, "dropped_text": self.dropped_text}
+
+
+def prompt_truncation(tokenizer: PreTrainedTokenizerBase, prompt: str, text_len: int) -> PromptTruncation | None:
+    """None when `prompt` fits in `text_len` tokens (</s> included), else what truncation drops.
+
+    The encoder's own tokenization truncates to text_len - 1 tokens plus </s> (as Wan's does), so the tokens
+    from position text_len - 1 on, bar the final </s>, are lost.
+    """
+    ids = tokenizer(_clean(prompt), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    if len(ids) <= text_len:
+        return None
+    dropped = tokenizer.decode(ids[text_len - 1 : -1], skip_special_tokens=True).strip()
+    return PromptTruncation(len(ids), text_len, dropped)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (fast: no model weights), for checking prompts before any model loads."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path}: not found")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 class TextEncoder:
     """Tokenizer + umT5 encoder. `encode(prompts, text_len) -> [B, text_len, d_model]`."""
 
@@ -60,18 +103,20 @@ class TextEncoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> TextEncoder:
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
 
         path = Path(path)
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else path
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"text encoder folder {path}: no config.json (expected a UMT5EncoderModel folder)")
-        if not tokenizer_path.is_dir():
-            raise FileNotFoundError(f"tokenizer folder {tokenizer_path}: not found")
+        tokenizer = load_tokenizer(tokenizer_path)
         with quiet_hf_progress():
             model = UMT5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         return cls(model, tokenizer, device=device, dtype=dtype)
+
+    def truncation(self, prompt: str, text_len: int) -> PromptTruncation | None:
+        """What `encode` would drop from `prompt` at `text_len` tokens (None when it fits)."""
+        return prompt_truncation(self.tokenizer, prompt, text_len)
 
     @property
     def dim(self) -> int:

@@ -90,13 +90,16 @@ class WanVAE:
         return (mu.float() - self.latents_mean) / self.latents_std
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, 16, F, h, w] -> video [B, 3, 4(F-1)+1, 8h, 8w] in [-1, 1] (float32)."""
+    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Normalised latents [B, 16, F, h, w] -> video [B, 3, 4(F-1)+1, 8h, 8w] in [-1, 1] (float32).
+
+        clamp=False returns the decoder's raw values (to check them for NaN/Inf before clamping hides them).
+        """
         if latents.ndim != 5 or latents.shape[1] != self.z_dim:
             raise ValueError(f"latents must be [B, {self.z_dim}, F, h, w], got shape {tuple(latents.shape)}")
         mu = latents.float().to(self.device) * self.latents_std + self.latents_mean
-        video = self.model.decode(mu.to(self.dtype)).sample
-        return video.float().clamp(-1.0, 1.0)
+        video = self.model.decode(mu.to(self.dtype)).sample.float()
+        return video.clamp(-1.0, 1.0) if clamp else video
 
     def preprocess_reference(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
         """Fit + white-pad to the video size -> [3, height, width] in [-1, 1] (`media.reference_pixels`)."""

@@ -57,6 +57,8 @@ class EncodeReport:
     samples: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     buckets: dict[str, int] = field(default_factory=dict)
+    truncated_captions: dict[str, int] = field(default_factory=dict)  # sample key -> caption tokens (> text_len)
+    text_len: int = 512
 
     def summary(self) -> str:
         rejected = sum(self.rejected.values())
@@ -67,6 +69,13 @@ class EncodeReport:
         ]
         lines += [f"  bucket {name}: {count}" for name, count in sorted(self.buckets.items())]
         lines += [f"  rejected ({reason}): {count}" for reason, count in sorted(self.rejected.items())]
+        if self.truncated_captions:
+            longest = max(self.truncated_captions.items(), key=lambda item: item[1])
+            lines.append(
+                f"warning: {len(self.truncated_captions)} captions are longer than the text encoder's "
+                f"{self.text_len} tokens (model.text_len) and were truncated; the longest, {longest[0]}, has "
+                f"{longest[1]} tokens. Shorten them (data.caption.max_new_tokens) to train on every word"
+            )
         return "\n".join(lines)
 
 
@@ -263,6 +272,11 @@ def _encode_shard(
     flat_refs = [pixels[:, None] for sample_refs in refs for pixels in sample_refs]
     ref_latents = _encode_grouped(encoders.vae, flat_refs, batch)
     texts = encoders.captions([example.caption for example in kept]) if kept else []
+    truncated = {}
+    for example in kept:
+        truncation = encoders.text.truncation(example.caption, encoders.text_len)
+        if truncation is not None:
+            truncated[example.key] = truncation.tokens
     tensors: dict[str, torch.Tensor] = {}
     entries: list[CachedSample] = []
     cursor = 0
@@ -284,7 +298,8 @@ def _encode_shard(
     save_file(tensors, str(partial))
     partial.replace(out / f"{name}.safetensors")
     (out / f"{name}.json").write_text(
-        json.dumps({"samples": [e.to_json() for e in entries], "rejected": rejected}, indent=1) + "\n"
+        json.dumps({"samples": [e.to_json() for e in entries], "rejected": rejected,
+                    "truncated_captions": truncated}, indent=1) + "\n"
     )
     return entries, rejected
 
@@ -309,7 +324,7 @@ def run_encode(
     settings_hash = _digest(settings)
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
-    report = EncodeReport(latents=out)
+    report = EncodeReport(latents=out, text_len=params.model.text_len)
     encoders: _Encoders | None = None
     names = []
     for tar in tars:
@@ -356,6 +371,7 @@ def run_encode(
         shard = json.loads((out / f"{name}.json").read_text())
         for reason, count in shard.get("rejected", {}).items():
             report.rejected[reason] = report.rejected.get(reason, 0) + count
+        report.truncated_captions.update(shard.get("truncated_captions", {}))
         for row in shard["samples"]:
             sample = CachedSample.from_json(row)
             if sample.key in seen:  # the writer keeps keys unique per dataset; guard against merged folders

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -74,7 +75,9 @@ class Variator(Protocol):
 def to_rgb_array(image: ImageLike) -> np.ndarray:
     """RGB uint8 [H, W, 3] from a PIL image or an array (grey, RGBA and float [0, 1] accepted)."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        from kaleido.model.media import to_rgb  # orientation, bit depth and alpha as media.load_image
+
+        return np.asarray(to_rgb(image, Path(getattr(image, "filename", "") or "<image>")))
     array = np.asarray(image)
     if array.dtype != np.uint8:
         if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
@@ -88,7 +91,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
 
 
 def to_pil(image: ImageLike) -> Image.Image:
-    return image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image))
+    return Image.fromarray(to_rgb_array(image))
 
 
 def resolve_device(device: str | None) -> str:
