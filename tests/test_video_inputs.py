@@ -174,3 +174,27 @@ def test_transnet_rule_edge_cases():
     fade[10:16] = 0.8  # a fade: its first flagged frame closes the shot, the rest belong to no shot
     assert shots_from_transitions(fade, 0.5) == [Shot(0, 11), Shot(16, 30)]
     assert shots_from_transitions(np.zeros(0), 0.5) == []
+
+
+def test_encoded_bytes_do_not_depend_on_the_cores_a_worker_sees(tmp_path):
+    """x264's automatic thread count follows the CPUs a process may use (a Ray worker's affinity differs from a
+    local process's); write_video pins it, so the same frames give the same file on one core or two."""
+    import hashlib
+    import os
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores to compare")
+    script = (
+        "import os, sys, numpy as np\n"
+        "os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: int(sys.argv[1])]))\n"
+        "from kaleido.model.media import write_video\n"
+        "base = np.random.default_rng(0).integers(0, 255, (1, 240, 416, 3), dtype=np.uint8)\n"
+        "write_video(np.concatenate([np.roll(base, 3 * i, axis=2) for i in range(17)]), sys.argv[2])\n"
+    )
+    digests = []
+    for cores in (1, 2):
+        out = tmp_path / f"{cores}.mp4"
+        subprocess.run([sys.executable, "-c", script, str(cores), str(out)], check=True)
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
