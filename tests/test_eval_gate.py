@@ -193,3 +193,52 @@ def test_gate_against_the_champion_writes_tags(mlflow_server: str, tmp_path: Pat
     result = runner.invoke(app, ["gate", "--candidate", f"models:/{registry.name}/{bare}", "--params", str(params)])
     assert result.exit_code == 2 and "has no evaluation" in result.output
     assert registry.gate_decision(bare) is None
+
+
+def _validated(doc: dict[str, Any], losses: list[float], base: list[float] | None = None,
+               fingerprint: str = "valset") -> dict[str, Any]:
+    """An evaluation document with a training's held-out losses (lower is better)."""
+    from kaleido.train.validation import case_fingerprint
+
+    cases = [{"id": f"val{i}", "fingerprint": case_fingerprint(fingerprint, f"val{i}"),
+              "metrics": {"val_loss": loss, **({"val_loss_base": base[i]} if base else {})}}
+             for i, loss in enumerate(losses)]
+    doc["validation"] = {"fingerprint": fingerprint, "cases": cases, "loss": float(np.mean(losses))}
+    doc["overall"]["val_loss"] = float(np.mean(losses))
+    return doc
+
+
+def test_val_loss_is_lower_is_better_against_the_champion() -> None:
+    config = GateConfig(tolerances={"val_loss": 0.02})
+    scores = {"s2v_consistency": [0.7] * 6}
+    champion = _validated(_doc(scores), _noisy(0.30, 0.05, seed=3))
+    champion_losses = [c["metrics"]["val_loss"] for c in champion["validation"]["cases"]]
+    better = _validated(_doc(scores), [v - 0.05 for v in champion_losses])
+    assert decide(better, champion, config).passed
+    worse = _validated(_doc(scores), [v + 0.2 + d for v, d in zip(champion_losses, _noisy(0, 0.01, seed=4),
+                                                                    strict=True)])
+    decision = decide(worse, champion, config, "cand", "champion")
+    assert not decision.passed
+    assert decision.reasons()["val_loss"].startswith("fail: regression FAILED (mean diff vs baseline +0.2")
+    assert "rise beyond tolerance 0.02" in decision.reasons()["val_loss"]
+    assert decision.reasons()["s2v_consistency"].startswith("pass")
+    # a different held-out set is not comparable (run_gate re-validates the champion first)
+    with pytest.raises(GateError, match="different held-out sets"):
+        decide(_validated(_doc(scores), champion_losses, fingerprint="other"), champion, config)
+
+
+def test_without_a_champion_the_candidate_must_beat_its_base_model() -> None:
+    scores = {"s2v_consistency": [0.7] * 5}
+    learned = _validated(_doc(scores), [0.20, 0.22, 0.19, 0.25, 0.21], base=[2.1, 2.2, 2.0, 2.3, 2.1])
+    decision = decide(learned, None, GateConfig())
+    assert decision.passed and decision.reasons()["val_loss"].startswith("pass: improvement ok")
+    broken = _validated(_doc(scores), [3.1, 3.4, 2.9, 3.3, 3.0], base=[2.1, 2.2, 2.0, 2.3, 2.1])
+    refused = decide(broken, None, GateConfig())
+    assert not refused.passed
+    assert "NOT clearly lower than the base model's" in refused.reasons()["val_loss"]
+    assert decide(_validated(_doc(scores), [1.0] * 5, base=[1.0] * 5), None, GateConfig()).passed is False
+    # a ceiling bounds it from above
+    ceiling = decide(learned, None, GateConfig(ceilings={"val_loss": 0.1}))
+    assert not ceiling.passed and "ceiling FAILED" in ceiling.reasons()["val_loss"]
+    with pytest.raises(ValueError, match=r"gate\.ceilings, not gate\.floors"):
+        GateConfig(floors={"val_loss": 0.1})

@@ -24,10 +24,10 @@ def test_sample_data_copies_videos_and_captions_name_subjects(tmp_path: Path) ->
     assert (tmp_path / "raw" / "bigbuckbunny.mp4").stat().st_size > 100_000
     captions, rejections = load_sidecar(tmp_path, "captions.jsonl")
     assert not rejections and captions is not None
-    assert set(captions.by_key) == {"raw/bikes.mp4", "raw/bigbuckbunny.mp4"}
+    assert set(captions.by_key) == {"raw/bikes.mp4", "raw/bigbuckbunny.mp4", "raw/carphone_pristine.mp4"}
     taxonomy = load_taxonomy(None)
     categories = {m.category for text in captions.by_key.values() for m in taxonomy.match(text)}
-    assert {"man", "bicycle", "rabbit"} <= categories
+    assert {"man", "bicycle", "rabbit", "phone", "car"} <= categories
     before = {name: path.stat().st_mtime_ns for name, path in written.items()}
     again = write_sample_data(tmp_path)  # a re-run rewrites nothing (DVC sees the same data)
     assert {name: path.stat().st_mtime_ns for name, path in again.items()} == before

@@ -271,6 +271,15 @@ class ReferenceConfig(_Section):
         return self
 
 
+class ValidationSplitConfig(_Section):
+    # A held-out validation set, split by SOURCE VIDEO: no clip of a validation video is ever trained on.
+    share: float = Field(
+        0.2, ge=0.0, lt=1.0,
+        description="target share of samples held out; whole source videos are taken in a seeded hash order "
+        "until it is reached (at least one when there are two or more sources; never every source)",
+    )
+
+
 class DataConfig(_Section):
     root: Path = Path("data")
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -284,6 +293,26 @@ class DataConfig(_Section):
     grounding: GroundingConfig = GroundingConfig()
     filters: FilterConfig = FilterConfig()
     references: ReferenceConfig = ReferenceConfig()
+    validation: ValidationSplitConfig = ValidationSplitConfig()
+
+
+class TrainValidationConfig(_Section):
+    # Held-out flow-matching loss at fixed (sample, noise seed, noise level) triples (SD3, Esser et al. 2024):
+    # at step 0 (the base model), every `every` steps and at the end; kaleido/train/validation.py.
+    every: int = Field(10, ge=0, description="optimizer steps between evaluations; 0: only at the start and the end")
+    sigmas: list[float] = Field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1,
+        description="fixed noise levels (each in (0, 1)); the loss is reported per level and averaged",
+    )
+    max_samples: int = Field(64, ge=1, description="validation samples used (the first ones of the val split)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the fixed noise, one tensor per (sample, level)")
+
+    @model_validator(mode="after")
+    def _levels_inside(self) -> TrainValidationConfig:
+        bad = [s for s in self.sigmas if not 0.0 < s < 1.0]
+        if bad:
+            raise ValueError(f"sigmas {bad}: every noise level must lie strictly between 0 and 1")
+        return self
 
 
 class StagePreset(_Section):
@@ -354,6 +383,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     sequence_parallel: int = Field(1, ge=1, description="DeepSpeed-Ulysses degree: ranks sharing one sequence")
     activation_checkpointing: bool = True
+    validation: TrainValidationConfig = TrainValidationConfig()
     nproc_per_node: int = Field(8, ge=1, description="processes (GPUs) the local launcher starts")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     dataset: Path = Field(Path("data/dataset"), description="training tar shards (kaleido.data.writer)")
@@ -464,6 +494,9 @@ class GateConfig(_Section):
 
     metrics: list[str] | None = Field(None, description="metrics checked for regression; None: all both runs have")
     floors: dict[str, float] = Field(default_factory=dict, description="absolute minimum per metric")
+    ceilings: dict[str, float] = Field(
+        default_factory=dict, description="absolute maximum per lower-is-better metric (val_loss)"
+    )
     regression_tolerance: float = Field(0.02, ge=0.0, description="allowed drop of a metric versus the champion")
     tolerances: dict[str, float] = Field(default_factory=dict, description="per-metric regression_tolerance")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided bootstrap confidence level")
@@ -472,11 +505,13 @@ class GateConfig(_Section):
 
     @model_validator(mode="after")
     def _known_metrics(self) -> GateConfig:
-        known = _metric_names()[1]
-        named = [*(self.metrics or []), *self.floors, *self.tolerances]
+        known = (*_metric_names()[1], "val_loss")  # val_loss: training's held-out loss, lower is better
+        named = [*(self.metrics or []), *self.floors, *self.tolerances, *self.ceilings]
         unknown = sorted({name for name in named if name not in known})
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(known)}")
+        if "val_loss" in self.floors:
+            raise ValueError("val_loss is lower-is-better: bound it with gate.ceilings, not gate.floors")
         negative = sorted(name for name, value in self.tolerances.items() if value < 0)
         if negative:
             raise ValueError(f"tolerances must be >= 0: {negative}")

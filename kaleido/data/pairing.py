@@ -16,6 +16,7 @@ Inputs are sorted by clip id first, so the output depends on the results and the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -182,6 +183,30 @@ def _composite_reference(
     return reference
 
 
+def validation_sources(sample_counts: Mapping[str, int], share: float, seed: int) -> set[str]:
+    """The source videos held out for validation: whole sources, so no clip of a validation video is trained on.
+
+    Sources are ranked by sha256(f"{seed}:{source}") (stable when sources are added: a source keeps its rank)
+    and taken in that order when they fit within share x total samples. With two or more sources and share > 0
+    at least one is held out: when none fits, the smallest (it never leaves the training side empty). With one
+    source none is (the stats say so).
+    """
+    sources = {source: count for source, count in sample_counts.items() if count > 0}
+    total = sum(sources.values())
+    if share <= 0 or len(sources) < 2:
+        return set()
+    ranked = sorted(sources, key=lambda source: hashlib.sha256(f"{seed}:{source}".encode()).hexdigest())
+    held: set[str] = set()
+    count = 0
+    for source in ranked:
+        if count + sources[source] <= share * total and total - count - sources[source] > 0:
+            held.add(source)
+            count += sources[source]
+    if not held:
+        held.add(min(ranked, key=lambda source: (sources[source], ranked.index(source))))
+    return held
+
+
 def cross_source_summary(samples: Iterable[TrainingSample | Mapping[str, Any]]) -> dict[str, Any]:
     """How many references of cross-paired samples have a background from another raw source video.
 
@@ -208,6 +233,29 @@ def cross_source_summary(samples: Iterable[TrainingSample | Mapping[str, Any]]) 
     }
 
 
+def validation_summary(
+    samples: Iterable[TrainingSample | Mapping[str, Any]], share: float | None = None
+) -> dict[str, Any]:
+    """The realised train/validation split: samples and source videos per side, and the achieved share."""
+    rows = [s.to_json() if isinstance(s, TrainingSample) else s for s in samples]
+    sources: dict[str, set[str]] = {"train": set(), "val": set()}
+    counts: Counter[str] = Counter()
+    for row in rows:
+        split = row.get("split", "train")
+        counts[split] += 1
+        sources.setdefault(split, set()).add(str(row.get("provenance", {}).get("source", "?")))
+    total = sum(counts.values())
+    summary: dict[str, Any] = {
+        **({"target_share": share} if share is not None else {}),
+        "train_samples": counts["train"], "val_samples": counts["val"],
+        "share": round(counts["val"] / total, 6) if total else None,
+        "train_sources": len(sources["train"]), "val_sources": sorted(sources["val"]),
+    }
+    if total and not counts["val"] and (share is None or share > 0):
+        summary["note"] = "no validation set: the data has fewer than two source videos (or data.validation.share 0)"
+    return summary
+
+
 def pair_samples(
     results: Iterable[CurationResult],
     cfg: DataConfig,
@@ -232,6 +280,8 @@ def pair_samples(
     mix = effective_mix(cfg.references.sample_mix, enabled)
     types, shortfall = assign_types([_available(r) for r in usable], mix, rng)
     cross = assign_cross_pairs(len(usable), cfg.references.cross_pair_ratio, rng)
+    held_out = validation_sources(Counter(r.clip.source for r in usable), cfg.validation.share, cfg.seed)
+    split_of = {r.clip.clip_id: ("val" if r.clip.source in held_out else "train") for r in results}
     plates = [r for r in results if r.plate]
 
     samples: list[TrainingSample] = []
@@ -252,7 +302,9 @@ def pair_samples(
                 reference, kind = _reference(subject, result, sample_type), "redux_variation"
                 background_clip = background_source = GENERATED
             else:
-                unrelated = [r for r in plates if r.clip.source != clip.source]
+                # another source of the SAME split: a validation video's pixels never reach training
+                unrelated = [r for r in plates if r.clip.source != clip.source
+                             and split_of[r.clip.clip_id] == split_of[clip.clip_id]]
                 if unrelated:
                     donor = unrelated[int(rng.integers(len(unrelated)))]
                     plate = load_image(donor.resolve(donor.plate or "", root))
@@ -280,6 +332,7 @@ def pair_samples(
                 sample_type=sample_type,
                 cross_pair=is_cross,
                 references=references,
+                split=split_of[clip.clip_id],
                 provenance={
                     "source": clip.source,
                     "span_s": [clip.start_s, clip.end_s],
@@ -305,6 +358,7 @@ def pair_samples(
                 "cross_pair_ratio": cfg.references.cross_pair_ratio,
                 "reference_kinds": dict(kinds),
                 "cross_source": cross_source_summary(samples),
+                "validation": validation_summary(samples, cfg.validation.share),
             }
         )
     procedural = kinds.get(PROCEDURAL, 0)

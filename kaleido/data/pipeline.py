@@ -336,7 +336,8 @@ def pair_shard(ctx: ShardContext) -> dict[str, Any]:
     persist_pixels(ctx.work_dir, ctx.final_rel, [], samples)
     write_jsonl(ctx.work_dir / "samples.jsonl", samples)
     (ctx.work_dir / "pairing.json").write_text(json.dumps(stats, indent=1, sort_keys=True, default=str) + "\n")
-    return {"samples": len(samples), "cross_pairs": sum(1 for sample in samples if sample.cross_pair)}
+    return {"samples": len(samples), "cross_pairs": sum(1 for sample in samples if sample.cross_pair),
+            "val_samples": sum(1 for sample in samples if sample.split == "val")}
 
 
 def run_curation(
@@ -363,8 +364,10 @@ def run_curation(
     dirs = result.shard_dirs()
     done = {o.name: o.content_hash for o in result.outcomes}
     pair_spec = ShardSpec(0, tuple(done), done)
+    # the split is decided when pairing: changing data.validation redoes the pairing, not the curation
+    pair_fingerprint = {**fingerprint, "validation": data.validation.model_dump(mode="json")}
     paired = run_shards(
-        "pair", [pair_spec], pair_shard, params, fingerprint=fingerprint, progress=progress, unit="shard"
+        "pair", [pair_spec], pair_shard, params, fingerprint=pair_fingerprint, progress=progress, unit="shard"
     )
     paired.raise_for_failures()
     instances = merge_jsonl(dirs, "instances.jsonl", layout.instances_manifest)
@@ -385,6 +388,7 @@ def run_curation(
             "instances": instances,
             "samples": samples,
             "cross_pairs": int(summary.get("cross_pairs", 0)),
+            "val_samples": int(summary.get("val_samples", 0)),
             "rejected": rejected,
         },
     )

@@ -151,6 +151,7 @@ class TrainingSample:
     cross_pair: bool  # True when the references come from other clips than the target video
     references: list[ReferenceImage] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)  # source, span, models, thresholds, seeds
+    split: str = "train"  # "train" or "val": held out by source video (data.validation)
 
     def to_json(self) -> dict[str, Any]:
         row = record_to_json(self)

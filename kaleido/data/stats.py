@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kaleido.data.pairing import cross_source_summary
+from kaleido.data.pairing import cross_source_summary, validation_summary
 from kaleido.data.paths import DataLayout
 from kaleido.data.records import SUBJECT_GROUPS, read_jsonl
 
@@ -77,6 +77,7 @@ def compute_stats(root: str | Path) -> dict[str, Any]:
         # paper A.1: cross pairs take backgrounds from OTHER raw source videos; the achieved share, and how many
         # references fell back to a procedural background because the data had no other source
         "cross_source": cross_source_summary(samples),
+        "validation": validation_summary(samples),
         "sample_types": dict(sorted(Counter(s.get("sample_type", "?") for s in samples).items())),
         "category_source": source,
         "categories": table(counts),

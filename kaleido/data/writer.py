@@ -126,6 +126,7 @@ def sample_members(
         "caption": sample.caption,
         "sample_type": sample.sample_type,
         "cross_pair": bool(sample.cross_pair),
+        "split": sample.split,
         "num_references": len(references),
         "references": references,
         "provenance": provenance,
@@ -208,6 +209,11 @@ class TrainingExample:
     @property
     def cross_pair(self) -> bool:
         return bool(self.meta["cross_pair"])
+
+    @property
+    def split(self) -> str:
+        """"train" or "val" (held out by source video); datasets written before the split are all "train"."""
+        return str(self.meta.get("split", "train"))
 
     @property
     def provenance(self) -> dict[str, Any]:

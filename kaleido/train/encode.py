@@ -58,6 +58,7 @@ class EncodeReport:
     rejected: dict[str, int] = field(default_factory=dict)
     buckets: dict[str, int] = field(default_factory=dict)
     truncated_captions: dict[str, int] = field(default_factory=dict)  # sample key -> caption tokens (> text_len)
+    splits: dict[str, int] = field(default_factory=dict)  # "train" / "val" -> samples
     text_len: int = 512
 
     def summary(self) -> str:
@@ -65,7 +66,8 @@ class EncodeReport:
         lines = [
             f"encode: {self.samples} samples in {len(self.buckets)} buckets -> {self.latents} "
             f"({len(self.encoded_shards)} shards encoded, {len(self.skipped_shards)} up to date, "
-            f"{len(self.removed_shards)} stale removed, {rejected} samples rejected)"
+            f"{len(self.removed_shards)} stale removed, {rejected} samples rejected; "
+            f"{self.splits.get('train', 0)} train + {self.splits.get('val', 0)} validation)"
         ]
         lines += [f"  bucket {name}: {count}" for name, count in sorted(self.buckets.items())]
         lines += [f"  rejected ({reason}): {count}" for reason, count in sorted(self.rejected.items())]
@@ -293,7 +295,7 @@ def _encode_shard(
         tensors[refs_name] = ref_stack.to(dtype).contiguous()
         tensors[text_name] = text.to(dtype).contiguous()
         _, frames, height, width = video.shape
-        entries.append(CachedSample(example.key, name, (frames, height, width, n), int(text.shape[0])))
+        entries.append(CachedSample(example.key, name, (frames, height, width, n), int(text.shape[0]), example.split))
     partial = out / f"{name}.safetensors.partial"
     save_file(tensors, str(partial))
     partial.replace(out / f"{name}.safetensors")
@@ -380,12 +382,15 @@ def run_encode(
             seen.add(sample.key)
             samples.append(sample)
     text_dim, z_dim = _dims(out, names)
-    meta = {"dataset": str(dataset), "settings_hash": settings_hash, "text_dim": text_dim, "z_dim": z_dim}
+    splits = {split: sum(1 for sample in samples if sample.split == split) for split in ("train", "val")}
+    meta = {"dataset": str(dataset), "settings_hash": settings_hash, "text_dim": text_dim, "z_dim": z_dim,
+            "splits": splits}
     write_index(out, samples, meta)
     report.samples = len(samples)
     for sample in samples:
         name = bucket_name(sample.bucket)
         report.buckets[name] = report.buckets.get(name, 0) + 1
+        report.splits[sample.split] = report.splits.get(sample.split, 0) + 1
     return report
 
 

@@ -38,6 +38,7 @@ class CachedSample:
     shard: str
     bucket: BucketKey
     text_tokens: int
+    split: str = "train"  # "train" or "val" (held out by source video in curation)
 
     @property
     def num_refs(self) -> int:
@@ -50,13 +51,14 @@ class CachedSample:
             "shard": self.shard,
             "bucket": {"frames": frames, "height": height, "width": width, "num_refs": refs},
             "text_tokens": self.text_tokens,
+            "split": self.split,
         }
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> CachedSample:
         bucket = row["bucket"]
         key = (int(bucket["frames"]), int(bucket["height"]), int(bucket["width"]), int(bucket["num_refs"]))
-        return cls(row["key"], row["shard"], key, int(row["text_tokens"]))
+        return cls(row["key"], row["shard"], key, int(row["text_tokens"]), str(row.get("split", "train")))
 
 
 def bucket_name(bucket: BucketKey) -> str:
@@ -122,6 +124,10 @@ class LatentCache:
     @property
     def buckets(self) -> list[BucketKey]:
         return [sample.bucket for sample in self.samples]
+
+    def split_indices(self, split: str) -> list[int]:
+        """Indices of the samples of one split ("train" or "val"), in cache order."""
+        return [index for index, sample in enumerate(self.samples) if sample.split == split]
 
     def _handle(self, shard: str) -> Any:
         from safetensors import safe_open

@@ -254,10 +254,12 @@ def _check_cache(params: Params, stage: str, latents: Path, dp: int, text_dim: i
     missing = sorted({s.shard for s in samples if not (latents / f"{s.shard}.safetensors").is_file()})
     if missing:
         problems.append(f"{key}: shard files missing in {latents}: {', '.join(missing[:5])}; re-run `kaleido encode`")
-    batches = micro_batches_per_epoch([s.bucket for s in samples], params.train.micro_batch)
+    train = [s for s in samples if s.split == "train"]
+    batches = micro_batches_per_epoch([s.bucket for s in train], params.train.micro_batch)
     if batches < dp:
         problems.append(
-            f"{key}: {len(samples)} cached samples give {batches} full micro-batches of train.micro_batch="
+            f"{key}: {len(train)} cached training samples ({len(samples) - len(train)} more are held out for "
+            f"validation) give {batches} full micro-batches of train.micro_batch="
             f"{params.train.micro_batch} per epoch (one bucket per micro-batch), fewer than the {dp} data-parallel "
             "ranks; add data or lower train.micro_batch / the world size"
         )

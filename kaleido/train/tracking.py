@@ -66,6 +66,31 @@ class LossCurve:
         self._handle.close()
 
 
+class ValidationCurve:
+    """val_loss.csv: step, loss, then the loss at each fixed noise level; resumed like loss.csv."""
+
+    def __init__(self, path: Path, levels: list[str], resume_step: int | None):
+        self.path = path
+        self.fields = ["step", "loss", *(f"loss_sigma_{level}" for level in levels)]
+        kept: list[dict[str, str]] = []
+        if resume_step is not None and path.is_file():
+            with path.open() as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        self._handle = path.open("w", newline="")
+        self._writer = csv.DictWriter(self._handle, fieldnames=self.fields)
+        self._writer.writeheader()
+        self._writer.writerows(kept)
+        self._handle.flush()
+
+    def add(self, step: int, loss: float, per_level: dict[str, float]) -> None:
+        row = {"step": step, "loss": loss, **{f"loss_sigma_{k}": v for k, v in per_level.items()}}
+        self._writer.writerow({key: row.get(key, "") for key in self.fields})
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
 def read_loss_curve(path: str | Path) -> list[dict[str, float]]:
     with Path(path).open() as handle:
         # a blank cell (a metric the step did not have) reads as NaN
@@ -89,6 +114,8 @@ class Tracker:
         self.run_id: str | None = None
         self._mlflow: Any = None
         self.curve = LossCurve(output / "loss.csv", start_step if resume else None) if active else None
+        self.val_curve: ValidationCurve | None = None
+        self._resume_step = start_step if resume else None
         self.bar: Any = None
         if active and progress:
             from tqdm.auto import tqdm
@@ -136,6 +163,18 @@ class Tracker:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
             self.bar.update(1)
 
+    def log_validation(self, step: int, metrics: dict[str, float], per_level: dict[str, float]) -> None:
+        """val/loss (and per level) at `step`: val_loss.csv and MLflow."""
+        if not self.active:
+            return
+        if self.val_curve is None:
+            self.val_curve = ValidationCurve(self.output / "val_loss.csv", list(per_level), self._resume_step)
+        self.val_curve.add(step, metrics["val/loss"], per_level)
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+        if self.bar is not None:
+            self.bar.write(f"step {step}: val/loss {metrics['val/loss']:.4f}")
+
     def log_artifacts(self, paths: list[Path], tags: dict[str, str]) -> None:
         if self._mlflow is None:
             return
@@ -151,6 +190,8 @@ class Tracker:
             self.bar.close()
         if self.curve is not None:
             self.curve.close()
+        if self.val_curve is not None:
+            self.val_curve.close()
         if self._mlflow is not None:
             self._mlflow.end_run(status=status)
             self._mlflow = None

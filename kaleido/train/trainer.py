@@ -26,6 +26,7 @@ from kaleido.train.engine import DistContext
 from kaleido.train.latents import LatentCache
 from kaleido.train.plan import TrainPlan, checkpoint_dir, export_dir, stage_output, tracking_uri
 from kaleido.train.tracking import Tracker, flatten, peak_memory_gb
+from kaleido.train.validation import ValidationResult, ValidationSet
 
 # Test hook: exit hard (no cleanup, like a kill) right after this optimizer step and its checkpoint.
 EXIT_AFTER_STEP_ENV = "KALEIDO_TRAIN_EXIT_AFTER_STEP"
@@ -84,9 +85,15 @@ class Trainer:
         self.resume = resume
         self.cache = LatentCache(plan.latents)
         self.null_context = self.cache.null_context()
+        # only the train split is trained on; the val split (whole held-out source videos) is only evaluated
+        train_indices = self.cache.split_indices("train")
         self.sampler = BucketBatchSampler(
-            self.cache.buckets, plan.micro_batch, ctx.dp_rank, ctx.dp_size, seed=params.train.seed
+            [self.cache.samples[i].bucket for i in train_indices], plan.micro_batch, ctx.dp_rank, ctx.dp_size,
+            seed=params.train.seed, indices=train_indices,
         )
+        settings = params.train.validation
+        validation = ValidationSet(self.cache, settings.sigmas, settings.max_samples, settings.seed)
+        self.validation = validation if len(validation) else None
         self.generator = torch.Generator().manual_seed(_loss_generator_seed(params.train.seed, ctx.dp_rank))
         self.dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
         self.ckpt_dir = checkpoint_dir(params, plan.stage)
@@ -163,6 +170,35 @@ class Trainer:
         dist.barrier()
         return target if self.ctx.is_main else None
 
+    # -- validation ------------------------------------------------------------------------------------------
+
+    def validate(self, step: int, tracker: Tracker) -> ValidationResult | None:
+        """The held-out loss at `step` on every rank together (step 0: the model before any update)."""
+        import torch.distributed as dist
+
+        if self.validation is None:
+            return None
+
+        def gather(obj: Any) -> list[Any]:
+            parts: list[Any] = [None] * self.ctx.world_size
+            dist.all_gather_object(parts, obj)
+            return parts
+
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            result = self.validation.evaluate(
+                module, self.params.model.text_len, self.dtype, self.ctx.device, self.ctx.dp_rank, self.ctx.dp_size,
+                gather,
+            )
+        finally:
+            module.train(was_training)
+        tracker.log_validation(step, result.metrics(), result.per_level)
+        if self.ctx.is_main and step == 0:
+            (self.output / "val_base.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        return result
+
     # -- the loop ------------------------------------------------------------------------------------------
 
     def _tracker(self, progress: bool) -> Tracker:
@@ -195,6 +231,11 @@ class Trainer:
                 shutil.rmtree(self.ckpt_dir)
             dist.barrier()
         tracker = self._tracker(progress)
+        if self.ctx.is_main and self.validation is None:
+            print(f"no validation samples in {self.plan.latents} (the data has one source video, or "
+                  "data.validation.share is 0): training without val/loss", flush=True)
+        last_validation = self.validate(0, tracker) if not self.resume else None
+        every = self.params.train.validation.every
         exit_after = int(os.environ.get(EXIT_AFTER_STEP_ENV, "0") or 0)
         fm = self.params.flow_matching
         text_len = self.params.model.text_len
@@ -242,15 +283,18 @@ class Trainer:
                 if step % self.params.train.checkpoint_every == 0 or step == self.plan.steps:
                     self.save_checkpoint(step)
                 tracker.log_step(step, metrics)
+                if step == self.plan.steps or (every and step % every == 0):
+                    last_validation = self.validate(step, tracker)
                 if step == exit_after:
                     dist.barrier()
                     os._exit(SIMULATED_CRASH_EXIT)  # no cleanup: what a kill leaves behind
             result.export = self.export(self.plan.steps)
             result.run_id = self.run_id
             if self.ctx.is_main:
-                self._write_summary(result)
+                self._write_summary(result, last_validation)
                 tracker.log_artifacts(
-                    [self.output / "loss.csv", self.output / "metrics.json", self.output / "export.json"],
+                    [self.output / name for name in ("loss.csv", "metrics.json", "export.json", "val_loss.csv",
+                                                     "val_loss.json")],
                     {"export_path": str(result.export)},
                 )
             status = "FINISHED"
@@ -258,14 +302,16 @@ class Trainer:
         finally:
             tracker.finish(status)
 
-    def _write_summary(self, result: TrainResult) -> None:
+    def _write_summary(self, result: TrainResult, validation: ValidationResult | None) -> None:
+        """metrics.json (DVC's metrics: train loss first -> last, val loss base -> final) and val_loss.json."""
         from kaleido.train.tracking import read_loss_curve
 
         rows = read_loss_curve(self.output / "loss.csv")
         tail = [row["loss"] for row in rows[-10:]]
-        summary = {
+        summary: dict[str, Any] = {
             "stage": self.plan.stage,
             "steps": self.plan.steps,
+            "first_loss": rows[0]["loss"] if rows else None,
             "final_loss": rows[-1]["loss"] if rows else None,
             "mean_loss_last_10": sum(tail) / len(tail) if tail else None,
             "mean_tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows) if rows else None,
@@ -273,4 +319,16 @@ class Trainer:
             "mlflow_run_id": self.run_id,
             "plan": self.plan.to_dict(),
         }
+        base_path = self.output / "val_base.json"
+        if validation is not None and base_path.is_file():
+            base = json.loads(base_path.read_text())
+            summary.update({"val_loss_base": base["loss"], "val_loss": validation.loss,
+                            "val_loss_change": validation.loss - base["loss"]})
+            record = {
+                "fingerprint": validation.fingerprint, "sigmas": self.params.train.validation.sigmas,
+                "seed": self.params.train.validation.seed, "latents": self.plan.latents, "base": base,
+                "text_len": self.params.model.text_len,
+                "final": validation.to_json(), "init": self.plan.init, "step": self.plan.steps,
+            }
+            (self.output / "val_loss.json").write_text(json.dumps(record, indent=1) + "\n")
         (self.output / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
