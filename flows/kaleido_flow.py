@@ -294,8 +294,24 @@ def kaleido_flow(part: Part = "full", repo: str | None = None, version: str | No
         result["sample"] = generate_sample(root, uri, name)
         if not decision.get("passed"):
             print(f"{name} v{version} rejected by the gate: {json.dumps(decision.get('reasons'), indent=2)}")
+    publish_summary(root, params, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("stats", "evaluation")}, indent=2, default=str))
     return result
+
+
+def publish_summary(root: Path, params: Any, result: dict[str, Any]) -> None:
+    """The run's summary table (kaleido.platform.summary) as the Prefect artifact `make run` prints last."""
+    from kaleido.platform.summary import SUMMARY_KEY, run_summary, to_markdown, to_text
+    from kaleido.registry import ModelRegistry
+
+    uri, name = params.platform.mlflow_tracking_uri, params.platform.registered_model
+    aliases = []
+    if result.get("version") and uri:
+        registry = ModelRegistry(uri, name)
+        aliases = [alias for alias in ("champion", "previous") if registry.alias_version(alias) == result["version"]]
+    rows = run_summary(root, result, params.platform.prefect_api_url.removesuffix("/api"), uri, aliases)
+    create_markdown_artifact(to_markdown(rows), key=SUMMARY_KEY, description="the run's outcome in one table")
+    print(to_text(rows))
 
 
 if __name__ == "__main__":

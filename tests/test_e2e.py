@@ -4,7 +4,8 @@ One temporary git + DVC checkout of this working tree is shared by the tests of 
 a flow killed mid-curation; the full deployment run that resumes it, with a gate that must fail (the version is
 rejected with reasons, no champion); the second full run with the normal gate, which reuses the cached work (no
 new version, no new evaluation) and promotes the version to champion; the MLflow UI screenshot of that champion;
-a failing training step (no new model version).
+a worse candidate (too high a learning rate) that the gate refuses on the held-out validation loss; a failing
+training step (no new model version).
 """
 
 from __future__ import annotations
@@ -201,7 +202,22 @@ def test_first_run_resumes_curation_and_a_failing_gate_sets_no_champion(e2e: E2E
     assert any((e2e.repo.parent / "dvc-remote").rglob("*"))  # the data version was pushed
     keys = {a["key"] for a in _prefect_post(e2e.prefect, "/artifacts/filter", {"limit": 200})}
     assert {"kaleido-data-stats", "kaleido-data-version", "kaleido-train-metrics", "kaleido-registered-version",
-            "kaleido-eval-metrics", "kaleido-gate", "kaleido-promotion"} <= keys
+            "kaleido-eval-metrics", "kaleido-gate", "kaleido-promotion", "kaleido-summary"} <= keys
+    # training measured the held-out loss of the base model and of the trained one; the evaluation carries it
+    assert train["val_loss"] < train["val_loss_base"]
+    evaluation = json.loads((e2e.repo / f"runs/eval/{MODEL}-v{version}/metrics.json").read_text())
+    assert evaluation["overall"]["val_loss"] == pytest.approx(train["val_loss"])
+    assert "val_loss" in decision["reasons"] and decision["reasons"]["val_loss"].startswith("pass: improvement ok")
+    # the run's last screen: the summary table, printed back from the Prefect artifact
+    from kaleido.platform.services import Platform
+    from kaleido.platform.summary import SUMMARY_KEY, markdown_rows
+
+    flow_run = _last_flow_run(e2e.prefect)
+    platform = Platform(e2e.repo, e2e.repo.parent / "state", e2e.mlflow, e2e.prefect, "local")
+    table = dict(markdown_rows(platform._artifact(flow_run, SUMMARY_KEY) or ""))
+    assert table["gate"] == "FAIL on subject_consistency" and table["model version"] == f"v{version} (no alias)"
+    assert "(base model) ->" in table["validation loss"] and "held out" in table["samples"]
+    assert platform._follow(flow_run, lambda line: None) == "COMPLETED"
     e2e.notes["version"] = version
 
 
@@ -221,6 +237,11 @@ def test_second_run_reuses_cached_work_and_promotes(e2e: E2E) -> None:
     assert sample.stat().st_size > 1000
     assert elapsed < e2e.notes.get("first_run_s", float("inf")) / 2
     e2e.notes["champion"] = version
+
+
+def _last_flow_run(api: str) -> str:
+    runs = _prefect_post(api, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+    return runs[0]["id"]
 
 
 def _prefect_post(api: str, path: str, body: dict[str, Any]) -> Any:
@@ -259,6 +280,27 @@ def test_mlflow_ui_shows_the_champion(e2e: E2E, tmp_path: Path) -> None:
     assert colours is None or len(colours) > 50, "the page rendered as a (nearly) blank picture"
 
 
+def test_a_worse_candidate_is_refused_on_validation_loss(e2e: E2E) -> None:
+    """A learning rate 50x too high: the new version's held-out loss rises past the champion's, the gate refuses it
+    on val_loss (MLflow tags, the Prefect artifact, the CLI), and the champion stays."""
+    champion = e2e.notes["champion"]
+    e2e.set_params({"train.pretrain.lr": 0.05})
+    try:
+        e2e.deployment("full")
+    finally:
+        e2e.run(["git", "checkout", "--", "params.yaml"])
+    registry = e2e.registry()
+    candidate = e2e.versions()[-1]
+    assert candidate != champion and registry.alias_version("champion") == champion
+    assert registry.gate_decision(candidate) == "failed"
+    reasons = json.loads(registry.version_tags(candidate)["gate.reasons"])
+    assert reasons["val_loss"].startswith("fail: regression FAILED"), reasons
+    gate = [a for a in _prefect_post(e2e.prefect, "/artifacts/filter", {"limit": 200}) if a["key"] == "kaleido-gate"]
+    assert "**val_loss**: fail: regression FAILED" in max(gate, key=lambda a: a["created"])["data"]
+    cli = e2e.run([_bin("kaleido"), "gate", "--candidate", f"models:/{MODEL}/{candidate}"], check=False)
+    assert cli.returncode == 1 and "val_loss" in cli.stdout and "rise beyond tolerance" in cli.stdout, cli.stdout
+
+
 def test_failing_training_registers_nothing(e2e: E2E) -> None:
     versions = e2e.versions()
     e2e.set_params({"train.sequence_parallel": 3})  # does not divide the 2 local ranks: `kaleido train` fails
@@ -284,13 +326,15 @@ def test_dvc_repro_and_an_experiment_sweep(e2e: E2E) -> None:
     expected = {"runs/eval/pretrain/summary.json", "runs/train/pretrain/metrics.json", "data/stats/stats.json"}
     assert expected <= set(files)
     plots = json.loads(e2e.run([dvc, "plots", "show", "--json"]).stdout)
-    expected = {"runs/train/pretrain/loss.csv", "runs/eval/pretrain/cases.csv", "data/stats/categories.png"}
+    expected = {"runs/train/pretrain/loss.csv", "runs/train/pretrain/val_loss.csv", "runs/eval/pretrain/cases.csv",
+                "data/stats/categories.png"}
     assert expected <= set(plots["data"]), json.dumps(plots)[:2000]
     rows = plots["data"]["runs/eval/pretrain/cases.csv"][0]["content"]["data"]["values"]
     assert {row["id"] for row in rows} >= {"astronaut-waves"}  # one bar per eval case
 
     sweep = e2e.run([dvc, "exp", "run", "--name", "cross-pair-half",
-                     "-S", "data.references.cross_pair_ratio=0.5", "-S", "model.rope.variant=shift_h"])  # fmt: skip
+                     "-S", "data.references.cross_pair_ratio=0.5", "-S", "model.rope.variant=shift_h",
+                     "-S", "train.pretrain.lr=0.002"])  # fmt: skip
     ran = {line.split("'")[1] for line in sweep.stdout.splitlines() if line.startswith("Running stage")}
     assert {"curate", "train", "evaluate"} <= ran, sweep.stdout[-3000:]
     assert not {"assets", "ingest", "caption"} & ran, sweep.stdout[-3000:]
@@ -298,4 +342,8 @@ def test_dvc_repro_and_an_experiment_sweep(e2e: E2E) -> None:
     experiments = [exp for row in shown for exp in (row.get("experiments") or [])]
     names = {rev.get("name") for exp in experiments for rev in exp.get("revs", [])}
     assert "cross-pair-half" in names, json.dumps(shown)[:3000]
+    # the held-out loss is a column of every experiment (train metrics.json: val_loss_base -> val_loss)
+    revs = [rev for exp in experiments for rev in exp.get("revs", []) if rev.get("name") == "cross-pair-half"]
+    train_metrics = revs[0]["data"]["metrics"]["runs/train/pretrain/metrics.json"]["data"]
+    assert train_metrics["val_loss"] < train_metrics["val_loss_base"], train_metrics
     e2e.run(["git", "checkout", "--", "params.yaml"])

@@ -73,7 +73,8 @@ def test_validator_lists_every_problem(builtin: Path, tmp_path: Path) -> None:
         "'../outside.png' resolves to",
         "is absolute; write it relative",
         "'images/link.png' resolves to",  # a symlink out of the folder is an escape too
-        "'images/broken.png': not a readable image",
+        "reference 'images/broken.png' ",  # then its full path, and:
+        "broken.png: not a readable image",
         "a multi-subject case needs at least 2 references",
         "a multi-subject case must name its subjects",
         "case id 'dup' is used 2 times",

@@ -257,3 +257,37 @@ def test_prefect_pull_step_reads_the_checkout_from_the_environment(tmp_path: Pat
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         output = asyncio.run(run_steps(pull))  # monkeypatch gives the test's working directory back afterwards
     assert Path(output["directory"]) == workspace and Path.cwd() == workspace
+
+
+def test_run_summary_rows_from_a_flow_result(tmp_path: Path) -> None:
+    """The table `make run` ends with: data, training, validation loss, every metric with the gate's verdict."""
+    import json
+
+    from kaleido.platform.summary import markdown_rows, run_summary, to_markdown, to_text
+
+    train = tmp_path / "runs/train/pretrain"
+    train.mkdir(parents=True)
+    (train / "metrics.json").write_text(json.dumps({"steps": 30, "first_loss": 2.31, "final_loss": 0.52,
+                                                    "val_loss_base": 2.25, "val_loss": 0.61}))
+    result = {
+        "data_version": {"dvc_data_hash": "abc.dir", "git_revision": "0123456789abcdef"},
+        "stats": {"clips": 11, "samples": 9, "cross_pair_samples": 3,
+                  "rejections": {"by_reason": {"too_short": 2, "low_clip_score": 5}},
+                  "validation": {"train_samples": 8, "val_samples": 1, "val_sources": ["raw/carphone_pristine.mp4"]}},
+        "version": "2",
+        "evaluation": {"overall": {"s2v_consistency": 0.41, "val_loss": 0.61}},
+        "gate": {"passed": False, "reasons": {"s2v_consistency": "pass: floor ok (mean 0.41)",
+                                              "val_loss": "fail: regression FAILED (mean diff vs baseline +0.4)"}},
+        "sample": str(tmp_path / "sample.mp4"),
+    }
+    rows = run_summary(tmp_path, result, "http://127.0.0.1:4200", "http://127.0.0.1:5000", ["previous"])
+    table = dict(rows)
+    assert table["clips"] == "11 kept; 7 rejected (low_clip_score 5, too_short 2)"
+    assert table["samples"].startswith("9: 8 train, 1 held out (sources: raw/carphone_pristine.mp4)")
+    assert table["training"] == "30 steps, train loss 2.3100 -> 0.5200"
+    assert table["validation loss"].startswith("2.2500 (base model) -> 0.6100 (trained)")
+    assert table["eval val_loss"] == "0.6100  gate: fail: regression FAILED"
+    assert table["gate"] == "FAIL on val_loss" and table["model version"] == "v2 (previous)"
+    assert table["contact sheet"].endswith("sample.png") and table["MLflow UI"] == "http://127.0.0.1:5000"
+    assert markdown_rows(to_markdown(rows)) == rows  # the Prefect artifact prints back as the same table
+    assert to_text(rows).splitlines()[0].startswith("data version")

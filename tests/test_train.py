@@ -25,9 +25,13 @@ STEPS = 16
 EXPERIMENT = "kaleido-train-tests"
 # (height, width, frames, references) per sample: three buckets of 5 frames, one of 1 frame
 SPECS = [(64, 96, 9, 1)] * 6 + [(96, 64, 9, 1)] * 2 + [(64, 96, 9, 2)] * 4 + [(64, 96, 3, 1)] * 2
+# held-out samples (split "val", as curation marks whole source videos): never trained on, evaluated at fixed triples
+VAL_SPECS = [(64, 96, 9, 1), (64, 96, 9, 2), (96, 64, 9, 1)]
 
 
-def write_dataset(root: Path, specs: list[tuple[int, int, int, int]], seed: int = 0) -> list[Path]:
+def write_dataset(
+    root: Path, specs: list[tuple[int, int, int, int]], seed: int = 0, val_specs: list | tuple = ()
+) -> list[Path]:
     """Tiny training tars through the real writer: moving noise clips, random reference images."""
     from PIL import Image
 
@@ -38,7 +42,7 @@ def write_dataset(root: Path, specs: list[tuple[int, int, int, int]], seed: int 
     rng = np.random.default_rng(seed)
     (root / "refs").mkdir(parents=True, exist_ok=True)
     samples = []
-    for i, (height, width, frames, refs) in enumerate(specs):
+    for i, (height, width, frames, refs) in enumerate([*specs, *val_specs]):
         still = np.repeat(np.repeat(rng.integers(0, 255, (height // 8, width // 8, 3)), 8, 0), 8, 1).astype(np.uint8)
         write_video(np.stack([np.roll(still, 2 * k, axis=1) for k in range(frames)]), root / f"clips/c{i}.mp4")
         references = []
@@ -52,6 +56,7 @@ def write_dataset(root: Path, specs: list[tuple[int, int, int, int]], seed: int 
             sample_id=f"s{i:03d}", clip_id=f"c{i}", clip_path=f"clips/c{i}.mp4", caption=f"a cat number {i} walks"
             + (" and walks on and on along the long river" * 80 if i == 3 else ""),  # > 512 tokens: truncated
             sample_type="crop", cross_pair=False, references=references,
+            split="val" if i >= len(specs) else "train",
         )  # fmt: skip
         samples.append(sample)
     tars = [root / "dataset" / "train-00000.tar", root / "dataset" / "train-00001.tar"]
@@ -66,7 +71,7 @@ def env(tmp_path_factory, tiny_assets, params_for):
     from kaleido.train.encode import run_encode
 
     folder = tmp_path_factory.mktemp("train")
-    write_dataset(folder / "data", SPECS)
+    write_dataset(folder / "data", SPECS, val_specs=VAL_SPECS)
 
     def params(name: str, overrides: dict | None = None) -> Path:
         base = {
@@ -97,13 +102,23 @@ def test_encode_writes_buckets_and_skips_finished_shards(env, monkeypatch):
     from kaleido.train import encode
 
     report = env["report"]
-    assert len(report.encoded_shards) == 2 and report.samples == len(SPECS)
-    assert report.buckets == {"5x32x48+1ref": 6, "5x48x32+1ref": 2, "5x32x48+2ref": 4, "1x32x48+1ref": 2}
+    assert len(report.encoded_shards) == 2 and report.samples == len(SPECS) + len(VAL_SPECS)
+    assert report.buckets == {"5x32x48+1ref": 7, "5x48x32+1ref": 3, "5x32x48+2ref": 5, "1x32x48+1ref": 2}
+    assert report.splits == {"train": len(SPECS), "val": len(VAL_SPECS)}
+    assert "14 train + 3 validation" in report.summary()
     cache = LatentCache(env["folder"] / "latents")
     sample = cache.load(cache.samples.index(next(s for s in cache.samples if s.bucket == (5, 32, 48, 2))))
     assert sample["video"].shape == (16, 2, 4, 6) and sample["refs"].shape == (2, 16, 4, 6)
     assert sample["text"].shape[1] == 32 and sample["text"].abs().sum(-1).gt(0).all()  # real tokens only
     assert cache.null_context().shape[1] == 32
+    # the sampler the trainer uses never yields a held-out sample, over several epochs
+    from kaleido.train.data import training_sampler
+
+    held_out = set(cache.split_indices("val"))
+    assert len(held_out) == len(VAL_SPECS)
+    batches = iter(training_sampler(cache, micro_batch=1, dp_rank=0, dp_size=2))
+    seen = {index for _ in range(60) for index in next(batches)}
+    assert seen and not seen & held_out and seen <= set(cache.split_indices("train"))
     # the one caption longer than model.text_len is named, with its token count, not cut silently
     (key, tokens), = report.truncated_captions.items()
     assert "s003" in key and tokens > 512
@@ -132,11 +147,11 @@ def test_encode_writes_buckets_and_skips_finished_shards(env, monkeypatch):
 
     second = copy / "data" / "dataset" / "train-00001.tar"
     before = [example.key for example in iter_training_samples(second)]
-    write_dataset(copy / "data", SPECS[:-1], seed=1)
+    write_dataset(copy / "data", SPECS[:-1], seed=1, val_specs=VAL_SPECS)
     (copy / "data" / "dataset" / "train-00000.tar").unlink()
     third = encode.run_encode(params, progress=False)
     assert third.encoded_shards == ["train-00001"] and third.removed_shards == ["train-00000"]
-    assert third.samples == len(before) - 1 == len(SPECS) - 8
+    assert third.samples == len(before) - 1 == len(SPECS) + len(VAL_SPECS) - 8
     assert not (copy / "latents" / "train-00000.safetensors").exists()
 
 
@@ -169,6 +184,17 @@ def test_two_ranks_zero2_loss_falls_and_exports_wan_weights(zero2_run, tiny_asse
     info = json.loads((zero2_run["out"] / "export.json").read_text())
     assert info["format"] == "wan" and info["step"] == STEPS
 
+    # held-out loss: at step 0 (the base model), every 10 steps and at the end; in metrics.json for DVC
+    validation = read_loss_curve(zero2_run["out"] / "val_loss.csv")
+    assert [int(r["step"]) for r in validation] == [0, 10, STEPS]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["loss_sigma_0.50"]) for r in validation)
+    summary = json.loads((zero2_run["out"] / "metrics.json").read_text())
+    assert summary["val_loss_base"] == pytest.approx(validation[0]["loss"])
+    assert summary["val_loss"] == pytest.approx(validation[-1]["loss"]) < summary["val_loss_base"]
+    record = json.loads((zero2_run["out"] / "val_loss.json").read_text())
+    assert len(record["final"]["per_sample"]) == len(VAL_SPECS)
+    assert record["base"]["fingerprint"] == record["fingerprint"]
+
     # SFT starts from this export
     from kaleido.train.plan import plan_training
 
@@ -192,11 +218,13 @@ def test_mlflow_run_has_params_and_metrics(zero2_run):
     for metric in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "peak_memory_gb"):
         history = client.get_metric_history(run_id, metric)
         assert sorted(m.step for m in history) == list(range(1, STEPS + 1)), metric
+    for metric in ("val/loss", "val/loss_sigma_0.10", "val/loss_sigma_0.90"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [0, 10, STEPS], metric
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     csv = {int(r["step"]): r["loss"] for r in read_loss_curve(zero2_run["out"] / "loss.csv")}
     assert losses == pytest.approx(csv)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"loss.csv", "metrics.json", "export.json"} <= artifacts
+    assert {"loss.csv", "metrics.json", "export.json", "val_loss.csv", "val_loss.json"} <= artifacts
 
 
 @pytest.mark.slow
@@ -218,6 +246,8 @@ def test_kill_and_resume_repeats_the_loss_curve_exactly(env, zero2_run, monkeypa
     for mine, theirs in zip(resumed, reference, strict=True):
         assert mine["loss"] == theirs["loss"], (mine, theirs)  # bit for bit on CPU
         assert mine["grad_norm"] == theirs["grad_norm"] and mine["lr"] == theirs["lr"]
+    # validation draws nothing from the training RNGs: the held-out curve is the reference's too
+    assert read_loss_curve(out / "val_loss.csv") == read_loss_curve(zero2_run["out"] / "val_loss.csv")
     # the resumed process reopened the interrupted MLflow run
     from mlflow.tracking import MlflowClient
 
@@ -239,6 +269,15 @@ def test_zero3_with_ulysses_sequence_parallel_trains_and_exports(env, tiny_asset
     out = env["folder"] / "runs" / "zero3_sp2" / "pretrain"
     rows = read_loss_curve(out / "loss.csv")
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    # the held-out loss under ZeRO-3 + Ulysses equals a single-process evaluation of the same weights
+    from kaleido.train.latents import LatentCache
+    from kaleido.train.validation import ValidationSet
+
+    validation = read_loss_curve(out / "val_loss.csv")
+    assert [int(r["step"]) for r in validation] == [0, 3]
+    single = ValidationSet(LatentCache(env["folder"] / "latents"), [0.1, 0.3, 0.5, 0.7, 0.9], 64, 0).evaluate(
+        load_dit(tiny_assets / "transformer"), 512, torch.float32, torch.device("cpu"))
+    assert validation[0]["loss"] == pytest.approx(single.loss, rel=1e-5)
     trained = load_dit(out / "export")  # gathered from the ZeRO-3 partitions
     initial = load_dit(tiny_assets / "transformer")
     key = "blocks.0.self_attn.q.weight"

@@ -109,3 +109,30 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+@app.command("learnable-task")
+def learnable_task(
+    out: Annotated[Path, typer.Option("--out", help="work folder: data, latents, runs, report.json")] = Path(
+        "artifacts/learnable"),
+    steps: Annotated[int, typer.Option(help="optimizer steps of each training (batch 8)", min=1)] = 600,
+    ablations: Annotated[bool, typer.Option("--ablations", help="also train with R-RoPE `none`")] = False,
+    params: ParamsOption = None,
+) -> None:
+    """Show that training makes the tiny model follow its references (a CPU task with held-out samples)."""
+    from kaleido.train.learnable_task import run_learnable_task
+
+    loaded = read_params(params)
+    assets = {}
+    for key in ("checkpoint", "vae", "text_encoder", "tokenizer"):
+        path = loaded.resolve(getattr(loaded.model, key))
+        if path is None or not path.exists():
+            fail(f"model.{key}: {path} does not exist; run `kaleido init-tiny` first (the task uses the tiny assets)")
+        assets[key] = str(path)
+    try:
+        report = run_learnable_task(out, assets, steps, ablations, echo=typer.echo)
+    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+    typer.echo(report.table())
+    typer.echo(f"report: {out / 'report.json'}")

@@ -334,13 +334,17 @@ class S2VPipeline:
         negative_prompt: str = WAN_NEGATIVE_PROMPT,
         progress: bool = True,
         warn_truncation: bool = True,
-    ) -> np.ndarray:
+        output_type: str = "frames",
+    ) -> np.ndarray | torch.Tensor:
         """Generate a video; returns uint8 frames [frames, height, width, 3].
 
         seed -1 draws a random seed (Wan's convention); `self.last_seed` holds the seed used. A prompt longer
         than `text_len` tokens is truncated with a warning (unless the caller checked it: warn_truncation=False).
         NumericalError when the latents or the decoded frames hold NaN/Inf (e.g. a float16 model overflowing).
+        output_type "latents" returns the final normalised latents [1, 16, F, h, w] (float32) without decoding.
         """
+        if output_type not in ("frames", "latents"):
+            raise ValueError(f"output_type={output_type!r}: use 'frames' or 'latents'")
         from tqdm.auto import tqdm
 
         images = validate_request(reference_images, frames, height, width, self.max_references, steps, sampler)
@@ -377,6 +381,8 @@ class S2VPipeline:
             velocity = self._velocity(latents, timestep, inputs, guidance_scale, cfg)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             self._check_finite(latents, f"the latents after sampling step {step} of {steps}", self.dtype, "model.dtype")
+        if output_type == "latents":
+            return latents.float()
 
         decoded = self.vae.decode(latents, clamp=False)
         self._check_finite(decoded, "the frames the VAE decoded", self.vae.dtype, "model.vae_dtype")

@@ -9,7 +9,9 @@ reused, so `make run` twice does not start a second server. Everything binds to 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kaleido.config.schema import Params
+from kaleido.platform.summary import SUMMARY_KEY, markdown_rows, to_text
 
 
 class ServiceError(RuntimeError):
@@ -310,20 +313,70 @@ class Platform:
         )
 
     def run_deployment(self, deployment: str = "full", keep: bool = False, echo: Callable[[str], Any] = print) -> int:
-        """up, deploy, `prefect deployment run kaleido/<deployment> --watch`; returns the watch's exit code."""
+        """up, deploy, run `kaleido/<deployment>`; one progress line per task on screen, Prefect's own output and the
+        flow run's log in <state_dir>/logs/run-<deployment>.log, then the run's summary table. Returns 0 when the
+        flow run completed."""
         started = time.monotonic()
         try:
             self.up()
             echo(f"services up in {time.monotonic() - started:.0f} s\n{self.describe()}")
             self.deploy()
-            process = subprocess.run(
-                [_bin("prefect"), "deployment", "run", f"kaleido/{deployment}", "--watch"],
-                cwd=self.repo, env={**os.environ, **self.prefect_env()},
-            )  # fmt: skip
-            echo(f"kaleido/{deployment} finished with exit code {process.returncode} "
-                 f"after {time.monotonic() - started:.0f} s")
-            echo(self.describe())
-            return process.returncode
+            log = self.state_dir / "logs" / f"run-{deployment}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            created = self.prefect("deployment", "run", f"kaleido/{deployment}")
+            log.write_text(created.stdout + created.stderr)
+            match = re.search(r"UUID:\s*([0-9a-f-]{36})", created.stdout)
+            if match is None:
+                raise ServiceError(f"prefect deployment run printed no flow run id:\n{created.stdout[-2000:]}")
+            flow_run = match.group(1)
+            echo(f"flow run {flow_run}: one line per task below; Prefect's log: {log}")
+            state = self._follow(flow_run, echo)
+            with log.open("a") as handle:
+                handle.write(self._flow_run_log(flow_run))
+            summary = self._artifact(flow_run, SUMMARY_KEY)
+            echo("")
+            echo(to_text(markdown_rows(summary)) if summary else f"(no summary: the flow run ended {state})")
+            echo(f"\nkaleido/{deployment}: {state} after {time.monotonic() - started:.0f} s (log: {log})")
+            return 0 if state == "COMPLETED" else 1
         finally:
             if not keep:
                 self.down()
+
+    def _api(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One Prefect REST call (GET without a body, POST with one) against this platform's server."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.prefect_api_url}{path}", data=data,
+                                         method="POST" if data is not None else "GET",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def _follow(self, flow_run: str, echo: Callable[[str], Any], poll: float = 2.0) -> str:
+        """Print each task run once when it finishes (name, state, seconds); return the flow run's final state."""
+        terminal = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+        reported: set[str] = set()
+        while True:
+            state = self._api(f"/flow_runs/{flow_run}")["state"]["type"]
+            tasks = self._api("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}},
+                                                    "sort": "EXPECTED_START_TIME_ASC"})
+            for task in tasks:
+                kind = (task.get("state") or {}).get("type")
+                if task["id"] in reported or kind not in terminal:
+                    continue
+                reported.add(task["id"])
+                mark = {"COMPLETED": "ok"}.get(kind, kind)
+                seconds = float(task.get("total_run_time") or 0.0)
+                echo(f"  {task['name']:<28} {mark:<10} {seconds:6.0f} s")
+            if state in terminal:
+                return state
+            time.sleep(poll)
+
+    def _flow_run_log(self, flow_run: str) -> str:
+        rows = self._api("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run]}}, "sort": "TIMESTAMP_ASC",
+                                          "limit": 200})
+        return "".join(f"{row.get('timestamp', '')} {row.get('message', '')}\n" for row in rows)
+
+    def _artifact(self, flow_run: str, key: str) -> str | None:
+        found = self._api("/artifacts/filter", {"artifacts": {"key": {"any_": [key]},
+                                                              "flow_run_id": {"any_": [flow_run]}}})
+        return str(found[-1]["data"]) if found else None

@@ -108,6 +108,15 @@ class BucketBatchSampler:
         self.cursor = int(state["cursor"])
 
 
+def training_sampler(
+    cache: LatentCache, micro_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
+) -> BucketBatchSampler:
+    """The sampler over the cache's TRAIN split only: held-out (val) samples are never trained on."""
+    indices = cache.split_indices("train")
+    return BucketBatchSampler([cache.samples[i].bucket for i in indices], micro_batch, dp_rank, dp_size, seed,
+                              indices=indices)
+
+
 @dataclass
 class MicroBatch:
     batch: FlowMatchingBatch

@@ -21,7 +21,7 @@ import torch
 
 from kaleido.config import Params, params_hash
 from kaleido.model.flow_matching import flow_matching_loss
-from kaleido.train.data import BucketBatchSampler, collate
+from kaleido.train.data import BucketBatchSampler, collate, training_sampler
 from kaleido.train.engine import DistContext
 from kaleido.train.latents import LatentCache
 from kaleido.train.plan import TrainPlan, checkpoint_dir, export_dir, stage_output, tracking_uri
@@ -86,11 +86,7 @@ class Trainer:
         self.cache = LatentCache(plan.latents)
         self.null_context = self.cache.null_context()
         # only the train split is trained on; the val split (whole held-out source videos) is only evaluated
-        train_indices = self.cache.split_indices("train")
-        self.sampler = BucketBatchSampler(
-            [self.cache.samples[i].bucket for i in train_indices], plan.micro_batch, ctx.dp_rank, ctx.dp_size,
-            seed=params.train.seed, indices=train_indices,
-        )
+        self.sampler = training_sampler(self.cache, plan.micro_batch, ctx.dp_rank, ctx.dp_size, params.train.seed)
         settings = params.train.validation
         validation = ValidationSet(self.cache, settings.sigmas, settings.max_samples, settings.seed)
         self.validation = validation if len(validation) else None
