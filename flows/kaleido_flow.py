@@ -145,13 +145,20 @@ def train(repo: Path) -> dict[str, Any]:
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=REGISTER_CACHE, persist_result=True)
 def register(tracking_uri: str, model_name: str, run_id: str, export: str, data_version: dict[str, str],
              params_hash: str, lock_file: str) -> str:
-    """One model version per training run (cached on the run id: a re-run does not register it twice).
-    dvc.lock goes with it: the flow does not commit to the user's git history, the registry keeps the record."""
+    """One model version per training run (cached on the run id: a re-run does not register it twice), packaged as
+    an MLflow Model (kaleido.serving: pyfunc, `mlflow models serve`). dvc.lock goes with it: the flow does not commit
+    to the user's git history, the registry keeps the record."""
+    import tempfile
+
     from kaleido.registry import Lineage, ModelRegistry
+    from kaleido.serving import build_model
 
     registry = ModelRegistry(tracking_uri, model_name)
     lineage = Lineage(data_version["git_revision"], data_version["dvc_data_hash"], params_hash, run_id)
-    version = registry.register(run_id, Path(export), lineage, lineage_files=(Path(lock_file),))
+    params = _params(Path(lock_file).parent)
+    with tempfile.TemporaryDirectory(prefix="kaleido-model-") as staging:
+        model = build_model(Path(export), params, Path(staging) / "model", registry.client)
+        version = registry.register(run_id, model, lineage, lineage_files=(Path(lock_file),))
     create_markdown_artifact(
         f"## Registered {model_name} version {version}\n\n"
         + "\n".join(f"- {key}: `{value}`" for key, value in lineage.tags().items())
@@ -221,28 +228,19 @@ def promote(tracking_uri: str, model_name: str, version: str, decision: dict[str
 
 @task(name="generate-sample", retries=1)
 def generate_sample(repo: Path, tracking_uri: str, model_name: str) -> str | None:
-    """A video from the champion (the sample prompt and references), to look at; None without a champion."""
+    """A video from the champion (the sample prompt and references), to look at; None without a champion.
+    `kaleido generate --model models:/<name>@champion` resolves, caches and loads the registered version."""
     from kaleido.registry import CHAMPION, ModelRegistry
 
     params = _params(repo)
-    registry = ModelRegistry(tracking_uri, model_name)
-    version = registry.alias_version(CHAMPION)
+    version = ModelRegistry(tracking_uri, model_name).alias_version(CHAMPION)
     if version is None:
         return None
-    folder = repo / "runs/platform" / f"{model_name}-v{version}"
-    weights = registry.download(version, folder / "model")
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    # generation reads model.*: the champion's weights, the rest of the model assets as params.yaml has them
-    for key in ("vae", "text_encoder", "tokenizer"):
-        raw["model"][key] = str(params.resolve(Path(raw["model"][key])))
-    raw["model"]["checkpoint"] = str(weights)
-    params_file = folder / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    video = folder / "sample.mp4"
+    video = repo / "runs/platform" / f"{model_name}-v{version}" / "sample.mp4"
     refs = [arg for ref in params.platform.sample_refs for arg in ("--ref", str(params.resolve(ref)))]
     run_command(
-        [_bin("kaleido"), "generate", "--prompt", params.platform.sample_prompt, *refs, "--out", str(video),
-         "--params", str(params_file)], repo,
+        [_bin("kaleido"), "generate", "--model", f"models:/{model_name}/{version}", "--prompt",
+         params.platform.sample_prompt, *refs, "--out", str(video)], repo,
     )  # fmt: skip
     create_markdown_artifact(
         f"## Sample from {model_name}@champion (v{version})\n\n`{video}`\n\nprompt: {params.platform.sample_prompt}\n",

@@ -89,11 +89,14 @@ class ModelRegistry:
         run_id: str,
         checkpoint_dir: Path,
         lineage: Lineage,
-        artifact_path: str = "checkpoint",
+        artifact_path: str = "model",
         extra_tags: dict[str, str] | None = None,
         lineage_files: tuple[Path, ...] = (),
     ) -> str:
         """Upload `checkpoint_dir` to the run's artifacts and create a model version from it; returns the version.
+
+        The flow hands an MLflow Model folder (kaleido.serving.build_model): the version then loads with
+        mlflow.pyfunc and `mlflow models serve`.
 
         lineage_files (dvc.lock, say) go to the run's `lineage/` artifacts: every out's hash of the data version,
         beside the one dataset hash the tags carry.
@@ -250,7 +253,7 @@ class ModelRegistry:
             return False
 
     def download(self, ref: str, dst: Path) -> Path:
-        """Download a version's checkpoint folder (for evaluation or serving)."""
+        """Download a version's folder (an MLflow Model; kaleido.serving.model_checkpoint finds its DiT weights)."""
         import mlflow.artifacts
 
         version = self.client.get_model_version(self.name, self.resolve(ref))  # resolve: it exists

@@ -22,6 +22,8 @@ from kaleido.data.pairing import (
     cross_source_summary,
     effective_mix,
     pair_samples,
+    validation_sources,
+    validation_summary,
 )
 from kaleido.data.records import Instance, TrainingSample
 from kaleido.data.references import CurationResult, composite, load_image, load_mask
@@ -394,6 +396,37 @@ def test_mix_renormalised_when_inpaint_and_redux_disabled(curated_batch: tuple[l
     assert stats["disabled_types"] == DISABLED
 
 
+def test_validation_split_holds_out_whole_sources_and_pairs_within_its_split(
+    curated_batch: tuple[list[CurationResult], Path],
+) -> None:
+    """Sources a (50 clips), b (40), c (10); share 0.2 of 100 samples: whole source videos are held out, never
+    a part of one, and a cross-paired reference takes its background from a source of its OWN split (a
+    validation video's pixels never reach training)."""
+    results, root = curated_batch
+    counts = Counter(r.clip.source for r in results)
+    held = validation_sources(counts, 0.2, seed=0)
+    # expected by hand: the hash order decides, and only c (10) fits in 20 samples; a (50) or b (40) never does
+    assert held == {"raw/c.mp4"}
+    assert validation_sources(counts, 0.0, seed=0) == set() and validation_sources({"raw/a.mp4": 9}, 0.5, 0) == set()
+    assert validation_sources({"raw/a.mp4": 9, "raw/b.mp4": 9}, 0.01, 0) in ({"raw/a.mp4"}, {"raw/b.mp4"})
+
+    cfg = DataConfig.model_validate({"references": {"cross_pair_ratio": 1.0}, "validation": {"share": 0.2}})
+    samples = pair_samples(results, cfg, np.random.default_rng(3), data_root=root)
+    split_of_source = {s.provenance["source"]: s.split for s in samples}
+    assert {s.provenance["source"] for s in samples if s.split == "val"} == {"raw/c.mp4"}
+    assert all(split_of_source[s.provenance["source"]] == s.split for s in samples)  # whole sources
+    for sample in samples:
+        for info in sample.provenance["references"]:
+            if info["kind"] == "other_source":
+                assert split_of_source[info["background_source"]] == sample.split
+    val = [s for s in samples if s.split == "val"]
+    # c is the only validation source: its cross pairs cannot take a training video's background
+    assert val and all(info["kind"] in (PROCEDURAL, "redux_variation")
+                       for s in val for info in s.provenance["references"])
+    assert validation_summary(samples, 0.2) == {"target_share": 0.2, "train_samples": 90, "val_samples": 10,
+                                                "share": 0.1, "train_sources": 2, "val_sources": ["raw/c.mp4"]}
+
+
 def test_cross_pair_references_come_from_elsewhere(
     curated_batch: tuple[list[CurationResult], Path], tmp_path: Path
 ) -> None:
@@ -402,10 +435,12 @@ def test_cross_pair_references_come_from_elsewhere(
     moved = tmp_path / "root"
     shutil.copytree(root, moved)
     by_id = {r.clip.clip_id: r for r in results}
-    all_cross = DataConfig.model_validate({"references": {"cross_pair_ratio": 1.0}})
+    # no validation split here: a held-out source pairs only inside its own split (tested with the split)
+    no_split = {"validation": {"share": 0.0}}
+    all_cross = DataConfig.model_validate({"references": {"cross_pair_ratio": 1.0}, **no_split})
     samples = pair_samples(results, all_cross, np.random.default_rng(5), data_root=moved,
                            out_dir=moved / "pairs", rel_dir="pairs")
-    samples += pair_samples(results, DataConfig(), np.random.default_rng(5), data_root=moved)
+    samples += pair_samples(results, DataConfig.model_validate(no_split), np.random.default_rng(5), data_root=moved)
     kinds = Counter()
     for sample in samples:
         for reference, info in zip(sample.references, sample.provenance["references"], strict=True):

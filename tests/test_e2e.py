@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from conftest import working_tree_files
@@ -278,6 +279,47 @@ def test_mlflow_ui_shows_the_champion(e2e: E2E, tmp_path: Path) -> None:
     assert image.size == (1400, 900)
     colours = image.resize((350, 225)).getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50, "the page rendered as a (nearly) blank picture"
+
+
+def test_generate_deployment_makes_a_video_with_the_champion(e2e: E2E, tmp_path: Path) -> None:
+    """`prefect deployment run kaleido/generate -p prompt=... -p references=[...]`: a file of the checkout and a
+    base64 image, the champion by default; a playable video, its MLflow run and the Prefect artifact."""
+    from PIL import Image
+
+    from kaleido.model.media import read_video, read_video_metadata
+    from kaleido.serving import encode_image
+
+    champion = e2e.notes["champion"]
+    rng = np.random.default_rng(4)
+    (e2e.repo / "artifacts" / "inputs").mkdir(parents=True, exist_ok=True)  # ignored by git: the tree stays clean
+    Image.fromarray(rng.integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(e2e.repo / "artifacts/inputs/cat.png")
+    Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(tmp_path / "ball.png")
+    references = json.dumps(["artifacts/inputs/cat.png", encode_image(tmp_path / "ball.png")])
+    e2e.deployment("generate", "-p", "prompt=A cat plays with a ball", "-p", f"references={references}",
+                   "-p", "seed=11")
+    run = _prefect_post(e2e.prefect, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]
+    assert run["state_type"] == "COMPLETED" and run["parameters"]["seed"] == 11
+    video = e2e.repo / "artifacts" / "generated" / run["id"] / "video.mp4"
+    frames = read_video(video)
+    assert frames.shape == (9, 64, 96, 3) and frames.std() > 0  # params.yaml's generate size, not a blank video
+    assert json.loads(read_video_metadata(video)["comment"])["seed"] == 11
+    assert (video.with_suffix(".png")).is_file() and (video.parent / "references" / "reference-1.img").is_file()
+    client = e2e.registry().client
+    runs = client.search_runs([client.get_experiment_by_name("kaleido-generate").experiment_id],
+                              filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'")
+    assert len(runs) == 1 and runs[0].data.tags["kaleido.model"] == f"models:/{MODEL}/{champion}"
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"video.mp4", "video.png", "request.json"}
+    generated = [a for a in _prefect_post(e2e.prefect, "/artifacts/filter", {"limit": 200})
+                 if a["key"] == "kaleido-generated" and a["flow_run_id"] == run["id"]]
+    assert len(generated) == 1 and f"models:/{MODEL}/{champion}" in generated[0]["data"]
+    # a reference that is neither a file nor an image: the run fails and says which one
+    failed = e2e.deployment("generate", "-p", "prompt=a cat", "-p", 'references=["no/such/file.png"]', check=False)
+    assert failed.returncode != 0
+    run = _prefect_post(e2e.prefect, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]
+    logs = _prefect_post(e2e.prefect, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
+    text = "\n".join(entry["message"] for entry in logs)
+    assert run["state_type"] == "FAILED" and "references[0]" in text, text[-3000:]
+    assert "not a file, an http(s) URL or valid base64" in text, text[-3000:]
 
 
 def test_a_worse_candidate_is_refused_on_validation_loss(e2e: E2E) -> None:

@@ -77,7 +77,7 @@ def test_every_object_validates_strictly(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_containers_are_non_root_and_bounded(overlay: str) -> None:
     specs = _pod_specs(overlay)
-    assert len(specs) == 3  # mlflow, prefect-worker, postgres
+    assert len(specs) == (4 if overlay == "prod" else 3)  # mlflow, prefect-worker, postgres (+ kaleido-serve)
     for where, pod in specs:
         pod_security = pod.get("securityContext", {})
         assert pod_security.get("runAsUser", 1) != 0, where
@@ -178,6 +178,34 @@ def test_overlays_size_the_platform() -> None:
     for name, replicas in (("mlflow", 2), ("prefect-worker", 2)):
         assert _find("dev", "Deployment", name)["spec"]["replicas"] == 1
         assert _find("prod", "Deployment", name)["spec"]["replicas"] == replicas
+
+
+def test_prod_serves_the_champion_on_a_gpu() -> None:
+    """mlflow models serve of models:/kaleido-s2v@champion: ready only once loaded, credentials by reference."""
+    deployment = _find("prod", "Deployment", "kaleido-serve")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[1:4] == ["models", "serve", "-m"] and command[4] == "models:/kaleido-s2v@champion"
+    assert "--env-manager" in command and command[command.index("--env-manager") + 1] == "local"
+    port = command[command.index("--port") + 1]
+    assert container["ports"] == [{"name": "http", "containerPort": int(port)}]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/ping", "port": "http"}, probe  # up only when loaded
+    limits = container["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    env = {item["name"]: item for item in container["env"]}
+    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-credentials"
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-credentials"
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "kaleido-platform"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # one GPU per replica
+    assert pod["automountServiceAccountToken"] is False
+    service = _find("prod", "Service", "kaleido-serve")
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    from kaleido.config import load_params
+
+    assert container["image"] == load_params(REPO / "params.yaml").train.kubernetes.image  # the platform's image
+    assert not [d for d in rendered("dev") if d["metadata"]["name"] == "kaleido-serve"]  # prod only
 
 
 def test_params_configmap_is_the_repository_params() -> None:

@@ -180,14 +180,17 @@ def test_dvc_pipeline_names_real_params_and_chains_stages() -> None:
 def test_prefect_deployments_point_at_the_kaleido_flow() -> None:
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {"full", "curate", "train", "evaluate"}
+    assert set(deployments) == {"full", "curate", "train", "evaluate", "generate"}
+    generate = deployments.pop("generate")  # asynchronous generation with a registered version: its own flow
+    assert generate["entrypoint"] == "flows/generate_flow.py:generate" and generate["work_pool"]["name"] == "local"
     for name, deployment in deployments.items():
         assert deployment["entrypoint"] == "flows/kaleido_flow.py:kaleido_flow"
         assert deployment["parameters"] == {"part": name}
         assert deployment["work_pool"]["name"] == "local"
+    from flows.generate_flow import generate
     from flows.kaleido_flow import kaleido_flow
 
-    assert kaleido_flow.name == "kaleido"
+    assert kaleido_flow.name == generate.name == "kaleido"  # so `prefect deployment run kaleido/generate`
     assert "k8s/work-pool-gpu.json" in (REPO / "prefect.yaml").read_text()
     assert json.loads((REPO / "k8s/work-pool-gpu.json").read_text())["job_configuration"]
 

@@ -424,3 +424,28 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil\.pt: refused: the file needs (posix|nt)\.system"):
         load_dit(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("arch", ["tiny", "mid", "1.3B", "14B"])
+def test_generation_memory_counts_the_model_it_estimates(arch):
+    """The planner's parameter count is the meta-built model's, block by block; tokens as the DiT sees them."""
+    from kaleido.model.memory import dit_parameters, tokens
+
+    with torch.device("meta"):
+        model = KaleidoDiT(dit_config(arch))
+    total, block = dit_parameters(dit_config(arch))
+    assert total == model.num_parameters() and block == sum(p.numel() for p in model.blocks[0].parameters())
+    assert tokens(81, 480, 832, 3) == 32_760 + 3 * 1_560 and tokens(81, 720, 1280, 0) == 75_600
+
+
+def test_generation_memory_options_at_the_shipped_sizes():
+    from kaleido.model.memory import generation_memory
+
+    cfg = dit_config("14B")
+    full = generation_memory(cfg, 81, 720, 1280, 3)
+    assert full.dit_weights_gb == pytest.approx(PUBLISHED_PARAMETERS["14B"] * 2 / 1e9)
+    lean = generation_memory(cfg, 81, 720, 1280, 3, text_encoder_on_cpu=True, block_offload=True)
+    assert lean.text_encoder_gb == 0 and lean.dit_weights_gb < 2.0 < full.dit_weights_gb
+    assert lean.sampling_peak_gb < full.sampling_peak_gb - 35
+    sp = generation_memory(cfg, 81, 720, 1280, 3, sequence_parallel=8)
+    assert sp.activations_gb == pytest.approx(full.activations_gb / 8, rel=1e-3)

@@ -31,14 +31,38 @@ def generate(
         str | None, typer.Option("--negative-prompt", help="unconditional prompt (default: generate.negative_prompt)")
     ] = None,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
+    text_encoder_device: Annotated[
+        str | None, typer.Option("--text-encoder-device", help="auto | cpu: umT5 off the GPU, Wan's --t5_cpu "
+                                 "(default: generate.text_encoder_device)"),
+    ] = None,
+    release_encoders: Annotated[
+        bool | None, typer.Option("--release-encoders/--keep-encoders", help="move the text encoder and VAE off "
+                                  "the GPU while the DiT samples (default: generate.release_encoders)"),
+    ] = None,
+    offload: Annotated[
+        str | None, typer.Option(help="none | blocks: DiT blocks on the CPU, one at a time on the GPU "
+                                 "(default: generate.offload)"),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="models:/<name>@<alias> or models:/<name>/<version> (downloaded once and "
+                     "cached), or a local model folder / checkpoint (default: model.checkpoint of params.yaml)"),
+    ] = None,
     params: ParamsOption = None,
 ) -> None:
-    """Generate a video of the referenced subjects following the prompt."""
+    """Generate a video of the referenced subjects following the prompt.
+
+    Memory options (generate.* in params.yaml): text_encoder_device cpu (Wan's --t5_cpu), release_encoders,
+    offload blocks. Several GPUs: `torchrun --nproc-per-node N $(which kaleido) generate ...` samples with
+    Ulysses sequence parallelism (rank 0 writes the video).
+    """
     # Every number is validated by the params schema (ranges in the message) before any model loads.
     loaded = read_params(params, {
         "generate.frames": frames, "generate.height": height, "generate.width": width, "generate.steps": steps,
         "generate.guidance_scale": guidance_scale, "generate.shift": shift, "generate.sampler": sampler,
         "generate.seed": seed, "generate.negative_prompt": negative_prompt,
+        "generate.text_encoder_device": text_encoder_device, "generate.release_encoders": release_encoders,
+        "generate.offload": offload,
     })
     g = loaded.generate
     if out.suffix.lower() != ".mp4":
@@ -61,21 +85,51 @@ def generate(
 
     from kaleido.model.generate import NumericalError, S2VPipeline
     from kaleido.model.media import contact_sheet, write_video
+    from kaleido.serving import ServingError, params_for_model, resolve_model
 
+    label = None
+    if model is not None:
+        try:
+            folder, label = resolve_model(model, loaded.platform.mlflow_tracking_uri, echo=typer.echo)
+            loaded = params_for_model(loaded, folder)
+        except ServingError as exc:
+            fail(str(exc))
+    distributed = _sequence_parallel_group()
     try:
-        pipe = S2VPipeline.from_params(loaded, device=device)
+        pipe = S2VPipeline.from_params(loaded, device=device or (distributed.device if distributed else None))
+        if distributed is not None:
+            distributed.attach(pipe)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    settings = request.call_kwargs()
+    if distributed is not None:
+        settings["seed"] = distributed.shared_seed(request.seed)
     try:
-        video = pipe(prompt, images, warn_truncation=False, **request.call_kwargs())
+        video = pipe(prompt, images, warn_truncation=False, **settings)
     except (ValueError, NumericalError) as exc:
         fail(str(exc))
+    if distributed is not None and not distributed.is_main:
+        return  # every rank sampled the same video; rank 0 writes it
     metadata = request.metadata(prompt, [str(r) for r in ref or []], seed=pipe.last_seed)
     video_path = write_video(video, out, fps=g.fps, metadata=metadata)
     sheet_path = contact_sheet(video, out.with_suffix(".png"))
+    if label:
+        typer.echo(f"model: {label}")
+    typer.echo(f"placement: {pipe.placement()}" + (f"; Ulysses over {distributed.world} ranks" if distributed else ""))
     typer.echo(f"video: {video_path}")
     typer.echo(f"contact sheet: {sheet_path}")
     typer.echo(f"seed: {pipe.last_seed}" + (" (drawn at random for --seed -1)" if request.seed == -1 else ""))
+
+
+def _sequence_parallel_group():
+    """Under torchrun (WORLD_SIZE > 1): one Ulysses group over every rank, else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from kaleido.model.generate import SequenceParallelGeneration
+
+    return SequenceParallelGeneration.from_environment()
 
 
 @app.command("init-tiny")

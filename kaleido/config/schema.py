@@ -112,6 +112,14 @@ class GenerateConfig(_Section):
     negative_prompt: str = Field(
         WAN_NEGATIVE_PROMPT, description="the shipped sampling config's (Wan's standard, Chinese); \"\" for none"
     )
+    # Memory options (kaleido/model/memory.py estimates each; benchmarks/generate_memory.py measures them)
+    text_encoder_device: Literal["auto", "cpu"] = Field(
+        "auto", description="cpu keeps umT5 (11 GB in bf16) off the GPU: Wan's --t5_cpu")
+    release_encoders: bool = Field(
+        False, description="move the text encoder and VAE to the CPU after encoding; the VAE returns to decode")
+    offload: Literal["none", "blocks"] = Field(
+        "none", description="blocks: DiT blocks wait on the CPU and visit the GPU one at a time (diffusers group "
+        "offloading); slower, far less GPU memory")
 
     @model_validator(mode="after")
     def _vae_compatible(self) -> GenerateConfig:
@@ -518,8 +526,19 @@ class GateConfig(_Section):
         return self
 
 
+class ServeConfig(_Section):
+    # How registered versions are served (kaleido/serving.py): `mlflow models serve`, pyfunc, kaleido generate.
+    allow_remote_references: bool = Field(
+        False, description="let requests name references by http(s) URL (the server fetches them); off: base64 only",
+    )
+
+
 class PlatformConfig(_Section):
     registered_model: str = "kaleido-s2v"
+    model_assets: Literal["reference", "copy"] = Field(
+        "reference", description="VAE / text encoder / tokenizer of a registered version: uploaded once per content "
+        "hash and referenced (reference), or copied into every version (copy)",
+    )
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     prefect_api_url: str = "http://127.0.0.1:4200/api"
     state_dir: Path = Field(
@@ -558,6 +577,7 @@ class Params(_Section):
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     platform: PlatformConfig = PlatformConfig()
+    serve: ServeConfig = ServeConfig()
     # The folder relative paths resolve against (the folder of params.yaml); not a knob.
     base_dir: Path = Field(Path("."), exclude=True)
 

@@ -354,7 +354,9 @@ def _align_validation(candidate: Evaluation, baseline: Evaluation, params: Param
                         "registry version this gate could re-validate; pass a registry baseline")
     registry = _registry(params, baseline.registry_name)
     with tempfile.TemporaryDirectory(prefix="kaleido-gate-") as tmp:
-        checkpoint = registry.download(baseline.registry_version, Path(tmp) / "weights")
+        from kaleido.serving import model_checkpoint
+
+        checkpoint = model_checkpoint(registry.download(baseline.registry_version, Path(tmp) / "weights"))
         try:
             block = recompute_block(checkpoint, ours)
         except (ValueError, OSError) as exc:

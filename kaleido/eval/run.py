@@ -29,6 +29,7 @@ import numpy as np
 
 from kaleido.eval.evalset import EvalCase, EvalSet, load_eval_set
 from kaleido.eval.metrics import METRICS, aggregate
+from kaleido.serving import model_checkpoint
 
 if TYPE_CHECKING:
     from kaleido.config import Params
@@ -89,6 +90,7 @@ class ModelSource:
     identity: str  # changes when the weights change
     registry_name: str | None = None
     registry_version: str | None = None
+    model_folder: Path | None = None  # the version's MLflow Model (its own VAE / text encoder), if any
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"ref": self.ref, "checkpoint": str(self.checkpoint), "identity": self.identity}
@@ -138,10 +140,10 @@ def resolve_model(ref: str, params: Params, cache_dir: Path) -> ModelSource:
         target = cache_dir / f"{name}-v{version}"
         done = target / ".complete"
         if not done.exists():
-            checkpoint = registry.download(version, target)
-            done.write_text(str(checkpoint))
-        checkpoint = Path(done.read_text())
-        return ModelSource(ref, checkpoint, f"models:/{name}/{version}", name, version)
+            folder = registry.download(version, target)
+            done.write_text(str(folder))
+        folder = Path(done.read_text())
+        return ModelSource(ref, model_checkpoint(folder), f"models:/{name}/{version}", name, version, folder)
     path = Path(ref).expanduser().resolve()
     if not path.exists():
         raise EvalError(f"--model {ref}: no such file or folder; pass a local checkpoint or models:/<name>@<alias>")
@@ -588,9 +590,13 @@ def _text_metric(backbones: dict[str, str]) -> dict[str, str] | None:
 
 def _load_pipeline(params: Params, source: ModelSource, device: str | None) -> Any:
     from kaleido.model.generate import S2VPipeline
+    from kaleido.serving import local_assets
 
     local = params.model_copy(deep=True)
     local.model.checkpoint = source.checkpoint
+    if source.model_folder is not None:  # a registered version brings its own VAE, text encoder, tokenizer
+        for part, path in local_assets(source.model_folder, params.platform.mlflow_tracking_uri or None).items():
+            setattr(local.model, part, path)
     try:
         return S2VPipeline.from_params(local, device=device)
     except (FileNotFoundError, ValueError) as exc:

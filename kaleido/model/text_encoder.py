@@ -114,6 +114,12 @@ class TextEncoder:
             model = UMT5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         return cls(model, tokenizer, device=device, dtype=dtype)
 
+    def to_device(self, device: str | torch.device) -> TextEncoder:
+        """Move the encoder to `device` (generate.release_encoders parks it on the CPU after encoding)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
     def truncation(self, prompt: str, text_len: int) -> PromptTruncation | None:
         """What `encode` would drop from `prompt` at `text_len` tokens (None when it fits)."""
         return prompt_truncation(self.tokenizer, prompt, text_len)

@@ -73,6 +73,14 @@ class WanVAE:
         model = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
         return cls(model, device=device, dtype=dtype)
 
+    def to_device(self, device: str | torch.device) -> WanVAE:
+        """Move the VAE (weights and latent statistics) to `device` (generate.release_encoders parks it on the CPU)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.latents_mean = self.latents_mean.to(self.device)
+        self.latents_std = self.latents_std.to(self.device)
+        return self
+
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """[C, F, H, W] of the latents of a (frames, height, width) video."""
         return (self.z_dim, (frames - 1) // TEMPORAL_STRIDE + 1, height // 8, width // 8)

@@ -240,6 +240,7 @@ class Platform:
             "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "KALEIDO_REPO": str(self.repo),  # prefect.yaml's pull step: where flow runs work
+            "KALEIDO_CACHE": str(self.state_dir / "cache"),  # registered versions and their assets, downloaded once
             # DVC stages call `kaleido`: this environment's scripts come first
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }

@@ -1,0 +1,439 @@
+"""Every registered version is an MLflow Model: `mlflow.pyfunc.load_model("models:/kaleido-s2v@champion")`,
+`mlflow models serve` and `kaleido generate --model models:/...` all load the same folder.
+
+Layout of a version's MLflow Model (the `model/` artifact of its training run):
+  MLmodel                   python_function flavor (kaleido/pyfunc_model.py as code), signature, model_config
+  input_example.json        one request
+  artifacts/transformer/    the DiT weights (Wan2.1 layout): the version itself, always copied
+  artifacts/{vae,text_encoder,tokenizer}/   only with platform.model_assets: copy
+With `reference` (the default) the VAE, text encoder and tokenizer are uploaded ONCE per content hash to a run of
+the `kaleido-assets` experiment and the model names them (`model_config.assets`: runs:/<id>/<name> URIs); loading
+downloads them into a local cache (~/.cache/kaleido/assets/<sha256>). Cost of `copy`: every version repeats them
+(umt5-xxl is ~11 GB in bf16, the Wan VAE ~0.5 GB, next to 2.8 GB / 28 GB of 1.3B / 14B DiT weights); the cost of
+`reference`: the asset run must stay (deleting it breaks every version that names it).
+
+Inputs (one row per video): `prompt` (string) and `references` (a list of images, each base64 PNG/JPEG, raw or as
+a `data:image/...;base64,` URI; http(s) URLs only when the model was registered with serve.allow_remote_references,
+since a served endpoint must not fetch arbitrary addresses for its callers, and never local paths, which a remote
+caller could use to read the server's files). Params: seed, steps, frames, height, width, guidance_scale, shift,
+sampler, negative_prompt, their defaults the `generate` section of params.yaml at registration. Output per row:
+`video` (mp4 bytes; base64 in a served JSON response), `frames`, `fps`, `width`, `height`, `seed` (the one used).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from kaleido.config import Params
+
+# MLflow's download progress bars would fill logs and command output (one per downloaded folder)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow nags about type hints on PythonModel.predict either way; this model's signature is explicit
+warnings.filterwarnings("ignore", message=r"(?s)(.*type hints?\b.*predict|.*predict.*type hints?\b)",
+                        category=UserWarning)
+
+MODEL_ARTIFACT = "model"  # where a version's MLflow Model lives among its training run's artifacts
+ASSET_PARTS = ("vae", "text_encoder", "tokenizer")
+ASSETS_EXPERIMENT = "kaleido-assets"
+SETTINGS = ("seed", "steps", "frames", "height", "width", "guidance_scale", "shift", "sampler", "negative_prompt")
+# a small PNG (8x8 white) so the input example stays a few hundred bytes
+_EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAEklEQVR4nGP8//8/A27AhEduBEsAHgMECz8qDzUAAAAASUVORK5CYII="
+)
+
+
+class ServingError(ValueError):
+    """A request or a model folder that cannot be served; the message names the field and the fix."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KALEIDO_CACHE", Path.home() / ".cache" / "kaleido"))
+
+
+# ---- references -------------------------------------------------------------------------------------------
+
+
+def encode_image(path: str | Path) -> str:
+    """A file as the base64 string the model takes (for callers that hold files)."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def reference_bytes(value: Any, what: str, allow_remote: bool = False) -> bytes:
+    """The image file bytes of a reference sent as base64, a data URI or (if `allow_remote`) an http(s) URL.
+
+    Raises ServingError naming `what` (e.g. "references[0]") and the fix."""
+    if not isinstance(value, str) or not value.strip():
+        raise ServingError(f"{what}: expected a base64 image string (or data URI), got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith(("http://", "https://")):
+        if not allow_remote:
+            raise ServingError(f"{what}: URLs are off for this model (serve.allow_remote_references); send base64")
+        import urllib.request
+
+        with urllib.request.urlopen(text, timeout=30) as response:  # http(s) only, checked above
+            return response.read()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ServingError(f"{what}: not a file, an http(s) URL or valid base64 (send the image file's bytes, "
+                           "base64-encoded)") from None
+
+
+def decode_reference(value: Any, index: int, allow_remote: bool = False, max_pixels: int | None = None) -> Image.Image:
+    """One reference of a request as RGB, through the project's one image loader (orientation, bit depth, ...)."""
+    from kaleido.model.media import load_image
+
+    what = f"references[{index}]"
+    data = reference_bytes(value, what, allow_remote)
+    with tempfile.NamedTemporaryFile(suffix=".img") as handle:
+        handle.write(data)
+        handle.flush()
+        return load_image(Path(handle.name), what, max_pixels)
+
+
+# ---- assets -----------------------------------------------------------------------------------------------
+
+
+def folder_sha256(path: Path) -> str:
+    """Content hash of a folder (relative names and bytes of every file)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path if path.is_dir() else path.parent)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def upload_assets(client: Any, paths: dict[str, Path]) -> dict[str, str]:
+    """{part: runs:/<id>/<part>}: each asset folder uploaded once per content hash (reused when already there)."""
+    experiment = client.get_experiment_by_name(ASSETS_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(ASSETS_EXPERIMENT)
+    uris = {}
+    for part, path in paths.items():
+        sha = folder_sha256(path)
+        found = client.search_runs([experiment_id], f"tags.`asset.sha256` = '{sha}' and tags.`asset.part` = '{part}'",
+                                   max_results=1)
+        found = [run for run in found if run.info.status == "FINISHED"]
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run = client.create_run(experiment_id, run_name=f"{part}-{sha[:12]}",
+                                    tags={"asset.sha256": sha, "asset.part": part, "asset.source": str(path)})
+            run_id = run.info.run_id
+            client.log_artifacts(run_id, str(path), artifact_path=part)
+            client.set_terminated(run_id, "FINISHED")
+        uris[part] = f"runs:/{run_id}/{part}#{sha}"
+    return uris
+
+
+def resolve_asset(uri: str, tracking_uri: str | None = None) -> Path:
+    """A local folder for an asset URI (`runs:/<id>/<part>#<sha256>`), downloaded once into the cache from the
+    tracking server `tracking_uri` (default: MLflow's current one, e.g. $MLFLOW_TRACKING_URI)."""
+    import mlflow
+    import mlflow.artifacts
+
+    location, _, sha = uri.partition("#")
+    target = cache_root() / "assets" / (sha or hashlib.sha256(location.encode()).hexdigest())
+    done = target / ".complete"
+    if done.is_file():
+        return Path(done.read_text())
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(partial),
+                                                     tracking_uri=tracking_uri or mlflow.get_tracking_uri()))
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    final = target / local.relative_to(partial)
+    done.write_text(str(final))
+    return final
+
+
+# ---- the pyfunc model ---------------------------------------------------------------------------------------
+
+
+def load_pipeline(transformer: Path, config: dict[str, Any], artifacts: dict[str, str] | None = None,
+                  device: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """S2VPipeline from a model folder's DiT weights and its config (copied or referenced assets)."""
+    import torch
+
+    from kaleido.model.checkpoint import load_dit
+    from kaleido.model.dit import DiTConfig
+    from kaleido.model.generate import DTYPES, S2VPipeline, default_device, vae_dtype
+    from kaleido.model.text_encoder import TextEncoder
+    from kaleido.model.vae import WanVAE
+
+    artifacts = artifacts or {}
+    paths = {}
+    for part in ASSET_PARTS:
+        if part in artifacts:
+            paths[part] = Path(artifacts[part])
+        elif part in config.get("assets", {}):
+            paths[part] = resolve_asset(config["assets"][part])
+        else:
+            raise ServingError(f"the model names no {part} (model_config.assets); re-register it")
+    target = torch.device(device) if device else default_device()
+    dtype = DTYPES[config.get("dtype") or ("bfloat16" if target.type == "cuda" else "float32")]
+    dit = load_dit(transformer, config=DiTConfig(**{**config["dit"], "patch_size": tuple(config["dit"]["patch_size"])}),
+                   rope_variant=config["rope_variant"], rope_offset=int(config["rope_offset"]), dtype=dtype,
+                   device=target)
+    vae = WanVAE.from_pretrained(paths["vae"], device=target, dtype=vae_dtype(config.get("vae_dtype"), target))
+    text = TextEncoder.from_pretrained(paths["text_encoder"], paths["tokenizer"], device=target, dtype=dtype)
+    pipe = S2VPipeline(dit, vae, text, text_len=int(config["text_len"]), max_references=int(config["max_references"]),
+                       device=target, dtype=dtype)
+    return pipe, config
+
+
+def request_settings(config: dict[str, Any], params: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's settings (its params over the model's params.yaml defaults), checked by the same schema as
+    `kaleido generate` (4k+1 frames, sizes divisible by 16, steps <= 1000, finite floats, seed -1 = random) and
+    the R-RoPE size limit of this model. Raises ServingError naming every bad value."""
+    from pydantic import ValidationError
+
+    from kaleido.config.schema import GenerateConfig, rope_size_problem
+
+    given = {key: value for key, value in (params or {}).items() if value is not None}
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise ServingError(f"params {unknown}: not settings of this model; it takes {', '.join(SETTINGS)}")
+    try:
+        checked = GenerateConfig.model_validate({**{key: config["defaults"][key] for key in SETTINGS}, **given})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in error.errors())
+        raise ServingError(f"params: {problems}") from None
+    problem = rope_size_problem(checked.height, checked.width, config["rope_variant"], config["rope_offset"])
+    if problem:
+        raise ServingError(f"params: {problem}")
+    return {key: getattr(checked, key) for key in SETTINGS}
+
+
+def generate_rows(pipe: Any, config: dict[str, Any], model_input: Any, params: dict[str, Any] | None) -> Any:
+    """One video per input row -> a DataFrame (video bytes, frames, fps, width, height, seed)."""
+    import pandas as pd
+
+    from kaleido.model.media import write_video
+
+    rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
+    defaults = config["defaults"]
+    settings = request_settings(config, params)  # before any sampling: a bad number fails the request at once
+    outputs = []
+    for number, row in enumerate(rows):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ServingError(f"row {number}: `prompt` must be a non-empty string")
+        refs = row.get("references")
+        refs = [] if refs is None or (not isinstance(refs, str) and len(refs) == 0) else refs
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        images = [decode_reference(value, i, bool(config.get("allow_remote_references")),
+                                   config.get("max_image_pixels")) for i, value in enumerate(refs)]
+        frames = pipe(prompt, images, settings["frames"], settings["height"], settings["width"], settings["steps"],
+                      float(settings["guidance_scale"]), float(settings["shift"]), settings["sampler"],
+                      settings["seed"], settings["negative_prompt"], progress=False)
+        with tempfile.TemporaryDirectory(prefix="kaleido-predict-") as tmp:
+            path = write_video(frames, Path(tmp) / "video.mp4", fps=int(defaults["fps"]),
+                               metadata={"comment": json.dumps({"prompt": prompt, "seed": pipe.last_seed})})
+            video = path.read_bytes()
+        outputs.append({"video": video, "frames": int(frames.shape[0]), "fps": int(defaults["fps"]),
+                        "width": int(frames.shape[2]), "height": int(frames.shape[1]), "seed": int(pipe.last_seed)})
+    return pd.DataFrame(outputs, columns=["video", "frames", "fps", "width", "height", "seed"])
+
+
+def signature(params: Params) -> Any:
+    """Inputs (prompt, references), params with their params.yaml defaults, outputs."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    g = params.generate
+    kinds = {"seed": "long", "steps": "long", "frames": "long", "height": "long", "width": "long",
+             "guidance_scale": "double", "shift": "double", "sampler": "string", "negative_prompt": "string"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec(Array("string"), "references", required=False)]),
+        outputs=Schema([ColSpec("binary", "video"), ColSpec("long", "frames"), ColSpec("long", "fps"),
+                        ColSpec("long", "width"), ColSpec("long", "height"), ColSpec("long", "seed")]),
+        params=ParamSchema([ParamSpec(key, kinds[key], getattr(g, key)) for key in SETTINGS]),
+    )
+
+
+def model_config(params: Params, dit_config: Any) -> dict[str, Any]:
+    g = params.generate
+    return {
+        "dit": dit_config.to_dict(), "rope_variant": params.model.rope.variant, "rope_offset": params.model.rope.offset,
+        "dtype": None if params.model.dtype == "float32" else params.model.dtype,  # None: bf16 on GPU, fp32 on CPU
+        "vae_dtype": params.model.vae_dtype, "text_len": params.model.text_len,
+        "max_references": params.model.max_references, "max_image_pixels": params.media.max_image_pixels,
+        "allow_remote_references": params.serve.allow_remote_references,
+        "defaults": {**{key: getattr(g, key) for key in SETTINGS}, "fps": g.fps},
+    }
+
+
+def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None = None) -> Path:
+    """Write a version's MLflow Model folder at `dst` from DiT weights `checkpoint` and the params' model assets.
+
+    platform.model_assets decides whether the VAE / text encoder / tokenizer are copied or referenced (uploaded
+    once per content hash through `client`, the registry's MlflowClient).
+    """
+    import mlflow.pyfunc
+
+    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise ServingError(f"cannot package {checkpoint}: {exc}") from None
+    assets = {}
+    for part in ASSET_PARTS:
+        value = getattr(params.model, part) or (params.model.text_encoder if part == "tokenizer" else None)
+        path = params.resolve(value)
+        if path is None or not path.exists():
+            raise ServingError(f"model.{part}: {path} does not exist; a registered version needs it to generate")
+        assets[part] = path
+    config = model_config(params, info.config)
+    artifacts = {"transformer": str(checkpoint)}
+    if params.platform.model_assets == "copy":
+        artifacts |= {part: str(path) for part, path in assets.items()}
+        # MLflow stores each under artifacts/<basename>: two different sources with one name would merge
+        by_name: dict[str, set[str]] = {}
+        for source in artifacts.values():
+            by_name.setdefault(Path(source).name, set()).add(str(Path(source).resolve()))
+        clashes = {name: sorted(paths) for name, paths in by_name.items() if len(paths) > 1}
+        if clashes:
+            raise ServingError(f"platform.model_assets: copy: {clashes} share a folder name and would overwrite each "
+                               "other inside the MLflow Model; rename one of them or use model_assets: reference")
+    else:
+        if client is None:
+            raise ServingError("platform.model_assets: reference needs the registry's MLflow client")
+        config["assets"] = upload_assets(client, assets)
+    if dst.exists():
+        shutil.rmtree(dst)
+    example = {"prompt": params.platform.sample_prompt, "references": [_EXAMPLE_PNG]}
+    mlflow.pyfunc.save_model(
+        str(dst), python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
+        signature=signature(params), input_example=_dataframe(example), model_config=config,
+        pip_requirements=["kaleido-platform"],  # the platform's own environment (requirements.lock) serves it
+    )
+    return dst
+
+
+def _dataframe(example: dict[str, Any]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame([example])
+
+
+def model_artifacts(folder: Path) -> dict[str, Path]:
+    """{name: local path} of an MLflow Model folder's pyfunc artifacts, as its MLmodel maps them (MLflow stores
+    each under artifacts/<basename of its source>, not under its name); {} for a plain checkpoint folder."""
+    import yaml
+
+    path = Path(folder) / "MLmodel"
+    if not path.is_file():
+        return {}
+    flavor = (yaml.safe_load(path.read_text()) or {}).get("flavors", {}).get("python_function", {})
+    return {name: Path(folder) / entry["path"] for name, entry in (flavor.get("artifacts") or {}).items()}
+
+
+def model_checkpoint(folder: Path) -> Path:
+    """The DiT weights inside a version's folder: the `transformer` artifact of an MLflow Model, else the folder.
+
+    ServingError when an MLflow Model has no such artifact (not a Kaleido version)."""
+    folder = Path(folder)
+    if not (folder / "MLmodel").is_file():
+        return folder
+    artifacts = model_artifacts(folder)
+    if "transformer" not in artifacts:
+        raise ServingError(f"{folder}: an MLflow Model without a `transformer` artifact is not a Kaleido version")
+    return artifacts["transformer"]
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """model_config of an MLflow Model folder ({} for a plain checkpoint)."""
+    import yaml
+
+    path = Path(folder) / "MLmodel"
+    if not path.is_file():
+        return {}
+    meta = yaml.safe_load(path.read_text())
+    return meta.get("flavors", {}).get("python_function", {}).get("config") or {}
+
+
+def local_assets(folder: Path, tracking_uri: str | None = None) -> dict[str, Path]:
+    """{part: local path} of a version's VAE / text encoder / tokenizer (copied artifacts or the asset cache)."""
+    folder = Path(folder)
+    config = read_model_config(folder)
+    found = {}
+    copied = model_artifacts(folder)
+    for part in ASSET_PARTS:
+        if part in copied:
+            found[part] = copied[part]
+        elif part in config.get("assets", {}):
+            found[part] = resolve_asset(config["assets"][part], tracking_uri)
+    return found
+
+
+def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, str]:
+    """A local folder for `ref` and the name to report: a models:/ URI (alias or version) is resolved in the
+    registry and downloaded once into the cache (~/.cache/kaleido/models/<name>/v<N>); a path is used as is.
+
+    ServingError (naming the URI and the fix) when the registry has no such version or alias.
+    """
+    if not ref.startswith("models:/"):
+        path = Path(ref).expanduser()
+        if not path.exists():
+            raise ServingError(f"--model {ref}: no such file or folder; pass a local model or models:/<name>@<alias>")
+        return path.resolve(), str(path)
+    from kaleido.registry import ModelRegistry, RegistryError
+
+    if not tracking_uri:
+        raise ServingError(f"--model {ref}: a registry reference needs platform.mlflow_tracking_uri in params.yaml")
+    body = ref.removeprefix("models:/")
+    name, selector = (body.split("@", 1)[0], "@" + body.split("@", 1)[1]) if "@" in body else body.rsplit("/", 1)
+    registry = ModelRegistry(tracking_uri, name)
+    try:
+        version = registry.resolve(selector)
+    except RegistryError as exc:
+        raise ServingError(f"--model {ref}: {exc}") from None
+    except Exception as exc:  # MLflow's own errors: unknown model, unreachable server
+        raise ServingError(f"--model {ref}: cannot read the registry at {tracking_uri}: {str(exc)[:300]}") from None
+    target = cache_root() / "models" / name / f"v{version}"
+    done = target / ".complete"
+    if not done.is_file():
+        if echo is not None:
+            echo(f"downloading models:/{name}/{version} into {target}")
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        folder = registry.download(version, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        done.write_text(str(target / folder.relative_to(partial)))
+    return Path(done.read_text()), f"models:/{name}/{version}"
+
+
+def params_for_model(params: Params, folder: Path) -> Params:
+    """`params` pointed at a model folder: its DiT weights, its own assets, and the architecture settings it was
+    trained with (R-RoPE variant and offset, text length: the weights only work with those)."""
+    local = params.model_copy(deep=True)
+    local.model.checkpoint = model_checkpoint(folder)
+    for part, path in local_assets(folder, params.platform.mlflow_tracking_uri or None).items():
+        setattr(local.model, part, path)
+    config = read_model_config(folder)
+    if config:
+        local.model.rope.variant = config["rope_variant"]
+        local.model.rope.offset = int(config["rope_offset"])
+        local.model.text_len = int(config["text_len"])
+    return local

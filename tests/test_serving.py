@@ -1,0 +1,218 @@
+"""Every registered version is an MLflow Model: pyfunc load and predict, `mlflow models serve` answering a real
+HTTP request, `kaleido generate --model models:/...`, all against the session's MLflow server (tiny model)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from kaleido.cli import app
+from kaleido.config import load_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_assets, params_for, mlflow_server, tmp_path_factory):
+    """A tiny version registered through the real path (MLflow Model folder, referenced assets), gated and promoted."""
+    from kaleido.registry import Lineage, ModelRegistry
+    from kaleido.serving import build_model
+
+    folder = tmp_path_factory.mktemp("serving")
+    name = f"kaleido-serve-{uuid.uuid4().hex[:8]}"
+    params_path = params_for(folder / "params", tiny_assets, {
+        "platform.mlflow_tracking_uri": mlflow_server, "platform.registered_model": name,
+        "generate.steps": 2, "generate.frames": 5, "generate.height": 32, "generate.width": 48,
+    })  # fmt: skip
+    params = load_params(params_path)
+    registry = ModelRegistry(mlflow_server, name)
+    client = registry.client
+    experiment = client.get_experiment_by_name("serving-tests")
+    run = client.create_run(experiment.experiment_id if experiment else client.create_experiment("serving-tests"))
+    export = folder / "export"  # named as the trainer names its export (MLflow keeps source basenames)
+    shutil.copytree(tiny_assets / "transformer", export)
+    model = build_model(export, params, folder / "model", client)
+    version = registry.register(run.info.run_id, model, Lineage("g", "d", "p", run.info.run_id))
+    registry.record_gate(version, passed=True, reasons={})
+    registry.promote(version)
+    reference = folder / "ref.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(reference)
+    return {"name": name, "version": version, "params": params_path, "uri": mlflow_server, "ref": reference,
+            "folder": folder, "registry": registry}
+
+
+def _frames_of(video: bytes, tmp: Path) -> np.ndarray:
+    from kaleido.model.media import read_video
+
+    path = tmp / f"{uuid.uuid4().hex}.mp4"
+    path.write_bytes(video)
+    return read_video(path)
+
+
+def test_pyfunc_loads_the_champion_and_returns_a_playable_video(registered, tmp_path, monkeypatch):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from kaleido.serving import encode_image
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    monkeypatch.setenv("KALEIDO_CACHE", str(tmp_path / "cache"))
+    model = mlflow.pyfunc.load_model(f"models:/{registered['name']}@champion")
+    rows = pd.DataFrame([{"prompt": "a cat walks", "references": [encode_image(registered["ref"])]}])
+    out = model.predict(rows, params={"seed": 3})
+    row = out.iloc[0]
+    frames = _frames_of(row["video"], tmp_path)
+    assert frames.shape == (5, 32, 48, 3) and row["frames"] == 5 and row["fps"] == 16 and row["seed"] == 3
+    # the assets (VAE, text encoder, tokenizer) were referenced, uploaded once, and cached locally
+    assert any((tmp_path / "cache" / "assets").iterdir())
+    with pytest.raises(Exception, match=r"references\[0\]: not a file, an http\(s\) URL or valid base64"):
+        model.predict(pd.DataFrame([{"prompt": "a cat", "references": ["not an image!"]}]))
+    with pytest.raises(Exception, match="URLs are off for this model"):
+        model.predict(pd.DataFrame([{"prompt": "a cat", "references": ["https://example.invalid/cat.png"]}]))
+    # request numbers go through the CLI's schema before any sampling
+    for bad, message in [({"frames": 6}, "4k\\+1 frames"), ({"height": 40}, "multiple of 16"),
+                         ({"steps": 5000}, "less than or equal to 1000"), ({"width": 1296}, "at most 1280 pixels"),
+                         ({"guidance_scale": float("nan")}, "finite number")]:
+        with pytest.raises(Exception, match=message):
+            model.predict(rows, params=bad)
+
+
+def test_every_version_is_an_mlflow_model_with_signature_and_example(registered, tmp_path):
+    from kaleido.serving import ASSETS_EXPERIMENT, model_checkpoint
+
+    folder = registered["registry"].download(registered["version"], tmp_path / "dl")
+    meta = yaml.safe_load((folder / "MLmodel").read_text())
+    assert "python_function" in meta["flavors"]
+    signature = meta["signature"]
+    inputs = {column["name"] for column in json.loads(signature["inputs"])}
+    params = {p["name"]: p["default"] for p in json.loads(signature["params"])}
+    assert inputs == {"prompt", "references"}
+    expected = load_params(registered["params"]).generate
+    assert params["steps"] == expected.steps == 2 and params["shift"] == expected.shift
+    assert params["negative_prompt"] == expected.negative_prompt and set(params) == {
+        "seed", "steps", "frames", "height", "width", "guidance_scale", "shift", "sampler", "negative_prompt"}
+    assert (folder / "input_example.json").is_file() and model_checkpoint(folder) == folder / "artifacts" / "export"
+    assert (model_checkpoint(folder) / "diffusion_pytorch_model.safetensors").is_file()
+    config = meta["flavors"]["python_function"]["config"]
+    assert set(config["assets"]) == {"vae", "text_encoder", "tokenizer"}  # referenced, not copied
+    tags = registered["registry"].version_tags(registered["version"])
+    assert tags["lineage.git_revision"] == "g" and tags["lineage.dvc_data_hash"] == "d"
+    # a second version with the same assets reuses the uploaded ones
+    client = registered["registry"].client
+    assets = client.search_runs([client.get_experiment_by_name(ASSETS_EXPERIMENT).experiment_id])
+    parts = [run.data.tags["asset.part"] for run in assets]
+    assert sorted(parts) == sorted(set(parts))
+
+
+def test_copied_assets_travel_inside_the_model(registered, tiny_assets, tmp_path):
+    """platform.model_assets: copy: the VAE, text encoder and tokenizer live in the folder, which then generates
+    with no registry at all; two different sources with one folder name are refused before anything is written."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from kaleido.serving import ServingError, build_model, encode_image, local_assets
+
+    params = load_params(registered["params"], {"platform.model_assets": "copy"})
+    folder = build_model(tiny_assets / "transformer", params, tmp_path / "model")
+    assets = local_assets(folder)
+    assert set(assets) == {"vae", "text_encoder", "tokenizer"}
+    assert all(path.is_relative_to(folder) and path.exists() for path in assets.values())
+    model = mlflow.pyfunc.load_model(str(folder))
+    out = model.predict(pd.DataFrame([{"prompt": "a cat", "references": [encode_image(registered["ref"])]}]),
+                        params={"seed": 1})
+    assert _frames_of(out.iloc[0]["video"], tmp_path).shape == (5, 32, 48, 3)
+
+    other = tmp_path / "elsewhere" / "vae"  # a different folder named like the transformer's source
+    shutil.copytree(tiny_assets / "vae", other)
+    clash = tmp_path / "weights" / "vae"
+    shutil.copytree(tiny_assets / "transformer", clash)
+    with pytest.raises(ServingError, match="share a folder name"):
+        build_model(clash, load_params(registered["params"], {"platform.model_assets": "copy",
+                                                              "model.vae": str(other)}), tmp_path / "clash")
+    assert not (tmp_path / "clash").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_invocations_with_a_video(registered, tmp_path):
+    from kaleido.serving import encode_image
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "KALEIDO_CACHE": str(tmp_path / "cache"),
+           # `mlflow models serve` starts uvicorn by name: this environment's scripts come first, as in the image
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([mlflow, "models", "serve", "-m", f"models:/{registered['name']}@champion",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
+        body = {"dataframe_records": [{"prompt": "a cat walks", "references": [encode_image(registered["ref"])]}],
+                "params": {"seed": 5, "steps": 2}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=300) as response:
+            predictions = json.loads(response.read())["predictions"]
+        video = base64.b64decode(predictions[0]["video"])
+        assert _frames_of(video, tmp_path).shape == (5, 32, 48, 3) and predictions[0]["seed"] == 5
+        # a bad request is a 400 whose body names the field and the fix
+        body["params"] = {"frames": 6}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 400 and "frames=6: the Wan VAE needs 4k+1 frames" in refused.value.read().decode()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_generate_cli_takes_a_registry_uri(registered, tmp_path, monkeypatch):
+    monkeypatch.setenv("KALEIDO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "v.mp4"
+    args = ["generate", "--model", f"models:/{registered['name']}@champion", "--prompt", "a cat walks", "--ref",
+            str(registered["ref"]), "--out", str(out), "--params", str(registered["params"])]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"model: models:/{registered['name']}/{registered['version']}" in result.output
+    from kaleido.model.media import read_video
+
+    assert read_video(out).shape == (5, 32, 48, 3)
+    # the version is cached: a second run downloads nothing
+    cached = sorted(p.name for p in (tmp_path / "cache" / "models").rglob("*") if p.is_dir())
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "downloading" not in again.output
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").rglob("*") if p.is_dir()) == cached
+    bad = CliRunner().invoke(app, [*args[:2], f"models:/{registered['name']}@nobody", *args[3:]])
+    assert bad.exit_code == 2 and "no version with alias 'nobody'" in bad.output
