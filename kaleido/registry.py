@@ -34,6 +34,22 @@ class RegistryError(RuntimeError):
     """A registry operation was refused; the message says why and what to do."""
 
 
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """A registry URI as MLflow writes it: models:/name/3 -> (name, "3"); models:/name@alias -> (name, "@alias").
+
+    RegistryError for anything else (the message shows both forms)."""
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        name, _, alias = body.partition("@")
+        if name and alias:
+            return name, f"@{alias}"
+    else:
+        name, _, version = body.rpartition("/")
+        if name and version:
+            return name, version
+    raise RegistryError(f"model reference {ref!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+
+
 @dataclass(frozen=True)
 class Lineage:
     """Where a model version comes from: all four become version tags."""

@@ -388,7 +388,8 @@ def local_assets(folder: Path, tracking_uri: str | None = None) -> dict[str, Pat
 
 def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, str]:
     """A local folder for `ref` and the name to report: a models:/ URI (alias or version) is resolved in the
-    registry and downloaded once into the cache (~/.cache/kaleido/models/<name>/v<N>); a path is used as is.
+    registry and downloaded once into the cache ($KALEIDO_CACHE or ~/.cache/kaleido, models/<name>/v<N>-<identity>:
+    the server, the version's source and creation time); a path is used as is.
 
     ServingError (naming the URI and the fix) when the registry has no such version or alias.
     """
@@ -397,20 +398,23 @@ def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, 
         if not path.exists():
             raise ServingError(f"--model {ref}: no such file or folder; pass a local model or models:/<name>@<alias>")
         return path.resolve(), str(path)
-    from kaleido.registry import ModelRegistry, RegistryError
+    from kaleido.registry import ModelRegistry, RegistryError, parse_model_ref
 
     if not tracking_uri:
         raise ServingError(f"--model {ref}: a registry reference needs platform.mlflow_tracking_uri in params.yaml")
-    body = ref.removeprefix("models:/")
-    name, selector = (body.split("@", 1)[0], "@" + body.split("@", 1)[1]) if "@" in body else body.rsplit("/", 1)
-    registry = ModelRegistry(tracking_uri, name)
     try:
+        name, selector = parse_model_ref(ref)
+        registry = ModelRegistry(tracking_uri, name)
         version = registry.resolve(selector)
+        record = registry.client.get_model_version(name, version)
     except RegistryError as exc:
         raise ServingError(f"--model {ref}: {exc}") from None
     except Exception as exc:  # MLflow's own errors: unknown model, unreachable server
         raise ServingError(f"--model {ref}: cannot read the registry at {tracking_uri}: {str(exc)[:300]}") from None
-    target = cache_root() / "models" / name / f"v{version}"
+    # "kaleido-s2v/1" of another server (or of this one after the model was deleted and registered again) is
+    # another model: the cache key carries the server, the version's source and its creation time
+    identity = hashlib.sha256(f"{tracking_uri}|{record.source}|{record.creation_timestamp}".encode()).hexdigest()
+    target = cache_root() / "models" / name / f"v{version}-{identity[:12]}"
     done = target / ".complete"
     if not done.is_file():
         if echo is not None:

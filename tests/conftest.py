@@ -14,6 +14,22 @@ from kaleido.config.schema import set_dotted
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kaleido_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Registered versions and assets download into a cache of this session (never the user's ~/.cache/kaleido);
+    set in the environment, so the CLI, flows and servers the tests start use it too."""
+    import os
+
+    folder = tmp_path_factory.mktemp("kaleido-cache")
+    saved = os.environ.get("KALEIDO_CACHE")
+    os.environ["KALEIDO_CACHE"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("KALEIDO_CACHE", None)
+    else:
+        os.environ["KALEIDO_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with transformer/, vae/, text_encoder/, tokenizer/ (kaleido.model.tiny, seed 0)."""

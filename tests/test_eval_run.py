@@ -181,10 +181,10 @@ def test_model_references_are_checked(tmp_path: Path) -> None:
     params_path.write_text(yaml.safe_dump({"platform": {"mlflow_tracking_uri": ""}}))
     params = load_params(params_path)
     with pytest.raises(EvalError, match="no such file or folder"):
-        resolve_model(str(tmp_path / "missing"), params, tmp_path / "cache")
+        resolve_model(str(tmp_path / "missing"), params)
     with pytest.raises(EvalError, match="mlflow_tracking_uri"):
-        resolve_model("models:/kaleido-s2v@champion", params, tmp_path / "cache")
-    source = resolve_model(str(tmp_path), params, tmp_path / "cache")
+        resolve_model("models:/kaleido-s2v@champion", params)
+    source = resolve_model(str(tmp_path), params)
     assert source.identity.startswith("path:") and source.registry_name is None
 
 

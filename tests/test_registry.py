@@ -154,3 +154,21 @@ def test_deleted_versions_and_missing_tags_give_messages_not_tracebacks(registry
         assert result.exit_code in (0, 1), result.output
     shown = runner.invoke(app, ["registry", "show", "--params", str(params)])
     assert f"v{second}" in shown.output and "gate=-" in shown.output and "champion" not in shown.output
+
+
+@pytest.mark.parametrize("ref, expected", [
+    ("models:/kaleido-s2v/3", ("kaleido-s2v", "3")), ("models:/kaleido-s2v@champion", ("kaleido-s2v", "@champion")),
+    ("models:/team/kaleido-s2v/12", ("team/kaleido-s2v", "12")),
+])
+def test_model_references_parse_as_mlflow_writes_them(ref, expected):
+    from kaleido.registry import parse_model_ref
+
+    assert parse_model_ref(ref) == expected
+
+
+@pytest.mark.parametrize("ref", ["models:/kaleido-s2v", "models:/@champion", "models:/kaleido-s2v@", "models:/"])
+def test_malformed_model_references_name_both_forms(ref):
+    from kaleido.registry import RegistryError, parse_model_ref
+
+    with pytest.raises(RegistryError, match="models:/<name>/<version> or models:/<name>@<alias>"):
+        parse_model_ref(ref)

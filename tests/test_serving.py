@@ -216,3 +216,32 @@ def test_generate_cli_takes_a_registry_uri(registered, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "cache" / "models").rglob("*") if p.is_dir()) == cached
     bad = CliRunner().invoke(app, [*args[:2], f"models:/{registered['name']}@nobody", *args[3:]])
     assert bad.exit_code == 2 and "no version with alias 'nobody'" in bad.output
+
+
+def test_a_recreated_model_is_not_served_from_a_stale_cache(registered, tiny_assets, tmp_path, monkeypatch):
+    """Delete a registered model and register another under the same name: its "version 1" is a different model,
+    and the cache (keyed by server, source and creation time) must not hand back the old weights."""
+    from kaleido.model.tiny import build_tiny_assets
+    from kaleido.registry import Lineage, ModelRegistry
+    from kaleido.serving import build_model, model_checkpoint, resolve_model
+
+    monkeypatch.setenv("KALEIDO_CACHE", str(tmp_path / "cache"))
+    name = f"kaleido-recreated-{uuid.uuid4().hex[:8]}"
+    params = load_params(registered["params"], {"platform.registered_model": name})
+    registry = ModelRegistry(registered["uri"], name)
+    client = registry.client
+    experiment = client.get_experiment_by_name("serving-tests").experiment_id
+    folders = []
+    for seed in (0, 1):
+        weights = build_tiny_assets(tmp_path / f"assets-{seed}", seed=seed) / "transformer"
+        run = client.create_run(experiment)
+        model = build_model(weights, params, tmp_path / f"model-{seed}", client)
+        assert registry.register(run.info.run_id, model, Lineage("g", "d", "p", run.info.run_id)) == "1"
+        folder, label = resolve_model(f"models:/{name}/1", registered["uri"])
+        assert label == f"models:/{name}/1"
+        folders.append(folder)
+        if seed == 0:
+            client.delete_registered_model(name)
+    assert folders[0] != folders[1]
+    first, second = (sorted(p.read_bytes() for p in model_checkpoint(f).rglob("*.safetensors")) for f in folders)
+    assert first != second

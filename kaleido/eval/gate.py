@@ -308,15 +308,11 @@ def load_evaluation(ref: str, params: Params) -> Evaluation | None:
         registry = (document.get("model") or {}).get("registry") or {}
         return Evaluation(document, str(path), registry.get("name"), registry.get("version"))
 
-    from kaleido.eval.run import EvalError, parse_model_ref
-    from kaleido.registry import RegistryError
+    from kaleido.registry import RegistryError, parse_model_ref
 
     try:
         name, selector = parse_model_ref(ref)
-    except EvalError as exc:
-        raise GateError(str(exc)) from None
-    registry = _registry(params, name)
-    try:
+        registry = _registry(params, name)
         if selector.startswith("@"):
             version = registry.alias_version(selector[1:])
             if version is None:
@@ -324,6 +320,8 @@ def load_evaluation(ref: str, params: Params) -> Evaluation | None:
         else:
             version = registry.resolve(selector)
         tags = registry.version_tags(version)
+    except GateError:
+        raise
     except RegistryError as exc:
         raise GateError(str(exc)) from None
     except Exception as exc:  # MLflow's own errors: unknown model or version, unreachable server

@@ -99,18 +99,6 @@ class ModelSource:
         return info
 
 
-def parse_model_ref(ref: str) -> tuple[str, str]:
-    """models:/name/3 -> (name, "3"); models:/name@alias -> (name, "@alias")."""
-    body = ref.removeprefix("models:/")
-    if "@" in body:
-        name, _, alias = body.partition("@")
-        return name, f"@{alias}"
-    name, _, version = body.rpartition("/")
-    if not name or not version:
-        raise EvalError(f"model reference {ref!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
-    return name, version
-
-
 def _path_identity(path: Path) -> str:
     """Hash of file names, sizes and modification times (cheap; catches replaced weights)."""
     digest = hashlib.sha256()
@@ -121,29 +109,21 @@ def _path_identity(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def resolve_model(ref: str, params: Params, cache_dir: Path) -> ModelSource:
-    """A local checkpoint for `ref`: a path, or a registry version downloaded into `cache_dir`."""
+def resolve_model(ref: str, params: Params) -> ModelSource:
+    """A local checkpoint for `ref`: a path, or a registry version (kaleido.serving.resolve_model: resolved,
+    downloaded once into the shared cache, $KALEIDO_CACHE)."""
     if ref.startswith("models:/"):
-        from kaleido.registry import ModelRegistry, RegistryError
+        from kaleido.registry import parse_model_ref
+        from kaleido.serving import ServingError
+        from kaleido.serving import resolve_model as resolve_registered
 
-        uri = params.platform.mlflow_tracking_uri
-        if not uri:
-            raise EvalError(f"--model {ref}: a registry reference needs platform.mlflow_tracking_uri in params.yaml")
-        name, selector = parse_model_ref(ref)
-        registry = ModelRegistry(uri, name)
         try:
-            version = registry.resolve(selector)
-        except RegistryError as exc:
+            folder, label = resolve_registered(ref, params.platform.mlflow_tracking_uri)
+            checkpoint = model_checkpoint(folder)
+        except ServingError as exc:
             raise EvalError(str(exc)) from None
-        except Exception as exc:  # MLflow raises its own exception types for a missing model or a dead server
-            raise EvalError(f"--model {ref}: cannot read the registry at {uri}: {str(exc)[:300]}") from None
-        target = cache_dir / f"{name}-v{version}"
-        done = target / ".complete"
-        if not done.exists():
-            folder = registry.download(version, target)
-            done.write_text(str(folder))
-        folder = Path(done.read_text())
-        return ModelSource(ref, model_checkpoint(folder), f"models:/{name}/{version}", name, version, folder)
+        name, version = parse_model_ref(label)
+        return ModelSource(ref, checkpoint, label, name, version, folder)
     path = Path(ref).expanduser().resolve()
     if not path.exists():
         raise EvalError(f"--model {ref}: no such file or folder; pass a local checkpoint or models:/<name>@<alias>")
@@ -486,7 +466,7 @@ def evaluate(
     if log_mlflow and params.platform.mlflow_tracking_uri:
         _check_tracking(params.platform.mlflow_tracking_uri)  # fail now, not after generating every case
     truncations = _prompt_truncations(params, evalset, echo)
-    source = resolve_model(model, params, out_dir / "model")
+    source = resolve_model(model, params)
     # The plan names every backbone without loading one: a fully resumed run loads no model at all.
     backbones = suite.backbones() if suite is not None else backbone_plan(params)
     echo(f"evaluating {source.ref} on {evalset.name} ({len(evalset.cases)} cases) -> {out_dir}")
