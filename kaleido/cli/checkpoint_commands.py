@@ -1,4 +1,5 @@
-"""`kaleido convert-checkpoint` and `kaleido inspect-checkpoint`: DiT weights across Wan2.1, diffusers and SAT."""
+"""`kaleido convert-checkpoint`, `inspect-checkpoint` and `merge-lora`: DiT weights across Wan2.1, diffusers and SAT,
+and LoRA adapters across the peft, diffusers and Wan / ComfyUI layouts."""
 
 from __future__ import annotations
 
@@ -52,8 +53,24 @@ def convert_checkpoint_command(
     ] = "5GB",
     arch: ArchOption = None,
 ) -> None:
-    """Convert DiT weights between the Wan2.1, diffusers and official Kaleido (SAT) layouts."""
+    """Convert DiT weights between the Wan2.1, diffusers and official Kaleido (SAT) layouts, or a LoRA adapter
+    between the peft, diffusers and Wan / ComfyUI layouts (--to peft | diffusers | wan)."""
     from kaleido.model.checkpoint import FORMATS, CheckpointError, convert_checkpoint, detect_format, parse_size
+    from kaleido.model.lora import LORA_LAYOUTS, LoraError, adapter_summary, is_adapter, load_adapter, save_adapter
+
+    if is_adapter(src):
+        if to not in LORA_LAYOUTS:
+            fail(f"--to {to}: a LoRA adapter converts to one of {', '.join(LORA_LAYOUTS)} (merge it into a full "
+                 "checkpoint with `kaleido merge-lora`)")
+        try:
+            adapter, layout = load_adapter(src)
+            written = save_adapter(adapter, dst, to)
+        except (LoraError, OSError) as exc:
+            fail(str(exc))
+            raise  # unreachable, for type checkers
+        typer.echo(adapter_summary(adapter, layout))
+        typer.echo(f"converted {src} ({layout}) -> {written} ({to})")
+        return
 
     if to not in FORMATS:
         fail(f"--to {to}: unknown format; choose one of {', '.join(FORMATS)}")
@@ -81,8 +98,22 @@ def inspect_checkpoint_command(
     path: Annotated[Path, typer.Argument(help="checkpoint file or folder (wan, diffusers or sat)")],
     arch: ArchOption = None,
 ) -> None:
-    """Print a DiT checkpoint's format, config and parameter count (reads headers only)."""
+    """Print a DiT checkpoint's format, config and parameter count (reads headers only), or a LoRA adapter's
+    layout, rank, alpha and targets."""
     from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint
+    from kaleido.model.lora import LoraError, adapter_file, adapter_summary, is_adapter, load_adapter
+
+    if is_adapter(path):
+        try:
+            adapter, layout = load_adapter(path)
+        except LoraError as exc:
+            fail(str(exc))
+            raise  # unreachable, for type checkers
+        typer.echo(f"path: {adapter_file(path)}")
+        typer.echo(adapter_summary(adapter, layout))
+        for key, value in adapter.meta.items():
+            typer.echo(f"{key}: {value}")
+        return
 
     config = _arch_config(arch)
     try:
@@ -102,3 +133,35 @@ def inspect_checkpoint_command(
     typer.echo("dtypes: " + ", ".join(f"{name} ({count} tensors)" for name, count in info.dtypes.items()))
     if info.extras:
         typer.echo("also in the file (not loaded): " + ", ".join(info.extras))
+
+
+@app.command("merge-lora")
+def merge_lora_command(
+    base: Annotated[Path, typer.Argument(help="base DiT checkpoint (wan, diffusers or sat; auto-detected)")],
+    adapter: Annotated[Path, typer.Argument(help="LoRA adapter: peft folder, diffusers or Wan/ComfyUI .safetensors")],
+    dst: Annotated[Path, typer.Argument(help="where to write the merged checkpoint (a folder)")],
+    to: Annotated[str, typer.Option("--to", help="output format: wan, diffusers or sat")] = "wan",
+    scale: Annotated[float, typer.Option("--scale", help="multiplier on the adapter's alpha / rank")] = 1.0,
+    arch: ArchOption = None,
+) -> None:
+    """Fold a LoRA adapter into its base: a full checkpoint in any of the three DiT formats (W += scale *
+    alpha / rank * B @ A, by peft)."""
+    from kaleido.model.checkpoint import FORMATS, CheckpointError, inspect_checkpoint, load_dit, read_shapes, save_dit
+    from kaleido.model.lora import LoraError, adapter_summary, check_fits, load_adapter
+
+    if to not in FORMATS:
+        fail(f"--to {to}: unknown format; choose one of {', '.join(FORMATS)}")
+    config = _arch_config(arch)
+    try:  # everything checked from headers before the base is read
+        info = inspect_checkpoint(base, config=config)
+        lora, layout = load_adapter(adapter)
+        check_fits(lora, read_shapes(base), f"the base {base}")
+        if dst.resolve() in {info.path.resolve(), *(f.resolve().parent for f in info.files)}:
+            fail(f"{dst}: the destination holds the base checkpoint; write to another path")
+        typer.echo(adapter_summary(lora, layout))
+        model = load_dit(base, config=info.config, lora=adapter, lora_scale=scale)  # the base's own dtypes
+        written = save_dit(model.state_dict(), dst, to, model.cfg)
+    except (CheckpointError, LoraError, OSError) as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+    typer.echo(f"merged {adapter} (scale {scale:g}) into {base} -> {dst} ({to}): {len(written)} files")

@@ -48,6 +48,13 @@ def generate(
         typer.Option("--model", help="models:/<name>@<alias> or models:/<name>/<version> (downloaded once and "
                      "cached), or a local model folder / checkpoint (default: model.checkpoint of params.yaml)"),
     ] = None,
+    lora: Annotated[
+        Path | None, typer.Option("--lora", help="LoRA adapter merged into the DiT: peft folder, diffusers or "
+                                  "Wan/ComfyUI .safetensors (default: model.lora)"),
+    ] = None,
+    lora_scale: Annotated[
+        float | None, typer.Option("--lora-scale", help="multiplier on the adapter (default: model.lora_scale)")
+    ] = None,
     params: ParamsOption = None,
 ) -> None:
     """Generate a video of the referenced subjects following the prompt.
@@ -62,7 +69,8 @@ def generate(
         "generate.guidance_scale": guidance_scale, "generate.shift": shift, "generate.sampler": sampler,
         "generate.seed": seed, "generate.negative_prompt": negative_prompt,
         "generate.text_encoder_device": text_encoder_device, "generate.release_encoders": release_encoders,
-        "generate.offload": offload,
+        "generate.offload": offload, "model.lora": str(lora.resolve()) if lora else None,
+        "model.lora_scale": lora_scale,
     })
     g = loaded.generate
     if out.suffix.lower() != ".mp4":

@@ -96,6 +96,9 @@ class ModelConfig(_Section):
         None, description="VAE dtype; null: bfloat16 on a GPU (as the shipped Kaleido runs it), float32 on CPU"
     )
     text_len: int = Field(512, ge=1, description="text tokens the DiT sees (zero-padded), Wan: 512")
+    lora: Path | None = Field(
+        None, description="a LoRA adapter merged into the DiT at load (peft, diffusers or Wan/ComfyUI layout)")
+    lora_scale: float = Field(1.0, description="multiplier on the adapter's alpha / rank (0: the base model)")
 
 
 class GenerateConfig(_Section):
@@ -323,6 +326,35 @@ class TrainValidationConfig(_Section):
         return self
 
 
+# The DiT's linear layers a LoRA adapter may target, named as in Wan2.1's model.py (per block).
+LORA_ATTENTION_TARGETS: tuple[str, ...] = tuple(f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo")
+LORA_TARGETS: tuple[str, ...] = (*LORA_ATTENTION_TARGETS, "ffn.0", "ffn.2")
+
+
+class LoraSettings(_Section):
+    """LoRA fine-tuning of a stage (peft). Every base weight stays frozen; targets are Wan module names."""
+
+    enabled: bool = False
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0.0, description="scale alpha / rank on B @ A (peft lora_alpha)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_ATTENTION_TARGETS),
+        description="per-block linear layers: self_attn.q/k/v/o, cross_attn.q/k/v/o, and optionally ffn.0, ffn.2",
+    )
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> LoraSettings:
+        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
+        if unknown or not self.target_modules:
+            what = f"unknown {unknown}" if unknown else "empty"
+            raise ValueError(f"target_modules={self.target_modules}: {what}; use Wan module names: "
+                             f"{', '.join(LORA_TARGETS)}")
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"target_modules={self.target_modules} names a module twice")
+        return self
+
+
 class StagePreset(_Section):
     lr: float = Field(gt=0.0)
     steps: int = Field(ge=1, description="optimizer steps")
@@ -332,6 +364,7 @@ class StagePreset(_Section):
     )
     dataset: Path | None = Field(None, description="this stage's training tar shards; None: train.dataset")
     latents: Path | None = Field(None, description="this stage's latent cache; None: train.latents")
+    lora: LoraSettings = LoraSettings()
 
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"  # a Kubernetes resource quantity

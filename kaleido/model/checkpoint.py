@@ -533,8 +533,13 @@ def load_dit(
     rope_offset: int = 80,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
 ) -> KaleidoDiT:
     """Build a KaleidoDiT from a checkpoint in any supported layout, shard by shard.
+
+    lora: a LoRA adapter (peft, diffusers or Wan/ComfyUI layout, kaleido.model.lora) merged into the weights
+    with lora_scale (W += lora_scale * alpha / rank * B @ A); the checkpoint files are not touched.
 
     The model is created on the meta device (no memory, no random init) and every tensor read is assigned
     as the parameter itself, so peak memory stays near one model size. Missing, unexpected and wrong-shaped
@@ -573,6 +578,11 @@ def load_dit(
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta and not dry_run:
         raise CheckpointError(f"{layout.path}: tensors not loaded (still on meta): {left_on_meta[:_MAX_LISTED]}")
+    if lora is not None and not dry_run:
+        from kaleido.model.lora import load_adapter, merge_lora
+
+        adapter, _ = load_adapter(lora)
+        model = merge_lora(model, adapter, lora_scale)
     return model
 
 

@@ -252,6 +252,25 @@ def _required_path(params: Params, key: str) -> Path:
     return path
 
 
+def check_lora(params: Params) -> Path | None:
+    """model.lora, checked from file headers against model.checkpoint (rank, shapes, modules) without loading a
+    model; None when no adapter is set. FileNotFoundError / LoraError (a ValueError) naming the key and file."""
+    if params.model.lora is None:
+        return None
+    from kaleido.model.checkpoint import read_shapes
+    from kaleido.model.lora import LoraError, adapter_summary, check_fits, load_adapter
+
+    path = _required_path(params, "lora")
+    checkpoint = _required_path(params, "checkpoint")
+    try:
+        adapter, layout = load_adapter(path)
+        check_fits(adapter, read_shapes(checkpoint), f"model.checkpoint ({checkpoint})")
+    except LoraError as exc:
+        raise LoraError(f"model.lora: {exc}") from None
+    log.info("model.lora: %s, scale %g", adapter_summary(adapter, layout), params.model.lora_scale)
+    return path
+
+
 @dataclass
 class _Branches:
     """The DiT inputs that stay fixed over the sampling loop."""
@@ -329,6 +348,7 @@ class S2VPipeline:
         vae_path = _required_path(params, "vae")
         text_path = _required_path(params, "text_encoder")
         tokenizer_path = _required_path(params, "tokenizer") if model.tokenizer is not None else text_path
+        lora = check_lora(params)  # a bad adapter fails here, before any model loads
         # A checkpoint with a config (config.json or embedded) describes itself; a bare Wan .pth gets the arch's.
         config = None if read_config(checkpoint) is not None else dit_config(model.arch)
         dit = load_dit(
@@ -339,6 +359,8 @@ class S2VPipeline:
             rope_offset=model.rope.offset,
             dtype=dtype,
             device=dit_device,
+            lora=lora,
+            lora_scale=model.lora_scale,
         )
         vae = WanVAE.from_pretrained(vae_path, device=device, dtype=vae_dtype(model.vae_dtype, device))
         text_encoder = TextEncoder.from_pretrained(text_path, tokenizer_path, device=text_device, dtype=dtype)

@@ -50,7 +50,10 @@ def init_distributed(sequence_parallel: int) -> DistContext:
 
 
 def load_model(params: Params, stage: str, device: torch.device) -> torch.nn.Module:
-    """The stage's starting DiT (Wan2.1 checkpoint or the pretrain export), fp32, detached from its file."""
+    """The stage's starting DiT (Wan2.1 checkpoint or the pretrain export), fp32, detached from its file.
+
+    With train.<stage>.lora.enabled, peft LoRA layers are injected and every base weight is frozen.
+    """
     from kaleido.model.checkpoint import load_dit, read_config
     from kaleido.model.dit import dit_config
 
@@ -68,6 +71,12 @@ def load_model(params: Params, stage: str, device: torch.device) -> torch.nn.Mod
     # load_dit leaves CPU tensors memory-mapped from the file; training writes them, so own the memory.
     for param in model.parameters():
         param.data = param.data.clone()
+    lora = stage_preset(params, stage).lora
+    if lora.enabled:
+        from kaleido.model.lora import add_lora
+
+        add_lora(model, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+        model.to(device)  # the new LoRA layers are created on the CPU
     model.gradient_checkpointing = params.train.activation_checkpointing
     return model
 
@@ -91,8 +100,10 @@ def build_engine(
     preset = stage_preset(params, plan.stage)
     # A torch AdamW instance, not a DeepSpeed "optimizer" config block: that would JIT-build FusedAdam
     # (minutes, and a CUDA toolchain); ZeRO partitions the client optimizer's state just the same.
+    # LoRA: only the adapter is trainable, so only it has gradients and optimizer state
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=preset.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+        trainable, lr=preset.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(train.warmup_steps))
     config = deepspeed_config(plan, params, bf16=ctx.device.type == "cuda")

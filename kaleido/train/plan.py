@@ -62,9 +62,37 @@ def export_dir(params: Params, stage: str) -> Path:
     return stage_output(params, stage) / "export"
 
 
+def registry_init(params: Params, stage: str) -> str | None:
+    """train.<stage>.init when it is a registry reference (models:/<name>@<alias> or /<version>), else None."""
+    init = stage_preset(params, stage).init
+    return str(init) if init is not None and str(init).startswith("models:/") else None
+
+
+def resolve_registry_init(params: Params, stage: str) -> tuple[Path, str]:
+    """(local DiT weights, models:/<name>/<version>) of a registry init, downloaded once into the model cache.
+
+    TrainPlanError when the registry does not answer or has no such version, or the version is itself a LoRA
+    adapter (train on top of its merged export instead)."""
+    from kaleido.serving import ServingError, model_checkpoint, read_model_config, resolve_model
+
+    ref = registry_init(params, stage)
+    assert ref is not None
+    try:
+        folder, resolved = resolve_model(ref, tracking_uri(params))
+        if read_model_config(folder).get("lora"):
+            raise TrainPlanError(f"train.{stage}.init={ref} is a LoRA version; start from its base or a merged "
+                                 "checkpoint (`kaleido merge-lora`)")
+        return model_checkpoint(folder), resolved
+    except ServingError as exc:
+        raise TrainPlanError(f"train.{stage}.init: {exc}") from None
+
+
 def stage_init(params: Params, stage: str) -> tuple[Path, str]:
     """The weights a stage starts from and the key that names them (for messages)."""
     preset = stage_preset(params, stage)
+    if registry_init(params, stage):
+        path, resolved = resolve_registry_init(params, stage)
+        return path, f"train.{stage}.init ({resolved})"
     if preset.init is not None:
         return _resolved(params, preset.init), f"train.{stage}.init"
     if stage == "sft":  # SFT continues from the pretrain result
@@ -126,6 +154,8 @@ class TrainPlan:
     latents: str
     output: str
     init: str
+    lora_rank: int = 0  # 0: full fine-tuning
+    base_model: str | None = None  # models:/<name>/<version> when the stage starts from a registered version
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +165,7 @@ class TrainPlan:
             f"{self.stage}: {self.steps} steps, lr {self.lr:g}, global batch {self.global_batch} = micro batch "
             f"{self.micro_batch} x grad accumulation {self.grad_accum} x data parallel {self.data_parallel} "
             f"(world {self.world_size}, sequence parallel {self.sequence_parallel}), ZeRO-{self.zero_stage}"
+            + (f", LoRA rank {self.lora_rank} (base frozen)" if self.lora_rank else ", full fine-tuning")
         )
 
 
@@ -223,6 +254,8 @@ def plan_training(
         latents=str(latents),
         output=str(stage_output(params, stage)),
         init=str(init_path),
+        lora_rank=preset.lora.rank if preset.lora.enabled else 0,
+        base_model=resolve_registry_init(params, stage)[1] if registry_init(params, stage) else None,
     )
 
 

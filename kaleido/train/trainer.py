@@ -24,7 +24,7 @@ from kaleido.model.flow_matching import flow_matching_loss
 from kaleido.train.data import BucketBatchSampler, collate, training_sampler
 from kaleido.train.engine import DistContext
 from kaleido.train.latents import LatentCache
-from kaleido.train.plan import TrainPlan, checkpoint_dir, export_dir, stage_output, tracking_uri
+from kaleido.train.plan import TrainPlan, checkpoint_dir, export_dir, stage_output, stage_preset, tracking_uri
 from kaleido.train.tracking import Tracker, flatten, peak_memory_gb
 from kaleido.train.validation import ValidationResult, ValidationSet
 
@@ -96,6 +96,8 @@ class Trainer:
         self.output = stage_output(params, plan.stage)
         self.start_step = 0
         self.run_id: str | None = None
+        lora = stage_preset(params, plan.stage).lora
+        self.lora = lora if lora.enabled else None  # LoRA fine-tuning: the base stays frozen
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
@@ -113,13 +115,16 @@ class Trainer:
             "mlflow_run_id": self.run_id,
             "params_hash": params_hash(self.params),
         }
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"{TAG_PREFIX}{step:08d}", client_state=client)
+        # LoRA: the frozen base comes from its own file at every start; only the adapter and its optimizer state
+        # are saved
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"{TAG_PREFIX}{step:08d}", client_state=client,
+                                    exclude_frozen_parameters=self.lora is not None)
         dist.barrier()  # every rank's shard is on disk before an old checkpoint goes
         if self.ctx.is_main:
             _prune_checkpoints(self.ckpt_dir, self.params.train.keep_checkpoints)
 
     def load_checkpoint(self) -> None:
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_module_strict=self.lora is None)
         if path is None or client is None:
             raise ResumeError(f"--resume: no loadable DeepSpeed checkpoint in {self.ckpt_dir}")
         for key, mine in (("stage", self.plan.stage), ("world_size", self.ctx.world_size),
@@ -137,31 +142,54 @@ class Trainer:
     # -- export ------------------------------------------------------------------------------------------
 
     def export(self, step: int) -> Path | None:
-        """Consolidated weights in the original Wan2.1 layout (gathered first under ZeRO-3); rank 0 writes."""
+        """Consolidated weights (gathered first under ZeRO-3); rank 0 writes. Full fine-tuning: the DiT in the
+        original Wan2.1 layout. LoRA: the adapter only, in the peft layout plus the diffusers
+        (pytorch_lora_weights.safetensors) and Wan / ComfyUI (lora_wan.safetensors) layouts."""
         import deepspeed
         import torch.distributed as dist
 
         from kaleido.model.checkpoint import save_dit
 
         module = self.engine.module
+        lora = self.lora
+        # LoRA: gather the adapter only; the base is the init file, unchanged
+        wanted = [p for p in module.parameters() if p.requires_grad] if lora else list(module.parameters())
+
+        def snapshot() -> dict[str, torch.Tensor]:
+            if lora:
+                from kaleido.model.lora import adapter_of
+
+                return adapter_of(module, lora.rank, lora.alpha).state
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
         state: dict[str, torch.Tensor] = {}
         if self.plan.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):
                 if self.ctx.is_main:
-                    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                    state = snapshot()
         elif self.ctx.is_main:
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            state = snapshot()
         target = export_dir(self.params, self.plan.stage)
         if self.ctx.is_main:
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            save_dit(state, partial, "wan", module.cfg)
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)  # the registry never sees half an export
-            info = {
+            info: dict[str, Any] = {
                 "stage": self.plan.stage, "step": step, "format": "wan", "path": str(target),
                 "params_hash": params_hash(self.params), "mlflow_run_id": self.run_id, "config": module.cfg.to_dict(),
             }  # fmt: skip
+            if lora:
+                from kaleido.model.lora import Adapter, save_adapter
+
+                base = {"base": self.plan.init, "base_model": self.plan.base_model or ""}
+                adapter = Adapter(state, lora.rank, lora.alpha, base)
+                for layout in ("peft", "diffusers", "wan"):
+                    save_adapter(adapter, partial, layout)
+                info.update(format="lora", lora={"rank": lora.rank, "alpha": lora.alpha, "targets": adapter.targets,
+                                                 "parameters": adapter.num_parameters()}, **base)
+            else:
+                save_dit(state, partial, "wan", module.cfg)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)  # the registry never sees half an export
             (self.output / "export.json").write_text(json.dumps(info, indent=2) + "\n")
         dist.barrier()
         return target if self.ctx.is_main else None

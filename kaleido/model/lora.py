@@ -1,0 +1,323 @@
+"""LoRA adapters on the DiT: peft injects and merges them; this module names, saves and converts their files.
+
+An adapter is held as an `Adapter`: low-rank factors keyed by Wan module names
+(`blocks.3.self_attn.q.lora_A.weight`: A is (rank, in_features), B is (out_features, rank)), with the rank
+and alpha of its peft LoraConfig. The update of a linear layer is W + (alpha / rank) * B @ A (LoRA, Hu et al.
+2021, eq. 3-4; peft's `scaling`).
+
+Three file layouts, each a single safetensors file (a folder holding one is accepted too):
+
+- `peft`: what `PeftModel.save_pretrained` writes: `adapter_model.safetensors` with keys
+  `base_model.model.<module>.lora_A.weight` beside `adapter_config.json` (rank, alpha, target modules).
+  The trainer's export; exact (alpha kept).
+- `diffusers`: what `WanPipeline.load_lora_weights` reads: `transformer.blocks.N.attn1.to_q.lora_A.weight`
+  (attn1 = self-attention, attn2 = cross-attention, ffn.net.0.proj / ffn.net.2). Alpha is folded into B
+  (scale 1): every loader that ignores alphas (most do) then applies the same update. The safetensors
+  metadata `lora_adapter_metadata` (diffusers' key, LoraConfig kwargs prefixed `transformer.`) says
+  lora_alpha = rank for loaders that read it.
+- `wan`: the original Wan / ComfyUI layout: `diffusion_model.blocks.N.self_attn.q.lora_down.weight`,
+  `.lora_up.weight` and a scalar `.alpha` per module (ComfyUI and diffusers' converter apply alpha / rank).
+
+Every base weight stays frozen: the three layouts carry low-rank deltas only, so a full-weight change of a
+base module would not travel to diffusers or ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kaleido.config.schema import LORA_TARGETS
+from kaleido.model.keymaps import wan_key_to_diffusers
+
+LORA_LAYOUTS: tuple[str, ...] = ("peft", "diffusers", "wan")
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+
+_MODULE_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+
+
+class LoraError(ValueError):
+    """An adapter file or setting that cannot be used; the message names the file or key and the fix."""
+
+
+@dataclass
+class Adapter:
+    """LoRA factors by Wan module key (`blocks.N.<target>.lora_A.weight` / `.lora_B.weight`) and their scale."""
+
+    state: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    meta: dict[str, str] = field(default_factory=dict)  # provenance (base model, run) carried in the file
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank: the factor on B @ A (peft's LoraLayer.scaling)."""
+        return self.alpha / self.rank
+
+    @property
+    def modules(self) -> list[str]:
+        """Wan module names the adapter changes, e.g. blocks.0.self_attn.q."""
+        return sorted({key.rsplit(".lora_", 1)[0] for key in self.state})
+
+    @property
+    def targets(self) -> list[str]:
+        """The per-block target names (self_attn.q, ffn.0, ...)."""
+        return sorted({module.split(".", 2)[2] for module in self.modules})
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.state.values())
+
+
+def check_targets(targets: Sequence[str], key: str = "target_modules") -> list[str]:
+    """The targets, or LoraError naming the unknown ones and the allowed Wan names."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise LoraError(f"{key}={list(targets)}: {'unknown ' + str(unknown) if unknown else 'empty'}; LoRA targets "
+                        f"are the DiT's linear layers by Wan name: {', '.join(LORA_TARGETS)}")
+    return list(targets)
+
+
+def lora_config(rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0):  # -> peft.LoraConfig
+    """peft's LoraConfig for the DiT. Targets match by suffix (peft), so `self_attn.q` hits every block's."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=check_targets(targets),
+                      bias="none", init_lora_weights=True)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0) -> nn.Module:
+    """Inject trainable LoRA layers into `model` in place (peft.inject_adapter_in_model) and freeze every base
+    weight. B starts at zero, so the model's function is unchanged until the first update. Returns `model`."""
+    from peft import inject_adapter_in_model
+
+    model = inject_adapter_in_model(lora_config(rank, alpha, targets, dropout), model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    return model
+
+
+def adapter_of(model: nn.Module, rank: int, alpha: float) -> Adapter:
+    """The adapter weights of a model with injected LoRA layers (peft.get_peft_model_state_dict), on CPU."""
+    from peft import get_peft_model_state_dict
+
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return Adapter(state, rank, alpha)
+
+
+def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, ...] | torch.Size], what: str = "the model") -> None:
+    """LoraError unless every factor fits a linear weight of `shapes` (Wan key -> shape, e.g. a checkpoint's
+    headers): A is (rank, in_features), B is (out_features, rank)."""
+    for key, tensor in adapter.state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        weight = shapes.get(f"{module}.weight")
+        if weight is None:
+            raise LoraError(f"the adapter changes {module}, which {what} lacks: it was trained for another "
+                            "architecture (fewer blocks?)")
+        out_features, in_features = tuple(weight)
+        want = (adapter.rank, in_features) if kind.startswith("A") else (out_features, adapter.rank)
+        if tuple(tensor.shape) != want:
+            raise LoraError(f"adapter tensor {key} has shape {tuple(tensor.shape)}, {what} needs {want}: "
+                            "the adapter belongs to a model of another size")
+
+
+def merge_lora(model: nn.Module, adapter: Adapter, scale: float = 1.0) -> nn.Module:
+    """`model` (a plain DiT) with W += scale * (alpha / rank) * B @ A folded into its weights, by peft
+    (LoraModel.merge_and_unload): the result has the original modules and parameter names."""
+    from peft import set_peft_model_state_dict
+    from peft.tuners.lora import LoraModel
+
+    check_fits(adapter, {k: v.shape for k, v in model.state_dict().items()})
+    for name in adapter.modules:  # merging writes these weights: own them (load_dit may leave them memory-mapped)
+        linear = model.get_submodule(name)
+        linear.weight.data = linear.weight.data.clone()
+    config = lora_config(adapter.rank, adapter.alpha * scale, adapter.targets)
+    config.target_modules = adapter.modules  # exactly the modules the file holds
+    wrapped = LoraModel(model, config, "default")
+    dtype = next(model.parameters()).dtype
+    result = set_peft_model_state_dict(wrapped.model, {k: v.to(dtype) for k, v in adapter.state.items()})
+    if result.unexpected_keys:
+        raise LoraError(f"peft did not place {len(result.unexpected_keys)} adapter tensor(s): "
+                        f"{result.unexpected_keys[:3]}")
+    return wrapped.merge_and_unload()
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+
+
+def _to_layout(adapter: Adapter, layout: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sorted(adapter.state.items()):
+        module, kind = key.rsplit(".lora_", 1)
+        kind = kind.split(".")[0]  # A | B
+        tensor = tensor.contiguous()
+        if layout == "peft":
+            out[f"base_model.model.{key}"] = tensor
+        elif layout == "diffusers":
+            scaled = tensor * adapter.scaling if kind == "B" else tensor
+            out[f"transformer.{wan_key_to_diffusers(module + '.weight')[: -len('.weight')]}.lora_{kind}.weight"] = (
+                scaled.contiguous()
+            )
+        else:  # wan / ComfyUI
+            out[f"diffusion_model.{module}.{'lora_down' if kind == 'A' else 'lora_up'}.weight"] = tensor
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(adapter.alpha))
+    return out
+
+
+def save_adapter(adapter: Adapter, dst: str | Path, layout: str = "peft") -> Path:
+    """Write `adapter` in `layout`; returns the safetensors file written.
+
+    peft: `dst` is a folder (adapter_model.safetensors + adapter_config.json). diffusers / wan: `dst` is a
+    `.safetensors` file, or a folder that gets `pytorch_lora_weights.safetensors` / `lora_wan.safetensors`.
+    """
+    from safetensors.torch import save_file
+
+    if layout not in LORA_LAYOUTS:
+        raise LoraError(f"LoRA layout {layout!r}: choose one of {', '.join(LORA_LAYOUTS)}")
+    dst = Path(dst)
+    meta = {"kaleido_lora": json.dumps({"rank": adapter.rank, "alpha": adapter.alpha, "layout": layout,
+                                        **adapter.meta})}
+    if layout == "peft":
+        dst.mkdir(parents=True, exist_ok=True)
+        config = lora_config(adapter.rank, adapter.alpha, adapter.targets)
+        config.save_pretrained(str(dst))
+        file = dst / PEFT_WEIGHTS
+    else:
+        if dst.suffix != ".safetensors":
+            dst.mkdir(parents=True, exist_ok=True)
+            dst = dst / ("pytorch_lora_weights.safetensors" if layout == "diffusers" else "lora_wan.safetensors")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        file = dst
+        if layout == "diffusers":
+            targets = sorted({wan_key_to_diffusers(f"blocks.0.{t}.weight").split(".", 2)[2][: -len(".weight")]
+                              for t in adapter.targets})
+            # diffusers packs each component's LoraConfig kwargs under its prefix (`transformer.r`, ...)
+            config = {"r": adapter.rank, "lora_alpha": adapter.rank, "target_modules": targets}
+            meta[DIFFUSERS_METADATA_KEY] = json.dumps({f"transformer.{k}": v for k, v in config.items()},
+                                                      sort_keys=True)
+    save_file(_to_layout(adapter, layout), str(file), metadata={"format": "pt", **meta})
+    return file
+
+
+def adapter_file(path: str | Path) -> Path:
+    """The safetensors file of an adapter path (a file, or a folder holding exactly one adapter file)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / PEFT_WEIGHTS).is_file():
+            return path / PEFT_WEIGHTS
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) == 1:
+            return files[0]
+        raise LoraError(f"{path}: expected one LoRA .safetensors file (or {PEFT_WEIGHTS}), found "
+                        f"{[f.name for f in files] or 'none'}; pass the file itself")
+    raise LoraError(f"{path}: no such LoRA file or folder")
+
+
+def is_adapter(path: str | Path) -> bool:
+    """True when `path` is a LoRA file (or a folder with one) in any of the three layouts."""
+    try:
+        return detect_layout(adapter_file(path)) is not None
+    except (LoraError, OSError, ValueError):
+        return False
+
+
+def _keys_and_meta(file: Path) -> tuple[list[str], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys()), handle.metadata() or {}
+    except Exception as exc:  # SafetensorError: truncated, not safetensors
+        raise LoraError(f"{file}: not a readable safetensors file ({str(exc)[:200]})") from None
+
+
+def detect_layout(file: Path) -> str | None:
+    """peft | diffusers | wan for a LoRA safetensors file, None when it holds no LoRA factors."""
+    keys, _ = _keys_and_meta(file)
+    if not keys or not any(".lora_" in k for k in keys):
+        return None
+    for prefix, layout in (("base_model.model.", "peft"), ("transformer.", "diffusers"), ("diffusion_model.", "wan")):
+        if all(k.startswith(prefix) for k in keys):
+            return layout
+    return None
+
+
+def load_adapter(path: str | Path) -> tuple[Adapter, str]:
+    """An adapter from a file or folder in any of the three layouts; returns (adapter, layout).
+
+    LoraError naming the file when it is unreadable, holds no LoRA factors, mixes ranks or alphas, or names a
+    module the DiT does not have.
+    """
+    from safetensors.torch import load_file
+
+    from kaleido.model.keymaps import diffusers_key_to_wan
+
+    file = adapter_file(path)
+    layout = detect_layout(file)
+    if layout is None:
+        raise LoraError(f"{file}: not a LoRA adapter in a known layout (keys start with base_model.model. (peft), "
+                        "transformer. (diffusers) or diffusion_model. (Wan / ComfyUI) and hold lora_A/lora_B or "
+                        "lora_down/lora_up)")
+    _, meta = _keys_and_meta(file)
+    raw = load_file(str(file))
+    state: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    for key, tensor in raw.items():
+        if layout == "peft":
+            name = key[len("base_model.model."):]
+        elif layout == "diffusers":
+            module, kind = key[len("transformer."):].rsplit(".lora_", 1)
+            try:
+                name = f"{diffusers_key_to_wan(module + '.weight')[: -len('.weight')]}.lora_{kind}"
+            except KeyError:
+                raise LoraError(f"{file}: {key} targets a module the Kaleido DiT does not have") from None
+        else:
+            body = key[len("diffusion_model."):]
+            if body.endswith(".alpha"):
+                alphas[body[: -len(".alpha")]] = float(tensor)
+                continue
+            name = body.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B.")
+        state[name.replace(".default.", ".")] = tensor
+    bad = [k for k in state if not _MODULE_KEY.match(k) or _MODULE_KEY.match(k).group(2) not in LORA_TARGETS]
+    if bad:
+        raise LoraError(f"{file}: {len(bad)} tensor(s) are not LoRA factors of the DiT's linear layers, e.g. {bad[0]}")
+    ranks = {t.shape[0] for k, t in state.items() if ".lora_A." in k}
+    if len(ranks) != 1:
+        raise LoraError(f"{file}: modules of different ranks {sorted(ranks)}; one adapter has one rank")
+    rank = ranks.pop()
+    if layout == "peft":
+        config_file = file.with_name(PEFT_CONFIG)
+        if not config_file.is_file():
+            raise LoraError(f"{file}: a peft adapter needs {PEFT_CONFIG} beside it (its lora_alpha)")
+        config = json.loads(config_file.read_text())
+        alpha = float(config["lora_alpha"])
+        if int(config["r"]) != rank:
+            raise LoraError(f"{config_file}: r={config['r']}, the weights have rank {rank}")
+    elif layout == "diffusers":
+        diffusers_meta = json.loads(meta.get(DIFFUSERS_METADATA_KEY, "{}"))
+        alpha = float(diffusers_meta.get("transformer.lora_alpha", rank))  # diffusers' convention: no alpha = scale 1
+    else:
+        values = set(alphas.values()) or {float(rank)}
+        if len(values) != 1:
+            raise LoraError(f"{file}: modules with different alphas {sorted(values)}; one adapter has one alpha")
+        alpha = values.pop()
+    extra = json.loads(meta.get("kaleido_lora", "{}"))
+    provenance = {k: str(v) for k, v in extra.items() if k not in ("rank", "alpha", "layout")}
+    return Adapter(state, rank, alpha, provenance), layout
+
+
+def adapter_summary(adapter: Adapter, layout: str) -> str:
+    """One line: layout, rank, alpha, targets, modules and parameter count."""
+    return (f"LoRA ({layout} layout): rank {adapter.rank}, alpha {adapter.alpha:g} (scale {adapter.scaling:g}), "
+            f"targets {', '.join(adapter.targets)}, {len(adapter.modules)} modules, "
+            f"{adapter.num_parameters() / 1e6:.3f} M parameters")
+

@@ -1,0 +1,212 @@
+"""LoRA adapters: peft injection, the three file layouts, diffusers' own loader, merging and bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kaleido.cli import app
+from kaleido.config.schema import LORA_TARGETS, LoraSettings
+from kaleido.model import lora
+from kaleido.model.dit import KaleidoDiT, dit_config
+from kaleido.model.keymaps import wan_to_diffusers
+
+RANK, ALPHA = 4, 8.0
+
+
+@pytest.fixture(scope="module")
+def base() -> KaleidoDiT:
+    torch.manual_seed(0)
+    model = KaleidoDiT(dit_config("tiny"))
+    with torch.no_grad():  # randomise every weight (zero-initialised biases would hide terms)
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def fresh(base: KaleidoDiT) -> KaleidoDiT:
+    model = KaleidoDiT(base.cfg)
+    model.load_state_dict(base.state_dict())
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def adapted(base):
+    """The base with a LoRA of non-zero factors on every allowed target, and its adapter."""
+    model = lora.add_lora(fresh(base), RANK, ALPHA, LORA_TARGETS)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model, lora.adapter_of(model, RANK, ALPHA)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    gen = torch.Generator().manual_seed(3)
+    cfg = dit_config("tiny")
+    return (torch.randn(1, 16, 3, 8, 12, generator=gen), torch.tensor([600.0]),
+            torch.randn(1, 7, cfg.text_dim, generator=gen))
+
+
+def test_injection_freezes_the_base_and_starts_at_the_base_function(base, inputs):
+    model = lora.add_lora(fresh(base), RANK, ALPHA, ["self_attn.q", "ffn.2"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 2 * base.cfg.num_layers  # A and B, two targets, every block
+    with torch.no_grad():  # B starts at zero
+        torch.testing.assert_close(model(*inputs), base(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", lora.LORA_LAYOUTS)
+def test_each_layout_round_trips_and_merges_to_the_adapted_function(layout, base, adapted, inputs, tmp_path):
+    model, adapter = adapted
+    written = lora.save_adapter(adapter, tmp_path / "adapter", layout)
+    loaded, found = lora.load_adapter(written if layout != "peft" else tmp_path / "adapter")
+    assert found == layout and loaded.rank == RANK
+    merged = lora.merge_lora(fresh(base), loaded)
+    assert type(merged) is KaleidoDiT and list(merged.state_dict()) == list(base.state_dict())
+    with torch.no_grad():
+        want = model(*inputs)
+        assert (want - base(*inputs)).abs().max() > 0.1  # the adapter changes the function
+        torch.testing.assert_close(merged(*inputs), want, rtol=0, atol=2e-5)
+
+
+def test_layout_keys_are_the_ones_other_tools_read(adapted, tmp_path):
+    from safetensors import safe_open
+
+    _, adapter = adapted
+    with safe_open(str(lora.save_adapter(adapter, tmp_path / "d.safetensors", "diffusers")), "pt") as handle:
+        keys, meta = set(handle.keys()), handle.metadata()
+    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in keys
+    assert "transformer.blocks.1.attn2.to_out.0.lora_B.weight" in keys
+    assert {"transformer.blocks.0.ffn.net.0.proj.lora_A.weight", "transformer.blocks.0.ffn.net.2.lora_B.weight"} <= keys
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == RANK  # alpha folded into B
+    with safe_open(str(lora.save_adapter(adapter, tmp_path / "w.safetensors", "wan")), "pt") as handle:
+        keys = set(handle.keys())
+        assert handle.get_tensor("diffusion_model.blocks.0.self_attn.q.alpha").item() == ALPHA
+    assert {"diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+            "diffusion_model.blocks.0.cross_attn.o.lora_up.weight",
+            "diffusion_model.blocks.1.ffn.0.lora_down.weight"} <= keys
+    peft_dir = tmp_path / "p"
+    lora.save_adapter(adapter, peft_dir, "peft")
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["r"] == RANK and config["lora_alpha"] == ALPHA and config["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "wan"])
+def test_diffusers_own_loader_reproduces_our_adapted_model(layout, base, adapted, inputs, tmp_path):
+    """WanPipeline.load_lora_weights (diffusers' loader and its Wan/ComfyUI converter) into diffusers' own
+    WanTransformer3DModel with the same base weights gives our merged model's output."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    _, adapter = adapted
+    cfg = base.cfg
+    theirs = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
+    )
+    theirs.load_state_dict(wan_to_diffusers(base.state_dict()))
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=theirs,
+                       scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.load_lora_weights(str(lora.save_adapter(adapter, tmp_path / f"{layout}.safetensors", layout)))
+    merged = lora.merge_lora(fresh(base), adapter)
+    with torch.no_grad():
+        got = theirs(*inputs, return_dict=False)[0]
+        torch.testing.assert_close(got, merged(*inputs), rtol=0, atol=2e-5)
+        assert (got - base(*inputs)).abs().max() > 0.1
+
+
+def test_scale_zero_is_the_base_and_scale_multiplies(base, adapted, inputs):
+    _, adapter = adapted
+    with torch.no_grad():
+        torch.testing.assert_close(lora.merge_lora(fresh(base), adapter, scale=0.0)(*inputs), base(*inputs))
+        half = lora.merge_lora(fresh(base), adapter, scale=0.5).blocks[0].self_attn.q.weight
+        full = lora.merge_lora(fresh(base), adapter).blocks[0].self_attn.q.weight
+        torch.testing.assert_close(half - base.blocks[0].self_attn.q.weight,
+                                   (full - base.blocks[0].self_attn.q.weight) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_adapters_are_refused_with_the_file_named(base, adapted, tmp_path):
+    from safetensors.torch import save_file
+
+    _, adapter = adapted
+    good = lora.save_adapter(adapter, tmp_path / "good.safetensors", "wan")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(lora.LoraError, match=r"truncated\.safetensors: not a readable safetensors"):
+        lora.load_adapter(truncated)
+    plain = tmp_path / "weights.safetensors"
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, str(plain))
+    with pytest.raises(lora.LoraError, match=r"weights\.safetensors: not a LoRA adapter"):
+        lora.load_adapter(plain)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"diffusion_model.blocks.0.norm3.lora_down.weight": torch.zeros(2, 2)}, str(foreign))
+    with pytest.raises(lora.LoraError, match="not LoRA factors of the DiT's linear layers"):
+        lora.load_adapter(foreign)
+    bigger = KaleidoDiT(dit_config("tiny", dim=96, num_heads=3))
+    with pytest.raises(lora.LoraError, match="belongs to a model of another size"):
+        lora.merge_lora(bigger, adapter)
+    with pytest.raises(lora.LoraError, match="no such LoRA file"):
+        lora.load_adapter(tmp_path / "missing")
+
+
+def test_settings_name_the_allowed_targets():
+    from pydantic import ValidationError
+
+    assert LoraSettings().target_modules == [t for t in LORA_TARGETS if not t.startswith("ffn")]
+    with pytest.raises(ValidationError, match=r"unknown \['attn1.to_q'\].*self_attn.q"):
+        LoraSettings(target_modules=["attn1.to_q"])
+
+
+def test_convert_and_merge_commands(base, adapted, inputs, tmp_path):
+    from kaleido.model.checkpoint import load_dit, save_dit
+
+    model, adapter = adapted
+    save_dit(base.state_dict(), tmp_path / "base", "wan", base.cfg)
+    lora.save_adapter(adapter, tmp_path / "run", "peft")
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert-checkpoint", str(tmp_path / "run"), str(tmp_path / "comfy.safetensors"),
+                                 "--to", "wan"])
+    assert result.exit_code == 0, result.output
+    assert "LoRA (peft layout): rank 4" in result.output
+    assert lora.load_adapter(tmp_path / "comfy.safetensors")[1] == "wan"
+    for fmt in ("wan", "diffusers", "sat"):
+        result = runner.invoke(app, ["merge-lora", str(tmp_path / "base"), str(tmp_path / "comfy.safetensors"),
+                                     str(tmp_path / f"merged-{fmt}"), "--to", fmt])
+        assert result.exit_code == 0, result.output
+        with torch.no_grad():
+            torch.testing.assert_close(load_dit(tmp_path / f"merged-{fmt}")(*inputs), model(*inputs),
+                                       rtol=0, atol=2e-5)
+    result = runner.invoke(app, ["inspect-checkpoint", str(tmp_path / "comfy.safetensors")])
+    assert result.exit_code == 0 and "rank 4, alpha 8" in result.output, result.output
+    result = runner.invoke(app, ["merge-lora", str(tmp_path / "base"), str(tmp_path / "base"), str(tmp_path / "x")])
+    assert result.exit_code == 2 and "not a LoRA adapter" in result.output, result.output
+
+
+def test_generation_pipeline_merges_model_lora(tmp_path, tiny_assets, params_for, adapted):
+    """model.lora: S2VPipeline.from_params merges the adapter into the DiT it loads (the base file is untouched)."""
+    from kaleido.config import load_params
+    from kaleido.model.checkpoint import load_dit
+    from kaleido.model.generate import S2VPipeline
+
+    base = load_dit(tiny_assets / "transformer")
+    model = lora.add_lora(fresh(base), RANK, ALPHA, ["self_attn.q", "cross_attn.v"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.fill_(0.05)
+    lora.save_adapter(lora.adapter_of(model, RANK, ALPHA), tmp_path / "adapter", "diffusers")
+    params = load_params(params_for(tmp_path / "p", tiny_assets, {"model.lora": str(tmp_path / "adapter")}))
+    pipe = S2VPipeline.from_params(params, device="cpu")
+    key = "blocks.1.cross_attn.v.weight"
+    merged = lora.merge_lora(fresh(base), lora.load_adapter(tmp_path / "adapter")[0]).state_dict()[key]
+    torch.testing.assert_close(pipe.dit.state_dict()[key], merged)
+    assert not torch.equal(pipe.dit.state_dict()[key], base.state_dict()[key])
+    assert torch.equal(load_dit(tiny_assets / "transformer").state_dict()[key], base.state_dict()[key])
