@@ -296,3 +296,61 @@ def test_a_failing_rank_fails_the_command_with_its_error(env):
     assert code == 1
     last = output.strip().splitlines()[-1]
     assert last.startswith("error: training stage 'pretrain' failed: rank ") and "Error" in last, last
+
+
+
+LORA = {
+    "train.pretrain.lora.enabled": True, "train.pretrain.lora.rank": 4, "train.pretrain.lora.alpha": 8.0,
+    "train.pretrain.lora.target_modules": ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                                           "cross_attn.q", "cross_attn.v", "ffn.0", "ffn.2"],
+    # the hardest combination at once: ZeRO-3 partitions, Ulysses sequence parallelism, activation checkpointing
+    "train.zero_stage": 3, "train.sequence_parallel": 2, "train.activation_checkpointing": True,
+    "train.pretrain.steps": 6, "train.checkpoint_every": 2,
+}
+
+
+@pytest.mark.slow
+def test_lora_trains_the_adapter_only_resumes_exactly_and_exports_three_layouts(env, tiny_assets, monkeypatch):
+    from kaleido.model.checkpoint import load_dit
+    from kaleido.model.lora import load_adapter
+
+    code, output = _train(env["params"]("lora", LORA))
+    assert code == 0, output[-4000:]
+    assert "LoRA rank 4 (base frozen)" in output and "ZeRO-3" in output and "sequence parallel 2" in output
+    out = env["folder"] / "runs" / "lora" / "pretrain"
+    reference = read_loss_curve(out / "loss.csv")
+    assert len(reference) == 6 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in reference)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["val_loss"] < summary["val_loss_base"]  # the adapter alone lowers the held-out loss
+
+    # the checkpoint holds the adapter (and its optimizer state) only: the base comes from its own file
+    shards = list((out / "checkpoints" / "step00000006").glob("*model_states.pt"))
+    assert shards
+    for shard in shards:
+        module = torch.load(shard, weights_only=False)["module"]
+        assert all(".lora_" in key for key in module), list(module)[:5]
+
+    # exports: peft folder, diffusers file, Wan / ComfyUI file; the same adapter in each
+    export = out / "export"
+    names = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "lora_wan.safetensors")
+    assert {p.name for p in export.iterdir()} == {*names, "adapter_config.json"}
+    assert [load_adapter(export / name)[1] for name in names] == ["peft", "diffusers", "wan"]
+    info = json.loads((out / "export.json").read_text())
+    assert info["format"] == "lora" and info["lora"]["rank"] == 4 and info["base"] == str(tiny_assets / "transformer")
+    base = load_dit(tiny_assets / "transformer").state_dict()
+    merged = [load_dit(tiny_assets / "transformer", lora=export / name).state_dict() for name in names]
+    for key, tensor in base.items():
+        targeted = any(f".{t}.weight" in key for t in LORA["train.pretrain.lora.target_modules"])
+        assert targeted != torch.equal(merged[0][key], tensor), key  # only the targeted weights moved
+        for other in merged[1:]:
+            torch.testing.assert_close(other[key], merged[0][key], rtol=0, atol=1e-6)
+
+    # kill after step 5 (last checkpoint: step 4), resume: the same losses and gradient norms, bit for bit
+    killed = env["params"]("lora_killed", LORA)
+    code, output = _train(killed, env_vars={EXIT_AFTER_STEP_ENV: "5"}, monkeypatch=monkeypatch)
+    assert code == 1 and "exit code 86" in output, output[-3000:]
+    monkeypatch.delenv(EXIT_AFTER_STEP_ENV)
+    code, output = _train(killed, "--resume")
+    assert code == 0, output[-4000:]
+    resumed = read_loss_curve(env["folder"] / "runs" / "lora_killed" / "pretrain" / "loss.csv")
+    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in reference]

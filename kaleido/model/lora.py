@@ -93,12 +93,16 @@ def lora_config(rank: int, alpha: float, targets: Sequence[str], dropout: float 
                       bias="none", init_lora_weights=True)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0) -> nn.Module:
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0,
+             seed: int = 0) -> nn.Module:
     """Inject trainable LoRA layers into `model` in place (peft.inject_adapter_in_model) and freeze every base
-    weight. B starts at zero, so the model's function is unchanged until the first update. Returns `model`."""
+    weight. B starts at zero, so the model's function is unchanged until the first update; A's random init
+    is drawn from `seed` (every rank and every restart draws the same A). Returns `model`."""
     from peft import inject_adapter_in_model
 
-    model = inject_adapter_in_model(lora_config(rank, alpha, targets, dropout), model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = inject_adapter_in_model(lora_config(rank, alpha, targets, dropout), model)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     return model
