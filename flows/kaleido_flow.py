@@ -150,11 +150,14 @@ def register(tracking_uri: str, model_name: str, run_id: str, export: str, data_
     to the user's git history, the registry keeps the record."""
     import tempfile
 
+    from kaleido.model.lora import is_adapter
     from kaleido.registry import Lineage, ModelRegistry
     from kaleido.serving import build_model
+    from kaleido.train.plan import export_base
 
     registry = ModelRegistry(tracking_uri, model_name)
-    lineage = Lineage(data_version["git_revision"], data_version["dvc_data_hash"], params_hash, run_id)
+    lineage = Lineage(data_version["git_revision"], data_version["dvc_data_hash"], params_hash, run_id,
+                      base_model=export_base(Path(export)), kind="lora" if is_adapter(export) else "full")
     params = _params(Path(lock_file).parent)
     with tempfile.TemporaryDirectory(prefix="kaleido-model-") as staging:
         model = build_model(Path(export), params, Path(staging) / "model", registry.client)

@@ -20,7 +20,8 @@ class KaleidoS2VModel(PythonModel):
     """Subject-to-video generation with one registered version: rows (prompt, references) -> mp4 bytes."""
 
     def load_context(self, context: Any) -> None:
-        self.pipe, self.config = load_pipeline(Path(context.artifacts["transformer"]), context.model_config or {},
+        base = context.artifacts.get("transformer")  # a LoRA version may reference its base instead
+        self.pipe, self.config = load_pipeline(Path(base) if base else None, context.model_config or {},
                                                dict(context.artifacts))
 
     # pd.DataFrame is MLflow's "no schema from this hint" type: the explicit signature of build_model applies

@@ -52,20 +52,26 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Lineage:
-    """Where a model version comes from: all four become version tags."""
+    """Where a model version comes from: each becomes a version tag (lineage.*)."""
 
     git_revision: str
     dvc_data_hash: str
     params_hash: str
     training_run_id: str
+    base_model: str = ""  # what training started from: models:/<name>/<version>, or a checkpoint path
+    kind: str = "full"  # full | lora (the version holds an adapter on base_model)
 
     def tags(self) -> dict[str, str]:
-        return {
+        tags = {
             "lineage.git_revision": self.git_revision,
             "lineage.dvc_data_hash": self.dvc_data_hash,
             "lineage.params_hash": self.params_hash,
             "lineage.training_run_id": self.training_run_id,
+            "lineage.kind": self.kind,
         }
+        if self.base_model:
+            tags["lineage.base_model"] = self.base_model
+        return tags
 
 
 def git_revision(repo: Path | None = None) -> str:

@@ -5,6 +5,9 @@ Layout of a version's MLflow Model (the `model/` artifact of its training run):
   MLmodel                   python_function flavor (kaleido/pyfunc_model.py as code), signature, model_config
   input_example.json        one request
   artifacts/transformer/    the DiT weights (Wan2.1 layout): the version itself, always copied
+  artifacts/lora/           a LoRA version only: the adapter (peft, diffusers and Wan/ComfyUI layouts); its frozen
+                            base is then `transformer`, copied or (model_assets: reference) referenced like the
+                            assets below, so a LoRA version costs megabytes, not the base's gigabytes
   artifacts/{vae,text_encoder,tokenizer}/   only with platform.model_assets: copy
 With `reference` (the default) the VAE, text encoder and tokenizer are uploaded ONCE per content hash to a run of
 the `kaleido-assets` experiment and the model names them (`model_config.assets`: runs:/<id>/<name> URIs); loading
@@ -168,9 +171,10 @@ def resolve_asset(uri: str, tracking_uri: str | None = None) -> Path:
 # ---- the pyfunc model ---------------------------------------------------------------------------------------
 
 
-def load_pipeline(transformer: Path, config: dict[str, Any], artifacts: dict[str, str] | None = None,
+def load_pipeline(transformer: Path | None, config: dict[str, Any], artifacts: dict[str, str] | None = None,
                   device: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """S2VPipeline from a model folder's DiT weights and its config (copied or referenced assets)."""
+    """S2VPipeline from a model folder's DiT weights (None: the referenced `transformer` asset of a LoRA version),
+    its LoRA adapter if any (artifact `lora`, merged at load) and its config (copied or referenced assets)."""
     import torch
 
     from kaleido.model.checkpoint import load_dit
@@ -188,11 +192,16 @@ def load_pipeline(transformer: Path, config: dict[str, Any], artifacts: dict[str
             paths[part] = resolve_asset(config["assets"][part])
         else:
             raise ServingError(f"the model names no {part} (model_config.assets); re-register it")
+    if transformer is None:
+        if "transformer" not in config.get("assets", {}):
+            raise ServingError("the model has neither a transformer artifact nor a referenced one; re-register it")
+        transformer = resolve_asset(config["assets"]["transformer"])
+    lora = config.get("lora") or {}
     target = torch.device(device) if device else default_device()
     dtype = DTYPES[config.get("dtype") or ("bfloat16" if target.type == "cuda" else "float32")]
     dit = load_dit(transformer, config=DiTConfig(**{**config["dit"], "patch_size": tuple(config["dit"]["patch_size"])}),
                    rope_variant=config["rope_variant"], rope_offset=int(config["rope_offset"]), dtype=dtype,
-                   device=target)
+                   device=target, lora=artifacts.get("lora") if lora else None, lora_scale=float(lora.get("scale", 1)))
     vae = WanVAE.from_pretrained(paths["vae"], device=target, dtype=vae_dtype(config.get("vae_dtype"), target))
     text = TextEncoder.from_pretrained(paths["text_encoder"], paths["tokenizer"], device=target, dtype=dtype)
     pipe = S2VPipeline(dit, vae, text, text_len=int(config["text_len"]), max_references=int(config["max_references"]),
@@ -285,16 +294,24 @@ def model_config(params: Params, dit_config: Any) -> dict[str, Any]:
 def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None = None) -> Path:
     """Write a version's MLflow Model folder at `dst` from DiT weights `checkpoint` and the params' model assets.
 
-    platform.model_assets decides whether the VAE / text encoder / tokenizer are copied or referenced (uploaded
-    once per content hash through `client`, the registry's MlflowClient).
+    A LoRA training export as `checkpoint` packages the adapter plus its frozen base (the adapter names it);
+    model_config.lora records rank, alpha, targets and the base. platform.model_assets decides whether the VAE /
+    text encoder / tokenizer (and a LoRA version's base) are copied or referenced (uploaded once per content hash
+    through `client`, the registry's MlflowClient).
     """
     import mlflow.pyfunc
 
-    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint
+    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint, read_shapes
+    from kaleido.model.lora import LoraError, check_fits
 
+    base, lora = model_weights(checkpoint)
     try:
-        info = inspect_checkpoint(checkpoint)
-    except CheckpointError as exc:
+        info = inspect_checkpoint(base)
+        adapter = None
+        if lora is not None:
+            adapter, _ = _adapter(lora)
+            check_fits(adapter, read_shapes(base), f"its base {base}")
+    except (CheckpointError, LoraError) as exc:
         raise ServingError(f"cannot package {checkpoint}: {exc}") from None
     assets = {}
     for part in ASSET_PARTS:
@@ -304,7 +321,21 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
             raise ServingError(f"model.{part}: {path} does not exist; a registered version needs it to generate")
         assets[part] = path
     config = model_config(params, info.config)
-    artifacts = {"transformer": str(checkpoint)}
+    artifacts = {"transformer": str(base)}
+    staging = None
+    if adapter is not None and lora is not None:
+        config["lora"] = {"rank": adapter.rank, "alpha": adapter.alpha, "targets": adapter.targets, "scale": 1.0,
+                          "base": str(base), "base_model": adapter.meta.get("base_model", "")}
+        # MLflow names an artifact folder after its source's basename: stage the adapter as `lora`, in each layout
+        from kaleido.model.lora import LORA_LAYOUTS, save_adapter
+
+        staging = Path(tempfile.mkdtemp(prefix="kaleido-lora-"))
+        for layout in LORA_LAYOUTS:
+            save_adapter(adapter, staging / "lora", layout)
+        artifacts["lora"] = str(staging / "lora")
+        if params.platform.model_assets == "reference":
+            del artifacts["transformer"]  # the frozen base is shared by every adapter trained on it
+            assets["transformer"] = base
     if params.platform.model_assets == "copy":
         artifacts |= {part: str(path) for part, path in assets.items()}
         # MLflow stores each under artifacts/<basename>: two different sources with one name would merge
@@ -322,11 +353,15 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
     if dst.exists():
         shutil.rmtree(dst)
     example = {"prompt": params.platform.sample_prompt, "references": [_EXAMPLE_PNG]}
-    mlflow.pyfunc.save_model(
-        str(dst), python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
-        signature=signature(params), input_example=_dataframe(example), model_config=config,
-        pip_requirements=["kaleido-platform"],  # the platform's own environment (requirements.lock) serves it
-    )
+    try:
+        mlflow.pyfunc.save_model(
+            str(dst), python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
+            signature=signature(params), input_example=_dataframe(example), model_config=config,
+            pip_requirements=["kaleido-platform"],  # the platform's own environment (requirements.lock) serves it
+        )
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return dst
 
 
@@ -348,17 +383,47 @@ def model_artifacts(folder: Path) -> dict[str, Path]:
     return {name: Path(folder) / entry["path"] for name, entry in (flavor.get("artifacts") or {}).items()}
 
 
-def model_checkpoint(folder: Path) -> Path:
-    """The DiT weights inside a version's folder: the `transformer` artifact of an MLflow Model, else the folder.
+def _adapter(path: Path) -> tuple[Any, str]:
+    from kaleido.model.lora import LoraError, load_adapter
 
-    ServingError when an MLflow Model has no such artifact (not a Kaleido version)."""
+    try:
+        return load_adapter(path)
+    except LoraError as exc:
+        raise ServingError(str(exc)) from None
+
+
+def model_weights(folder: Path, tracking_uri: str | None = None) -> tuple[Path, Path | None]:
+    """(DiT weights, LoRA adapter or None) of a version's MLflow Model folder, a local checkpoint, or a local LoRA
+    adapter (a training export; its base is the path the adapter file names).
+
+    A LoRA version's base is its `transformer` artifact, or the referenced asset (downloaded once into the cache
+    from `tracking_uri`). ServingError when an MLflow Model has no DiT weights (not a Kaleido version) or a local
+    adapter's base is not on this machine."""
+    from kaleido.model.lora import is_adapter
+
     folder = Path(folder)
-    if not (folder / "MLmodel").is_file():
-        return folder
-    artifacts = model_artifacts(folder)
-    if "transformer" not in artifacts:
+    if (folder / "MLmodel").is_file():
+        artifacts = model_artifacts(folder)
+        config = read_model_config(folder)
+        lora = artifacts.get("lora") if config.get("lora") else None
+        if "transformer" in artifacts:
+            return artifacts["transformer"], lora
+        if lora is not None and "transformer" in config.get("assets", {}):
+            return resolve_asset(config["assets"]["transformer"], tracking_uri), lora
         raise ServingError(f"{folder}: an MLflow Model without a `transformer` artifact is not a Kaleido version")
-    return artifacts["transformer"]
+    if folder.exists() and is_adapter(folder):
+        adapter, _ = _adapter(folder)
+        base = adapter.meta.get("base")
+        if not base or not Path(base).exists():
+            raise ServingError(f"{folder} is a LoRA adapter whose base ({base or 'not named in the file'}) is not on "
+                               "this machine; pass the base as model.checkpoint and the adapter as model.lora (--lora)")
+        return Path(base), folder
+    return folder, None
+
+
+def model_checkpoint(folder: Path, tracking_uri: str | None = None) -> Path:
+    """The DiT weights of a version's folder or a local model (model_weights without the adapter)."""
+    return model_weights(folder, tracking_uri)[0]
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
@@ -429,10 +494,16 @@ def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, 
 
 
 def params_for_model(params: Params, folder: Path) -> Params:
-    """`params` pointed at a model folder: its DiT weights, its own assets, and the architecture settings it was
-    trained with (R-RoPE variant and offset, text length: the weights only work with those)."""
+    """`params` pointed at a model folder: its DiT weights (and LoRA adapter), its own assets, and the architecture
+    settings it was trained with (R-RoPE variant and offset, text length: the weights only work with those)."""
     local = params.model_copy(deep=True)
-    local.model.checkpoint = model_checkpoint(folder)
+    local.model.checkpoint, lora = model_weights(folder, params.platform.mlflow_tracking_uri or None)
+    if lora is not None:
+        if params.model.lora is not None:
+            raise ServingError(f"{folder} is a LoRA version and model.lora (--lora) adds {params.model.lora}: one "
+                               "adapter at a time; merge one first (`kaleido merge-lora`)")
+        local.model.lora = lora
+        local.model.lora_scale = float((read_model_config(folder).get("lora") or {}).get("scale", 1.0))
     for part, path in local_assets(folder, params.platform.mlflow_tracking_uri or None).items():
         setattr(local.model, part, path)
     config = read_model_config(folder)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -245,3 +246,75 @@ def test_a_recreated_model_is_not_served_from_a_stale_cache(registered, tiny_ass
     assert folders[0] != folders[1]
     first, second = (sorted(p.read_bytes() for p in model_checkpoint(f).rglob("*.safetensors")) for f in folders)
     assert first != second
+
+
+def test_a_lora_version_references_its_base_and_generates_merged(registered, tiny_assets, tmp_path, monkeypatch):
+    """A LoRA training export registers as adapter + referenced base (megabytes per version), with its lineage;
+    pyfunc, `kaleido generate --model` and evaluation all load base + adapter merged."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from kaleido.eval.run import _load_pipeline
+    from kaleido.eval.run import resolve_model as eval_resolve
+    from kaleido.model import lora
+    from kaleido.model.checkpoint import load_dit
+    from kaleido.registry import Lineage
+    from kaleido.serving import build_model, encode_image, model_weights
+    from kaleido.train.plan import export_base
+
+    base = load_dit(tiny_assets / "transformer")
+    lora.add_lora(base, 2, 4.0, ["self_attn.q", "cross_attn.o"])
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if ".lora_" in name:
+                p.fill_(0.03)
+    adapter = lora.adapter_of(base, 2, 4.0)
+    adapter.meta = {"base": str(tiny_assets / "transformer"), "base_model": f"models:/{registered['name']}/1"}
+    run_dir = tmp_path / "pretrain"
+    for layout in lora.LORA_LAYOUTS:
+        lora.save_adapter(adapter, run_dir / "export", layout)
+    (run_dir / "export.json").write_text(json.dumps({"path": str(run_dir / "export"), "format": "lora",
+                                                     "base": adapter.meta["base"],
+                                                     "base_model": adapter.meta["base_model"]}))
+    params = load_params(registered["params"])
+    registry = registered["registry"]
+    client = registry.client
+    run = client.create_run(client.get_experiment_by_name("serving-tests").experiment_id)
+    model = build_model(run_dir / "export", params, tmp_path / "model", client)
+    lineage = Lineage("g", "d", "p", run.info.run_id, base_model=export_base(run_dir / "export"), kind="lora")
+    version = registry.register(run.info.run_id, model, lineage)
+    tags = registry.version_tags(version)
+    assert tags["lineage.base_model"] == f"models:/{registered['name']}/1" and tags["lineage.kind"] == "lora"
+
+    folder = registry.download(version, tmp_path / "dl")
+    config = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]["config"]
+    assert config["lora"]["rank"] == 2 and config["lora"]["targets"] == ["cross_attn.o", "self_attn.q"]
+    assert "transformer" in config["assets"] and not (folder / "artifacts" / "transformer").exists()
+    size = sum(p.stat().st_size for p in (folder / "artifacts").rglob("*") if p.is_file())
+    assert size < 200_000, size  # the adapter only; the base is referenced
+
+    merged = lora.merge_lora(load_dit(tiny_assets / "transformer"), adapter).state_dict()
+    key = "blocks.0.self_attn.q.weight"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{registered['name']}/{version}")
+    pipe = pyfunc.unwrap_python_model().pipe
+    torch.testing.assert_close(pipe.dit.state_dict()[key], merged[key])
+    out = pyfunc.predict(pd.DataFrame([{"prompt": "a cat", "references": [encode_image(registered["ref"])]}]))
+    assert _frames_of(out.iloc[0]["video"], tmp_path).shape == (5, 32, 48, 3)
+
+    source = eval_resolve(f"models:/{registered['name']}/{version}", params)
+    assert source.lora is not None and model_weights(source.model_folder)[1] == source.lora
+    torch.testing.assert_close(_load_pipeline(params, source, "cpu").dit.state_dict()[key], merged[key])
+
+    result = CliRunner().invoke(app, [
+        "generate", "--prompt", "a cat", "--ref", str(registered["ref"]), "--out", str(tmp_path / "v.mp4"),
+        "--model", f"models:/{registered['name']}/{version}", "--params", str(registered["params"]),
+        "--lora", str(run_dir / "export" / "lora_wan.safetensors"),
+    ])  # fmt: skip
+    assert result.exit_code == 2 and "one adapter at a time" in result.output, result.output
+    result = CliRunner().invoke(app, [
+        "generate", "--prompt", "a cat", "--ref", str(registered["ref"]), "--out", str(tmp_path / "v.mp4"),
+        "--model", f"models:/{registered['name']}/{version}", "--params", str(registered["params"]),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "v.mp4").is_file()

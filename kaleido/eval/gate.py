@@ -352,11 +352,12 @@ def _align_validation(candidate: Evaluation, baseline: Evaluation, params: Param
                         "registry version this gate could re-validate; pass a registry baseline")
     registry = _registry(params, baseline.registry_name)
     with tempfile.TemporaryDirectory(prefix="kaleido-gate-") as tmp:
-        from kaleido.serving import model_checkpoint
+        from kaleido.serving import model_weights
 
-        checkpoint = model_checkpoint(registry.download(baseline.registry_version, Path(tmp) / "weights"))
-        try:
-            block = recompute_block(checkpoint, ours)
+        try:  # ServingError is a ValueError
+            checkpoint, lora = model_weights(registry.download(baseline.registry_version, Path(tmp) / "weights"),
+                                             params.platform.mlflow_tracking_uri or None)
+            block = recompute_block(checkpoint, ours, lora=lora)
         except (ValueError, OSError) as exc:
             raise GateError(f"val_loss: cannot re-validate the baseline {baseline.ref}: {exc}") from None
     baseline.document = {**baseline.document, "validation": block}

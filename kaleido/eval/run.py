@@ -29,7 +29,7 @@ import numpy as np
 
 from kaleido.eval.evalset import EvalCase, EvalSet, load_eval_set
 from kaleido.eval.metrics import METRICS, aggregate
-from kaleido.serving import model_checkpoint
+from kaleido.serving import model_weights
 
 if TYPE_CHECKING:
     from kaleido.config import Params
@@ -91,9 +91,12 @@ class ModelSource:
     registry_name: str | None = None
     registry_version: str | None = None
     model_folder: Path | None = None  # the version's MLflow Model (its own VAE / text encoder), if any
+    lora: Path | None = None  # a LoRA adapter merged into `checkpoint` (a LoRA version or training export)
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"ref": self.ref, "checkpoint": str(self.checkpoint), "identity": self.identity}
+        if self.lora is not None:
+            info["lora"] = str(self.lora)
         if self.registry_name:
             info["registry"] = {"name": self.registry_name, "version": self.registry_version}
         return info
@@ -119,15 +122,22 @@ def resolve_model(ref: str, params: Params) -> ModelSource:
 
         try:
             folder, label = resolve_registered(ref, params.platform.mlflow_tracking_uri)
-            checkpoint = model_checkpoint(folder)
+            checkpoint, lora = model_weights(folder, params.platform.mlflow_tracking_uri or None)
         except ServingError as exc:
             raise EvalError(str(exc)) from None
         name, version = parse_model_ref(label)
-        return ModelSource(ref, checkpoint, label, name, version, folder)
+        return ModelSource(ref, checkpoint, label, name, version, folder, lora)
     path = Path(ref).expanduser().resolve()
     if not path.exists():
         raise EvalError(f"--model {ref}: no such file or folder; pass a local checkpoint or models:/<name>@<alias>")
-    return ModelSource(ref, path, f"path:{path}:{_path_identity(path)}")
+    from kaleido.serving import ServingError
+
+    try:  # a LoRA training export evaluates as its base with the adapter merged
+        checkpoint, lora = model_weights(path)
+    except ServingError as exc:
+        raise EvalError(f"--model {ref}: {exc}") from None
+    identity = _path_identity(path) + (f"+{_path_identity(checkpoint)}" if lora is not None else "")
+    return ModelSource(ref, checkpoint if lora is not None else path, f"path:{path}:{identity}", lora=lora)
 
 
 # ---- metric backbones -----------------------------------------------------------------------------
@@ -383,7 +393,7 @@ def find_validation(source: ModelSource, params: Params) -> dict[str, Any] | Non
     from kaleido.train.validation import RECORD_NAME, validation_block
 
     record_path: Path | None = None
-    checkpoint = Path(source.checkpoint)
+    checkpoint = Path(source.lora or source.checkpoint)  # a LoRA run's export is its adapter
     export_info = checkpoint.parent / "export.json"
     if export_info.is_file():
         try:
@@ -570,14 +580,14 @@ def _text_metric(backbones: dict[str, str]) -> dict[str, str] | None:
 
 def _load_pipeline(params: Params, source: ModelSource, device: str | None) -> Any:
     from kaleido.model.generate import S2VPipeline
-    from kaleido.serving import local_assets
+    from kaleido.serving import params_for_model
 
-    local = params.model_copy(deep=True)
-    local.model.checkpoint = source.checkpoint
-    if source.model_folder is not None:  # a registered version brings its own VAE, text encoder, tokenizer
-        for part, path in local_assets(source.model_folder, params.platform.mlflow_tracking_uri or None).items():
-            setattr(local.model, part, path)
     try:
+        if source.model_folder is not None:  # a registered version brings its own assets, adapter, R-RoPE settings
+            local = params_for_model(params, source.model_folder)
+        else:
+            local = params.model_copy(deep=True)
+            local.model.checkpoint, local.model.lora = source.checkpoint, source.lora
         return S2VPipeline.from_params(local, device=device)
     except (FileNotFoundError, ValueError) as exc:
         raise EvalError(f"cannot load the model {source.ref}: {exc}") from None

@@ -102,6 +102,19 @@ def stage_init(params: Params, stage: str) -> tuple[Path, str]:
     return _resolved(params, params.model.checkpoint), "model.checkpoint"
 
 
+def export_base(export: Path) -> str:
+    """What a training export started from, for the registry's lineage: the registered version it was trained
+    on (models:/<name>/<version>) or the init path; "" when the export carries no record (export.json)."""
+    info_path = Path(export).parent / "export.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    if Path(info.get("path", "")).resolve() != Path(export).resolve():
+        return ""  # the record belongs to another export
+    return str(info.get("base_model") or info.get("base") or "")
+
+
 def tracking_uri(params: Params, environ: dict[str, str] | None = None) -> str:
     """MLFLOW_TRACKING_URI from the environment (pods get the in-cluster address), else platform.mlflow_tracking_uri.
 

@@ -173,19 +173,20 @@ class Trainer:
         if self.ctx.is_main:
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
+            base = {"base": self.plan.init, "base_model": self.plan.base_model or ""}  # lineage of the version
             info: dict[str, Any] = {
                 "stage": self.plan.stage, "step": step, "format": "wan", "path": str(target),
                 "params_hash": params_hash(self.params), "mlflow_run_id": self.run_id, "config": module.cfg.to_dict(),
+                **base,
             }  # fmt: skip
             if lora:
                 from kaleido.model.lora import Adapter, save_adapter
 
-                base = {"base": self.plan.init, "base_model": self.plan.base_model or ""}
                 adapter = Adapter(state, lora.rank, lora.alpha, base)
                 for layout in ("peft", "diffusers", "wan"):
                     save_adapter(adapter, partial, layout)
                 info.update(format="lora", lora={"rank": lora.rank, "alpha": lora.alpha, "targets": adapter.targets,
-                                                 "parameters": adapter.num_parameters()}, **base)
+                                                 "parameters": adapter.num_parameters()})
             else:
                 save_dit(state, partial, "wan", module.cfg)
             shutil.rmtree(target, ignore_errors=True)

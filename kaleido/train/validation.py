@@ -179,8 +179,10 @@ def validation_block(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def recompute_block(checkpoint: str | Path, block: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """The same validation set (`block`'s cache, samples, levels, seed) evaluated for another model's weights.
+def recompute_block(checkpoint: str | Path, block: dict[str, Any], device: str = "cpu",
+                    lora: str | Path | None = None) -> dict[str, Any]:
+    """The same validation set (`block`'s cache, samples, levels, seed) evaluated for another model's weights
+    (`checkpoint`, with a LoRA adapter merged when given).
 
     ValueError when the cache is not here or no longer holds the same set (its fingerprint differs).
     """
@@ -194,7 +196,7 @@ def recompute_block(checkpoint: str | Path, block: dict[str, Any], device: str =
     if validation.fingerprint != block["fingerprint"]:
         raise ValueError(f"the validation cache {latents} changed since the candidate was trained (fingerprint "
                          f"{validation.fingerprint} != {block['fingerprint']}); re-encode and retrain, or re-evaluate")
-    model = load_dit(checkpoint, device=device).eval()
+    model = load_dit(checkpoint, device=device, lora=lora).eval()
     dtype = next(model.parameters()).dtype
     result = validation.evaluate(model, int(block["text_len"]), dtype, torch.device(device))
     fingerprint = result.fingerprint
