@@ -357,7 +357,7 @@ def test_failing_training_registers_nothing(e2e: E2E) -> None:
 
 def test_dvc_repro_and_an_experiment_sweep(e2e: E2E) -> None:
     """`dvc repro` in the flow's checkout finishes the pipeline (the flow evaluates the registered version, so the
-    DVC `evaluate` stage is what is left), then `dvc exp run -S` sweeps two knobs: the stages that read them run
+    DVC `evaluate` stage is what is left), then `dvc exp run -S` sweeps knobs (LoRA among them): the stages that read them run
     again, the ones before them are skipped, and `dvc exp show` lists the experiment with its params and metrics."""
     dvc = _bin("dvc")
     repro = e2e.run([dvc, "repro"])
@@ -374,9 +374,11 @@ def test_dvc_repro_and_an_experiment_sweep(e2e: E2E) -> None:
     rows = plots["data"]["runs/eval/pretrain/cases.csv"][0]["content"]["data"]["values"]
     assert {row["id"] for row in rows} >= {"astronaut-waves"}  # one bar per eval case
 
+    # a data knob and LoRA fine-tuning at once: the experiment trains a rank-8 adapter on the frozen base and the
+    # DVC evaluate stage scores base + adapter
     sweep = e2e.run([dvc, "exp", "run", "--name", "cross-pair-half",
-                     "-S", "data.references.cross_pair_ratio=0.5", "-S", "model.rope.variant=shift_h",
-                     "-S", "train.pretrain.lr=0.002"])  # fmt: skip
+                     "-S", "data.references.cross_pair_ratio=0.5", "-S", "train.pretrain.lora.enabled=true",
+                     "-S", "train.pretrain.lora.rank=8", "-S", "train.pretrain.lr=0.002"])  # fmt: skip
     ran = {line.split("'")[1] for line in sweep.stdout.splitlines() if line.startswith("Running stage")}
     assert {"curate", "train", "evaluate"} <= ran, sweep.stdout[-3000:]
     assert not {"assets", "ingest", "caption"} & ran, sweep.stdout[-3000:]
@@ -388,4 +390,8 @@ def test_dvc_repro_and_an_experiment_sweep(e2e: E2E) -> None:
     revs = [rev for exp in experiments for rev in exp.get("revs", []) if rev.get("name") == "cross-pair-half"]
     train_metrics = revs[0]["data"]["metrics"]["runs/train/pretrain/metrics.json"]["data"]
     assert train_metrics["val_loss"] < train_metrics["val_loss_base"], train_metrics
+    export = json.loads((e2e.repo / "runs/train/pretrain/export.json").read_text())
+    assert export["format"] == "lora" and export["lora"]["rank"] == 8, export
+    evaluated = json.loads((e2e.repo / "runs/eval/pretrain/metrics.json").read_text())
+    assert evaluated["model"]["lora"].endswith("runs/train/pretrain/export"), evaluated["model"]
     e2e.run(["git", "checkout", "--", "params.yaml"])

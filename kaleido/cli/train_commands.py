@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kaleido.cli.app import ParamsOption, app, fail, read_params, require_tracking
+
+if TYPE_CHECKING:
+    from kaleido.config import Params
 
 StageOption = Annotated[str, typer.Option("--stage", help="training stage: pretrain or sft")]
 
@@ -53,8 +56,15 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="check everything and print the plan (local) or manifests (kubernetes)")
     ] = False,
+    memory_plan: Annotated[
+        bool, typer.Option("--plan", help="print the estimated memory per rank and whether it fits "
+                           "train.gpu_memory_gb; starts nothing (no data or server needed)"),
+    ] = False,
 ) -> None:
-    """Train one stage with DeepSpeed (train.launcher: local torchrun, or a Kubernetes Job)."""
+    """Train one stage with DeepSpeed (train.launcher: local torchrun, or a Kubernetes Job).
+
+    Every launch first checks the plan, memory included: a plan estimated above train.gpu_memory_gb is refused
+    with the options that would fit (`--plan` prints the table)."""
     from kaleido.train.plan import STAGES, TrainPlanError, deepspeed_config, dump_plan, plan_training
 
     if stage not in STAGES:
@@ -62,6 +72,9 @@ def train(
     path = _params_path(params)
     loaded = read_params(path)
     train_cfg = loaded.train
+    if memory_plan:
+        _print_memory_plan(loaded, stage)
+        return
     if train_cfg.launcher == "kubernetes":
         k8s = train_cfg.kubernetes
         try:
@@ -103,6 +116,32 @@ def train(
     if summary.is_file():
         data = json.loads(summary.read_text())
         typer.echo(f"{stage}: final loss {data['final_loss']:.4f}; Wan weights at {data['export']}")
+
+
+def _print_memory_plan(params: Params, stage: str) -> None:
+    from kaleido.train.memory import estimate, shape_from_params, table
+    from kaleido.train.plan import TrainPlanError, model_config, plan_training
+
+    k8s = params.train.kubernetes
+    on_cluster = params.train.launcher == "kubernetes"
+    world = k8s.nodes * max(k8s.gpus_per_node, 1) if on_cluster else params.train.nproc_per_node
+    try:
+        config, source = model_config(params, stage)
+    except TrainPlanError as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+    typer.echo(f"model: {source} ({config.num_layers} blocks, dim {config.dim}); world size {world} "
+               f"({'kubernetes' if params.train.launcher == 'kubernetes' else 'train.nproc_per_node'})")
+    shape = shape_from_params(params, stage, world, config)
+    typer.echo(table(estimate(shape), params.train.gpu_memory_gb if shape.precision == "bf16" else None))
+    try:
+        plan_training(params, stage, world, check_files=False, check_tracking=False)
+    except TrainPlanError as exc:
+        fail(str(exc))
+    if shape.precision != "bf16":
+        typer.echo("plan: ok (fp32 on this machine's CPU: no GPU budget applies)")
+    else:
+        typer.echo("plan: fits" if params.train.gpu_memory_gb else "plan: ok (no train.gpu_memory_gb budget)")
 
 
 def _has_gpu() -> bool:

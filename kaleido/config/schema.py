@@ -424,6 +424,13 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     sequence_parallel: int = Field(1, ge=1, description="DeepSpeed-Ulysses degree: ranks sharing one sequence")
     activation_checkpointing: bool = True
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: fp32 master weights and Adam moments in CPU memory (ZeRO 1-3)")
+    offload_parameters: bool = Field(False, description="ZeRO-Infinity: parameters in CPU memory too (ZeRO-3 only)")
+    reduce_bucket_size: int = Field(
+        500_000_000, ge=1_000_000, description="DeepSpeed's gradient reduce bucket (values); allocated whole")
+    gpu_memory_gb: float | None = Field(
+        80.0, gt=0.0, description="memory of one GPU; every launch refuses a plan estimated above it (null: no check)")
     validation: TrainValidationConfig = TrainValidationConfig()
     nproc_per_node: int = Field(8, ge=1, description="processes (GPUs) the local launcher starts")
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -454,6 +461,9 @@ class TrainConfig(_Section):
         for height, width in self.buckets:
             if height < 16 or width < 16 or height % 16 or width % 16:
                 raise ValueError(f"buckets: [{height}, {width}] must be multiples of 16 (VAE stride 8 x patch 2)")
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError(f"offload_parameters needs zero_stage 3 (got {self.zero_stage}): only ZeRO-3 partitions "
+                             "the parameters it could move to the CPU")
         for beta in self.betas:
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas={list(self.betas)}: each must lie in [0, 1)")

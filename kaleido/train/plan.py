@@ -249,6 +249,12 @@ def plan_training(
                 f"--resume: no DeepSpeed checkpoint under {checkpoint_dir(params, stage)} "
                 f"(train.output_dir={train.output_dir}); start without --resume"
             )
+    if not problems:
+        from kaleido.train.memory import memory_problem
+
+        memory = memory_problem(params, stage, world_size, config)
+        if memory:
+            problems.append(memory)
     if check_tracking:
         problems += _check_tracking(tracking_uri(params))
     if problems:
@@ -322,14 +328,29 @@ def deepspeed_config(plan: TrainPlan, params: Params, bf16: bool) -> dict[str, A
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.micro_batch * plan.grad_accum * plan.world_size,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": plan.zero_stage},
+        "zero_optimization": {**zero_config(plan.zero_stage, train.offload_optimizer, train.offload_parameters),
+                              "reduce_bucket_size": train.reduce_bucket_size,
+                              "allgather_bucket_size": train.reduce_bucket_size},
         # The optimizer is a torch.optim.AdamW instance (client optimizer): a config "optimizer" block would
         # select DeepSpeed's FusedAdam, whose JIT build costs minutes and needs a CUDA toolchain.
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload with the torch AdamW (see zero_config)
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # our own progress bar and tracking report progress
         "wall_clock_breakdown": False,
     }
+
+
+def zero_config(stage: int, offload_optimizer: bool, offload_parameters: bool) -> dict[str, Any]:
+    """DeepSpeed's zero_optimization block. Offload keeps the client torch AdamW (it steps on the CPU copies);
+    DeepSpeedCPUAdam would be faster but needs a C++ toolchain to JIT-build (`zero_force_ds_cpu_optimizer`
+    off lets DeepSpeed accept the torch optimizer)."""
+    config: dict[str, Any] = {"stage": stage}
+    if offload_optimizer:
+        config["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if offload_parameters:
+        config["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return config
 
 
 def dump_plan(plan: TrainPlan, ds_config: dict[str, Any]) -> str:
