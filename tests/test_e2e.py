@@ -357,8 +357,9 @@ def test_failing_training_registers_nothing(e2e: E2E) -> None:
 
 def test_dvc_repro_and_an_experiment_sweep(e2e: E2E) -> None:
     """`dvc repro` in the flow's checkout finishes the pipeline (the flow evaluates the registered version, so the
-    DVC `evaluate` stage is what is left), then `dvc exp run -S` sweeps knobs (LoRA among them): the stages that read them run
-    again, the ones before them are skipped, and `dvc exp show` lists the experiment with its params and metrics."""
+    DVC `evaluate` stage is what is left), then `dvc exp run -S` sweeps knobs (LoRA among them): the stages that
+    read them run again, the ones before them are skipped, and `dvc exp show` lists the experiment with its params
+    and metrics."""
     dvc = _bin("dvc")
     repro = e2e.run([dvc, "repro"])
     assert "Running stage 'evaluate'" in repro.stdout, repro.stdout[-3000:]

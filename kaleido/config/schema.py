@@ -115,7 +115,7 @@ class GenerateConfig(_Section):
     negative_prompt: str = Field(
         WAN_NEGATIVE_PROMPT, description="the shipped sampling config's (Wan's standard, Chinese); \"\" for none"
     )
-    # Memory options (kaleido/model/memory.py estimates each; benchmarks/generate_memory.py measures them)
+    # Memory options (kaleido/model/memory.py estimates each; benchmarks/generate_throughput.py --sweep measures them)
     text_encoder_device: Literal["auto", "cpu"] = Field(
         "auto", description="cpu keeps umT5 (11 GB in bf16) off the GPU: Wan's --t5_cpu")
     release_encoders: bool = Field(

@@ -11,7 +11,7 @@ Components (bytes; bf16 = 2 bytes per value unless said):
   N x N matrix); N = video tokens + reference tokens.
 - VAE decode: measured, not derived (its causal 3D convolutions cache per chunk); `vae_decode_gb` stays None
   until a GPU run records it.
-These are estimates for planning; `benchmarks/generate_memory.py` prints them next to measured peaks.
+These are estimates for planning; `benchmarks/generate_throughput.py --sweep` prints them next to measured peaks.
 """
 
 from __future__ import annotations

@@ -251,8 +251,8 @@ def table(estimate_: MemoryEstimate, budget_gb: float | None = None) -> str:
              f"{'activation checkpointing' if s.checkpointing else 'no activation checkpointing'}, "
              f"micro batch {s.micro_batch}, {s.frames} frames at {s.height}x{s.width}):"]
     for name in ROWS:
-        lines.append(f"  {name:<18} {estimate_.rows[name] / GB:10.3f} GB")
-    lines.append(f"  {'total':<18} {estimate_.total_gb:10.3f} GB"
+        lines.append(f"  {name:<22} {estimate_.rows[name] / GB:10.3f} GB")
+    lines.append(f"  {'total (peak)':<22} {estimate_.total_gb:10.3f} GB"
                  + (f"  (budget train.gpu_memory_gb = {budget_gb:g} GB)" if budget_gb else ""))
     lines += [f"  note: {note}" for note in estimate_.notes]
     return "\n".join(lines)
