@@ -149,23 +149,28 @@ def resolve_asset(uri: str, tracking_uri: str | None = None) -> Path:
     tracking server `tracking_uri` (default: MLflow's current one, e.g. $MLFLOW_TRACKING_URI)."""
     import mlflow
     import mlflow.artifacts
+    from filelock import FileLock
 
     location, _, sha = uri.partition("#")
     target = cache_root() / "assets" / (sha or hashlib.sha256(location.encode()).hexdigest())
     done = target / ".complete"
     if done.is_file():
         return Path(done.read_text())
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(partial),
-                                                     tracking_uri=tracking_uri or mlflow.get_tracking_uri()))
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    final = target / local.relative_to(partial)
-    done.write_text(str(final))
-    return final
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # one download per cache, however many processes ask at once
+        if done.is_file():
+            return Path(done.read_text())
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(partial),
+                                                         tracking_uri=tracking_uri or mlflow.get_tracking_uri()))
+        if target.exists():
+            shutil.rmtree(target)
+        partial.rename(target)
+        final = target / local.relative_to(partial)
+        done.write_text(str(final))
+        return final
 
 
 # ---- the pyfunc model ---------------------------------------------------------------------------------------
@@ -482,14 +487,20 @@ def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, 
     target = cache_root() / "models" / name / f"v{version}-{identity[:12]}"
     done = target / ".complete"
     if not done.is_file():
-        if echo is not None:
-            echo(f"downloading models:/{name}/{version} into {target}")
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        folder = registry.download(version, partial)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        done.write_text(str(target / folder.relative_to(partial)))
+        from filelock import FileLock
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # one download per cache: the ranks of a node (or two commands) wait for the first, then reuse it
+        with FileLock(str(target) + ".lock"):
+            if not done.is_file():
+                if echo is not None:
+                    echo(f"downloading models:/{name}/{version} into {target}")
+                partial = target.with_name(target.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                folder = registry.download(version, partial)
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)
+                done.write_text(str(target / folder.relative_to(partial)))
     return Path(done.read_text()), f"models:/{name}/{version}"
 
 

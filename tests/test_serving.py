@@ -318,3 +318,23 @@ def test_a_lora_version_references_its_base_and_generates_merged(registered, tin
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "v.mp4").is_file()
+
+    # a registered version as the base of the next training: planned from its MLmodel alone (nothing downloaded);
+    # a LoRA version as a base is refused before anything else
+    from kaleido.train.plan import TrainPlanError, inspect_registry_init, model_config
+
+    plan_params = params.model_copy(deep=True)
+    plan_params.train.pretrain.init = Path(f"models:/{registered['name']}@champion")
+    resolved, config = inspect_registry_init(plan_params, "pretrain")
+    assert resolved == f"models:/{registered['name']}/{registered['version']}" and config["dit"]["dim"] == 64
+    assert model_config(plan_params, "pretrain")[1] == resolved
+    plan_params.train.pretrain.init = Path(f"models:/{registered['name']}/{version}")
+    with pytest.raises(TrainPlanError, match="is a LoRA version; start from its base"):
+        inspect_registry_init(plan_params, "pretrain")
+    # the worker downloads it once into the model cache (locked: the ranks of a node share one download)
+    from kaleido.model.checkpoint import read_config
+    from kaleido.train.plan import resolve_registry_init
+
+    plan_params.train.pretrain.init = Path(f"models:/{registered['name']}@champion")
+    weights, resolved = resolve_registry_init(plan_params, "pretrain")
+    assert resolved.endswith(f"/{registered['version']}") and read_config(weights).dim == 64

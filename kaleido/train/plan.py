@@ -68,20 +68,53 @@ def registry_init(params: Params, stage: str) -> str | None:
     return str(init) if init is not None and str(init).startswith("models:/") else None
 
 
-def resolve_registry_init(params: Params, stage: str) -> tuple[Path, str]:
-    """(local DiT weights, models:/<name>/<version>) of a registry init, downloaded once into the model cache.
+def inspect_registry_init(params: Params, stage: str) -> tuple[str, dict[str, Any]]:
+    """(models:/<name>/<version>, the version's model_config) of a registry init, reading only its MLmodel (no
+    weights): what a launcher needs to plan a cluster job whose pods download the weights themselves.
 
-    TrainPlanError when the registry does not answer or has no such version, or the version is itself a LoRA
-    adapter (train on top of its merged export instead)."""
-    from kaleido.serving import ServingError, model_checkpoint, read_model_config, resolve_model
+    TrainPlanError when the registry does not answer, has no such version, or the version is a LoRA adapter
+    (train on top of its merged checkpoint instead: `kaleido merge-lora`)."""
+    import tempfile
+
+    import mlflow.artifacts
+    import yaml
+
+    from kaleido.registry import ModelRegistry, RegistryError, parse_model_ref
 
     ref = registry_init(params, stage)
     assert ref is not None
+    uri = tracking_uri(params)
+    if not uri:
+        raise TrainPlanError(f"train.{stage}.init={ref}: a registry reference needs platform.mlflow_tracking_uri")
     try:
-        folder, resolved = resolve_model(ref, tracking_uri(params))
-        if read_model_config(folder).get("lora"):
-            raise TrainPlanError(f"train.{stage}.init={ref} is a LoRA version; start from its base or a merged "
-                                 "checkpoint (`kaleido merge-lora`)")
+        name, selector = parse_model_ref(ref)
+        registry = ModelRegistry(uri, name)
+        version = registry.resolve(selector)
+        source = registry.client.get_model_version(name, version).source
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/MLmodel", dst_path=tmp,
+                                                       tracking_uri=uri)
+            meta = yaml.safe_load(Path(path).read_text()) or {}
+    except RegistryError as exc:
+        raise TrainPlanError(f"train.{stage}.init: {exc}") from None
+    except Exception as exc:  # MLflow's own: unknown model, unreachable server, no MLmodel
+        raise TrainPlanError(f"train.{stage}.init={ref}: cannot read it from the registry at {uri}: "
+                             f"{str(exc)[:300]}") from None
+    config = meta.get("flavors", {}).get("python_function", {}).get("config") or {}
+    if config.get("lora"):
+        raise TrainPlanError(f"train.{stage}.init={ref} is a LoRA version; start from its base or a merged "
+                             "checkpoint (`kaleido merge-lora`)")
+    return f"models:/{name}/{version}", config
+
+
+def resolve_registry_init(params: Params, stage: str) -> tuple[Path, str]:
+    """(local DiT weights, models:/<name>/<version>) of a registry init, downloaded once into the model cache
+    (every process of a node shares one download: kaleido.serving.resolve_model locks it)."""
+    from kaleido.serving import ServingError, model_checkpoint, resolve_model
+
+    resolved, _ = inspect_registry_init(params, stage)  # a LoRA version fails here, before any download
+    try:
+        folder, resolved = resolve_model(resolved, tracking_uri(params))
         return model_checkpoint(folder), resolved
     except ServingError as exc:
         raise TrainPlanError(f"train.{stage}.init: {exc}") from None
@@ -139,8 +172,12 @@ def model_config(params: Params, stage: str) -> tuple[DiTConfig, str]:
     Mirrors how the worker loads the weights (and S2VPipeline.from_params), so the checks see the real model.
     """
     from kaleido.model.checkpoint import CheckpointError, read_config
-    from kaleido.model.dit import dit_config
+    from kaleido.model.dit import DiTConfig, dit_config
 
+    if registry_init(params, stage):  # the version's own config, without downloading its weights
+        resolved, config = inspect_registry_init(params, stage)
+        if config.get("dit"):
+            return DiTConfig(**{**config["dit"], "patch_size": tuple(config["dit"]["patch_size"])}), resolved
     init_path, init_key = stage_init(params, stage)
     if init_path.exists():
         try:
@@ -238,7 +275,11 @@ def plan_training(
         )
     grad_accum = max(preset.global_batch // per_step, 1)
     latents = stage_latents(params, stage)
-    init_path, init_key = stage_init(params, stage)
+    base_model = inspect_registry_init(params, stage)[0] if registry_init(params, stage) else None
+    if base_model and not check_files:  # the pods download it (the launcher only plans)
+        init_path, init_key = Path(base_model), f"train.{stage}.init ({base_model})"
+    else:
+        init_path, init_key = stage_init(params, stage)
     if check_files:
         problems += _check_cache(params, stage, latents, dp, config.text_dim)
         if not init_path.exists():
@@ -274,7 +315,7 @@ def plan_training(
         output=str(stage_output(params, stage)),
         init=str(init_path),
         lora_rank=preset.lora.rank if preset.lora.enabled else 0,
-        base_model=resolve_registry_init(params, stage)[1] if registry_init(params, stage) else None,
+        base_model=base_model,
     )
 
 
