@@ -36,7 +36,7 @@ stop:
 	@test -x $(BIN)/kaleido && $(BIN)/kaleido platform down || true
 
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
