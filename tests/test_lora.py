@@ -150,6 +150,20 @@ def test_bad_adapters_are_refused_with_the_file_named(base, adapted, tmp_path):
     save_file({"diffusion_model.blocks.0.norm3.lora_down.weight": torch.zeros(2, 2)}, str(foreign))
     with pytest.raises(lora.LoraError, match="not LoRA factors of the DiT's linear layers"):
         lora.load_adapter(foreign)
+    # an incomplete file (a factor missing) or a diverged one (NaN) would merge as a silent no-op / poison
+    from safetensors.torch import load_file
+
+    raw = load_file(str(good))
+    lone = {k: v for k, v in raw.items() if k != "diffusion_model.blocks.1.self_attn.q.lora_up.weight"}
+    save_file(lone, str(tmp_path / "lone.safetensors"))
+    with pytest.raises(lora.LoraError, match=r"1 module\(s\) lack a factor.*blocks\.1\.self_attn\.q"):
+        lora.load_adapter(tmp_path / "lone.safetensors")
+    raw["diffusion_model.blocks.0.ffn.2.lora_up.weight"][0, 0] = float("nan")
+    save_file(raw, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(lora.LoraError, match="NaN or infinite"):
+        lora.load_adapter(tmp_path / "nan.safetensors")
+    with pytest.raises(lora.LoraError, match=r"written as a \.safetensors file"):
+        lora.save_adapter(adapter, tmp_path / "out.pt", "wan")
     bigger = KaleidoDiT(dit_config("tiny", dim=96, num_heads=3))
     with pytest.raises(lora.LoraError, match="belongs to a model of another size"):
         lora.merge_lora(bigger, adapter)

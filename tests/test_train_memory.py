@@ -91,6 +91,32 @@ def test_plan_prints_the_table_and_refuses_what_cannot_fit(params_for, tiny_asse
     assert result.exit_code == 2 and "train.gpu_memory_gb is 80" in result.output, result.output
 
 
+def test_offload_is_planned_on_the_gpu_and_on_the_machines(params_for, tiny_assets, tmp_path):
+    zero3 = shipped("14B", zero_stage=3)
+    params_only = estimate(shipped("14B", zero_stage=3, offload_parameters=True))
+    assert params_only.rows["parameters"] < estimate(zero3).rows["parameters"]
+    # both offloads: ~386 GB of CPU memory per 8-GPU machine (DeepSpeed: 18 bytes x 14.3e9 x 1.5)
+    runner = CliRunner()
+    path = _plan_params(params_for, tmp_path / "offload", tiny_assets, {
+        "train.zero_stage": 3, "train.offload_optimizer": True, "train.offload_parameters": True,
+        "train.kubernetes.memory": "64Gi"})  # fmt: skip
+    result = runner.invoke(app, ["train", "--stage", "pretrain", "--plan", "--params", str(path)])
+    assert result.exit_code == 2 and "train.kubernetes.memory gives 69 GB" in result.output, result.output
+    assert "parameter offload" in result.output  # the table says what it planned
+    path = _plan_params(params_for, tmp_path / "offload-ok", tiny_assets, {
+        "train.zero_stage": 3, "train.offload_optimizer": True, "train.offload_parameters": True,
+        "train.kubernetes.memory": "512Gi"})  # fmt: skip
+    result = runner.invoke(app, ["train", "--stage", "pretrain", "--plan", "--params", str(path)])
+    assert result.exit_code == 0 and "plan: fits" in result.output, result.output
+
+
+def test_a_layout_problem_is_named_without_a_misleading_table(params_for, tiny_assets, tmp_path):
+    path = _plan_params(params_for, tmp_path / "sp", tiny_assets, {"train.sequence_parallel": 16})
+    result = CliRunner().invoke(app, ["train", "--stage", "pretrain", "--plan", "--params", str(path)])
+    assert result.exit_code == 2 and "total (peak)" not in result.output
+    assert "use one of [1, 2, 4, 8]" in result.output, result.output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["--arch", "tiny", "--frames", "21", "--height", "512", "--width", "512"],

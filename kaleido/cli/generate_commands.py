@@ -73,6 +73,8 @@ def generate(
         "model.lora_scale": lora_scale,
     })
     g = loaded.generate
+    if lora_scale is not None and loaded.model.lora is None and model is None:
+        fail("--lora-scale scales an adapter: give --lora (or model.lora in params.yaml)")
     if out.suffix.lower() != ".mp4":
         fail(f"--out {out}: must end in .mp4 (an H.264 mp4 is written)")
     if not prompt.strip():

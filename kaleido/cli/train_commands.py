@@ -115,7 +115,8 @@ def train(
     summary = Path(plan.output) / "metrics.json"
     if summary.is_file():
         data = json.loads(summary.read_text())
-        typer.echo(f"{stage}: final loss {data['final_loss']:.4f}; Wan weights at {data['export']}")
+        what = "LoRA adapter" if plan.lora_rank else "Wan weights"
+        typer.echo(f"{stage}: final loss {data['final_loss']:.4f}; {what} at {data['export']}")
 
 
 def _print_memory_plan(params: Params, stage: str) -> None:
@@ -133,11 +134,14 @@ def _print_memory_plan(params: Params, stage: str) -> None:
     typer.echo(f"model: {source} ({config.num_layers} blocks, dim {config.dim}); world size {world} "
                f"({'kubernetes' if params.train.launcher == 'kubernetes' else 'train.nproc_per_node'})")
     shape = shape_from_params(params, stage, world, config)
-    typer.echo(table(estimate(shape), params.train.gpu_memory_gb if shape.precision == "bf16" else None))
     try:
         plan_training(params, stage, world, check_files=False, check_tracking=False)
     except TrainPlanError as exc:
+        # a layout problem (batch, SP degree) makes the table meaningless; a memory refusal is what it explains
+        if "per GPU, train.gpu_memory_gb" in str(exc) or "of CPU memory per machine" in str(exc):
+            typer.echo(table(estimate(shape), params.train.gpu_memory_gb))
         fail(str(exc))
+    typer.echo(table(estimate(shape), params.train.gpu_memory_gb if shape.precision == "bf16" else None))
     if shape.precision != "bf16":
         typer.echo("plan: ok (fp32 on this machine's CPU: no GPU budget applies)")
     else:

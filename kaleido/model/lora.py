@@ -123,8 +123,9 @@ def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, ...] | torch.Si
         module, kind = key.rsplit(".lora_", 1)
         weight = shapes.get(f"{module}.weight")
         if weight is None:
-            raise LoraError(f"the adapter changes {module}, which {what} lacks: it was trained for another "
-                            "architecture (fewer blocks?)")
+            blocks = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")), default=-1)
+            raise LoraError(f"the adapter changes {module}, which {what} lacks ({what} has {blocks} blocks): it "
+                            "was trained for another architecture")
         out_features, in_features = tuple(weight)
         want = (adapter.rank, in_features) if kind.startswith("A") else (out_features, adapter.rank)
         if tuple(tensor.shape) != want:
@@ -147,6 +148,9 @@ def merge_lora(model: nn.Module, adapter: Adapter, scale: float = 1.0) -> nn.Mod
     wrapped = LoraModel(model, config, "default")
     dtype = next(model.parameters()).dtype
     result = set_peft_model_state_dict(wrapped.model, {k: v.to(dtype) for k, v in adapter.state.items()})
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing:
+        raise LoraError(f"peft found no tensor for {len(missing)} adapter weight(s): {missing[:3]}")
     if result.unexpected_keys:
         raise LoraError(f"peft did not place {len(result.unexpected_keys)} adapter tensor(s): "
                         f"{result.unexpected_keys[:3]}")
@@ -194,6 +198,9 @@ def save_adapter(adapter: Adapter, dst: str | Path, layout: str = "peft") -> Pat
         config.save_pretrained(str(dst))
         file = dst / PEFT_WEIGHTS
     else:
+        if dst.suffix and dst.suffix != ".safetensors":
+            raise LoraError(f"{dst}: a {layout} adapter is written as a .safetensors file, or into a folder (a "
+                            "path without a suffix)")
         if dst.suffix != ".safetensors":
             dst.mkdir(parents=True, exist_ok=True)
             dst = dst / ("pytorch_lora_weights.safetensors" if layout == "diffusers" else "lora_wan.safetensors")
@@ -294,6 +301,19 @@ def load_adapter(path: str | Path) -> tuple[Adapter, str]:
     bad = [k for k in state if not _MODULE_KEY.match(k) or _MODULE_KEY.match(k).group(2) not in LORA_TARGETS]
     if bad:
         raise LoraError(f"{file}: {len(bad)} tensor(s) are not LoRA factors of the DiT's linear layers, e.g. {bad[0]}")
+    # every module needs both factors: a lone A or B would merge as "no change" without a word
+    factors: dict[str, set[str]] = {}
+    for key in state:
+        module, kind = key.rsplit(".lora_", 1)
+        factors.setdefault(module, set()).add(kind[0])
+    unpaired = sorted(m for m, kinds in factors.items() if kinds != {"A", "B"})
+    if unpaired:
+        raise LoraError(f"{file}: {len(unpaired)} module(s) lack a factor (each needs lora_A/lora_down and "
+                        f"lora_B/lora_up), e.g. {unpaired[0]}: the file is incomplete")
+    nonfinite = sorted(k for k, t in state.items() if not torch.isfinite(t).all())
+    if nonfinite:
+        raise LoraError(f"{file}: {len(nonfinite)} tensor(s) hold NaN or infinite values, e.g. {nonfinite[0]}: "
+                        "the adapter diverged in training or the file is damaged")
     ranks = {t.shape[0] for k, t in state.items() if ".lora_A." in k}
     if len(ranks) != 1:
         raise LoraError(f"{file}: modules of different ranks {sorted(ranks)}; one adapter has one rank")
@@ -302,9 +322,12 @@ def load_adapter(path: str | Path) -> tuple[Adapter, str]:
         config_file = file.with_name(PEFT_CONFIG)
         if not config_file.is_file():
             raise LoraError(f"{file}: a peft adapter needs {PEFT_CONFIG} beside it (its lora_alpha)")
-        config = json.loads(config_file.read_text())
-        alpha = float(config["lora_alpha"])
-        if int(config["r"]) != rank:
+        try:
+            config = json.loads(config_file.read_text())
+            alpha, config_rank = float(config["lora_alpha"]), int(config["r"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LoraError(f"{config_file}: not a peft LoRA config with numeric r and lora_alpha ({exc})") from None
+        if config_rank != rank:
             raise LoraError(f"{config_file}: r={config['r']}, the weights have rank {rank}")
     elif layout == "diffusers":
         diffusers_meta = json.loads(meta.get(DIFFUSERS_METADATA_KEY, "{}"))
@@ -314,6 +337,8 @@ def load_adapter(path: str | Path) -> tuple[Adapter, str]:
         if len(values) != 1:
             raise LoraError(f"{file}: modules with different alphas {sorted(values)}; one adapter has one alpha")
         alpha = values.pop()
+    if not (alpha > 0 and alpha < float("inf")):
+        raise LoraError(f"{file}: alpha {alpha} is not a positive finite number")
     extra = json.loads(meta.get("kaleido_lora", "{}"))
     provenance = {k: str(v) for k, v in extra.items() if k not in ("rank", "alpha", "layout")}
     return Adapter(state, rank, alpha, provenance), layout

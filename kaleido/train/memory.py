@@ -74,6 +74,7 @@ class TrainingShape:
     offload_optimizer: bool = False
     offload_parameters: bool = False
     reduce_bucket: int = REDUCE_BUCKET  # DeepSpeed reduce_bucket_size (elements), train.reduce_bucket_size
+    nodes: int = 1  # machines the ranks run on (offloaded states share each machine's memory)
 
     @property
     def data_parallel(self) -> int:
@@ -138,11 +139,15 @@ def model_state_bytes(shape: TrainingShape) -> dict[str, float]:
         grads = 4 * trainable / n
         optimizer = 0.0 if shape.offload_optimizer else 12 * trainable / n  # fp32 master + Adam moments
         return {"parameters": params, "gradients": grads, "optimizer states": optimizer}
-    frozen_bytes = 2 * frozen / (n if zero == 3 else 1)
+    frozen_bytes = 0.0 if shape.offload_parameters else 2 * frozen / (n if zero == 3 else 1)
     if zero == 3:
         _, gpu, largest = estimate_zero3_model_states_mem_needs(
             trainable, layer, num_gpus_per_node=n, num_nodes=1, cpu_offload=shape.offload_optimizer,
             cpu_offload_params=shape.offload_parameters)
+        if shape.offload_parameters and not shape.offload_optimizer:
+            # DeepSpeed's estimator only models parameter offload together with optimizer offload: the 16-bit
+            # parameter partition (2 of the 18 bytes) leaves the GPU, the rest stays
+            gpu = largest + int(16 * trainable / n)
         partitioned = gpu - largest  # 18 P / N, 2 P / N or 0: DeepSpeed's split 2 + 4 + 4 + 8
         params = largest + partitioned * 6 / 18 + frozen_bytes
         grads = partitioned * 4 / 18
@@ -197,6 +202,28 @@ def step_bytes(shape: TrainingShape) -> float:
     return 4 * trainable_parameters(shape) / (shape.data_parallel * shape.sequence_parallel)
 
 
+def host_bytes(shape: TrainingShape) -> float:
+    """CPU memory per machine for what offload moves there (0 without offload): DeepSpeed's own estimators'
+    `cpu_mem` (with their 1.5 buffer factor) for the trainable parameters, plus a frozen base's 16-bit
+    parameters when they are offloaded."""
+    if not (shape.offload_optimizer or shape.offload_parameters):
+        return 0.0
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cfg = shape.config
+    trainable = trainable_parameters(shape)
+    per_node = max(shape.world_size // shape.nodes, 1)
+    if shape.zero_stage == 3:
+        cpu, _, _ = estimate_zero3_model_states_mem_needs(
+            trainable, largest_layer(cfg), per_node, shape.nodes, cpu_offload=True,
+            cpu_offload_params=shape.offload_parameters)
+    else:
+        cpu, _ = estimate_zero2_model_states_mem_needs(trainable, per_node, shape.nodes, cpu_offload=True)
+    frozen = dit_parameters(cfg)[0] - trainable if shape.lora_rank else 0
+    return cpu + (2 * frozen / shape.nodes if shape.offload_parameters else 0.0)
+
+
 def estimate(shape: TrainingShape) -> MemoryEstimate:
     """Every component per rank, with the notes a reader needs (what was assumed)."""
     rows = dict(model_state_bytes(shape))
@@ -209,8 +236,11 @@ def estimate(shape: TrainingShape) -> MemoryEstimate:
     notes = [f"{shape.tokens} tokens per sample ({shape.references} references), "
              f"{shape.tokens / shape.sequence_parallel:.0f} per rank with sequence parallel {shape.sequence_parallel}",
              "peak = model states + the larger of (activations + backward buffers) and the optimizer step buffers"]
-    if shape.offload_optimizer:
-        notes.append("optimizer states (fp32 master + Adam) live in CPU memory")
+    if shape.offload_optimizer or shape.offload_parameters:
+        moved = " and ".join(x for x, on in (("optimizer states (fp32 master + Adam)", shape.offload_optimizer),
+                                             ("parameters", shape.offload_parameters)) if on)
+        notes.append(f"{moved} live in CPU memory: about {host_bytes(shape) / GB:.0f} GB per machine "
+                     "(DeepSpeed's estimate)")
     return MemoryEstimate(shape, rows, notes)
 
 
@@ -230,6 +260,7 @@ def shape_from_params(params: Params, stage: str, world_size: int, config: DiTCo
         lora_rank=lora.rank if lora.enabled else 0, lora_targets=tuple(lora.target_modules) if lora.enabled else (),
         offload_optimizer=train.offload_optimizer, offload_parameters=train.offload_parameters,
         reduce_bucket=train.reduce_bucket_size,
+        nodes=train.kubernetes.nodes if train.launcher == "kubernetes" else 1,
     )
 
 
@@ -248,6 +279,7 @@ def table(estimate_: MemoryEstimate, budget_gb: float | None = None) -> str:
     kind = f"LoRA rank {s.lora_rank}" if s.lora_rank else "full fine-tuning"
     lines = [f"memory per rank ({s.precision}, {kind}, ZeRO-{s.zero_stage}, "
              f"{'optimizer offload, ' if s.offload_optimizer else ''}"
+             f"{'parameter offload, ' if s.offload_parameters else ''}"
              f"{'activation checkpointing' if s.checkpointing else 'no activation checkpointing'}, "
              f"micro batch {s.micro_batch}, {s.frames} frames at {s.height}x{s.width}):"]
     for name in ROWS:
@@ -286,17 +318,41 @@ def fixes(shape: TrainingShape, budget_gb: float) -> list[str]:
 
 
 def memory_problem(params: Params, stage: str, world_size: int, config: DiTConfig | None = None) -> str | None:
-    """Why the plan does not fit train.gpu_memory_gb (with the options that would), or None."""
+    """Why the plan does not fit train.gpu_memory_gb (with the options that would) or, with offload, the
+    machines' memory; None when it fits."""
     budget = params.train.gpu_memory_gb
     shape = shape_from_params(params, stage, world_size, config)
-    if budget is None or shape.precision != "bf16":
-        return None  # the CPU path has no GPU budget
+    if shape.precision != "bf16":
+        return None  # the CPU path: no GPU budget, nothing offloaded anywhere else
+    host = host_problem(params, shape)
     found = estimate(shape)
-    if found.total_gb <= budget:
-        return None
+    if budget is None or found.total_gb <= budget:
+        return host
     options = fixes(shape, budget)
+    combine = "activation checkpointing, " if not shape.checkpointing else ""
     return (f"the plan needs about {found.total_gb:.1f} GB per GPU, train.gpu_memory_gb is {budget:g}; "
             + (f"options that fit: {'; '.join(options)}" if options else
-               "no single option fits: combine ZeRO-3, sequence parallelism, LoRA and optimizer offload, or use more "
-               "GPUs")
-            + " (`kaleido train --plan` prints the table)")
+               f"no single option fits: combine {combine}ZeRO-3, sequence parallelism, LoRA and optimizer offload, "
+               "or use more GPUs")
+            + " (`kaleido train --plan` prints the table)" + (f"; also {host}" if host else ""))
+
+
+def host_problem(params: Params, shape: TrainingShape) -> str | None:
+    """Offloaded states that do not fit the machine: train.kubernetes.memory per pod on the cluster, the RAM of
+    this machine for the local launcher."""
+    need = host_bytes(shape)
+    if not need:
+        return None
+    if params.train.launcher == "kubernetes":
+        from kubernetes.utils.quantity import parse_quantity
+
+        have, key = float(parse_quantity(params.train.kubernetes.memory)), "train.kubernetes.memory"
+    else:
+        import os
+
+        have, key = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine's RAM"
+    if need <= have:
+        return None
+    return (f"offloading needs about {need / GB:.0f} GB of CPU memory per machine (DeepSpeed's estimate), "
+            f"{key} gives {have / GB:.0f} GB: raise it, offload less (train.offload_parameters / "
+            "train.offload_optimizer), or spread the job over more nodes")

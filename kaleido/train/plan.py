@@ -253,10 +253,11 @@ def plan_training(
     config, config_source = model_config(params, stage)
     heads = config.num_heads
     if heads % sp:
-        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        # a valid degree divides the heads AND the world size
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0 and world_size % d == 0]
         problems.append(
             f"train.sequence_parallel={sp} does not divide the model's {heads} attention heads ({config_source}); "
-            f"use one of {divisors}"
+            f"use one of {divisors} (dividing the heads and the world size {world_size})"
         )
     if world_size % sp:
         problems.append(

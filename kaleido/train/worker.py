@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.train(progress=not args.no_progress)
     if ctx.is_main:
         final = result.losses[-1] if result.losses else float("nan")
-        print(f"{args.stage}: {plan.steps} steps, final loss {final:.4f}; Wan weights at {result.export}", flush=True)
+        what = f"LoRA adapter (rank {plan.lora_rank})" if plan.lora_rank else "Wan weights"
+        print(f"{args.stage}: {plan.steps} steps, final loss {final:.4f}; {what} at {result.export}", flush=True)
     import torch.distributed as dist
 
     dist.destroy_process_group()
