@@ -50,6 +50,17 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
     raise RegistryError(f"model reference {ref!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
 
 
+def find_version(ref: str, tracking_uri: str) -> tuple[ModelRegistry, str, Any]:
+    """(registry, version number, MLflow ModelVersion) of models:/<name>@<alias> or models:/<name>/<version>.
+
+    RegistryError for a malformed reference or one that names nothing; MLflow's own errors (unknown model,
+    unreachable server) pass through for the caller to word."""
+    name, selector = parse_model_ref(ref)
+    registry = ModelRegistry(tracking_uri, name)
+    version = registry.resolve(selector)
+    return registry, version, registry.client.get_model_version(name, version)
+
+
 @dataclass(frozen=True)
 class Lineage:
     """Where a model version comes from: each becomes a version tag (lineage.*)."""

@@ -468,15 +468,13 @@ def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, 
         if not path.exists():
             raise ServingError(f"--model {ref}: no such file or folder; pass a local model or models:/<name>@<alias>")
         return path.resolve(), str(path)
-    from kaleido.registry import ModelRegistry, RegistryError, parse_model_ref
+    from kaleido.registry import RegistryError, find_version
 
     if not tracking_uri:
         raise ServingError(f"--model {ref}: a registry reference needs platform.mlflow_tracking_uri in params.yaml")
     try:
-        name, selector = parse_model_ref(ref)
-        registry = ModelRegistry(tracking_uri, name)
-        version = registry.resolve(selector)
-        record = registry.client.get_model_version(name, version)
+        registry, version, record = find_version(ref, tracking_uri)
+        name = registry.name
     except RegistryError as exc:
         raise ServingError(f"--model {ref}: {exc}") from None
     except Exception as exc:  # MLflow's own errors: unknown model, unreachable server

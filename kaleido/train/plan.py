@@ -79,7 +79,7 @@ def inspect_registry_init(params: Params, stage: str) -> tuple[str, dict[str, An
     import mlflow.artifacts
     import yaml
 
-    from kaleido.registry import ModelRegistry, RegistryError, parse_model_ref
+    from kaleido.registry import RegistryError, find_version
 
     ref = registry_init(params, stage)
     assert ref is not None
@@ -87,10 +87,8 @@ def inspect_registry_init(params: Params, stage: str) -> tuple[str, dict[str, An
     if not uri:
         raise TrainPlanError(f"train.{stage}.init={ref}: a registry reference needs platform.mlflow_tracking_uri")
     try:
-        name, selector = parse_model_ref(ref)
-        registry = ModelRegistry(uri, name)
-        version = registry.resolve(selector)
-        source = registry.client.get_model_version(name, version).source
+        registry, version, record = find_version(ref, uri)
+        name, source = registry.name, record.source
         with tempfile.TemporaryDirectory() as tmp:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/MLmodel", dst_path=tmp,
                                                        tracking_uri=uri)
