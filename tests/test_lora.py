@@ -162,7 +162,7 @@ def test_bad_adapters_are_refused_with_the_file_named(base, adapted, tmp_path):
     save_file(raw, str(tmp_path / "nan.safetensors"))
     with pytest.raises(lora.LoraError, match="NaN or infinite"):
         lora.load_adapter(tmp_path / "nan.safetensors")
-    with pytest.raises(lora.LoraError, match=r"written as a \.safetensors file"):
+    with pytest.raises(lora.LoraError, match=r"written as a \.safetensors file, or into a folder"):
         lora.save_adapter(adapter, tmp_path / "out.pt", "wan")
     bigger = KaleidoDiT(dit_config("tiny", dim=96, num_heads=3))
     with pytest.raises(lora.LoraError, match="belongs to a model of another size"):

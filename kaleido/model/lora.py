@@ -198,9 +198,8 @@ def save_adapter(adapter: Adapter, dst: str | Path, layout: str = "peft") -> Pat
         config.save_pretrained(str(dst))
         file = dst / PEFT_WEIGHTS
     else:
-        if dst.suffix and dst.suffix != ".safetensors":
-            raise LoraError(f"{dst}: a {layout} adapter is written as a .safetensors file, or into a folder (a "
-                            "path without a suffix)")
+        if dst.suffix in (".pt", ".pth", ".bin", ".ckpt", ".json", ".yaml"):
+            raise LoraError(f"{dst}: a {layout} adapter is written as a .safetensors file, or into a folder")
         if dst.suffix != ".safetensors":
             dst.mkdir(parents=True, exist_ok=True)
             dst = dst / ("pytorch_lora_weights.safetensors" if layout == "diffusers" else "lora_wan.safetensors")
