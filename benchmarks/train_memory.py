@@ -15,8 +15,8 @@ import json
 import subprocess
 import sys
 
-ATTENTION = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-             "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")  # fmt: skip
+from kaleido.config.schema import LORA_ATTENTION_TARGETS
+
 PROBES = [
     ["--arch", "tiny", "--frames", "21", "--height", "512", "--width", "512"],
     ["--arch", "tiny", "--frames", "21", "--height", "512", "--width", "512", "--no-checkpointing"],
@@ -44,7 +44,7 @@ def table() -> None:
                             continue
                         shape = TrainingShape(dit_config(arch), 81, 480, 832, 3, 512, world_size=8,
                                               sequence_parallel=sp, zero_stage=zero, offload_optimizer=offload,
-                                              lora_rank=lora, lora_targets=ATTENTION if lora else ())
+                                              lora_rank=lora, lora_targets=LORA_ATTENTION_TARGETS if lora else ())
                         cells.append(f"{estimate(shape).total_gb:.1f}")
                     kind = f"LoRA r{lora} (attention)" if lora else "full"
                     print(f"| {arch} | {kind} | {zero} | {'yes' if offload else 'no'} | " + " | ".join(cells) + " |")

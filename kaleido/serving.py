@@ -332,11 +332,10 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
         config["lora"] = {"rank": adapter.rank, "alpha": adapter.alpha, "targets": adapter.targets, "scale": 1.0,
                           "base": str(base), "base_model": adapter.meta.get("base_model", "")}
         # MLflow names an artifact folder after its source's basename: stage the adapter as `lora`, in each layout
-        from kaleido.model.lora import LORA_LAYOUTS, save_adapter
+        from kaleido.model.lora import save_adapter_layouts
 
         staging = Path(tempfile.mkdtemp(prefix="kaleido-lora-"))
-        for layout in LORA_LAYOUTS:
-            save_adapter(adapter, staging / "lora", layout)
+        save_adapter_layouts(adapter, staging / "lora")
         artifacts["lora"] = str(staging / "lora")
         if params.platform.model_assets == "reference":
             del artifacts["transformer"]  # the frozen base is shared by every adapter trained on it
@@ -404,7 +403,7 @@ def model_weights(folder: Path, tracking_uri: str | None = None) -> tuple[Path, 
     A LoRA version's base is its `transformer` artifact, or the referenced asset (downloaded once into the cache
     from `tracking_uri`). ServingError when an MLflow Model has no DiT weights (not a Kaleido version) or a local
     adapter's base is not on this machine."""
-    from kaleido.model.lora import is_adapter
+    from kaleido.model.lora import adapter_meta, is_adapter
 
     folder = Path(folder)
     if (folder / "MLmodel").is_file():
@@ -417,8 +416,7 @@ def model_weights(folder: Path, tracking_uri: str | None = None) -> tuple[Path, 
             return resolve_asset(config["assets"]["transformer"], tracking_uri), lora
         raise ServingError(f"{folder}: an MLflow Model without a `transformer` artifact is not a Kaleido version")
     if folder.exists() and is_adapter(folder):
-        adapter, _ = _adapter(folder)
-        base = adapter.meta.get("base")
+        base = adapter_meta(folder).get("base")  # the header names the base: no tensor is read here
         if not base or not Path(base).exists():
             raise ServingError(f"{folder} is a LoRA adapter whose base ({base or 'not named in the file'}) is not on "
                                "this machine; pass the base as model.checkpoint and the adapter as model.lora (--lora)")

@@ -11,11 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from kaleido.cli import app
+from kaleido.config.schema import LORA_ATTENTION_TARGETS
 from kaleido.model.dit import dit_config
 from kaleido.train.memory import REDUCE_BUCKET, TrainingShape, estimate
 
-ATTENTION = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-             "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")  # fmt: skip
 GB = 1e9
 
 
@@ -27,6 +26,26 @@ def shipped(arch: str, **kw) -> TrainingShape:
 def test_tokens_at_the_shipped_training_size():
     # 81 frames -> 21 latent frames (Wan VAE: 1 + 80 / 4); 480x832 -> 60x104 latents -> 30x52 patches (2x2)
     assert shipped("14B").tokens == 21 * 30 * 52 + 3 * 30 * 52 == 37440
+    # the shipped sampling size 512x896 (32x56 patches) and 720p (45x80 patches), 81 frames, 3 references
+    assert TrainingShape(dit_config("14B"), 81, 512, 896, 3, 512).tokens == (21 + 3) * 32 * 56 == 43008
+    assert TrainingShape(dit_config("14B"), 81, 720, 1280, 3, 512).tokens == (21 + 3) * 45 * 80 == 86400
+
+
+def test_720p_14b_full_fine_tuning_needs_sequence_parallelism():
+    """At 720p (86,400 tokens) one 14B block's saved tensors alone are tens of GB: the planner must say so."""
+    from dataclasses import replace
+
+    from kaleido.train.memory import block_activation_bytes
+
+    full = TrainingShape(dit_config("14B"), 81, 720, 1280, 3, 512, world_size=8, zero_stage=3)
+    # 86,400 tokens x 5120 wide x (10 fp32 + 12 bf16 copies) + two 13,824-wide FFN hidden states
+    assert block_activation_bytes(full) / GB == pytest.approx(
+        (86400 * 5120 * (10 * 4 + 12 * 2) + 2 * 86400 * 13824 * 2) / GB, rel=0.01)
+    assert estimate(full).total_gb > 80 and estimate(replace(full, sequence_parallel=8)).total_gb < 80
+    # LoRA keeps 6 fp32 + 8 bf16 copies and one FFN hidden state per block
+    lora = replace(full, lora_rank=16, lora_targets=LORA_ATTENTION_TARGETS)
+    assert block_activation_bytes(lora) / GB == pytest.approx(
+        (86400 * 5120 * (6 * 4 + 8 * 2) + 86400 * 13824 * 2) / GB, rel=0.01)
 
 
 @pytest.mark.parametrize("arch", ["1.3B", "14B"])
@@ -60,7 +79,7 @@ def test_shipped_size_plans_scale_as_they_must():
     # without activation checkpointing the 40 blocks of 14B cannot hold 37440 tokens on one GPU
     assert estimate(shipped("14B", zero_stage=3, checkpointing=False)).total_gb > 300
     # LoRA: gradients and Adam moments only for the adapter (rank 16 on the attention: ~0.1% of 14B)
-    lora = estimate(shipped("14B", zero_stage=3, lora_rank=16, lora_targets=ATTENTION))
+    lora = estimate(shipped("14B", zero_stage=3, lora_rank=16, lora_targets=LORA_ATTENTION_TARGETS))
     assert lora.rows["optimizer states"] < 0.01 * estimate(shipped("14B", zero_stage=3)).rows["optimizer states"]
 
 
@@ -130,3 +149,45 @@ def test_estimate_within_20_percent_of_the_measured_cpu_peak(args):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["measured_peak"] > 100e6  # large enough that the comparison means something
     assert 0.8 <= result["ratio"] <= 1.2, result
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("lora_targets", [(), LORA_ATTENTION_TARGETS, (*LORA_ATTENTION_TARGETS, "ffn.0", "ffn.2")],
+                         ids=["full", "lora-attention", "lora-all"])
+def test_block_activations_are_what_the_block_saves(precision, lora_targets):
+    """The per-block count against the tensors a real WanAttentionBlock forward saves for backward (mid config,
+    L != T != d so no term can stand in for another): the bf16 branch is what every GPU figure rests on."""
+    import torch
+
+    from kaleido.model.dit import KaleidoDiT
+    from kaleido.model.lora import add_lora
+
+    cfg = dit_config("mid")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = KaleidoDiT(cfg)
+    if lora_targets:
+        add_lora(model, 16, 16.0, lora_targets)
+    model = model.to(dtype)
+    tokens, text = 704, 300  # 256x352, 1 frame + 1 reference: 2 x (16 x 22) patches; T = 300 text tokens
+    block = model.blocks[1]
+    x = torch.randn(1, tokens, cfg.dim, dtype=dtype, requires_grad=True)  # as from an earlier block
+    context = torch.randn(1, text, cfg.dim, dtype=dtype)
+    rope = (torch.randn(tokens, cfg.head_dim // 2), torch.randn(tokens, cfg.head_dim // 2))
+    time_mod = torch.randn(1, 6, cfg.dim)
+    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), x, context, *rope, time_mod]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, time_mod, context, rope, model.backend)
+    shape = TrainingShape(cfg, 1, 256, 352, 1, text, precision=precision, lora_rank=16 if lora_targets else 0,
+                          lora_targets=tuple(lora_targets))
+    assert shape.tokens == tokens
+    from kaleido.train.memory import block_activation_bytes
+
+    assert block_activation_bytes(shape) == pytest.approx(sum(saved.values()), rel=0.05)

@@ -159,7 +159,7 @@ def merge_lora_command(
         if dst.resolve() in {info.path.resolve(), *(f.resolve().parent for f in info.files)}:
             fail(f"{dst}: the destination holds the base checkpoint; write to another path")
         typer.echo(adapter_summary(lora, layout))
-        model = load_dit(base, config=info.config, lora=adapter, lora_scale=scale)  # the base's own dtypes
+        model = load_dit(base, config=info.config, lora=lora, lora_scale=scale)  # the base's own dtypes
         written = save_dit(model.state_dict(), dst, to, model.cfg)
     except (CheckpointError, LoraError, OSError) as exc:
         fail(str(exc))

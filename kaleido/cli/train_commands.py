@@ -65,7 +65,7 @@ def train(
 
     Every launch first checks the plan, memory included: a plan estimated above train.gpu_memory_gb is refused
     with the options that would fit (`--plan` prints the table)."""
-    from kaleido.train.plan import STAGES, TrainPlanError, deepspeed_config, dump_plan, plan_training
+    from kaleido.train.plan import STAGES, TrainPlanError, deepspeed_config, dump_plan, plan_training, world_size
 
     if stage not in STAGES:
         fail(f"--stage {stage}: unknown; choose one of {', '.join(STAGES)}")
@@ -76,13 +76,9 @@ def train(
         _print_memory_plan(loaded, stage)
         return
     if train_cfg.launcher == "kubernetes":
-        k8s = train_cfg.kubernetes
         try:
             # the cache, weights and tracking server live where the pods run: they check those themselves
-            plan_training(
-                loaded, stage, k8s.nodes * max(k8s.gpus_per_node, 1),
-                resume=resume, check_files=False, check_tracking=False,
-            )  # fmt: skip
+            plan_training(loaded, stage, world_size(loaded), resume=resume, check_files=False, check_tracking=False)
         except TrainPlanError as exc:
             fail(str(exc))
         from kaleido.train.launch_kubernetes import launch_kubernetes
@@ -96,7 +92,7 @@ def train(
     # nothing); any other server must answer now, and the plan lists it with every other problem.
     startable = is_embedded_tracking(loaded, tracking_uri(loaded))
     try:
-        plan = plan_training(loaded, stage, train_cfg.nproc_per_node, resume=resume, check_tracking=not startable)
+        plan = plan_training(loaded, stage, world_size(loaded), resume=resume, check_tracking=not startable)
     except TrainPlanError as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers
@@ -121,31 +117,28 @@ def train(
 
 def _print_memory_plan(params: Params, stage: str) -> None:
     from kaleido.train.memory import estimate, shape_from_params, table
-    from kaleido.train.plan import TrainPlanError, model_config, plan_training
+    from kaleido.train.plan import TrainPlanError, model_config, plan_training, world_size, world_size_keys
 
-    k8s = params.train.kubernetes
-    on_cluster = params.train.launcher == "kubernetes"
-    world = k8s.nodes * max(k8s.gpus_per_node, 1) if on_cluster else params.train.nproc_per_node
-    try:
-        config, source = model_config(params, stage)
-    except TrainPlanError as exc:
-        fail(str(exc))
-        raise  # unreachable, for type checkers
-    typer.echo(f"model: {source} ({config.num_layers} blocks, dim {config.dim}); world size {world} "
-               f"({'kubernetes' if params.train.launcher == 'kubernetes' else 'train.nproc_per_node'})")
-    shape = shape_from_params(params, stage, world, config)
+    world = world_size(params)
+    budget = params.train.gpu_memory_gb
     try:
         plan_training(params, stage, world, check_files=False, check_tracking=False)
     except TrainPlanError as exc:
-        # a layout problem (batch, SP degree) makes the table meaningless; a memory refusal is what it explains
-        if "per GPU, train.gpu_memory_gb" in str(exc) or "of CPU memory per machine" in str(exc):
-            typer.echo(table(estimate(shape), params.train.gpu_memory_gb))
+        # a memory refusal comes with the table that explains it; a layout problem (batch, SP degree) makes a
+        # table meaningless and shows none
+        if exc.memory is not None:
+            typer.echo(table(exc.memory, budget))
         fail(str(exc))
-    typer.echo(table(estimate(shape), params.train.gpu_memory_gb if shape.precision == "bf16" else None))
-    if shape.precision != "bf16":
+    config, source = model_config(params, stage)
+    typer.echo(f"model: {source} ({config.num_layers} blocks, dim {config.dim}); world size {world} "
+               f"({world_size_keys(params)})")
+    shape = shape_from_params(params, stage, world, config)
+    on_gpu = shape.precision == "bf16"
+    typer.echo(table(estimate(shape), budget if on_gpu else None))
+    if not on_gpu:
         typer.echo("plan: ok (fp32 on this machine's CPU: no GPU budget applies)")
     else:
-        typer.echo("plan: fits" if params.train.gpu_memory_gb else "plan: ok (no train.gpu_memory_gb budget)")
+        typer.echo("plan: fits" if budget else "plan: ok (no train.gpu_memory_gb budget)")
 
 
 def _has_gpu() -> bool:

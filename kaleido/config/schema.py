@@ -331,6 +331,17 @@ LORA_ATTENTION_TARGETS: tuple[str, ...] = tuple(f"{a}.{p}" for a in ("self_attn"
 LORA_TARGETS: tuple[str, ...] = (*LORA_ATTENTION_TARGETS, "ffn.0", "ffn.2")
 
 
+def lora_target_problem(targets: list[str] | tuple[str, ...]) -> str | None:
+    """Why `targets` are not a valid LoRA target list (unknown, empty or repeated names), or None."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        what = f"unknown {unknown}" if unknown else "empty"
+        return f"target_modules={list(targets)}: {what}; use Wan module names: {', '.join(LORA_TARGETS)}"
+    if len(set(targets)) != len(targets):
+        return f"target_modules={list(targets)} names a module twice"
+    return None
+
+
 class LoraSettings(_Section):
     """LoRA fine-tuning of a stage (peft). Every base weight stays frozen; targets are Wan module names."""
 
@@ -345,13 +356,9 @@ class LoraSettings(_Section):
 
     @model_validator(mode="after")
     def _known_targets(self) -> LoraSettings:
-        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
-        if unknown or not self.target_modules:
-            what = f"unknown {unknown}" if unknown else "empty"
-            raise ValueError(f"target_modules={self.target_modules}: {what}; use Wan module names: "
-                             f"{', '.join(LORA_TARGETS)}")
-        if len(set(self.target_modules)) != len(self.target_modules):
-            raise ValueError(f"target_modules={self.target_modules} names a module twice")
+        problem = lora_target_problem(self.target_modules)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,9 @@ from safetensors.torch import save_file
 
 from kaleido.model.dit import DiTConfig, KaleidoDiT
 from kaleido.model.keymaps import diffusers_key_to_wan, sat_to_wan, wan_key_to_diffusers, wan_to_sat
+
+if TYPE_CHECKING:
+    from kaleido.model.lora import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -533,13 +537,14 @@ def load_dit(
     rope_offset: int = 80,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    lora: str | Path | None = None,
+    lora: str | Path | Adapter | None = None,
     lora_scale: float = 1.0,
 ) -> KaleidoDiT:
     """Build a KaleidoDiT from a checkpoint in any supported layout, shard by shard.
 
-    lora: a LoRA adapter (peft, diffusers or Wan/ComfyUI layout, kaleido.model.lora) merged into the weights
-    with lora_scale (W += lora_scale * alpha / rank * B @ A); the checkpoint files are not touched.
+    lora: a LoRA adapter (a file or folder in the peft, diffusers or Wan/ComfyUI layout, or an already loaded
+    kaleido.model.lora.Adapter) merged into the weights with lora_scale (W += lora_scale * alpha / rank * B @ A);
+    the checkpoint files are not touched.
 
     The model is created on the meta device (no memory, no random init) and every tensor read is assigned
     as the parameter itself, so peak memory stays near one model size. Missing, unexpected and wrong-shaped
@@ -579,9 +584,9 @@ def load_dit(
     if left_on_meta and not dry_run:
         raise CheckpointError(f"{layout.path}: tensors not loaded (still on meta): {left_on_meta[:_MAX_LISTED]}")
     if lora is not None and not dry_run:
-        from kaleido.model.lora import load_adapter, merge_lora
+        from kaleido.model.lora import Adapter, load_adapter, merge_lora
 
-        adapter, _ = load_adapter(lora)
+        adapter = lora if isinstance(lora, Adapter) else load_adapter(lora)[0]
         model = merge_lora(model, adapter, lora_scale)
     return model
 

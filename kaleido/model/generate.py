@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     from kaleido.config import Params
+    from kaleido.model.lora import Adapter
     from kaleido.model.text_encoder import PromptTruncation, TextEncoder
     from kaleido.model.vae import WanVAE
 
@@ -252,9 +253,10 @@ def _required_path(params: Params, key: str) -> Path:
     return path
 
 
-def check_lora(params: Params) -> Path | None:
-    """model.lora, checked from file headers against model.checkpoint (rank, shapes, modules) without loading a
-    model; None when no adapter is set. FileNotFoundError / LoraError (a ValueError) naming the key and file."""
+def check_lora(params: Params) -> Adapter | None:
+    """model.lora, read once and checked against model.checkpoint's headers (rank, shapes, modules) before any
+    model loads; None when no adapter is set. FileNotFoundError / LoraError (a ValueError) naming the key and
+    file."""
     if params.model.lora is None:
         return None
     from kaleido.model.checkpoint import read_shapes
@@ -268,7 +270,7 @@ def check_lora(params: Params) -> Path | None:
     except LoraError as exc:
         raise LoraError(f"model.lora: {exc}") from None
     log.info("model.lora: %s, scale %g", adapter_summary(adapter, layout), params.model.lora_scale)
-    return path
+    return adapter
 
 
 @dataclass

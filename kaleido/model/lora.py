@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kaleido.config.schema import LORA_TARGETS
+from kaleido.config.schema import LORA_TARGETS, lora_target_problem
 from kaleido.model.keymaps import wan_key_to_diffusers
 
 LORA_LAYOUTS: tuple[str, ...] = ("peft", "diffusers", "wan")
@@ -76,12 +76,11 @@ class Adapter:
         return sum(t.numel() for t in self.state.values())
 
 
-def check_targets(targets: Sequence[str], key: str = "target_modules") -> list[str]:
-    """The targets, or LoraError naming the unknown ones and the allowed Wan names."""
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise LoraError(f"{key}={list(targets)}: {'unknown ' + str(unknown) if unknown else 'empty'}; LoRA targets "
-                        f"are the DiT's linear layers by Wan name: {', '.join(LORA_TARGETS)}")
+def check_targets(targets: Sequence[str]) -> list[str]:
+    """The targets, or LoraError naming the unknown ones and the allowed Wan names (the params schema's rule)."""
+    problem = lora_target_problem(tuple(targets))
+    if problem:
+        raise LoraError(problem)
     return list(targets)
 
 
@@ -216,6 +215,20 @@ def save_adapter(adapter: Adapter, dst: str | Path, layout: str = "peft") -> Pat
     return file
 
 
+def save_adapter_layouts(adapter: Adapter, folder: str | Path) -> list[Path]:
+    """`adapter` in every layout into `folder`: adapter_model.safetensors + adapter_config.json (peft),
+    pytorch_lora_weights.safetensors (diffusers' default name: `load_lora_weights(folder)` finds it) and
+    lora_wan.safetensors (Wan / ComfyUI). A training export and a registered version both hold this folder."""
+    return [save_adapter(adapter, folder, layout) for layout in LORA_LAYOUTS]
+
+
+def adapter_meta(path: str | Path) -> dict[str, str]:
+    """The provenance an adapter file carries (base, base_model, ...), from its header only: no tensor is read."""
+    _, meta = _keys_and_meta(adapter_file(path))
+    extra = json.loads(meta.get("kaleido_lora", "{}"))
+    return {k: str(v) for k, v in extra.items() if k not in ("rank", "alpha", "layout")}
+
+
 def adapter_file(path: str | Path) -> Path:
     """The safetensors file of an adapter path (a file, or a folder holding exactly one adapter file)."""
     path = Path(path)
@@ -338,9 +351,7 @@ def load_adapter(path: str | Path) -> tuple[Adapter, str]:
         alpha = values.pop()
     if not (alpha > 0 and alpha < float("inf")):
         raise LoraError(f"{file}: alpha {alpha} is not a positive finite number")
-    extra = json.loads(meta.get("kaleido_lora", "{}"))
-    provenance = {k: str(v) for k, v in extra.items() if k not in ("rank", "alpha", "layout")}
-    return Adapter(state, rank, alpha, provenance), layout
+    return Adapter(state, rank, alpha, adapter_meta(file)), layout
 
 
 def adapter_summary(adapter: Adapter, layout: str) -> str:

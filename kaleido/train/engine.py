@@ -75,8 +75,8 @@ def load_model(params: Params, stage: str, device: torch.device) -> torch.nn.Mod
     if lora.enabled:
         from kaleido.model.lora import add_lora
 
+        # peft creates each adapter on its base layer's device
         add_lora(model, lora.rank, lora.alpha, lora.target_modules, lora.dropout, seed=params.train.seed)
-        model.to(device)  # the new LoRA layers are created on the CPU
     model.gradient_checkpointing = params.train.activation_checkpointing
     return model
 

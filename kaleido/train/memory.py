@@ -30,7 +30,7 @@ default 5e8: 1 GB in bf16, 2 GB in fp32, even for a tiny model; counted with the
 flowing through one block's backward (2 L x f x b for the FFN hidden and 4 fp32 L x d); the optimizer step's
 temporary (one fp32 value per trainable parameter of the rank's partition). The peak is the model states plus
 the larger of (activations + backward buffers) and the step's buffers.
-With LoRA (the base frozen) a block keeps 5 fp32 and 8 training-dtype L x d and one L x f, plus one L x d for a
+With LoRA (the base frozen) a block keeps 6 fp32 and 8 training-dtype L x d and one L x f, plus one L x d for a
 targeted ffn.0 and one L x f for a targeted ffn.2: the modulation products keep nothing for scale/shift/gate
 gradients and a frozen linear keeps no copy of its input.
 
@@ -39,9 +39,12 @@ gradients and a frozen linear keeps no copy of its input.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kaleido.config.schema import LORA_ATTENTION_TARGETS
 from kaleido.model.dit import DiTConfig, dit_config
 from kaleido.model.memory import GB, dit_parameters, tokens
 
@@ -77,10 +80,6 @@ class TrainingShape:
     nodes: int = 1  # machines the ranks run on (offloaded states share each machine's memory)
 
     @property
-    def data_parallel(self) -> int:
-        return max(self.world_size // self.sequence_parallel, 1)
-
-    @property
     def tokens(self) -> int:
         """Video + reference tokens of one sample (the whole sequence, before sequence parallelism)."""
         return tokens(self.frames, self.height, self.width, self.references, self.config.patch_size)
@@ -107,19 +106,27 @@ class MemoryEstimate:
         return self.total / GB
 
 
+@functools.cache
+def _shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """The checkpoint layout's tensor shapes (kaleido.model.checkpoint.expected_shapes: a meta-device model),
+    once per config: the planner asks for them for every option it tries."""
+    from kaleido.model.checkpoint import expected_shapes
+
+    return {key: tuple(shape) for key, shape in expected_shapes(cfg).items()}
+
+
 def lora_parameters(cfg: DiTConfig, rank: int, targets: tuple[str, ...]) -> int:
-    """Adapter parameters: rank x (in + out features) per targeted linear, in every block (LoRA: A is r x in,
-    B is out x r)."""
-    d, f = cfg.dim, cfg.ffn_dim
-    sizes = {"ffn.0": (d, f), "ffn.2": (f, d)}
-    per_block = sum(rank * sum(sizes.get(t, (d, d))) for t in targets)
-    return per_block * cfg.num_layers
+    """Adapter parameters: rank x (in + out features) of every targeted linear in every block (LoRA: A is
+    r x in, B is out x r), from the checkpoint layout's shapes."""
+    wanted = {f".{t}.weight" for t in targets}
+    return sum(rank * (shape[0] + shape[1]) for key, shape in _shapes(cfg).items()
+               if key.startswith("blocks.") and key[key.index(".", len("blocks.")):] in wanted)
 
 
 def largest_layer(cfg: DiTConfig) -> int:
-    """Parameters of the largest single tensor (ZeRO-3 gathers one at a time): the FFN or text/time projections."""
-    patch = cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
-    return max(cfg.dim * cfg.ffn_dim, 6 * cfg.dim * cfg.dim, cfg.text_dim * cfg.dim, cfg.in_dim * patch * cfg.dim)
+    """Parameters of the largest single tensor (ZeRO-3 gathers one at a time), from the checkpoint layout
+    (1.3B: the time projection, 6 d x d, not the FFN)."""
+    return max(math.prod(shape) for shape in _shapes(cfg).values())
 
 
 def model_state_bytes(shape: TrainingShape) -> dict[str, float]:
@@ -128,11 +135,10 @@ def model_state_bytes(shape: TrainingShape) -> dict[str, float]:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     cfg = shape.config
-    total, _ = dit_parameters(cfg)
-    trainable = lora_parameters(cfg, shape.lora_rank, shape.lora_targets) if shape.lora_rank else total
-    frozen = total - trainable if shape.lora_rank else 0
-    n, zero, layer = shape.data_parallel * shape.sequence_parallel, shape.zero_stage, largest_layer(cfg)
+    trainable = trainable_parameters(shape)
+    frozen = dit_parameters(cfg)[0] - trainable
     # DeepSpeed partitions over every rank it sees (it is not told about the sequence-parallel groups)
+    n, zero, layer = shape.world_size, shape.zero_stage, largest_layer(cfg)
     if shape.precision == "fp32":
         params = 4 * trainable if zero < 3 else 4 * trainable / n + 4 * layer
         params += 4 * frozen / (n if zero == 3 else 1)
@@ -172,21 +178,33 @@ def trainable_parameters(shape: TrainingShape) -> int:
     return dit_parameters(shape.config)[0]
 
 
-def activation_bytes(shape: TrainingShape) -> tuple[float, float]:
-    """(activations kept for backward, backward buffers) per rank for a micro-batch, in bytes."""
+def block_activation_bytes(shape: TrainingShape) -> float:
+    """Bytes one WanAttentionBlock keeps for backward for one sample (all of it: what a recomputed block holds
+    under activation checkpointing), counted from the tensors its forward saves (the module docstring lists
+    them); L = this rank's tokens."""
     cfg = shape.config
     b = 2 if shape.precision == "bf16" else 4
     d, f, h, t = cfg.dim, cfg.ffn_dim, cfg.num_heads, shape.text_len
     local = shape.tokens / shape.sequence_parallel  # Ulysses: every [L, .] tensor is split over the SP group
     if shape.lora_rank:
         # the base frozen: the fp32 modulation products keep nothing for scale/shift/gate gradients, and an
-        # untargeted linear keeps no copy of its input (the FFN then keeps only GELU's input)
-        fp32_copies, dense, hidden = 5, 8 + ("ffn.0" in shape.lora_targets), 1 + ("ffn.2" in shape.lora_targets)
+        # untargeted linear keeps no copy of its input (the FFN then keeps only GELU's input). Counted for a block
+        # whose input needs a gradient (every block after the first: an earlier adapter changed it)
+        fp32_copies, dense, hidden = 6, 8 + ("ffn.0" in shape.lora_targets), 1 + ("ffn.2" in shape.lora_targets)
     else:
         fp32_copies, dense, hidden = 10, 12, 2
-    block = (local * d * (fp32_copies * 4 + dense * b) + hidden * local * f * b + local * (9 + 2 * h) * 4
-             + t * d * (3 * b + 4))
-    shared = t * d * b + 2 * local * (cfg.head_dim // 2) * 8
+    return (local * d * (fp32_copies * 4 + dense * b) + hidden * local * f * b + local * (9 + 2 * h) * 4
+            + t * d * (3 * b + 4))
+
+
+def activation_bytes(shape: TrainingShape) -> tuple[float, float]:
+    """(activations kept for backward, backward buffers) per rank for a micro-batch, in bytes."""
+    cfg = shape.config
+    b = 2 if shape.precision == "bf16" else 4
+    d, f = cfg.dim, cfg.ffn_dim
+    local = shape.tokens / shape.sequence_parallel
+    block = block_activation_bytes(shape)
+    shared = shape.text_len * d * b + 2 * local * (cfg.head_dim // 2) * 8
     # checkpointing: the input of every block, plus the block being recomputed
     saved = (cfg.num_layers * local * d * b + block if shape.checkpointing else cfg.num_layers * block) + shared
     backward = 2 * local * f * b + 4 * local * d * 4
@@ -199,7 +217,7 @@ def step_bytes(shape: TrainingShape) -> float:
     trainable parameter of this rank's partition; 0 on the GPU with the optimizer offloaded."""
     if shape.offload_optimizer and shape.precision == "bf16":
         return 0.0
-    return 4 * trainable_parameters(shape) / (shape.data_parallel * shape.sequence_parallel)
+    return 4 * trainable_parameters(shape) / shape.world_size
 
 
 def host_bytes(shape: TrainingShape) -> float:
@@ -220,7 +238,7 @@ def host_bytes(shape: TrainingShape) -> float:
             cpu_offload_params=shape.offload_parameters)
     else:
         cpu, _ = estimate_zero2_model_states_mem_needs(trainable, per_node, shape.nodes, cpu_offload=True)
-    frozen = dit_parameters(cfg)[0] - trainable if shape.lora_rank else 0
+    frozen = dit_parameters(cfg)[0] - trainable
     return cpu + (2 * frozen / shape.nodes if shape.offload_parameters else 0.0)
 
 
@@ -306,9 +324,7 @@ def fixes(shape: TrainingShape, budget_gb: float) -> list[str]:
         candidates.append(("train.offload_optimizer: true", replace(shape, offload_optimizer=True)))
     if not shape.lora_rank:
         candidates.append(("train.<stage>.lora.enabled: true (rank 16)",
-                           replace(shape, lora_rank=16, lora_targets=("self_attn.q", "self_attn.k", "self_attn.v",
-                                                                      "self_attn.o", "cross_attn.q", "cross_attn.k",
-                                                                      "cross_attn.v", "cross_attn.o"))))
+                           replace(shape, lora_rank=16, lora_targets=LORA_ATTENTION_TARGETS)))
     if shape.reduce_bucket > 50_000_000:
         candidates.append(("train.reduce_bucket_size: 50000000", replace(shape, reduce_bucket=50_000_000)))
     if shape.micro_batch > 1:
@@ -317,24 +333,25 @@ def fixes(shape: TrainingShape, budget_gb: float) -> list[str]:
     return [f"{key} -> {gb:.1f} GB" for key, gb in found if gb <= budget_gb]
 
 
-def memory_problem(params: Params, stage: str, world_size: int, config: DiTConfig | None = None) -> str | None:
-    """Why the plan does not fit train.gpu_memory_gb (with the options that would) or, with offload, the
-    machines' memory; None when it fits."""
+def memory_problem(params: Params, stage: str, world_size: int, config: DiTConfig | None = None,
+                   ) -> tuple[str | None, MemoryEstimate | None]:
+    """(why the plan does not fit train.gpu_memory_gb, with the options that would, or with offload the machines'
+    memory; None when it fits) and the estimate behind it (None on the CPU path, which has no GPU budget)."""
     budget = params.train.gpu_memory_gb
     shape = shape_from_params(params, stage, world_size, config)
     if shape.precision != "bf16":
-        return None  # the CPU path: no GPU budget, nothing offloaded anywhere else
+        return None, None  # the CPU path: no GPU budget, nothing offloaded anywhere else
     host = host_problem(params, shape)
     found = estimate(shape)
     if budget is None or found.total_gb <= budget:
-        return host
+        return host, found
     options = fixes(shape, budget)
     combine = "activation checkpointing, " if not shape.checkpointing else ""
     return (f"the plan needs about {found.total_gb:.1f} GB per GPU, train.gpu_memory_gb is {budget:g}; "
             + (f"options that fit: {'; '.join(options)}" if options else
                f"no single option fits: combine {combine}ZeRO-3, sequence parallelism, LoRA and optimizer offload, "
                "or use more GPUs")
-            + " (`kaleido train --plan` prints the table)" + (f"; also {host}" if host else ""))
+            + " (`kaleido train --plan` prints the table)" + (f"; also {host}" if host else "")), found
 
 
 def host_problem(params: Params, shape: TrainingShape) -> str | None:

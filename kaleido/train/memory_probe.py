@@ -20,8 +20,7 @@ import os
 import time
 from typing import Any
 
-ATTENTION = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-             "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")  # fmt: skip
+from kaleido.config.schema import LORA_ATTENTION_TARGETS
 
 
 def _peak_tensor_bytes(prof: Any) -> int:
@@ -66,7 +65,7 @@ def probe(arch: str, frames: int, height: int, width: int, references: int, text
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = KaleidoDiT(cfg)
         if lora_rank:
-            add_lora(model, lora_rank, float(lora_rank), ATTENTION)
+            add_lora(model, lora_rank, float(lora_rank), LORA_ATTENTION_TARGETS)
         model.gradient_checkpointing = checkpointing
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -81,7 +80,7 @@ def probe(arch: str, frames: int, height: int, width: int, references: int, text
     measured = _peak_tensor_bytes(prof)
     shape = TrainingShape(cfg, frames, height, width, references, text_len, precision="fp32", zero_stage=2,
                           checkpointing=checkpointing, lora_rank=lora_rank, reduce_bucket=bucket,
-                          lora_targets=ATTENTION if lora_rank else ())
+                          lora_targets=LORA_ATTENTION_TARGETS if lora_rank else ())
     found = estimate(shape)
     return {"arch": arch, "tokens": shape.tokens, "lora_rank": lora_rank, "checkpointing": checkpointing,
             "estimate": found.rows, "estimate_total": found.total, "measured_peak": measured,

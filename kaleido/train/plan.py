@@ -23,7 +23,14 @@ STAGES: tuple[str, ...] = ("pretrain", "sft")
 
 
 class TrainPlanError(ParamsError):
-    """A params combination that cannot train; the message names the params.yaml keys involved."""
+    """A params combination that cannot train; the message names the params.yaml keys involved.
+
+    memory: the memory estimate (kaleido.train.memory.MemoryEstimate) when the refusal is about memory, so a
+    caller can show the table that explains it; None for any other problem."""
+
+    def __init__(self, message: str, memory: Any = None):
+        super().__init__(message)
+        self.memory = memory
 
 
 def stage_preset(params: Params, stage: str) -> StagePreset:
@@ -157,6 +164,14 @@ def tracking_uri(params: Params, environ: dict[str, str] | None = None) -> str:
     return env.get("MLFLOW_TRACKING_URI", params.platform.mlflow_tracking_uri).strip()
 
 
+def world_size(params: Params) -> int:
+    """Ranks of a launch: train.kubernetes.nodes x gpus_per_node on the cluster, else train.nproc_per_node."""
+    k8s = params.train.kubernetes
+    if params.train.launcher == "kubernetes":
+        return k8s.nodes * max(k8s.gpus_per_node, 1)
+    return params.train.nproc_per_node
+
+
 def world_size_keys(params: Params) -> str:
     """The params.yaml keys that set the number of ranks, for messages."""
     if params.train.launcher == "kubernetes":
@@ -164,16 +179,18 @@ def world_size_keys(params: Params) -> str:
     return "train.nproc_per_node"
 
 
-def model_config(params: Params, stage: str) -> tuple[DiTConfig, str]:
+def model_config(params: Params, stage: str, registry: tuple[str, dict[str, Any]] | None = None,
+                 ) -> tuple[DiTConfig, str]:
     """The DiT config a stage trains: the init checkpoint's own config when it has one, else model.arch's.
 
     Mirrors how the worker loads the weights (and S2VPipeline.from_params), so the checks see the real model.
+    registry: inspect_registry_init's answer when the caller has it already (one registry read, not two).
     """
     from kaleido.model.checkpoint import CheckpointError, read_config
     from kaleido.model.dit import DiTConfig, dit_config
 
     if registry_init(params, stage):  # the version's own config, without downloading its weights
-        resolved, config = inspect_registry_init(params, stage)
+        resolved, config = registry or inspect_registry_init(params, stage)
         if config.get("dit"):
             return DiTConfig(**{**config["dit"], "patch_size": tuple(config["dit"]["patch_size"])}), resolved
     init_path, init_key = stage_init(params, stage)
@@ -248,7 +265,9 @@ def plan_training(
     preset = stage_preset(params, stage)
     problems: list[str] = []
     sp = train.sequence_parallel
-    config, config_source = model_config(params, stage)
+    registry = inspect_registry_init(params, stage) if registry_init(params, stage) else None
+    base_model = registry[0] if registry else None
+    config, config_source = model_config(params, stage, registry)
     heads = config.num_heads
     if heads % sp:
         # a valid degree divides the heads AND the world size
@@ -274,7 +293,6 @@ def plan_training(
         )
     grad_accum = max(preset.global_batch // per_step, 1)
     latents = stage_latents(params, stage)
-    base_model = inspect_registry_init(params, stage)[0] if registry_init(params, stage) else None
     if base_model and not check_files:  # the pods download it (the launcher only plans)
         init_path, init_key = Path(base_model), f"train.{stage}.init ({base_model})"
     else:
@@ -289,16 +307,18 @@ def plan_training(
                 f"--resume: no DeepSpeed checkpoint under {checkpoint_dir(params, stage)} "
                 f"(train.output_dir={train.output_dir}); start without --resume"
             )
-    if not problems:
+    refused = None
+    if not problems:  # the memory estimate needs a valid layout
         from kaleido.train.memory import memory_problem
 
-        memory = memory_problem(params, stage, world_size, config)
+        memory, refused = memory_problem(params, stage, world_size, config)
         if memory:
             problems.append(memory)
     if check_tracking:
         problems += _check_tracking(tracking_uri(params))
     if problems:
-        raise TrainPlanError(f"cannot train stage {stage!r}:\n  " + "\n  ".join(problems))
+        raise TrainPlanError(f"cannot train stage {stage!r}:\n  " + "\n  ".join(problems),
+                             memory=refused if len(problems) == 1 else None)
     return TrainPlan(
         stage=stage,
         world_size=world_size,

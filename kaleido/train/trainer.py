@@ -180,11 +180,10 @@ class Trainer:
                 **base,
             }  # fmt: skip
             if lora:
-                from kaleido.model.lora import Adapter, save_adapter
+                from kaleido.model.lora import Adapter, save_adapter_layouts
 
                 adapter = Adapter(state, lora.rank, lora.alpha, base)
-                for layout in ("peft", "diffusers", "wan"):
-                    save_adapter(adapter, partial, layout)
+                save_adapter_layouts(adapter, partial)
                 info.update(format="lora", lora={"rank": lora.rank, "alpha": lora.alpha, "targets": adapter.targets,
                                                  "parameters": adapter.num_parameters()})
             else:
