@@ -224,3 +224,10 @@ def test_generation_pipeline_merges_model_lora(tmp_path, tiny_assets, params_for
     torch.testing.assert_close(pipe.dit.state_dict()[key], merged)
     assert not torch.equal(pipe.dit.state_dict()[key], base.state_dict()[key])
     assert torch.equal(load_dit(tiny_assets / "transformer").state_dict()[key], base.state_dict()[key])
+
+
+def test_lora_scale_without_an_adapter_is_refused_before_loading(tmp_path, tiny_assets, params_for):
+    params = params_for(tmp_path / "p", tiny_assets, {})
+    result = CliRunner().invoke(app, ["generate", "--prompt", "a cat", "--out", str(tmp_path / "v.mp4"),
+                                      "--lora-scale", "0.5", "--params", str(params)])
+    assert result.exit_code == 2 and "--lora-scale scales an adapter: give --lora" in result.output, result.output
