@@ -408,12 +408,15 @@ def find_validation(source: ModelSource, params: Params) -> dict[str, Any] | Non
         registry = ModelRegistry(params.platform.mlflow_tracking_uri, source.registry_name)
         run_id = registry.version_tags(str(source.registry_version)).get("lineage.training_run_id")
         if run_id:
-            folder = checkpoint.parent / "training-run"
-            folder.mkdir(parents=True, exist_ok=True)
-            try:
-                record_path = Path(registry.client.download_artifacts(run_id, RECORD_NAME, str(folder)))
-            except Exception:  # the run has no such artifact (trained without a validation split)
-                record_path = None
+            import tempfile
+
+            # a private folder, not the shared model cache: two evaluations of one version may run at once
+            with tempfile.TemporaryDirectory(prefix="kaleido-val-") as tmp:
+                try:
+                    downloaded = Path(registry.client.download_artifacts(run_id, RECORD_NAME, tmp))
+                except Exception:  # the run has no such artifact (trained without a validation split)
+                    return None
+                return validation_block(json.loads(downloaded.read_text()))
     if record_path is None or not record_path.is_file():
         return None
     return validation_block(json.loads(record_path.read_text()))
