@@ -10,7 +10,30 @@ import typer
 
 from kaleido.config import Params, ParamsError, load_params
 
-app = typer.Typer(
+
+class KaleidoTyper(typer.Typer):
+    """The typer app, with the platform's expected failures turned into `error: ...` and exit 2.
+
+    A second runner on a busy output folder, a full disk, an unreadable file: each is an operator's
+    situation, not a bug, so it gets one line naming the path and the way out instead of a traceback.
+    """
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        from kaleido.platform.files import OutputBusy, describe_os_error, is_disk_full
+
+        try:
+            return super().__call__(*args, **kwargs)
+        except OutputBusy as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise SystemExit(2) from None
+        except (OSError, RuntimeError) as exc:
+            if not (isinstance(exc, OSError) and exc.filename) and not is_disk_full(exc):
+                raise
+            typer.secho(f"error: {describe_os_error(exc)}", fg=typer.colors.RED, err=True)
+            raise SystemExit(2) from None
+
+
+app = KaleidoTyper(
     name="kaleido",
     help="Kaleido subject-to-video platform: curate, train, evaluate, generate.",
     no_args_is_help=True,

@@ -1,0 +1,143 @@
+"""Files that a later stage, another process or a user reads: one writer at a time, whole or absent.
+
+A shared team platform runs many commands at once on one data root, one `--out` folder or one
+cache. Three rules, one function each, used by every stage:
+
+- `exclusive_output(folder, what)`: an exclusive lock per output folder, held for the whole run
+  (filelock: an OS `flock`, released by the kernel when the holder dies, so a SIGKILLed runner
+  never leaves a stale lock). A second runner is refused at once with the holder's pid, host and
+  start time (`OutputBusy`); the CLI turns that into `error: ...` and exit 2.
+- `atomic_path(path)` / `write_text_atomic` / `write_json_atomic`: write to a temporary name in the
+  same folder, then `os.replace` (atomic on POSIX): a reader sees the old file or the new one,
+  never half of one. The temporary name keeps the suffix (PyAV and Pillow pick the format from it).
+- `describe_os_error(exc, path)`: an OSError as `<path>: <why>`, saying "no space left on device"
+  with the free bytes for ENOSPC (torch's checkpoint writer hides it behind an `inline_container`
+  RuntimeError: `is_disk_full` recognises that too).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class OutputBusy(RuntimeError):
+    """Another process holds the output folder's lock; the message names it and says what to do."""
+
+
+def lock_path(folder: str | Path) -> Path:
+    """The lock file of an output folder: a hidden sibling, so the folder itself can be replaced."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _holder_text(holder_file: Path) -> str:
+    try:
+        holder = json.loads(holder_file.read_text())
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["started"])))
+        return f"pid {holder['pid']} on {holder['host']}, started {started} ({holder.get('command', '?')})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (holder unknown)"
+
+
+@contextmanager
+def exclusive_output(folder: str | Path, what: str, *, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold the exclusive lock of `folder` (an output folder; need not exist yet) for the block.
+
+    `what` names the run in messages ("kaleido curate", "evaluation"). `wait_s` > 0 waits that many
+    seconds for the holder to finish before giving up. Raises OutputBusy naming the holder.
+    Re-entrant within one process (a stage that calls another stage on the same folder).
+    """
+    from filelock import FileLock, Timeout
+
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder_file = path.with_name(path.name + ".holder")
+    lock = FileLock(str(path), is_singleton=True)  # one object per path in a process: re-entrant
+    try:
+        lock.acquire(timeout=wait_s)
+    except Timeout:
+        raise OutputBusy(
+            f"{folder} is being written by {_holder_text(holder_file)}; two runs into one output folder would "
+            f"mix their files. Wait for it to finish (or stop it), or give this {what} another output folder"
+        ) from None
+    try:
+        if lock.lock_counter == 1:
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": what}
+            write_text_atomic(holder_file, json.dumps(record) + "\n")
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed.
+
+    The temporary name is `.<stem>.tmp-<pid><suffix>` (same folder, same filesystem, same suffix).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` whole or not at all; returns `path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, document: Any) -> Path:
+    """`document` as indented, key-sorted JSON at `path`, whole or not at all."""
+    return write_text_atomic(path, json.dumps(document, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the filesystem holding `path` (or its nearest existing parent); None when unknown."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT, also when torch's zip writer wrapped it in a RuntimeError."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "No space left on device" in text or ("inline_container" in text and "file write failed" in text)
+    )
+
+
+def describe_os_error(exc: BaseException, path: str | Path | None = None) -> str:
+    """`<path>: <why>` for an OSError (or torch's wrapped write error), with the free space when the disk is full."""
+    where = path if path is not None else getattr(exc, "filename", None) or "?"
+    if is_disk_full(exc):
+        free = free_bytes(where) if where != "?" else None
+        room = f" ({free / 1e6:.1f} MB free)" if free is not None else ""
+        return f"{where}: no space left on device{room}; free space or point the output at a larger disk"
+    if isinstance(exc, OSError):
+        return f"{where}: {exc.strerror or exc}"
+    return f"{where}: {exc}"
