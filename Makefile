@@ -10,8 +10,11 @@ BIN := $(VENV)/bin
 SAMPLES := artifacts/samples
 PROMPT := "An astronaut plays with a cat next to a cup of coffee on a table"
 IMAGE ?= kaleido:0.1.0
+# checkov, the manifest linter of tests/test_k8s.py, in an environment of its own: it pins old networkx and dpath
+# that the platform's environment must not get.
+LINT_VENV ?= .cache/lint-venv
 
-.PHONY: setup browser run stop test test-fast lint lock bench gpu-check image clean
+.PHONY: setup browser run stop test test-fast lint lint-env lock bench gpu-check image clean
 
 setup: $(VENV)/.installed browser
 
@@ -35,10 +38,18 @@ run: setup
 stop:
 	@test -x $(BIN)/kaleido && $(BIN)/kaleido platform down || true
 
-test: setup lint
+$(LINT_VENV)/.installed: k8s/lint/requirements.lock
+	$(PYTHON) -m pip install -q "uv==$(UV_VERSION)"
+	test -x $(LINT_VENV)/bin/python || $(UV) venv -q --python $(PYTHON) $(LINT_VENV)
+	$(UV) pip sync -q --python $(LINT_VENV)/bin/python k8s/lint/requirements.lock
+	touch $@
+
+lint-env: $(LINT_VENV)/.installed
+
+test: setup lint lint-env
 	$(BIN)/python -m pytest -q --durations=15
 
-test-fast: setup
+test-fast: setup lint-env
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup

@@ -3,7 +3,10 @@ Kubernetes schemas in strict mode, and the security properties the runbook promi
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +24,9 @@ K8S_VERSION = "1.34"  # schemas bundled with kubernetes-validate; the oldest clu
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 OVERLAYS = ["dev", "prod"]
+PROD_PARAMS = K8S / "overlays" / "prod" / "params.yaml"
+# The labels the network policies select flow-run pods by (k8s/work-pool-gpu.json's pod template)
+FLOW_RUN_LABELS = {"app.kubernetes.io/name": "kaleido-flow", "app.kubernetes.io/component": "flow-run"}
 NAMESPACE = "kaleido"
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
@@ -101,7 +107,11 @@ def test_secrets_only_by_reference(overlay: str) -> None:
     for where, pod in _pod_specs(overlay):
         for container in pod.get("initContainers", []) + pod["containers"]:
             for env in container.get("env", []):
-                if secretish.search(env["name"]):
+                if env["name"].endswith("_FILE"):  # the image reads the secret from a file: a mounted Secret's
+                    secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+                    folders = [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in secrets]
+                    assert any(env["value"].startswith(f"{folder}/") for folder in folders), f"{where}: {env['name']}"
+                elif secretish.search(env["name"]):
                     assert "secretKeyRef" in env.get("valueFrom", {}), f"{where}: {env['name']}"
             # no credentials inside URIs either (user:password@host)
             assert not re.search(r"://[^/@\s:]+:[^/@\s]+@", json.dumps(container)), where
@@ -134,11 +144,12 @@ def test_rbac_is_namespaced_and_minimal(overlay: str) -> None:
     }
     worker = _find(overlay, "Deployment", "prefect-worker")["spec"]["template"]["spec"]
     assert worker["serviceAccountName"] == "prefect-worker"
-    # flow-run pods: exactly the calls of kaleido.train.launch_kubernetes
+    # flow-run pods: exactly the calls of kaleido.train.launch_kubernetes (tests/test_launch_kubernetes.py records
+    # them); the Service and ConfigMap of a run go with its Job, so no delete on either
     assert grants("kaleido-flow") == {
         ("batch", "jobs"): {"get", "create", "delete"},
-        ("", "services"): {"create", "delete"},
-        ("", "configmaps"): {"create", "delete"},
+        ("", "services"): {"create"},
+        ("", "configmaps"): {"create"},
         ("", "pods"): {"list"},
         ("", "events"): {"list"},
         ("", "pods/log"): {"get"},
@@ -204,7 +215,7 @@ def test_prod_serves_the_champion_on_a_gpu() -> None:
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     from kaleido.config import load_params
 
-    assert container["image"] == load_params(REPO / "params.yaml").train.kubernetes.image  # the platform's image
+    assert container["image"] == load_params(PROD_PARAMS).train.kubernetes.image  # the platform's image, pinned
     assert not [d for d in rendered("dev") if d["metadata"]["name"] == "kaleido-serve"]  # prod only
 
 
@@ -213,6 +224,9 @@ def test_params_configmap_is_the_repository_params() -> None:
     assert data == (REPO / "params.yaml").read_text(), (
         "k8s/base/params.yaml differs from params.yaml: run `cp params.yaml k8s/base/params.yaml`"
     )
+    # prod ships its own (a GPU configuration, test_prod_params_is_a_gpu_configuration), under the same fixed name
+    assert _find("prod", "ConfigMap", "kaleido-params")["data"]["params.yaml"] == PROD_PARAMS.read_text()
+    assert _find("prod", "ConfigMap", "kaleido-params")["metadata"]["name"] == "kaleido-params"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,6 +282,8 @@ def test_work_pool_template_is_a_gpu_job(overlay: str) -> None:
     assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["allowPrivilegeEscalation"] is False
     assert {"secretRef": {"name": "mlflow-credentials"}} in container["envFrom"]
     assert pod["serviceAccountName"] == "kaleido-flow"
+    # the labels the network policies select flow-run pods by (Prefect adds its own prefect.io/* labels to them)
+    assert job["spec"]["template"]["metadata"]["labels"].items() >= FLOW_RUN_LABELS.items()
 
 
 def test_prod_template_differs_only_in_sizing_defaults() -> None:
@@ -275,6 +291,7 @@ def test_prod_template_differs_only_in_sizing_defaults() -> None:
     prod = json.loads((K8S / "overlays/prod/work-pool-gpu.json").read_text())
     assert base["job_configuration"] == prod["job_configuration"]
     sized = {"gpu_count", "cpu", "memory", "shm_size", "node_selector", "tolerations"}
+    sized.add("image")  # prod names the image by its release digest (test_prod_images_are_pinned_by_digest)
     for name in base["variables"]["properties"].keys() | prod["variables"]["properties"].keys():
         if name not in sized:
             assert base["variables"]["properties"][name] == prod["variables"]["properties"][name], name
@@ -409,3 +426,350 @@ def test_workspace_sync_keeps_outputs_and_runs_dvc_without_git(tmp_path: Path, m
 
     bad = CliRunner().invoke(app, ["platform", "sync-workspace", "--source", str(tmp_path), "--target", str(workspace)])
     assert bad.exit_code == 2 and "no dvc.yaml" in bad.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cluster hardening: network policies, least RBAC, digests, readiness probes, prod's params, the manifest linter
+
+
+def _ns(name: str, **labels: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name, **labels}
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions) against a label set; {} selects everything."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if not {"In": present and labels[key] in values, "NotIn": not present or labels[key] not in values,
+                "Exists": present, "DoesNotExist": not present}[operator]:  # fmt: skip
+            return False
+    return True
+
+
+def _peer_matches(entry: dict[str, Any], peer: dict[str, Any]) -> bool:
+    """One `from` / `to` entry against a peer: a pod ({"pod": labels, "ns": namespace labels}) or an address."""
+    if "ipBlock" in entry:  # cluster-external addresses (the API server, Prefect Cloud); pods go by selectors
+        if "ip" not in peer:
+            return False
+        address, block = ipaddress.ip_address(peer["ip"]), entry["ipBlock"]
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(cidr) for cidr in block.get("except", []))  # fmt: skip
+    if "pod" not in peer:
+        return False
+    if "namespaceSelector" in entry:
+        if not _selects(entry["namespaceSelector"], peer["ns"]):
+            return False
+    elif peer["ns"] != _ns(NAMESPACE):
+        return False
+    return _selects(entry.get("podSelector", {}), peer["pod"])
+
+
+def _connects(policies: list[dict[str, Any]], src: dict[str, Any], dst: dict[str, Any], port: int,
+              protocol: str = "TCP") -> bool:  # fmt: skip
+    """Whether NetworkPolicy semantics let src open port/protocol on dst: src's egress AND dst's ingress allow it.
+    Only pods of this namespace are isolated by these policies; the other end may be anything."""
+
+    def allowed(pod: dict[str, Any], direction: str, other: dict[str, Any]) -> bool:
+        if pod.get("ns") != _ns(NAMESPACE):
+            return True
+        selecting = [p["spec"] for p in policies
+                     if direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], pod["pod"])]
+        rules, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+        return not selecting or any(
+            (not rule.get(peers) or any(_peer_matches(entry, other) for entry in rule[peers]))
+            and (not rule.get("ports") or any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port)
+                                              for p in rule["ports"]))
+            for spec in selecting for rule in spec.get(rules, []))  # fmt: skip
+
+    return allowed(src, "Egress", dst) and allowed(dst, "Ingress", src)
+
+
+def _pod_labels(overlay: str) -> dict[str, dict[str, str]]:
+    """The labels each kind of pod actually carries: the overlay's workloads, a flow run of its work pool, a
+    training pod of its params (kaleido.train.launch_kubernetes), and the operator's Prefect server."""
+    from kaleido.config import load_params
+    from kaleido.train.launch_kubernetes import render_training_manifests
+
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+            for d in rendered(overlay) if d["kind"] in WORKLOADS}  # fmt: skip
+    template = json.loads(_find(overlay, "ConfigMap", "prefect-work-pool")["data"]["work-pool-gpu.json"])
+    pods["flow-run"] = _template_job(template)["spec"]["template"]["metadata"]["labels"]
+    params_file = REPO / "params.yaml" if overlay == "dev" else PROD_PARAMS
+    job = render_training_manifests(load_params(params_file), "pretrain", False, params_file, run_id="net")[2]
+    pods["train"] = job["spec"]["template"]["metadata"]["labels"]
+    pods["prefect-server"] = {"app.kubernetes.io/name": "prefect-server"}  # the prefect-server Helm chart's label
+    return pods
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_allow_exactly_the_platform_paths(overlay: str) -> None:
+    policies = [d for d in rendered(overlay) if d["kind"] == "NetworkPolicy"]
+    assert _find(overlay, "NetworkPolicy", "default-deny")["spec"] == {
+        "podSelector": {}, "policyTypes": ["Ingress", "Egress"]}  # fmt: skip
+    labels = _pod_labels(overlay)
+
+    def pod(name: str) -> dict[str, Any]:
+        return {"pod": labels[name], "ns": _ns(NAMESPACE)}
+
+    dns = {"pod": {"k8s-app": "kube-dns"}, "ns": _ns("kube-system")}
+    controller = {"pod": {"app.kubernetes.io/name": "ingress-nginx"}, "ns": _ns("ingress-nginx")}
+    client = {"pod": {"app": "web"}, "ns": _ns("shop", **{"kaleido/s2v-client": "true"})}
+    stranger = {"pod": {"app": "web"}, "ns": _ns("other")}
+    api_server, cloud = {"ip": "10.96.0.1"}, {"ip": "104.18.0.1"}  # kubernetes.default's address; Prefect Cloud
+
+    allowed = [
+        (pod("flow-run"), pod("mlflow"), 5000), (pod("train"), pod("mlflow"), 5000),
+        (pod("mlflow"), pod("postgres"), 5432),
+        (pod("train"), pod("train"), 29500), (pod("train"), pod("train"), 43117),  # rendezvous, NCCL's ephemeral
+        (pod("prefect-worker"), pod("prefect-server"), 4200), (pod("flow-run"), pod("prefect-server"), 4200),
+        (pod("prefect-worker"), api_server, 443), (pod("prefect-worker"), api_server, 6443),
+        (pod("flow-run"), api_server, 443), (pod("flow-run"), api_server, 6443), (pod("prefect-worker"), cloud, 443),
+    ]  # fmt: skip
+    denied = [
+        (pod("flow-run"), pod("postgres"), 5432), (pod("train"), pod("postgres"), 5432),
+        (pod("prefect-worker"), pod("postgres"), 5432), (pod("prefect-worker"), pod("mlflow"), 5000),
+        (stranger, pod("mlflow"), 5000), (stranger, pod("postgres"), 5432), (stranger, pod("train"), 29500),
+        (pod("flow-run"), pod("train"), 29500), (pod("mlflow"), pod("train"), 29500),
+        (pod("train"), pod("flow-run"), 80),
+        (pod("train"), api_server, 443), (pod("train"), cloud, 443), (pod("mlflow"), cloud, 443),
+        (pod("postgres"), cloud, 443), (pod("postgres"), pod("mlflow"), 5000), (pod("flow-run"), cloud, 80),
+        (pod("flow-run"), pod("prefect-worker"), 8080), (stranger, pod("prefect-worker"), 8080),
+    ]  # fmt: skip
+    resolvers = ["mlflow", "prefect-worker", "flow-run", "train"]
+    if overlay == "prod":
+        resolvers.append("kaleido-serve")
+        allowed += [(controller, pod("mlflow"), 5000), (pod("kaleido-serve"), pod("mlflow"), 5000),
+                    (client, pod("kaleido-serve"), 8080)]  # fmt: skip
+        denied += [(stranger, pod("kaleido-serve"), 8080), (client, pod("mlflow"), 5000),
+                   (pod("kaleido-serve"), pod("postgres"), 5432), (pod("kaleido-serve"), cloud, 443)]  # fmt: skip
+    else:
+        denied.append((controller, pod("mlflow"), 5000))  # dev has no Ingress: port-forward only
+    allowed += [(pod(name), dns, 53, protocol) for name in resolvers for protocol in ("UDP", "TCP")]
+    denied.append((pod("postgres"), dns, 53, "UDP"))  # PostgreSQL resolves no names: no egress at all
+
+    def show(peer: dict[str, Any]) -> str:
+        if "ip" in peer:
+            return peer["ip"]
+        return f"{peer['ns']['kubernetes.io/metadata.name']}/{peer['pod'].get('app.kubernetes.io/name', peer['pod'])}"
+
+    wrong = [f"{show(src)} -> {show(dst)}:{rest[0]} should be {'allowed' if expect else 'denied'}"
+             for expect, cases in ((True, allowed), (False, denied)) for src, dst, *rest in cases
+             if _connects(policies, src, dst, *rest) != expect]  # fmt: skip
+    assert not wrong, "\n".join(wrong)
+
+
+_PLURAL_EXCEPTIONS = {"Ingress": "ingresses", "NetworkPolicy": "networkpolicies"}
+
+
+def role_allows(rules: list[dict[str, Any]], verb: str, group: str, resource: str, name: str | None = None) -> bool:
+    """RBAC's rule check (no aggregation, namespaced Role): resourceNames never limit create or deletecollection,
+    and list / watch only with a name field selector, which callers here do not use."""
+    for rule in rules:
+        if not ({group, "*"} & set(rule["apiGroups"]) and {resource, "*"} & set(rule["resources"])
+                and {verb, "*"} & set(rule["verbs"])):  # fmt: skip
+            continue
+        names = rule.get("resourceNames")
+        if not names or (name in names and verb not in ("create", "deletecollection", "list", "watch")):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_accounts_cannot_change_the_platform(overlay: str) -> None:
+    """Neither the flow's nor the worker's account may delete, update or patch any object the overlay ships (the
+    `mlflow` Service and the `kaleido-params` ConfigMap among them), nor reach around RBAC."""
+    for account in ("kaleido-flow", "prefect-worker"):
+        rules = _find(overlay, "Role", account)["rules"]
+        for doc in rendered(overlay):
+            if doc["kind"] in CLUSTER_SCOPED:
+                continue
+            group = doc["apiVersion"].rpartition("/")[0]
+            resource = _PLURAL_EXCEPTIONS.get(doc["kind"], doc["kind"].lower() + "s")
+            name = doc["metadata"]["name"]
+            for verb in ("delete", "update", "patch", "deletecollection"):
+                assert not role_allows(rules, verb, group, resource, name), f"{account} may {verb} {resource}/{name}"
+        for verb, group, resource in [
+            ("get", "", "secrets"), ("list", "", "secrets"), ("create", "", "pods"), ("create", "", "pods/exec"),
+            ("create", "networking.k8s.io", "networkpolicies"), ("create", "rbac.authorization.k8s.io", "roles"),
+            ("create", "rbac.authorization.k8s.io", "rolebindings"), ("bind", "rbac.authorization.k8s.io", "roles"),
+            ("escalate", "rbac.authorization.k8s.io", "roles"), ("impersonate", "", "serviceaccounts"),
+            ("create", "", "serviceaccounts/token"),
+        ]:  # fmt: skip
+            assert not role_allows(rules, verb, group, resource), f"{account} may {verb} {resource}"
+    flow = _find(overlay, "Role", "kaleido-flow")["rules"]
+    assert not role_allows(flow, "delete", "", "services", "mlflow")
+    assert not role_allows(flow, "delete", "", "configmaps", "kaleido-params")
+    assert role_allows(flow, "create", "", "services", "kaleido-pretrain-abc123-ab12")  # what a run needs
+
+
+_PINNED = re.compile(r"(?P<repository>[a-z0-9][a-z0-9.\-_/:]*)@sha256:[0-9a-f]{64}")
+
+
+def test_prod_images_are_pinned_by_digest() -> None:
+    """Every image prod runs (platform pods, serving, flow runs, training) is named by digest, never by a tag; the
+    kaleido image is the same release in all three places that name it."""
+    from kaleido.config import load_params
+
+    images = {f"{where}: {container['name']}": container["image"]
+              for where, pod in _pod_specs("prod")
+              for container in pod.get("initContainers", []) + pod["containers"]}  # fmt: skip
+    template = json.loads(_find("prod", "ConfigMap", "prefect-work-pool")["data"]["work-pool-gpu.json"])
+    images["work pool: image (flow runs)"] = template["variables"]["properties"]["image"]["default"]
+    images["params: train.kubernetes.image"] = load_params(PROD_PARAMS).train.kubernetes.image
+    for where, image in images.items():
+        pinned = _PINNED.fullmatch(image)
+        assert pinned, f"prod {where}: {image} is not <repository>@sha256:<digest>"
+        assert ":" not in pinned["repository"].rsplit("/", 1)[-1], f"prod {where}: {image} carries a tag as well"
+    kaleido = {images["Deployment/kaleido-serve: serve"], images["work pool: image (flow runs)"],
+               images["params: train.kubernetes.image"]}  # fmt: skip
+    assert len(kaleido) == 1, f"the kaleido image differs between serving, flow runs and training: {kaleido}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_long_running_pods_report_readiness(overlay: str) -> None:
+    """Every container of a Deployment or StatefulSet has a readiness probe on a real endpoint or command."""
+    for doc in rendered(overlay):
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                assert "readinessProbe" in container, f"{overlay}: {doc['kind']}/{doc['metadata']['name']}"
+    (mlflow,) = _find(overlay, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert mlflow["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    (postgres,) = _find(overlay, "StatefulSet", "postgres")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in postgres["env"]}
+    assert postgres["readinessProbe"]["exec"]["command"] == ["pg_isready", "-U", env["POSTGRES_USER"], "-d",
+                                                            env["POSTGRES_DB"]]  # fmt: skip
+    # the worker's health server: `--with-healthcheck` serves GET /health on PREFECT_WORKER_WEBSERVER_PORT
+    (worker,) = _find(overlay, "Deployment", "prefect-worker")["spec"]["template"]["spec"]["containers"]
+    assert "--with-healthcheck" in worker["command"]
+    assert not {"PREFECT_WORKER_WEBSERVER_PORT", "PREFECT_WORKER_WEBSERVER_HOST"} & {e["name"] for e in worker["env"]}
+    probe = worker["readinessProbe"]["httpGet"]
+    port = next(p["containerPort"] for p in worker["ports"] if p["name"] == probe["port"])
+    from fastapi.testclient import TestClient
+    from prefect.settings import get_current_settings
+    from prefect.workers.server import _build_healthcheck_server  # the server --with-healthcheck starts
+
+    assert get_current_settings().worker.webserver.port == port and probe["path"] == "/health"
+    app = _build_healthcheck_server(lambda: True).config.app
+    assert TestClient(app).get(probe["path"]).status_code == 200
+    assert TestClient(_build_healthcheck_server(lambda: False).config.app).get(probe["path"]).status_code == 503
+
+
+def test_prod_params_is_a_gpu_configuration() -> None:
+    """Prod's params.yaml passes the same schema as the repository's, runs Kaleido 14B from weights on the
+    checkpoints PVC, and both training stages fit the H100s by the planner's estimate."""
+    from kaleido.config import load_params
+    from kaleido.platform.workspace import KEPT
+    from kaleido.train.launch_kubernetes import POD_PARAMS_DIR, render_training_manifests
+    from kaleido.train.plan import plan_training, world_size
+
+    params = load_params(PROD_PARAMS)  # raises ParamsError naming every bad key
+    assert params.model.arch in ("1.3B", "14B") and params.model.dtype == "bfloat16"
+    assert (params.generate.frames, params.generate.height, params.generate.width, params.generate.steps) == (
+        81, 512, 896, 50)  # fmt: skip
+    assert params.train.frames == 81 and params.train.buckets == [(480, 832)] and params.train.launcher == "kubernetes"
+    weights = {
+        "model.checkpoint": params.model.checkpoint, "model.vae": params.model.vae,
+        "model.text_encoder": params.model.text_encoder, "model.tokenizer": params.model.tokenizer,
+        **{f"data.models.{key}": getattr(params.data.models, key)
+           for key in ("grounding_dino", "sam", "clip", "face", "flux_fill", "flux_redux", "flux_base")},
+        "data.caption.vlm": params.data.caption.vlm,
+        **{f"eval.models.{key}": getattr(params.eval.models, key)
+           for key in ("dino", "aesthetic_clip", "aesthetic_head", "musiq")},
+    }  # fmt: skip
+    for key, path in weights.items():
+        # relative: the folder of params.yaml is the checkpoints PVC in flow runs and training pods alike, and
+        # the workspace sync keeps artifacts/
+        assert path is not None and not path.is_absolute() and path.parts[:2] == ("artifacts", "models"), key
+        assert "tiny" not in path.parts, f"{key}: {path} is a random-weight test model"
+    assert "artifacts" in KEPT
+    template = json.loads(_find("prod", "ConfigMap", "prefect-work-pool")["data"]["work-pool-gpu.json"])
+    flow_pod = _template_job(template)["spec"]["template"]["spec"]
+    (container,) = flow_pod["containers"]
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in flow_pod["volumes"]}
+    mounts = {m["mountPath"]: claims[m["name"]] for m in container["volumeMounts"] if claims.get(m["name"])}
+    k8s = params.train.kubernetes
+    assert mounts[container["workingDir"]] == k8s.checkpoints_claim  # flow runs: params.yaml's folder
+    job = render_training_manifests(params, "pretrain", False, PROD_PARAMS, run_id="gpu")[2]
+    pod = job["spec"]["template"]["spec"]
+    train_claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    train_mounts = {m["mountPath"]: train_claims[m["name"]] for m in pod["containers"][0]["volumeMounts"]}
+    assert train_mounts[POD_PARAMS_DIR] == k8s.checkpoints_claim  # training pods: the same PVC
+    # the training pods go to the pool the flow runs use, with the flow runs' GPU count per node
+    variables = template["variables"]["properties"]
+    assert k8s.node_selector == variables["node_selector"]["default"]
+    assert [t.model_dump(exclude_none=True) for t in k8s.tolerations] == variables["tolerations"]["default"]
+    assert k8s.gpus_per_node == variables["gpu_count"]["default"] == 8
+    platform = _find("prod", "ConfigMap", "kaleido-platform")["data"]
+    assert params.platform.mlflow_tracking_uri == k8s.mlflow_tracking_uri == platform["MLFLOW_TRACKING_URI"]
+    assert params.platform.prefect_api_url == platform["PREFECT_API_URL"] and params.platform.work_pool == "kaleido-gpu"
+    for stage in ("pretrain", "sft"):  # the weights live on the PVC, not here: plan the shapes and memory only
+        plan = plan_training(params, stage, world_size(params), check_files=False, check_tracking=False)
+        assert plan.world_size == k8s.nodes * k8s.gpus_per_node >= 16, plan.describe()
+
+
+LINT_PYTHON = REPO / ".cache" / "lint-venv" / "bin" / "python"
+JUSTIFICATIONS = K8S / "lint" / "justifications.yaml"
+# checkov's Kubernetes runner through its Python API: the CLI imports every framework checkov has and takes twice
+# as long for the same checks (`checkov -d DIR --framework kubernetes --skip-download` reports the same findings).
+_CHECKOV = """
+import json, sys
+from checkov.kubernetes.runner import Runner
+from checkov.runner_filter import RunnerFilter
+report = Runner().run(root_folder=sys.argv[1], runner_filter=RunnerFilter(framework=["kubernetes"]))
+checks = report.passed_checks + report.failed_checks
+print(json.dumps({
+    "passed": len(report.passed_checks),
+    "files": sorted({c.file_path for c in checks}),
+    "parsing_errors": list(report.parsing_errors),
+    "failed": [{"id": c.check_id, "resource": c.resource, "file": c.file_path} for c in report.failed_checks],
+}))
+"""
+
+
+def lint_targets(folder: Path) -> list[str]:
+    """Write what the cluster runs as YAML files: each overlay, the training Job its params render, and a flow run
+    of its work pool. Returns the target names (the files' stems)."""
+    from kaleido.config import load_params
+    from kaleido.train.launch_kubernetes import render_training_manifests
+
+    for overlay, params_file in (("dev", REPO / "params.yaml"), ("prod", PROD_PARAMS)):
+        (folder / f"{overlay}.yaml").write_text(yaml.safe_dump_all(rendered(overlay), sort_keys=False))
+        manifests = render_training_manifests(load_params(params_file), "pretrain", False, params_file, run_id="lint")
+        (folder / f"training-job-{overlay}.yaml").write_text(yaml.safe_dump_all(manifests, sort_keys=False))
+        job = _template_job(json.loads(_find(overlay, "ConfigMap", "prefect-work-pool")["data"]["work-pool-gpu.json"]))
+        job["metadata"]["name"] = job["metadata"].pop("generateName").rstrip("-")  # the worker's name, for the report
+        (folder / f"flow-run-job-{overlay}.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    return sorted(path.stem for path in folder.glob("*.yaml"))
+
+
+def test_manifests_pass_the_linter(tmp_path: Path) -> None:
+    """checkov on every overlay, the training Job and the flow-run Job: each finding is fixed or justified in
+    k8s/lint/justifications.yaml, and each justification still matches a finding."""
+    if not LINT_PYTHON.exists():
+        message = f"checkov's environment {LINT_PYTHON.parents[1]} is missing: `make lint-env` (part of `make test`)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    targets = lint_targets(tmp_path)
+    result = subprocess.run([str(LINT_PYTHON), "-c", _CHECKOV, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "LOG_LEVEL": "ERROR"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not report["parsing_errors"] and report["passed"] > 500, report
+    assert sorted(Path(f).stem for f in report["files"]) == targets  # every target was read and checked
+    justified = yaml.safe_load(JUSTIFICATIONS.read_text())
+    used, unjustified = set(), []
+    for finding in report["failed"]:
+        kind, _, name = finding["resource"].split(".")[:3]  # Kind.namespace.name
+        where = f"{Path(finding['file']).stem}/{kind}/{name}"
+        patterns = [p for p in justified.get(finding["id"], {}).get("where", []) if fnmatch.fnmatchcase(where, p)]
+        used.update((finding["id"], p) for p in patterns)
+        if not patterns:
+            unjustified.append(f"{finding['id']} on {where}")
+    assert not unjustified, "fix, or justify in k8s/lint/justifications.yaml:\n" + "\n".join(unjustified)
+    stale = [f"{check}: {p}" for check, entry in justified.items() for p in entry["where"] if (check, p) not in used]
+    assert not stale, "justifications that match no finding any more (remove them):\n" + "\n".join(stale)
+    assert all(len(entry["why"]) > 80 for entry in justified.values())

@@ -206,6 +206,12 @@ def _handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 state.requests.append(("DELETE", path, body))
                 found = state.objects.pop((kind, name or ""), None)
+                if found is not None and body.get("propagationPolicy") in ("Background", "Foreground"):
+                    # the garbage collector: dependents (ownerReferences to this uid) go with their owner
+                    uid = found["metadata"]["uid"]
+                    for key, obj in list(state.objects.items()):
+                        if any(ref["uid"] == uid for ref in obj["metadata"].get("ownerReferences", [])):
+                            del state.objects[key]
             if found is None:
                 self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
             elif kind == "services":  # the API answers a Service DELETE with the deleted object
@@ -375,14 +381,13 @@ def test_success_streams_logs_and_cleans_up(params_file: Path, cluster: Any) -> 
     for kind in ("services", "configmaps"):
         (owner,) = posts[kind]["metadata"]["ownerReferences"]
         assert owner["kind"] == "Job" and owner["name"] == job and owner["uid"]
-    assert _deleted(state) == [
-        f"/apis/batch/v1/namespaces/{NS}/jobs/{job}",
-        f"/api/v1/namespaces/{NS}/services/{job}",
-        f"/api/v1/namespaces/{NS}/configmaps/{job}-params",
-    ]
+    # only the Job: its Service and ConfigMap go with it (owner references), so the flow's service account needs no
+    # delete right on Services or ConfigMaps (k8s/base/flow-runner.yaml)
+    assert _deleted(state) == [f"/apis/batch/v1/namespaces/{NS}/jobs/{job}"]
     delete_job = next(body for method, path, body in state.requests if method == "DELETE" and "/jobs/" in path)
     assert delete_job["propagationPolicy"] == "Background"
     assert not state.objects
+    assert f"deleted job/{job}; its pods, service and params go with it" in err
 
 
 def test_failed_pod_reports_reason_and_exit_code(params_file: Path, cluster: Any) -> None:
@@ -395,7 +400,7 @@ def test_failed_pod_reports_reason_and_exit_code(params_file: Path, cluster: Any
     assert "job: PodFailurePolicy" in err and "OOMKilling: Memory cgroup out of memory" in err
     assert "unrelated" not in err and "hint: raise train.kubernetes.memory" in err
     assert "[1] rank1 starting" in out
-    assert len(_deleted(state)) == 3 and not state.objects
+    assert len(_deleted(state)) == 1 and not state.objects
 
 
 def test_image_pull_backoff_fails_fast(params_file: Path, cluster: Any) -> None:
@@ -403,7 +408,7 @@ def test_image_pull_backoff_fails_fast(params_file: Path, cluster: Any) -> None:
     code, _, err = _launch(load_params(params_file), params_file, api)
     assert code == 1
     assert 'container trainer ImagePullBackOff: Back-off pulling image "kaleido:0.1.0"' in err
-    assert state.job_reads == 1 and len(_deleted(state)) == 3
+    assert state.job_reads == 1 and len(_deleted(state)) == 1 and not state.objects
 
 
 def test_keep_leaves_the_objects(params_file: Path, cluster: Any) -> None:
@@ -421,4 +426,37 @@ def test_ctrl_c_deletes_the_job(params_file: Path, cluster: Any, monkeypatch: py
     state, api = cluster(Scenario(_success))
     code, _, err = _launch(load_params(params_file), params_file, api)
     assert code == 130 and "interrupted" in err
-    assert len(_deleted(state)) == 3 and not state.objects
+    assert len(_deleted(state)) == 1 and not state.objects
+
+
+_CALL = re.compile(
+    r"/(?:api/v1|apis/(?P<group>batch)/v1)/namespaces/[^/]+/(?P<resource>[a-z]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[a-z]+))?"
+)
+
+
+def _rbac_requests(state: StandIn) -> set[tuple[str, str, str]]:
+    """(verb, API group, resource) of every call the launcher made, as RBAC authorizes them."""
+    calls = set()
+    for method, path, _ in state.requests:
+        match = _CALL.fullmatch(path)
+        assert match, path
+        verb = {"POST": "create", "DELETE": "delete"}.get(method) or ("get" if match["name"] else "list")
+        resource = match["resource"] + (f"/{match['sub']}" if match["sub"] else "")
+        calls.add((verb, match["group"] or "", resource))
+    return calls
+
+
+def test_the_flow_role_grants_exactly_the_launchers_calls(params_file: Path, cluster: Any) -> None:
+    """k8s/base/flow-runner.yaml's Role (flow-run pods launch training) allows every call of a run that succeeds and
+    of one that fails (events are read then), and nothing else."""
+    calls: set[tuple[str, str, str]] = set()
+    for scenario in (Scenario(_success, {0: "rank0"}), Scenario(_oom, {1: "rank1"}, _warning)):
+        state, api = cluster(scenario)
+        _launch(load_params(params_file), params_file, api)
+        calls |= _rbac_requests(state)
+    manifests = yaml.safe_load_all((REPO_PARAMS.parent / "k8s" / "base" / "flow-runner.yaml").read_text())
+    role = next(doc for doc in manifests if doc["kind"] == "Role")
+    granted = {(verb, group, resource) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}  # fmt: skip
+    assert calls == granted
+    assert ("delete", "", "services") not in calls and ("delete", "", "configmaps") not in calls

@@ -509,21 +509,20 @@ class _TrainingRun:
             return
         from kubernetes.client.rest import ApiException
 
-        deletes = {
-            # Background: the Job goes at once and the garbage collector removes its pods.
-            "job": lambda: self.batch.delete_namespaced_job(self.name, self.namespace, propagation_policy="Background"),
-            "service": lambda: self.core.delete_namespaced_service(self.name, self.namespace),
-            "configmap": lambda: self.core.delete_namespaced_config_map(f"{self.name}-params", self.namespace),
-        }
-        for kind in self.created:
-            try:
-                deletes[kind]()
-            except ApiException as exc:
-                if exc.status != 404:
-                    self.say(f"could not delete {kind}/{self.name}: {exc.status} {exc.reason}")
-            except Exception as exc:  # unreachable API: say so, and let the Job's TTL clean up
-                self.say(f"could not delete {kind}/{self.name}: {exc}")
-        self.say(f"deleted job/{self.name} and its service and params")
+        # Only the Job: the Service and the params ConfigMap name it as their owner, so the garbage collector
+        # removes them with its pods (Background: the Job goes at once). The flow's service account therefore
+        # needs no delete right on Services or ConfigMaps (k8s/base/flow-runner.yaml), which keeps `mlflow` and
+        # `kaleido-params` out of its reach.
+        try:
+            self.batch.delete_namespaced_job(self.name, self.namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                self.say(f"could not delete job/{self.name}: {exc.status} {exc.reason}")
+                return
+        except Exception as exc:  # unreachable API: say so, and let the Job's TTL clean up
+            self.say(f"could not delete job/{self.name}: {exc}")
+            return
+        self.say(f"deleted job/{self.name}; its pods, service and params go with it")
 
 
 def _finished(job: Any) -> str | None:
