@@ -381,13 +381,12 @@ def test_vlm_captioner_runs_a_tiny_local_llava(tmp_path, data_params):
     root = tmp_path / "data"
     write_video(frames, root / "clips" / "c.mp4", fps=16)
     clip = ClipRecord("c", "raw/c.mp4", 0, 12, 0.0, 0.75, 16, 16, 96, 64, 12, 0.75, "clips/c.mp4")
-    (root / "manifests").mkdir()
-    (root / "manifests" / "clips.jsonl").write_text(json.dumps(clip.to_json()) + "\n")
+    (root / "clips.jsonl").write_text(json.dumps(clip.to_json()) + "\n")
     params = data_params(
         root, {"data.workers": 1, "data.caption.captioner": "vlm", "data.caption.vlm": str(folder),
                "data.caption.max_new_tokens": 6}
     )
-    run_caption(params, progress=False)
+    run_caption(params, manifest="clips.jsonl", progress=False)
     (row,) = read_jsonl(root / "manifests" / "captions.jsonl")
     assert row["caption_source"] == f"vlm:{folder}" and set(row["caption"].split()) <= set(TINY_VOCAB)
 

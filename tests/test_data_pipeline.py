@@ -234,7 +234,8 @@ def curated(tmp_path_factory, data_params):
                           caption, "sidecar:test", match_subjects(caption))
         rows.append(clip.to_json())
     escape = dict(rows[0], clip_id="evil", path="../../etc/passwd")
-    write_jsonl(root / "manifests" / "captions.jsonl", [*rows, escape])
+    write_jsonl(root / "user" / "captions.jsonl", [*rows, escape])  # a user's own manifest: passed by --manifest
+    write_jsonl(root / "manifests" / "captions.jsonl", rows)  # clip metadata write-dataset copies into the samples
     params = data_params(root, {"data.workers": 1, "data.shard_size": 2, "data.samples_per_tar": 2})
     loads = []
 
@@ -245,9 +246,9 @@ def curated(tmp_path_factory, data_params):
     original = curate.load_curation_models
     curate.load_curation_models = load_curation_models
     try:
-        report = run_curation(params, progress=False)
+        report = run_curation(params, manifest="user/captions.jsonl", progress=False)
         samples_before = (root / "manifests" / "samples.jsonl").read_bytes()
-        run_curation(params, progress=False, force=True)  # same seeds -> same samples
+        run_curation(params, manifest="user/captions.jsonl", progress=False, force=True)  # same seeds, same samples
         assert (root / "manifests" / "samples.jsonl").read_bytes() == samples_before
     finally:
         curate.load_curation_models = original
@@ -296,11 +297,11 @@ def written(curated):
                             [ReferenceImage("dog", "animal", "c0", image_path="../outside.png")])
     missing = TrainingSample("bad-missing", "c0", "clips/gone.mp4", "x", "segment", False, samples[0].references)
     wrong = TrainingSample("bad-type", "c0", "clips/c0.mp4", "x", "collage", False, samples[0].references)
-    write_jsonl(root / "manifests" / "samples.jsonl", [*samples, escape, missing, wrong])
-    report = run_write_dataset(curated["params"], progress=False)
+    write_jsonl(root / "user" / "samples.jsonl", [*samples, escape, missing, wrong])
+    report = run_write_dataset(curated["params"], manifest="user/samples.jsonl", progress=False)
     tars = sorted((root / "dataset").rglob("*.tar"))
     digests = [hashlib.sha256(t.read_bytes()).hexdigest() for t in tars]
-    run_write_dataset(curated["params"], progress=False, force=True)
+    run_write_dataset(curated["params"], manifest="user/samples.jsonl", progress=False, force=True)
     assert [hashlib.sha256(t.read_bytes()).hexdigest() for t in sorted((root / "dataset").rglob("*.tar"))] == digests
     return {**curated, "report": report, "tars": tars, "samples": samples}
 
@@ -376,7 +377,8 @@ def test_cli_data_commands(written, tmp_path):
     params_file.write_text(yaml.safe_dump(written["params"].model_dump(mode="json")))
     result = runner.invoke(app, ["data-stats", "--params", str(params_file)])
     assert result.exit_code == 0 and "data-stats:" in result.output and "stats.json" in result.output
-    result = runner.invoke(app, ["write-dataset", "--params", str(params_file), "--quiet"])
+    result = runner.invoke(app, ["write-dataset", "--params", str(params_file), "--quiet",
+                                 "--manifest", "user/samples.jsonl"])
     assert result.exit_code == 0 and "0 shards run, 3 already done" in result.output
     result = runner.invoke(app, ["subjects", "Two golden retrievers and a teddy bear", "--params", str(params_file)])
     assert result.exit_code == 0 and "dog (animal)" in result.output and "toy (object)" in result.output

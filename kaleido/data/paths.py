@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,46 @@ def check_inside(root: str | Path, value: str | Path, stage: str, item: str | No
         return resolve_inside(root, value)
     except PathOutsideRoot as exc:
         return Rejection(stage=stage, item=item or os.fspath(value), reason=exc.reason, detail=str(exc))
+
+
+def output_folder(root: str | Path, name: str | Path) -> Path:
+    """`<root>/<name>`, a folder a stage writes (and may clear): refused when it is a symlink or resolves
+    outside the root, so that no stage writes, or deletes, outside the data root through a link.
+
+    PathOutsideRoot (kind "symlink") names the link and its target; the fix is to replace the link
+    with a real folder (or point data.root at the other disk).
+    """
+    root_real = Path(root).resolve()
+    folder = root_real / name
+    if folder.is_symlink() or not _is_within(folder.resolve(), root_real):
+        raise PathOutsideRoot(
+            f"output folder {folder} is a symlink (to {folder.resolve()}); stages write and clear their folders, so "
+            f"they must be real folders inside the data root {root_real}: replace the link with a folder, or set "
+            "data.root to the disk the link points to",
+            kind="symlink",
+        )
+    return folder
+
+
+def remove_inside(root: str | Path, path: str | Path) -> None:
+    """Delete `path` (a file or a folder tree) when it lies inside the root; never through a symlink.
+
+    A symlink is unlinked (its target is untouched); a path resolving outside the root is refused
+    (PathOutsideRoot). shutil.rmtree itself does not follow links inside the tree.
+    """
+    root_real = Path(root).resolve()
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    if not _is_within(path.resolve(), root_real):
+        raise PathOutsideRoot(f"refusing to delete {path}: it lies outside the data root {root_real}", kind="symlink")
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def relative_to_root(root: str | Path, path: str | Path) -> str:

@@ -13,7 +13,8 @@ then `pair_samples` once over all results (`pair_shard`: cross pairs need other 
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,15 @@ from typing import Any
 import numpy as np
 
 from kaleido.config.schema import Params
-from kaleido.data.paths import DataLayout, PathOutsideRoot, check_inside, resolve_inside, safe_name
+from kaleido.data.paths import (
+    DataLayout,
+    PathOutsideRoot,
+    check_inside,
+    output_folder,
+    remove_inside,
+    resolve_inside,
+    safe_name,
+)
 from kaleido.data.records import (
     ClipRecord,
     Instance,
@@ -30,7 +39,19 @@ from kaleido.data.records import (
     read_jsonl,
     write_jsonl,
 )
-from kaleido.data.shards import ShardContext, ShardSpec, StageResult, make_shards, merge_jsonl, run_shards
+from kaleido.data.shards import (
+    ShardContext,
+    ShardSpec,
+    StageResult,
+    check_manifest,
+    make_shards,
+    merge_jsonl,
+    open_manifests,
+    run_shards,
+    seal_manifests,
+)
+from kaleido.data.writer import DATASET_INDEX
+from kaleido.platform.files import exclusive_output, write_json_atomic
 
 
 @dataclass
@@ -59,18 +80,39 @@ def data_root(params: Params) -> Path:
     return root
 
 
-def _prepare(params: Params, stage: str, force: bool) -> tuple[Path, DataLayout]:
+@contextmanager
+def _stage(
+    params: Params, stages: Sequence[str], force: bool, manifests: Sequence[Path]
+) -> Iterator[tuple[Path, DataLayout]]:
+    """Run a stage: hold the locks of its folders (the first names the command), clear them on --force, and
+    remove its merged manifests (and their seals) before any work, so a run killed midway never leaves the
+    previous run's manifests behind as if they were this run's. Yields (root, layout)."""
     root = data_root(params)
     root.mkdir(parents=True, exist_ok=True)
     layout = DataLayout(root)
-    if force:
-        shutil.rmtree(layout.stage_dir(stage), ignore_errors=True)
-    return root, layout
+    with ExitStack() as locks:
+        folders = [output_folder(root, stage) for stage in stages]
+        for folder in folders:
+            locks.enter_context(exclusive_output(folder, f"kaleido {stages[0]}"))
+        if force:
+            for folder in folders:
+                remove_inside(root, folder)
+        folders[0].mkdir(parents=True, exist_ok=True)
+        open_manifests(root, folders[0], manifests)
+        yield root, layout
 
 
-def _manifest_path(root: Path, manifest: str | Path | None, default: Path) -> Path:
-    """A user-supplied manifest must itself live inside the data root."""
-    return default if manifest is None else resolve_inside(root, manifest)
+def _checked_input(root: Path, layout: DataLayout, manifest: str | Path | None, default: Path, stage: str) -> Path:
+    """The input manifest: a user's own file (inside the root) as given, or the previous stage's merged manifest,
+    refused unless that stage sealed it (see shards.check_manifest)."""
+    if manifest is not None:
+        return resolve_inside(root, manifest)
+    check_manifest(root, layout.stage_dir(stage), default, _COMMANDS[stage])
+    return default
+
+
+_COMMANDS = {"ingest": "kaleido ingest", "caption": "kaleido caption", "pair": "kaleido curate",
+             "curate": "kaleido curate", "dataset": "kaleido write-dataset"}
 
 
 def load_clip_manifest(root: Path, path: Path, stage: str) -> tuple[list[ClipRecord], list[Rejection]]:
@@ -140,27 +182,32 @@ def run_ingest(params: Params, *, progress: bool = True, force: bool = False) ->
     """Discover sources under data.root (data.ingest.sources), cut them into clips, write clips.jsonl."""
     from kaleido.data.ingest import discover_sources
 
-    root, layout = _prepare(params, "ingest", force)
-    sources, rejections = discover_sources(root, params.data.ingest.sources)
-    # size and mtime in the shard spec: a replaced source file redoes its shard
-    stamps = {}
-    for relative in sources:
-        info = (root / relative).stat()
-        stamps[relative] = [info.st_size, info.st_mtime_ns]
-    specs = make_shards(sources, params.data.shard_size, stamps)
-    fingerprint = {"ingest": params.data.ingest.model_dump(mode="json")}
-    result = run_shards("ingest", specs, ingest_shard, params, fingerprint=fingerprint, progress=progress, unit="video")
-    result.raise_for_failures()
-    dirs = result.shard_dirs()
-    clips = merge_jsonl(dirs, "clips.jsonl", layout.clips_manifest)
-    rejected = _write_rejections(layout, "ingest", dirs, rejections)
-    seconds = sum(float(o.summary.get("video_s", 0.0)) for o in result.outcomes)
-    return StageReport(
-        "ingest",
-        result,
-        {"clips": layout.clips_manifest, "rejections": layout.rejections("ingest")},
-        {"sources": len(sources), "clips": clips, "rejected": rejected, "video_seconds": round(seconds)},
-    )
+    layout = DataLayout(data_root(params))
+    outputs = [layout.clips_manifest, layout.rejections("ingest")]
+    with _stage(params, ["ingest"], force, outputs) as (root, layout):
+        sources, rejections = discover_sources(root, params.data.ingest.sources)
+        # size and mtime in the shard spec: a replaced source file redoes its shard
+        stamps = {}
+        for relative in sources:
+            info = (root / relative).stat()
+            stamps[relative] = [info.st_size, info.st_mtime_ns]
+        specs = make_shards(sources, params.data.shard_size, stamps)
+        fingerprint = {"ingest": params.data.ingest.model_dump(mode="json")}
+        result = run_shards(
+            "ingest", specs, ingest_shard, params, fingerprint=fingerprint, progress=progress, unit="video"
+        )
+        result.raise_for_failures()
+        dirs = result.shard_dirs()
+        clips = merge_jsonl(dirs, "clips.jsonl", layout.clips_manifest)
+        rejected = _write_rejections(layout, "ingest", dirs, rejections)
+        seconds = sum(float(o.summary.get("video_s", 0.0)) for o in result.outcomes)
+        seal_manifests(root, layout.stage_dir("ingest"), dict.fromkeys(outputs, dirs))
+        return StageReport(
+            "ingest",
+            result,
+            {"clips": layout.clips_manifest, "rejections": layout.rejections("ingest")},
+            {"sources": len(sources), "clips": clips, "rejected": rejected, "video_seconds": round(seconds)},
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,38 +220,44 @@ def run_caption(
     """Caption every clip (sidecar file or local VLM), match the taxonomy, write captions.jsonl."""
     from kaleido.data.caption import caption_shard, load_sidecar
 
-    root, layout = _prepare(params, "caption", force)
-    cfg = params.data.caption
-    clips, rejections = load_clip_manifest(root, _manifest_path(root, manifest, layout.clips_manifest), "caption")
-    payload: dict[str, dict[str, Any]] = {clip.clip_id: {"record": clip.to_json()} for clip in clips}
-    fingerprint: dict[str, Any] = {"caption": cfg.model_dump(mode="json")}
-    if cfg.captioner == "sidecar":
-        if cfg.sidecar is None:
-            raise ValueError("data.caption.captioner is 'sidecar' but data.caption.sidecar is not set")
-        sidecar, bad_rows = load_sidecar(root, cfg.sidecar)
-        rejections += bad_rows
-        for clip in clips:
-            entry = payload[clip.clip_id]
-            entry["caption"] = sidecar.lookup(clip) if sidecar else None
-            entry["source"] = sidecar.source if sidecar else None
-    taxonomy = params.resolve(cfg.taxonomy)
-    if taxonomy is not None:  # the terms are part of the result: a changed taxonomy redoes the stage
-        fingerprint["taxonomy_text"] = taxonomy.read_text(encoding="utf-8")
-    specs = make_shards([clip.clip_id for clip in clips], params.data.shard_size, payload)
-    result = run_shards(
-        "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip"
-    )
-    result.raise_for_failures()
-    dirs = result.shard_dirs()
-    captioned = merge_jsonl(dirs, "clips.jsonl", layout.captions_manifest)
-    rejected = _write_rejections(layout, "caption", dirs, rejections)
-    with_subjects = sum(1 for row in read_jsonl(layout.captions_manifest) if row.get("subjects"))
-    return StageReport(
-        "caption",
-        result,
-        {"captions": layout.captions_manifest, "rejections": layout.rejections("caption")},
-        {"clips": len(clips), "captioned": captioned, "with_subjects": with_subjects, "rejected": rejected},
-    )
+    layout = DataLayout(data_root(params))
+    outputs = [layout.captions_manifest, layout.rejections("caption")]
+    with _stage(params, ["caption"], force, outputs) as (root, layout):
+        cfg = params.data.caption
+        source = _checked_input(root, layout, manifest, layout.clips_manifest, "ingest")
+        clips, rejections = load_clip_manifest(root, source, "caption")
+        payload: dict[str, dict[str, Any]] = {clip.clip_id: {"record": clip.to_json()} for clip in clips}
+        fingerprint: dict[str, Any] = {"caption": cfg.model_dump(mode="json")}
+        if cfg.captioner == "sidecar":
+            if cfg.sidecar is None:
+                raise ValueError("data.caption.captioner is 'sidecar' but data.caption.sidecar is not set")
+            sidecar, bad_rows = load_sidecar(root, cfg.sidecar)
+            if sidecar is None:  # the file itself is unusable: every clip would go uncaptioned, with exit 0
+                raise ValueError(f"data.caption.sidecar: {bad_rows[0].detail}; fix the path (relative to data.root)")
+            rejections += bad_rows
+            for clip in clips:
+                entry = payload[clip.clip_id]
+                entry["caption"] = sidecar.lookup(clip)
+                entry["source"] = sidecar.source
+        taxonomy = params.resolve(cfg.taxonomy)
+        if taxonomy is not None:  # the terms are part of the result: a changed taxonomy redoes the stage
+            fingerprint["taxonomy_text"] = taxonomy.read_text(encoding="utf-8")
+        specs = make_shards([clip.clip_id for clip in clips], params.data.shard_size, payload)
+        result = run_shards(
+            "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip"
+        )
+        result.raise_for_failures()
+        dirs = result.shard_dirs()
+        captioned = merge_jsonl(dirs, "clips.jsonl", layout.captions_manifest)
+        rejected = _write_rejections(layout, "caption", dirs, rejections)
+        with_subjects = sum(1 for row in read_jsonl(layout.captions_manifest) if row.get("subjects"))
+        seal_manifests(root, layout.stage_dir("caption"), dict.fromkeys(outputs, dirs))
+        return StageReport(
+            "caption",
+            result,
+            {"captions": layout.captions_manifest, "rejections": layout.rejections("caption")},
+            {"clips": len(clips), "captioned": captioned, "with_subjects": with_subjects, "rejected": rejected},
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,54 +397,60 @@ def run_curation(
     params: Params, *, manifest: str | Path | None = None, progress: bool = True, force: bool = False
 ) -> StageReport:
     """Curate every captioned clip with subject candidates, then pair the results into samples."""
-    root, layout = _prepare(params, "curate", force)
-    if force:
-        shutil.rmtree(layout.stage_dir("pair"), ignore_errors=True)
-    clips, rejections = load_clip_manifest(root, _manifest_path(root, manifest, layout.captions_manifest), "curate")
-    usable = [clip for clip in clips if clip.caption and clip.subjects]
-    payload = {clip.clip_id: clip.to_json() for clip in usable}
-    data = params.data
-    fingerprint = {
-        "seed": data.seed,
-        "models": data.models.model_dump(mode="json"),
-        "grounding": data.grounding.model_dump(mode="json"),
-        "filters": data.filters.model_dump(mode="json"),
-        "references": data.references.model_dump(mode="json"),
-    }
-    specs = make_shards([clip.clip_id for clip in usable], data.shard_size, payload)
-    result = run_shards("curate", specs, curate_shard, params, fingerprint=fingerprint, progress=progress, unit="clip")
-    result.raise_for_failures()
-    dirs = result.shard_dirs()
-    done = {o.name: o.content_hash for o in result.outcomes}
-    pair_spec = ShardSpec(0, tuple(done), done)
-    # the split is decided when pairing: changing data.validation redoes the pairing, not the curation
-    pair_fingerprint = {**fingerprint, "validation": data.validation.model_dump(mode="json")}
-    paired = run_shards(
-        "pair", [pair_spec], pair_shard, params, fingerprint=pair_fingerprint, progress=progress, unit="shard"
-    )
-    paired.raise_for_failures()
-    instances = merge_jsonl(dirs, "instances.jsonl", layout.instances_manifest)
-    samples = merge_jsonl(paired.shard_dirs(), "samples.jsonl", layout.samples_manifest)
-    rejected = _write_rejections(layout, "curate", dirs, rejections)
-    summary = paired.outcomes[0].summary
-    return StageReport(
-        "curate",
-        result,
-        {
-            "instances": layout.instances_manifest,
-            "samples": layout.samples_manifest,
-            "pairing": layout.stage_dir("pair") / pair_spec.name / "pairing.json",
-            "rejections": layout.rejections("curate"),
-        },
-        {
-            "clips": len(usable),
-            "instances": instances,
-            "samples": samples,
-            "cross_pairs": int(summary.get("cross_pairs", 0)),
-            "val_samples": int(summary.get("val_samples", 0)),
-            "rejected": rejected,
-        },
-    )
+    layout = DataLayout(data_root(params))
+    outputs = [layout.instances_manifest, layout.samples_manifest, layout.rejections("curate")]
+    with _stage(params, ["curate", "pair"], force, outputs) as (root, layout):
+        source = _checked_input(root, layout, manifest, layout.captions_manifest, "caption")
+        clips, rejections = load_clip_manifest(root, source, "curate")
+        usable = [clip for clip in clips if clip.caption and clip.subjects]
+        payload = {clip.clip_id: clip.to_json() for clip in usable}
+        data = params.data
+        fingerprint = {
+            "seed": data.seed,
+            "models": data.models.model_dump(mode="json"),
+            "grounding": data.grounding.model_dump(mode="json"),
+            "filters": data.filters.model_dump(mode="json"),
+            "references": data.references.model_dump(mode="json"),
+        }
+        specs = make_shards([clip.clip_id for clip in usable], data.shard_size, payload)
+        result = run_shards(
+            "curate", specs, curate_shard, params, fingerprint=fingerprint, progress=progress, unit="clip"
+        )
+        result.raise_for_failures()
+        dirs = result.shard_dirs()
+        done = {o.name: o.content_hash for o in result.outcomes}
+        pair_spec = ShardSpec(0, tuple(done), done)
+        # the split is decided when pairing: changing data.validation redoes the pairing, not the curation
+        pair_fingerprint = {**fingerprint, "validation": data.validation.model_dump(mode="json")}
+        paired = run_shards(
+            "pair", [pair_spec], pair_shard, params, fingerprint=pair_fingerprint, progress=progress, unit="shard"
+        )
+        paired.raise_for_failures()
+        instances = merge_jsonl(dirs, "instances.jsonl", layout.instances_manifest)
+        samples = merge_jsonl(paired.shard_dirs(), "samples.jsonl", layout.samples_manifest)
+        rejected = _write_rejections(layout, "curate", dirs, rejections)
+        summary = paired.outcomes[0].summary
+        merged = {layout.instances_manifest: dirs, layout.rejections("curate"): dirs,
+                  layout.samples_manifest: paired.shard_dirs()}
+        seal_manifests(root, layout.stage_dir("curate"), merged)
+        return StageReport(
+            "curate",
+            result,
+            {
+                "instances": layout.instances_manifest,
+                "samples": layout.samples_manifest,
+                "pairing": layout.stage_dir("pair") / pair_spec.name / "pairing.json",
+                "rejections": layout.rejections("curate"),
+            },
+            {
+                "clips": len(usable),
+                "instances": instances,
+                "samples": samples,
+                "cross_pairs": int(summary.get("cross_pairs", 0)),
+                "val_samples": int(summary.get("val_samples", 0)),
+                "rejected": rejected,
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,66 +463,69 @@ def run_write_dataset(
     """Pack samples.jsonl into webdataset tar shards under <root>/dataset (see writer.py)."""
     from kaleido.data.writer import sample_key, write_dataset_shard
 
-    root, layout = _prepare(params, "dataset", force)
-    path = _manifest_path(root, manifest, layout.samples_manifest)
-    if not path.is_file():
-        raise FileNotFoundError(f"samples manifest {path} not found; run `kaleido curate` first")
-    clips = {}
-    if layout.captions_manifest.is_file():
-        clips = {row["clip_id"]: row for row in read_jsonl(layout.captions_manifest)}
-    rejections: list[Rejection] = []
-    payload: dict[str, dict[str, Any]] = {}
-    keys: set[str] = set()
-    for number, row in enumerate(read_jsonl(path), 1):
-        try:
-            sample = TrainingSample.from_json(row)
-        except (TypeError, KeyError, ValueError) as exc:
-            rejections.append(Rejection("write", str(row.get("sample_id", f"line {number}")), "bad_record", str(exc)))
-            continue
-        key = sample_key(sample.sample_id)
-        if key in keys:
-            rejections.append(
-                Rejection("write", sample.sample_id, "duplicate_sample", f"webdataset key {key} is already used")
-            )
-            continue
-        keys.add(key)
-        clip = clips.get(sample.clip_id)
-        if clip is not None:
-            clip = {k: v for k, v in clip.items() if k not in ("caption", "subjects")}
-        payload[sample.sample_id] = {"sample": sample.to_json(), "clip": clip}
-    specs = make_shards(list(payload), params.data.samples_per_tar, payload)
-    fingerprint = {"max_references": params.data.references.max_references}
-    result = run_shards(
-        "dataset", specs, write_dataset_shard, params, fingerprint=fingerprint, progress=progress, unit="sample"
-    )
-    result.raise_for_failures()
-    dirs = result.shard_dirs()
-    rejected = _write_rejections(layout, "write", dirs, rejections)
-    merge_jsonl(dirs, "written.jsonl", layout.dataset_manifest)
-    shards = []
-    for outcome, folder in zip((o for o in result.outcomes if o.status != "failed"), dirs, strict=True):
-        for tar in sorted(folder.glob("*.tar")):
-            shards.append(
-                {
-                    "path": tar.relative_to(root).as_posix(),
-                    "samples": int(outcome.summary.get("samples", 0)),
-                    "content_hash": outcome.content_hash,
-                }
-            )
-    index = {"format": "webdataset", "samples": sum(s["samples"] for s in shards), "shards": shards}
-    index_path = layout.dataset / "index.json"
-    index_path.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-    return StageReport(
-        "write-dataset",
-        result,
-        {
-            "dataset": layout.dataset,
-            "index": index_path,
-            "manifest": layout.dataset_manifest,
-            "rejections": layout.rejections("write"),
-        },
-        {"samples": index["samples"], "tars": len(shards), "rejected": rejected},
-    )
+    layout = DataLayout(data_root(params))
+    outputs = [layout.dataset_manifest, layout.rejections("write"), layout.dataset / DATASET_INDEX]
+    with _stage(params, ["dataset"], force, outputs) as (root, layout):
+        path = _checked_input(root, layout, manifest, layout.samples_manifest, "curate")
+        clips = {}
+        if layout.captions_manifest.is_file():  # clip metadata only (fps, source); the samples carry their captions
+            clips = {row["clip_id"]: row for row in read_jsonl(layout.captions_manifest)}
+        rejections: list[Rejection] = []
+        payload: dict[str, dict[str, Any]] = {}
+        keys: set[str] = set()
+        for number, row in enumerate(read_jsonl(path), 1):
+            try:
+                sample = TrainingSample.from_json(row)
+            except (TypeError, KeyError, ValueError) as exc:
+                item = str(row.get("sample_id", f"line {number}"))
+                rejections.append(Rejection("write", item, "bad_record", str(exc)))
+                continue
+            key = sample_key(sample.sample_id)
+            if key in keys:
+                rejections.append(
+                    Rejection("write", sample.sample_id, "duplicate_sample", f"webdataset key {key} is already used")
+                )
+                continue
+            keys.add(key)
+            clip = clips.get(sample.clip_id)
+            if clip is not None:
+                clip = {k: v for k, v in clip.items() if k not in ("caption", "subjects")}
+            payload[sample.sample_id] = {"sample": sample.to_json(), "clip": clip}
+        specs = make_shards(list(payload), params.data.samples_per_tar, payload)
+        fingerprint = {"max_references": params.data.references.max_references}
+        result = run_shards(
+            "dataset", specs, write_dataset_shard, params, fingerprint=fingerprint, progress=progress, unit="sample"
+        )
+        result.raise_for_failures()
+        dirs = result.shard_dirs()
+        rejected = _write_rejections(layout, "write", dirs, rejections)
+        merge_jsonl(dirs, "written.jsonl", layout.dataset_manifest)
+        shards = []
+        for outcome, folder in zip((o for o in result.outcomes if o.status != "failed"), dirs, strict=True):
+            for tar in sorted(folder.glob("*.tar")):
+                shards.append(
+                    {
+                        "path": tar.relative_to(root).as_posix(),
+                        "samples": int(outcome.summary.get("samples", 0)),
+                        "content_hash": outcome.content_hash,
+                    }
+                )
+        index = {"format": "webdataset", "samples": sum(s["samples"] for s in shards), "shards": shards}
+        index_path = layout.dataset / DATASET_INDEX
+        write_json_atomic(index_path, index)  # last: its presence says the dataset is complete (writer.dataset_tars)
+        merged = {layout.dataset_manifest: dirs, layout.rejections("write"): dirs}
+        seal_manifests(root, layout.stage_dir("dataset"), merged)
+        return StageReport(
+            "write-dataset",
+            result,
+            {
+                "dataset": layout.dataset,
+                "index": index_path,
+                "manifest": layout.dataset_manifest,
+                "rejections": layout.rejections("write"),
+            },
+            {"samples": index["samples"], "tars": len(shards), "rejected": rejected},
+        )
 
 
 def run_stats(params: Params) -> StageReport:
@@ -472,7 +534,8 @@ def run_stats(params: Params) -> StageReport:
 
     root = data_root(params)
     layout = DataLayout(root)
-    stats = write_stats(root, layout.stats)
+    with exclusive_output(output_folder(root, "stats"), "kaleido data-stats"):
+        stats = write_stats(root, layout.stats)
     return StageReport(
         "data-stats",
         None,

@@ -12,7 +12,17 @@
   skipped on a re-run, so an interrupted run resumes where it stopped; a failed shard leaves
   nothing behind and is reported in `StageResult.failed` while the other shards finish;
 - seeds derive from `data.seed`, the stage name and the shard id, so re-runs are identical.
-One runner per stage folder at a time: a run clears the temp folders a killed run left.
+One runner per stage folder at a time (an exclusive lock, kaleido.platform.files.exclusive_output:
+a second runner is refused naming the holder); a run clears the temp folders a killed run left.
+A skipped shard is checked against its marker (every file it lists, at the size it lists), so a
+damaged shard folder is redone, never trusted. Stage folders are never symlinks and nothing is
+deleted through one (paths.output_folder / paths.remove_inside).
+
+Merged manifests (`merge_jsonl`) are sealed: `seal_manifests` records, in the stage folder's
+`_MANIFESTS.json`, each manifest's sha256, rows and the content hashes of the shards it merged;
+`open_manifests` removes a stage's manifests and their seals when the stage starts; the next stage
+calls `check_manifest`, which refuses a manifest whose seal is missing (its stage started again and
+did not finish) or does not match (edited, or a shard folder changed since).
 """
 
 from __future__ import annotations
@@ -34,8 +44,11 @@ from typing import Any
 import numpy as np
 
 from kaleido.config.schema import Params
+from kaleido.data.paths import output_folder, remove_inside
+from kaleido.platform.files import exclusive_output, write_json_atomic
 
 SUCCESS = "_SUCCESS"
+SEALS = "_MANIFESTS.json"
 
 
 @dataclass(frozen=True)
@@ -171,6 +184,27 @@ def hash_folder(folder: Path) -> tuple[dict[str, str], str]:
     return files, content
 
 
+def marker_intact(shard_dir: Path, marker: dict[str, Any]) -> str | None:
+    """None when every file the marker lists is in `shard_dir` at the size it lists, else what is wrong.
+
+    Sizes, not hashes: a re-run must not re-read terabytes to skip finished shards; a file cut short
+    or missing (a racing runner, a killed copy, a hand edit) changes the size or the listing.
+    """
+    sizes = marker.get("sizes")
+    files = marker.get("files")
+    if not isinstance(sizes, dict) or not isinstance(files, dict) or set(sizes) != set(files):
+        return "its marker predates file sizes or is malformed"
+    for name, size in sizes.items():
+        path = shard_dir / name
+        try:
+            actual = path.stat().st_size if not path.is_symlink() else None
+        except OSError:
+            actual = None
+        if actual != size:
+            return f"{name} is {'missing' if actual is None else f'{actual} bytes, expected {size}'}"
+    return None
+
+
 def read_marker(shard_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((shard_dir / SUCCESS).read_text())
@@ -182,9 +216,9 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
     """Run one shard in this process: temp folder, fn, hashes, marker, atomic rename."""
     tmp = stage_dir / f".{spec.name}.tmp"
     final = stage_dir / spec.name
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     root = stage_dir.parent
+    remove_inside(root, tmp)
+    tmp.mkdir(parents=True)
     ctx = ShardContext(
         stage=stage,
         spec=spec,
@@ -203,15 +237,15 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
             "spec_hash": expected,
             "items": len(spec.items),
             "files": files,
+            "sizes": {name: (tmp / name).stat().st_size for name in files},
             "content_hash": content,
             "summary": summary,
         }
         (tmp / SUCCESS).write_text(json.dumps(marker, indent=1, sort_keys=True, default=str) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
+        remove_inside(root, final)
         os.rename(tmp, final)  # atomic: the shard folder appears complete or not at all
     except BaseException as exc:  # SystemExit from a shard fn fails that shard, not the whole run
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp is a real folder made above (rmtree never follows links)
         if isinstance(exc, KeyboardInterrupt):
             raise
         return ShardOutcome(spec.name, "failed", error="".join(traceback.format_exception(exc)))
@@ -247,16 +281,32 @@ def run_shards(
     """
     root = cfg.resolve(cfg.data.root)
     assert root is not None
-    stage_dir = root / stage_name
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in stage_dir.glob(".shard-*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    stage_dir = output_folder(root, stage_name)
     names = {spec.name for spec in shard_specs}
     if len(names) != len(shard_specs):
         raise ValueError(f"stage {stage_name}: shard ids must be unique")
-    for orphan in stage_dir.glob("shard-*"):
-        if orphan.name not in names:  # left by a run with another shard size: not part of this output
-            shutil.rmtree(orphan, ignore_errors=True)
+    with exclusive_output(stage_dir, f"stage {stage_name}"):
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in stage_dir.glob(".shard-*.tmp"):
+            remove_inside(root, leftover)
+        for orphan in stage_dir.glob("shard-*"):
+            if orphan.name not in names:  # left by a run with another shard size: not part of this output
+                remove_inside(root, orphan)
+        return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit)
+
+
+def _run_pending(
+    stage_name: str,
+    stage_dir: Path,
+    shard_specs: Sequence[ShardSpec],
+    fn: ShardFn,
+    cfg: Params,
+    fingerprint: Any,
+    progress: bool,
+    unit: str,
+) -> StageResult:
+    """Skip the shards whose marker matches and whose files are intact; run the others."""
+    import logging
 
     outcomes: dict[str, ShardOutcome] = {}
     pending: list[tuple[ShardSpec, str]] = []
@@ -264,12 +314,17 @@ def run_shards(
     for spec in shard_specs:
         expected = spec_hash(stage_name, spec, fingerprint)
         marker = read_marker(stage_dir / spec.name)
-        if marker is not None and marker.get("spec_hash") == expected:
+        damage = marker_intact(stage_dir / spec.name, marker) if marker is not None else None
+        if marker is not None and marker.get("spec_hash") == expected and damage is None:
             outcomes[spec.name] = ShardOutcome(
                 spec.name, "skipped", content_hash=marker.get("content_hash"), summary=marker.get("summary", {})
             )
             bar.update(len(spec.items))
         else:
+            if damage is not None and marker is not None and marker.get("spec_hash") == expected:
+                logging.getLogger("kaleido.data").warning(
+                    "%s/%s is finished but damaged (%s): redoing it", stage_name, spec.name, damage
+                )
             pending.append((spec, expected))
 
     def finished(spec: ShardSpec, outcome: ShardOutcome) -> None:
@@ -351,7 +406,7 @@ def _run_ray(
 def merge_jsonl(shard_dirs: Iterable[Path], name: str, out: Path, extra: Iterable[dict[str, Any]] = ()) -> int:
     """Concatenate `name` from each shard folder (in order) plus `extra` rows into `out`, atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     count = 0
     with tmp.open("w", encoding="utf-8") as handle:
         for row in extra:
@@ -366,3 +421,80 @@ def merge_jsonl(shard_dirs: Iterable[Path], name: str, out: Path, extra: Iterabl
                         count += 1
     os.replace(tmp, out)
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# sealed manifests
+
+
+class ManifestError(ValueError):
+    """A merged manifest is not the complete, unchanged output of its stage; the message says which stage to run."""
+
+
+def _read_seals(stage_dir: Path) -> dict[str, Any]:
+    try:
+        seals = json.loads((stage_dir / SEALS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return seals if isinstance(seals, dict) else {}
+
+
+def _seal_key(root: Path, manifest: Path) -> str:
+    return manifest.resolve().relative_to(root.resolve()).as_posix()
+
+
+def open_manifests(root: Path, stage_dir: Path, manifests: Iterable[Path]) -> None:
+    """A stage starts: delete its merged manifests and their seals, so that a run killed from here on leaves no
+    stale manifest for the next stage to take as this run's output (call it holding the stage's lock)."""
+    seals = _read_seals(stage_dir)
+    for manifest in manifests:
+        seals.pop(_seal_key(root, manifest), None)
+        if stage_dir.is_dir():
+            write_json_atomic(stage_dir / SEALS, seals)
+        remove_inside(root, manifest)
+
+
+def seal_manifests(root: Path, stage_dir: Path, merged: Mapping[Path, Sequence[Path]]) -> None:
+    """Record each finished manifest's sha256, rows and the content hashes of the shard folders it merged."""
+    seals = _read_seals(stage_dir)
+    for manifest, shard_dirs in merged.items():
+        rows = sum(1 for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip())
+        shards = {}
+        for folder in shard_dirs:
+            marker = read_marker(folder) or {}
+            shards[folder.resolve().relative_to(root.resolve()).as_posix()] = marker.get("content_hash")
+        seals[_seal_key(root, manifest)] = {"sha256": file_sha256(manifest), "rows": rows, "shards": shards}
+    write_json_atomic(stage_dir / SEALS, seals)
+
+
+def check_manifest(root: Path, stage_dir: Path, manifest: Path, command: str) -> int:
+    """Refuse `manifest` unless its stage sealed it and nothing changed since; returns its rows.
+
+    `command` is the CLI command that writes it (named in the fix). Raises ManifestError or
+    FileNotFoundError (no manifest at all).
+    """
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} not found; run `{command}` first")
+    seal = _read_seals(stage_dir).get(_seal_key(root, manifest))
+    if not isinstance(seal, dict):
+        raise ManifestError(
+            f"manifest {manifest} is not the finished output of `{command}` (no seal in {stage_dir / SEALS}): that "
+            f"stage started again and did not finish (killed or failed), or the file was written by hand; run "
+            f"`{command}` again (or pass your own file with --manifest)"
+        )
+    if file_sha256(manifest) != seal.get("sha256"):
+        raise ManifestError(
+            f"manifest {manifest} changed after `{command}` wrote it ({seal.get('rows')} rows then); run `{command}` "
+            "again (or pass your own file with --manifest)"
+        )
+    for relative, content_hash in (seal.get("shards") or {}).items():
+        folder = root / relative
+        marker = read_marker(folder)
+        damage = marker_intact(folder, marker) if marker is not None else "it has no _SUCCESS marker"
+        if marker is None or marker.get("content_hash") != content_hash or damage is not None:
+            why = damage or "its content hash changed"
+            raise ManifestError(
+                f"manifest {manifest} names files in {folder}, which changed after `{command}` merged it ({why}); "
+                f"run `{command}` again"
+            )
+    return int(seal.get("rows", 0))

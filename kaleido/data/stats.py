@@ -17,6 +17,7 @@ from typing import Any
 from kaleido.data.pairing import cross_source_summary, validation_summary
 from kaleido.data.paths import DataLayout
 from kaleido.data.records import SUBJECT_GROUPS, read_jsonl
+from kaleido.platform.files import atomic_path, write_text_atomic
 
 GROUP_COLOURS = {
     "human": "#d62728",
@@ -123,8 +124,8 @@ def plot_categories(stats: dict[str, Any], path: Path, limit: int = 60) -> Path:
         fontsize=8,
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version/time stamp in the PNG
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, metadata={"Software": None})  # no version/time stamp in the PNG
     plt.close(fig)
     return path
 
@@ -155,8 +156,8 @@ def plot_rejections(stats: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("count")
     ax.set_title(f"Rejections ({stats['rejections']['total']})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, metadata={"Software": None})
     plt.close(fig)
     return path
 
@@ -167,7 +168,7 @@ def write_stats(root: str | Path, out_dir: str | Path | None = None) -> dict[str
     out = Path(out_dir) if out_dir is not None else DataLayout(root).stats
     stats = compute_stats(root)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     plot_categories(stats, out / "categories.png")
     plot_rejections(stats, out / "rejections.png")
     return stats

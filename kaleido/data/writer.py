@@ -236,11 +236,36 @@ def decode_mp4_bytes(data: bytes) -> np.ndarray:
     return np.stack(frames)
 
 
+DATASET_INDEX = "index.json"  # written last by `kaleido write-dataset`: the dataset folder is complete
+
+
 def dataset_tars(path: str | Path) -> list[str]:
-    """Tar shards at `path`: one .tar, a folder (searched recursively) or a glob; sorted."""
+    """Tar shards at `path`: one .tar, a folder (searched recursively) or a glob; sorted.
+
+    A folder written by `kaleido write-dataset` (it has shard-* folders) must hold the index that
+    stage writes last, and exactly the tars the index names: a killed or racing write-dataset, or a
+    tar removed since, is refused (FileNotFoundError naming the folder and the fix) instead of
+    training on part of the data.
+    """
     text = os.fspath(path)
     if os.path.isdir(text):
         found = glob.glob(os.path.join(text, "**", "*.tar"), recursive=True)
+        folder = Path(text)
+        if any(folder.glob("shard-*")):
+            index = folder / DATASET_INDEX
+            if not index.is_file():
+                raise FileNotFoundError(
+                    f"dataset {folder} has no {DATASET_INDEX}: `kaleido write-dataset` started and did not finish; "
+                    "run it again"
+                )
+            named = {Path(*Path(row["path"]).parts[1:]) for row in json.loads(index.read_text())["shards"]}
+            present = {Path(tar).relative_to(folder) for tar in found}
+            if named != present:
+                missing, extra = sorted(map(str, named - present)), sorted(map(str, present - named))
+                raise FileNotFoundError(
+                    f"dataset {folder} does not match its {DATASET_INDEX} (missing {missing[:3]}, unlisted "
+                    f"{extra[:3]}); run `kaleido write-dataset` again"
+                )
     elif any(char in text for char in "*?["):
         found = glob.glob(text, recursive=True)
     else:

@@ -33,10 +33,14 @@ class OutputBusy(RuntimeError):
     """Another process holds the output folder's lock; the message names it and says what to do."""
 
 
+LOCKS = ".locks"  # beside the output folders; ignored by git (.gitignore) and outside every DVC out
+
+
 def lock_path(folder: str | Path) -> Path:
-    """The lock file of an output folder: a hidden sibling, so the folder itself can be replaced."""
+    """The lock file of an output folder: `<parent>/.locks/<name>.lock`, outside the folder so that a run may
+    replace the folder itself."""
     folder = Path(folder)
-    return folder.parent / f".{folder.name}.lock"
+    return folder.parent / LOCKS / f"{folder.name}.lock"
 
 
 def _holder_text(holder_file: Path) -> str:
@@ -79,17 +83,36 @@ def exclusive_output(folder: str | Path, what: str, *, wait_s: float = 0.0) -> I
 
 
 @contextmanager
+def named_os_errors(path: str | Path, also: str | Path | None = None) -> Iterator[None]:
+    """An OSError raised inside the block without a file name (or naming `also`) is raised again naming `path`.
+
+    A full disk's ENOSPC comes from write() or close(), whose OSError names no file; the CLI's `error: <path>: <why>`
+    line (and describe_os_error) needs the path the user knows, not the temporary name of an atomic write (`also`).
+    """
+    try:
+        yield
+    except OSError as exc:
+        # only the system's own errors (an errno): a subclass raised with a message of its own keeps its type
+        unnamed = exc.filename is None or (also is not None and str(exc.filename) == str(also))
+        if exc.errno is not None and unnamed:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed.
 
-    The temporary name is `.<stem>.tmp-<pid><suffix>` (same folder, same filesystem, same suffix).
+    The temporary name is `.<stem>.tmp-<pid><suffix>` (same folder, same filesystem, same suffix). An OSError that
+    names no file (a full disk's ENOSPC from write()) or the temporary name is raised naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with named_os_errors(path, also=tmp):
+            yield tmp
+            os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -122,12 +145,17 @@ def free_bytes(path: str | Path) -> int | None:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """True for ENOSPC / EDQUOT, also when torch's zip writer wrapped it in a RuntimeError."""
+    """True for ENOSPC / EDQUOT, also when torch's zip writer wrapped it in a RuntimeError.
+
+    torch.save on a full disk says "file write failed" or, when the stream failed silently first ("basic_ios::clear:
+    iostream error"), "[enforce fail at inline_container.cc:672] . unexpected pos N vs M": bytes that never reached
+    the disk."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and (
-        "No space left on device" in text or ("inline_container" in text and "file write failed" in text)
+        "No space left on device" in text
+        or ("inline_container" in text and ("file write failed" in text or "unexpected pos" in text))
     )
 
 
