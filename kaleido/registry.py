@@ -7,13 +7,34 @@ Promotion is refused unless the version's gate decision tag says `passed`: every
 (CLI, Prefect flow, library) goes through `promote`. On the cluster, MLflow basic-auth permissions
 keep write access to the registered model with the platform's service account, so the tag check is
 the only way in.
+
+The registry is the system of record, so every change of aliases, history and gate tags is
+serialised across processes and machines: MLflow has no compare-and-set on aliases or tags, but
+creating a registered model is atomic (its name is the primary key of the backing SQL table; a
+second create fails with RESOURCE_ALREADY_EXISTS). `registry_lock` therefore holds the registered
+model `<name>.lock` for the few calls of a change (promote, rollback, a gate decision, creating a
+version) and deletes it after. Others wait (`LOCK_WAIT_S`); a lock older than `LOCK_STALE_S` (its
+holder was killed mid-change) is broken with a warning. Rules kept under the lock:
+- `champion_history` is rewritten with the aliases, never apart from them;
+- a training run is registered once: a second call returns the existing version when the weights are
+  the same (content sha256 without the MLmodel file, whose time stamp changes per build) and is
+  refused when they differ; a version's artifacts sit at `model-<sha256[:16]>` in its run, a path
+  that is written once (an existing path is never uploaded to again);
+- no path leaves `champion` on a version whose latest gate decision is not `passed`: a failed
+  re-gate of the champion demotes it (see `record_gate`), and rollback skips versions that failed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
+import socket
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +49,11 @@ PREVIOUS = "previous"
 GATE_TAG = "gate.decision"
 GATE_REASONS_TAG = "gate.reasons"
 HISTORY_TAG = "champion_history"  # JSON list of versions that held `champion`, oldest first
+CONTENT_TAG = "content.sha256"  # the version's files (without MLmodel): what "the same weights" means
+LOCK_WAIT_S = 120.0  # how long a change waits for another one to finish
+LOCK_STALE_S = 300.0  # a lock this old was left by a killed process (a change takes seconds)
+
+log = logging.getLogger("kaleido.registry")
 
 
 class RegistryError(RuntimeError):
@@ -100,6 +126,14 @@ def git_revision(repo: Path | None = None) -> str:
     return f"{head}-dirty" if dirty else head
 
 
+def content_sha256(folder: Path) -> str:
+    """sha256 of a version's folder without MLflow's `MLmodel` (it carries a creation time and a uuid that change
+    with every build of the same weights)."""
+    from kaleido.platform.files import folder_sha256
+
+    return folder_sha256(folder, exclude=("MLmodel",))
+
+
 class ModelRegistry:
     """Registry operations for one registered model."""
 
@@ -113,9 +147,13 @@ class ModelRegistry:
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
-            self.client.create_registered_model(
-                self.name, description="Kaleido subject-to-video DiT (Wan2.1 + R-RoPE references)"
-            )
+            try:
+                self.client.create_registered_model(
+                    self.name, description="Kaleido subject-to-video DiT (Wan2.1 + R-RoPE references)"
+                )
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile: fine
+                    raise
 
     def register(
         self,
@@ -141,13 +179,41 @@ class ModelRegistry:
         if missing:
             raise RegistryError(f"lineage file(s) {', '.join(missing)} do not exist; run the DVC stages first")
         self.ensure_model()
-        self.client.log_artifacts(run_id, str(checkpoint_dir), artifact_path=artifact_path)
-        for path in lineage_files:
-            self.client.log_artifact(run_id, str(path), artifact_path="lineage")
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        tags = {**lineage.tags(), **(extra_tags or {})}
-        version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
+        content = content_sha256(checkpoint_dir)
+        existing = self._run_version(run_id, content)
+        if existing is not None:
+            return existing
+        # written once: the path names the content, so an upload never replaces another version's files
+        path = f"{artifact_path}-{content[:16]}"
+        if not self.client.list_artifacts(run_id, path):
+            self.client.log_artifacts(run_id, str(checkpoint_dir), artifact_path=path)
+        for file in lineage_files:  # once per run: a second registration of the run returned above
+            self.client.log_artifact(run_id, str(file), artifact_path="lineage")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{path}"
+        tags = {**lineage.tags(), **(extra_tags or {}), CONTENT_TAG: content}
+        with self.registry_lock(f"register run {run_id}"):
+            existing = self._run_version(run_id, content)  # a racing registration of the same run got there first
+            if existing is not None:
+                return existing
+            version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
         return str(version.version)
+
+    def _run_version(self, run_id: str, content: str) -> str | None:
+        """The version already registered from `run_id` (same content), None if none; RegistryError when that
+        version holds other weights."""
+        found = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
+        if not found:
+            return None
+        first = min(found, key=lambda v: int(v.version))
+        if first.tags.get(CONTENT_TAG) not in (None, content):
+            raise RegistryError(
+                f"training run {run_id} is already registered as {self.name} version {first.version} with other "
+                f"weights (sha256 {first.tags.get(CONTENT_TAG, '?')[:16]}, these are {content[:16]}); a run is "
+                "registered once: train a new run to register other weights"
+            )
+        log.warning("training run %s is already registered as %s version %s: returning it", run_id, self.name,
+                    first.version)
+        return str(first.version)
 
     def exists(self, version: str) -> bool:
         """False for a version that was never created or was deleted (the MLflow UI allows that)."""
@@ -193,10 +259,33 @@ class ModelRegistry:
 
     # ---- gate ---------------------------------------------------------------------------------------
 
-    def record_gate(self, version: str, passed: bool, reasons: dict[str, Any]) -> None:
-        """Write the gate's decision and per-metric reasons onto the version's tags."""
-        self.client.set_model_version_tag(self.name, version, GATE_TAG, "passed" if passed else "failed")
-        self.client.set_model_version_tag(self.name, version, GATE_REASONS_TAG, json.dumps(reasons, sort_keys=True))
+    def record_gate(self, version: str, passed: bool, reasons: dict[str, Any]) -> str | None:
+        """Write the gate's decision and per-metric reasons onto the version's tags; returns a note on a demotion.
+
+        Rule (documented in docs/operations.md): `champion` never stays on a version whose latest gate
+        decision is not `passed`. A failed re-gate of the champion demotes it in the same locked change: the
+        champion goes back to the latest earlier champion whose gate still passes (as `rollback` would); when
+        there is none, the `champion` alias is removed (serving a model that failed its own gate is worse than
+        refusing to serve: `models:/...@champion` then fails with "no version with alias 'champion'").
+        """
+        with self.registry_lock(f"gate version {version}"):
+            self.client.set_model_version_tag(self.name, version, GATE_TAG, "passed" if passed else "failed")
+            self.client.set_model_version_tag(
+                self.name, version, GATE_REASONS_TAG, json.dumps(reasons, sort_keys=True)
+            )
+            if passed or self.alias_version(CHAMPION) != version:
+                return None
+            try:
+                restored, _ = self._rollback_locked()
+            except RegistryError:
+                self.client.delete_registered_model_alias(self.name, CHAMPION)
+                self._set_history([v for v in self._history() if v != version])
+                note = f"version {version} failed its re-gate and was champion: no earlier champion passes, so " \
+                       "the champion alias was removed"
+            else:
+                note = f"version {version} failed its re-gate and was champion: champion is back on {restored}"
+            log.warning("%s", note)
+            return note
 
     def gate_decision(self, version: str) -> str | None:
         """`passed`, `failed`, or None when the version has no gate tag (never gated) or does not exist."""
@@ -204,6 +293,70 @@ class ModelRegistry:
             return self.version_tags(version).get(GATE_TAG)
         except RegistryError:
             return None
+
+    # ---- serialised changes -------------------------------------------------------------------------
+
+    @contextmanager
+    def registry_lock(self, what: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+        """Hold `<name>.lock` (a registered model: its creation is atomic in MLflow's store) for a change.
+
+        Waits up to `wait_s` for another holder; breaks a lock older than LOCK_STALE_S (killed holder).
+        RegistryError naming the holder when it does not come free. Re-entrant in one object.
+        """
+        if getattr(self, "_lock_depth", 0):
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        lock = f"{self.name}.lock"
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.time()})
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.client.create_registered_model(
+                    lock, tags={"holder": holder},
+                    description=f"Held while a change of {self.name} runs (kaleido.registry); deleted after it.",
+                )
+                break
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            held = self._lock_holder(lock)
+            if held is not None and time.time() - held[1] > LOCK_STALE_S:
+                log.warning("breaking the registry lock %s left by %s (%.0f s old: its holder was killed)", lock,
+                            held[0], time.time() - held[1])
+                self._delete_lock(lock)
+                continue
+            if time.monotonic() > deadline:
+                raise RegistryError(
+                    f"{self.name} is being changed by {held[0] if held else 'another process'} for more than "
+                    f"{wait_s:.0f} s; try again, or delete the registered model {lock} if that process is gone"
+                )
+            time.sleep(0.1 + random.random() * 0.2)
+        self._lock_depth = 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            self._delete_lock(lock)
+
+    def _lock_holder(self, lock: str) -> tuple[str, float] | None:
+        try:
+            model = self.client.get_registered_model(lock)
+        except (MlflowException, RestException):
+            return None  # released meanwhile
+        try:
+            holder = json.loads(model.tags.get("holder", "{}"))
+            text = f"pid {holder['pid']} on {holder['host']} ({holder['what']})"
+        except (ValueError, KeyError, TypeError):
+            text = "an unknown process"
+        return text, model.creation_timestamp / 1000.0
+
+    def _delete_lock(self, lock: str) -> None:
+        with suppress(MlflowException, RestException):  # already released (broken as stale by another process)
+            self.client.delete_registered_model(lock)
 
     # ---- promotion ----------------------------------------------------------------------------------
 
@@ -225,24 +378,26 @@ class ModelRegistry:
     def promote(self, version: str) -> str | None:
         """Make `version` the champion; the replaced champion becomes `previous`. Returns the replaced one.
 
-        Refused unless the version's gate decision is `passed`.
+        Refused unless the version's gate decision is `passed` (read under the lock: a re-gate cannot slip in
+        between the check and the alias). Two promotions at once run one after the other.
         """
-        if not self.exists(version):
-            raise RegistryError(f"{self.name} version {version} does not exist (deleted?); nothing to promote")
-        decision = self.gate_decision(version)
-        if decision != "passed":
-            raise RegistryError(
-                f"{self.name} version {version} cannot be promoted: its gate decision is "
-                f"{decision or 'missing'}; run `kaleido gate --candidate models:/{self.name}/{version}` first"
-            )
-        current = self.alias_version(CHAMPION)
-        if current == version:
-            return None
-        if current is not None:
-            self.client.set_registered_model_alias(self.name, PREVIOUS, current)
-        self.client.set_registered_model_alias(self.name, CHAMPION, version)
-        self._set_history([*self._history(), version])
-        return current
+        with self.registry_lock(f"promote version {version}"):
+            if not self.exists(version):
+                raise RegistryError(f"{self.name} version {version} does not exist (deleted?); nothing to promote")
+            decision = self.gate_decision(version)
+            if decision != "passed":
+                raise RegistryError(
+                    f"{self.name} version {version} cannot be promoted: its gate decision is "
+                    f"{decision or 'missing'}; run `kaleido gate --candidate models:/{self.name}/{version}` first"
+                )
+            current = self.alias_version(CHAMPION)
+            if current == version:
+                return None
+            if current is not None:
+                self.client.set_registered_model_alias(self.name, PREVIOUS, current)
+            self.client.set_registered_model_alias(self.name, CHAMPION, version)
+            self._set_history([*[v for v in self._history() if v != version], version])
+            return current
 
     def rollback(self) -> tuple[str, list[str]]:
         """Give `champion` back to the latest earlier champion that still exists and whose gate passed.
@@ -251,6 +406,10 @@ class ModelRegistry:
         skipped and named. Returns (the new champion, notes on what was skipped); RegistryError when no earlier
         champion qualifies (the current one stays).
         """
+        with self.registry_lock("rollback"):
+            return self._rollback_locked()
+
+    def _rollback_locked(self) -> tuple[str, list[str]]:
         history = self._history()
         current = self.alias_version(CHAMPION)
         if current is None:
@@ -259,7 +418,7 @@ class ModelRegistry:
         notes: list[str] = []
         candidates = []
         for version in earlier:
-            if version == current:
+            if version == current or version in candidates:
                 continue
             if not self.exists(version):
                 notes.append(f"version {version} was deleted")
@@ -274,7 +433,7 @@ class ModelRegistry:
         self.client.set_registered_model_alias(self.name, CHAMPION, restored)
         if len(candidates) >= 2:
             self.client.set_registered_model_alias(self.name, PREVIOUS, candidates[-2])
-        elif self.alias_version(PREVIOUS) is not None or self._alias_exists(PREVIOUS):
+        elif self._alias_exists(PREVIOUS):
             self.client.delete_registered_model_alias(self.name, PREVIOUS)
         self._set_history(candidates)
         return restored, notes

@@ -35,6 +35,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kaleido.platform.files import folder_sha256
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -46,7 +48,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 warnings.filterwarnings("ignore", message=r"(?s)(.*type hints?\b.*predict|.*predict.*type hints?\b)",
                         category=UserWarning)
 
-MODEL_ARTIFACT = "model"  # where a version's MLflow Model lives among its training run's artifacts
 ASSET_PARTS = ("vae", "text_encoder", "tokenizer")
 ASSETS_EXPERIMENT = "kaleido-assets"
 SETTINGS = ("seed", "steps", "frames", "height", "width", "guidance_scale", "shift", "sampler", "negative_prompt")
@@ -110,16 +111,6 @@ def decode_reference(value: Any, index: int, allow_remote: bool = False, max_pix
 # ---- assets -----------------------------------------------------------------------------------------------
 
 
-def folder_sha256(path: Path) -> str:
-    """Content hash of a folder (relative names and bytes of every file)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path if path.is_dir() else path.parent)).encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def upload_assets(client: Any, paths: dict[str, Path]) -> dict[str, str]:

@@ -396,8 +396,10 @@ def run_gate(
     decision.notes[:0] = notes
     if record and found.registry_name and found.registry_version:
         registry = _registry(params, found.registry_name)
-        registry.record_gate(found.registry_version, decision.passed, decision.reasons())
+        demoted = registry.record_gate(found.registry_version, decision.passed, decision.reasons())
         decision.notes.append(f"decision written to {found.registry_name} version {found.registry_version} tags")
+        if demoted:
+            decision.notes.append(demoted)
     elif record:
         decision.notes.append("the candidate is not a registry version: decision not recorded in MLflow")
     return decision

@@ -133,6 +133,22 @@ def write_json_atomic(path: str | Path, document: Any) -> Path:
     return write_text_atomic(path, json.dumps(document, indent=1, sort_keys=True, default=str) + "\n")
 
 
+def folder_sha256(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
+    """Content hash of a folder: the relative name and bytes of every file (sorted), files named in `exclude`
+    left out; a file's hash when `path` is a file."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in exclude) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path if path.is_dir() else path.parent)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def free_bytes(path: str | Path) -> int | None:
     """Free bytes on the filesystem holding `path` (or its nearest existing parent); None when unknown."""
     probe = Path(path)
