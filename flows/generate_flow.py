@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 
 from flows.kaleido_flow import _bin, _params, run_command
+from kaleido.platform.files import atomic_path
 
 SETTINGS = ("seed", "steps", "frames", "height", "width", "guidance_scale", "shift", "sampler", "negative_prompt")
 
@@ -40,7 +41,8 @@ def stage_reference(value: str, folder: Path, index: int, repo: Path) -> Path:
     data = reference_bytes(text, f"references[{index}] ({text[:60]!r})", allow_remote=True)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"reference-{index}.img"
-    path.write_bytes(data)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kaleido.platform.files import atomic_path
+
 SAMPLE_IMAGES = {
     "astronaut": "astronaut",
     "chelsea": "chelsea",
@@ -29,6 +31,7 @@ def export_sample_images(out_dir: Path, names: list[str] | None = None) -> list[
         path = out_dir / f"{name}.png"
         if not path.exists():
             pixels = getattr(skimage.data, SAMPLE_IMAGES[name])()
-            Image.fromarray(pixels).convert("RGB").save(path)
+            with atomic_path(path) as tmp:  # two commands asking at once never see half a PNG
+                Image.fromarray(pixels).convert("RGB").save(tmp)
         paths.append(path)
     return paths

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 
 from kaleido.eval.metrics import METRICS
+from kaleido.platform.files import write_text_atomic
 
 if TYPE_CHECKING:
     from kaleido.config.schema import GateConfig
@@ -153,5 +154,5 @@ def render_report(document: dict[str, Any], out_dir: Path, gate: GateConfig) -> 
 
 def write_report(document: dict[str, Any], path: Path, gate: GateConfig) -> Path:
     path = Path(path)
-    path.write_text(render_report(document, path.parent, gate))
+    write_text_atomic(path, render_report(document, path.parent, gate))
     return path

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kaleido.config.schema import MediaConfig
+from kaleido.platform.files import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -283,8 +284,9 @@ def write_video(
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w", options={"movflags": "+faststart"}) as container:
+    # written whole or not at all (kaleido.platform.files.atomic_path): a reader, or a second writer of the same
+    # path, never sees half an mp4
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", options={"movflags": "+faststart"}) as container:
         container.metadata.update(metadata or {})
         stream = container.add_stream("libx264", rate=int(fps))
         stream.width = frames.shape[2]
@@ -338,6 +340,6 @@ def contact_sheet(frames: np.ndarray, path: str | Path, columns: int = 8, gap: i
         top, left = row * (height + gap), col * (width + gap)
         sheet[top : top + height, left : left + width] = frame
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).save(path, format="PNG")
+    with atomic_path(path) as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
     return path

