@@ -197,7 +197,7 @@ def marker_intact(shard_dir: Path, marker: dict[str, Any]) -> str | None:
     for name, size in sizes.items():
         path = shard_dir / name
         try:
-            actual = path.stat().st_size if not path.is_symlink() else None
+            actual = path.stat().st_size  # follows links: DVC's symlink/hardlink cache types link files
         except OSError:
             actual = None
         if actual != size:
