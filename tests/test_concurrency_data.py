@@ -29,6 +29,7 @@ def _params_file(tmp: Path, tiny_vision: dict[str, Path], overrides: dict | None
         raw["data"]["models"][key] = str(path)
     settings = {
         "data.ingest.sources": ["raw/carphone_pristine.mp4"],  # 3 clips: curation costs ~15 s a clip on 2 cores
+        "data.grounding.frames_per_clip": 1,
         "data.workers": 1,
         "data.shard_size": 1,
         "data.ingest.clip_min_seconds": 1.0,
@@ -208,3 +209,32 @@ def test_an_unusable_sidecar_file_fails_the_caption_stage(captioned, tmp_path):
         result = _kaleido("caption", params=path, check=False)
         assert result.returncode == 2 and "data.caption.sidecar" in result.stderr, result.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_full_disk_in_a_shard_exits_2_naming_the_file(tmp_path, data_params, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    import kaleido.data.pipeline as pipeline
+    from kaleido.cli import app
+    from kaleido.platform.sample_data import write_sample_data
+
+    root = tmp_path / "data"
+    write_sample_data(root)
+    target = root / "ingest" / ".shard-00000.tmp" / "clips" / "x.mp4"
+
+    def no_space(ctx):  # what the encoder meets on a full filesystem (ENOSPC injected: no tmpfs in CI)
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(pipeline, "ingest_shard", no_space)
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    raw["data"]["root"] = str(root)
+    raw["data"]["workers"] = 1
+    raw["data"]["shard_size"] = 10
+    params.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["ingest", "--params", str(params), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert f"shard-00000: {target}: no space left on device (" in result.output and "MB free)" in result.output
+    assert "Traceback" not in result.output

@@ -36,7 +36,7 @@ def _run(stage: Callable[..., Any], params: Path | None, overrides: dict[str, An
     try:
         report = stage(loaded, **kwargs)
     except StageFailed as exc:
-        fail(str(exc), code=1)
+        fail(str(exc), code=2 if exc.result.disk_full else 1)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     typer.echo(report.summary())

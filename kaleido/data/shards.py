@@ -45,7 +45,7 @@ import numpy as np
 
 from kaleido.config.schema import Params
 from kaleido.data.paths import output_folder, remove_inside
-from kaleido.platform.files import exclusive_output, write_json_atomic
+from kaleido.platform.files import describe_os_error, exclusive_output, is_disk_full, write_json_atomic
 
 SUCCESS = "_SUCCESS"
 SEALS = "_MANIFESTS.json"
@@ -116,6 +116,7 @@ class ShardOutcome:
     content_hash: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    disk_full: bool = False  # the shard failed for want of space (ENOSPC / EDQUOT)
 
 
 @dataclass
@@ -139,6 +140,11 @@ class StageResult:
     def shard_dirs(self) -> list[Path]:
         """Folders of the finished shards, in shard order."""
         return [self.stage_dir / o.name for o in self.outcomes if o.status != "failed"]
+
+    @property
+    def disk_full(self) -> bool:
+        """Some shard failed because its filesystem is full (the CLI exits 2 for it, like any full disk)."""
+        return any(o.disk_full for o in self.failed)
 
     def raise_for_failures(self) -> None:
         if self.failed:
@@ -248,6 +254,8 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
         shutil.rmtree(tmp, ignore_errors=True)  # tmp is a real folder made above (rmtree never follows links)
         if isinstance(exc, KeyboardInterrupt):
             raise
+        if is_disk_full(exc):  # one line naming the file and the free space, not a traceback
+            return ShardOutcome(spec.name, "failed", error=describe_os_error(exc), disk_full=True)
         return ShardOutcome(spec.name, "failed", error="".join(traceback.format_exception(exc)))
     return ShardOutcome(spec.name, "done", content_hash=content, summary=summary)
 
