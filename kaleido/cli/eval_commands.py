@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kaleido.cli.app import ParamsOption, app, fail, read_params, require_tracking
+
+if TYPE_CHECKING:
+    from kaleido.eval.run import EvalSummary
 
 eval_set_app = typer.Typer(help="Evaluation sets: write the built-in one, validate yours.", no_args_is_help=True)
 app.add_typer(eval_set_app, name="eval-set")
@@ -60,9 +63,13 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
     params: ParamsOption = None,
 ) -> None:
-    """Generate every eval case, compute all metrics, write metrics.json + report.html, log to MLflow."""
+    """Generate every eval case, compute all metrics, write metrics.json + report.html, log to MLflow.
+
+    Exit 2 with an `error:` line when it cannot run (a bad eval set, a truncated weight file, a full disk, another
+    evaluation writing into --out) or when the MLflow server stopped answering: then metrics.json and the report are
+    complete on disk (the summary is printed) and a re-run only logs them."""
     from kaleido.eval.evalset import EvalSetError
-    from kaleido.eval.run import EvalError
+    from kaleido.eval.run import EvalError, EvalNotLogged
     from kaleido.eval.run import evaluate as run_evaluation
 
     loaded = read_params(params)
@@ -73,8 +80,18 @@ def evaluate(
             loaded, model, eval_set, out, device=device, fresh=fresh, log_mlflow=not no_mlflow, progress=not quiet,
             echo=lambda line: typer.echo(line, err=True),
         )
+    except EvalNotLogged as exc:
+        _print_summary(exc.summary)
+        fail(str(exc))
+        raise  # unreachable, for type checkers
     except (EvalError, EvalSetError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+        raise  # unreachable, for type checkers
+    _print_summary(summary)
+
+
+def _print_summary(summary: EvalSummary) -> None:
+    """The machine-readable result on stdout (the flow reads the last JSON object)."""
     typer.echo(json.dumps({
         "metrics": str(summary.metrics_path),
         "report": str(summary.report_path),
@@ -117,8 +134,9 @@ def gate(
         typer.echo(f"  note: {note}")
     typer.echo(f"  rule: {decision.rule}")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+        from kaleido.platform.files import write_text_atomic
+
+        write_text_atomic(out, json.dumps(decision.to_dict(), indent=2) + "\n")
     raise typer.Exit(0 if decision.passed else 1)
 
 

@@ -106,6 +106,8 @@ def train(
         typer.echo(dump_plan(plan, deepspeed_config(plan, loaded, bf16=_has_gpu())))
         return
     result = launch_local(path, stage, plan.world_size, resume)
+    if result.operator_error:  # a full disk, the MLflow server gone, a truncated file: the rank's own line, exit 2
+        fail(result.operator_error)
     if result.returncode:
         fail(f"training stage {stage!r} failed: {result.failure or f'torchrun exit code {result.returncode}'}", code=1)
     summary = Path(plan.output) / "metrics.json"

@@ -590,6 +590,19 @@ class PlatformConfig(_Section):
         "hash and referenced (reference), or copied into every version (copy)",
     )
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    # Bounds on every MLflow request of training and evaluation (MLflow's env vars MLFLOW_HTTP_REQUEST_*): MLflow's
+    # own defaults (7 retries, backoff factor 2, 120 s timeout) stall a run ~8 minutes when the server dies.
+    mlflow_request_retries: int = Field(
+        2, ge=0, le=10, description="retries of a failed MLflow request (MLFLOW_HTTP_REQUEST_MAX_RETRIES)"
+    )
+    mlflow_request_backoff: int = Field(
+        1, ge=0, le=120,
+        description="backoff factor between those retries, seconds (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR: the n-th "
+        "retry waits factor x 2^(n-1))",
+    )
+    mlflow_request_timeout_s: int = Field(
+        30, ge=1, description="seconds one MLflow request may wait for the server (MLFLOW_HTTP_REQUEST_TIMEOUT)"
+    )
     prefect_api_url: str = "http://127.0.0.1:4200/api"
     state_dir: Path = Field(
         Path(".platform"), description="local services' pid files, logs, Prefect home, MLflow store, DVC remote"

@@ -9,8 +9,8 @@
         subjects: [astronaut]          # optional: the grounding term of each reference
         seed: 0                        # optional: noise seed (default eval.seed)
 
-`load_eval_set` validates everything up front and reports every problem at once. `init_builtin`
-writes the embedded default set from scikit-image's bundled photographs.
+`load_eval_set` validates everything up front and reports every problem at once, each with the line of
+evalset.yaml it is on. `init_builtin` writes the embedded default set from scikit-image's bundled photographs.
 """
 
 from __future__ import annotations
@@ -101,15 +101,66 @@ def _reference_path(root: Path, name: Any, max_pixels: int | None = None) -> tup
     return (None, problem) if problem else (path, None)
 
 
+@dataclass(frozen=True)
+class _CaseLines:
+    """1-based lines of evalset.yaml: where a case starts and where each of its references is written."""
+
+    case: int | None = None
+    references: tuple[int, ...] = ()
+
+    def reference(self, index: int) -> int | None:
+        return self.references[index] if index < len(self.references) else self.case
+
+
+def _case_lines(text: str) -> list[_CaseLines]:
+    """The lines of every case and reference, from YAML's node tree (the parsed values carry none)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    cases = next((value for key, value in root.value if getattr(key, "value", None) == "cases"), None)
+    if not isinstance(cases, yaml.SequenceNode):
+        return []
+    found = []
+    for node in cases.value:
+        references: tuple[int, ...] = ()
+        if isinstance(node, yaml.MappingNode):
+            value = next((v for k, v in node.value if getattr(k, "value", None) == "references"), None)
+            if isinstance(value, yaml.SequenceNode):
+                references = tuple(item.start_mark.line + 1 for item in value.value)
+            elif value is not None:
+                references = (value.start_mark.line + 1,)
+        found.append(_CaseLines(node.start_mark.line + 1, references))
+    return found
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """`line N: ...` for a YAML error; a NUL byte (or another control character) is named as such."""
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        if exc.character in ("\x00", 0):
+            return (f"line {line}: a NUL byte (\\x00): no path or prompt can hold one; remove it (an editor or a "
+                    "script that wrote binary data put it there)")
+        return f"line {line}: character {exc.character!r} is not allowed in YAML; remove it"
+    where = f"line {line}: " if line is not None else ""
+    return f"{where}not valid YAML: {exc}"
+
+
 def _parse_case(root: Path, raw: Any, position: int, max_references: int, default_seed: int,
-                errors: list[str], max_pixels: int | None = None) -> EvalCase | None:
-    where = f"case #{position + 1}"
+                errors: list[str], max_pixels: int | None = None, lines: _CaseLines | None = None) -> EvalCase | None:
+    lines = lines or _CaseLines()
+    line = f"line {lines.case}: " if lines.case else ""  # every problem starts with its line of evalset.yaml
+    where = f"{line}case #{position + 1}"
     if not isinstance(raw, dict):
         errors.append(f"{where}: expected a mapping with id, prompt, category, references")
         return None
     case_id = raw.get("id")
     if isinstance(case_id, str) and _ID.match(case_id):
-        where = f"case {case_id!r} (#{position + 1})"
+        where = f"{line}case {case_id!r} (#{position + 1})"
     else:
         errors.append(f"{where}: id {case_id!r} must be 1-64 letters, digits, '.', '_' or '-' (used as a folder name)")
     before = len(errors)
@@ -134,10 +185,11 @@ def _parse_case(root: Path, raw: Any, position: int, max_references: int, defaul
             f"{where}: {len(references)} references, the model takes at most {max_references} "
             "(model.max_references)"
         )
-    for name in references:
+    for index, name in enumerate(references):
         path, problem = _reference_path(root, name, max_pixels)
         if problem:
-            errors.append(f"{where}: {problem}")
+            at = lines.reference(index)
+            errors.append((f"line {at}: " if at else "") + f"{where.removeprefix(line)}: {problem}")
         elif path is not None:
             paths.append(path)
     if category == "multi-subject" and isinstance(references, list) and len(references) < 2:
@@ -178,6 +230,9 @@ def load_eval_set(
     Every reference is loaded as generation loads it (media.load_image, at most `max_pixels` =
     media.max_image_pixels), so an image the generator would refuse is refused here, before any model runs.
     """
+    if "\x00" in str(folder):  # the OS refuses such a path ("embedded null byte") without saying which
+        raise EvalSetError(f"eval-set folder {str(folder)!r} contains a NUL byte; check --eval-set or eval.eval_set in "
+                           "params.yaml")
     root = Path(folder).expanduser().resolve()
     spec = root / FILENAME
     if not spec.is_file():
@@ -186,16 +241,25 @@ def load_eval_set(
             f"`kaleido eval-set init {folder}`)"
         )
     try:
-        raw = yaml.safe_load(spec.read_text()) or {}
+        text = spec.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = spec.read_bytes().count(b"\n", 0, exc.start) + 1
+        raise EvalSetError(f"{spec}: line {line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise EvalSetError(f"{spec}: cannot read ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise EvalSetError(f"{spec}: not valid YAML: {exc}") from None
+        raise EvalSetError(f"{spec}: {_yaml_problem(exc, text)}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("cases"), list) or not raw["cases"]:
         raise EvalSetError(f"{spec}: expected a mapping with a non-empty 'cases' list")
     errors: list[str] = []
     unknown = sorted(set(raw) - {"name", "description", "cases"})
     if unknown:
         errors.append(f"unknown top-level keys {unknown}; allowed: name, description, cases")
-    cases = [_parse_case(root, item, i, max_references, default_seed, errors, max_pixels)
+    lines = _case_lines(text)
+    cases = [_parse_case(root, item, i, max_references, default_seed, errors, max_pixels,
+                         lines[i] if i < len(lines) else None)
              for i, item in enumerate(raw["cases"])]
     seen: dict[str, int] = {}
     for case in cases:

@@ -9,6 +9,12 @@ Output folder:
   report.html              references, frame strips, scores, backbones, the gate rule
 A re-run skips the cases whose result.json carries the same key (case content + model + settings +
 backbones), so an interrupted evaluation resumes where it stopped.
+
+One evaluation at a time per output folder (an exclusive lock held for the run; a second one is refused naming
+the first). Every file above is written under a temporary name and renamed: whole or absent. metrics.json and the
+report are written before any MLflow request; an MLflow outage then ends the run with EvalNotLogged (the results
+are complete, a re-run only logs), and `mlflow_run.json` names the run so that the next evaluation into the folder
+marks it FAILED if an outage left it RUNNING (docs/operations.md, "When things fail").
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -29,7 +34,15 @@ import numpy as np
 
 from kaleido.eval.evalset import EvalCase, EvalSet, load_eval_set
 from kaleido.eval.metrics import METRICS, aggregate
+from kaleido.platform.files import atomic_path, exclusive_output, write_json_atomic, write_text_atomic
 from kaleido.serving import model_weights
+from kaleido.train.tracking import (
+    RUN_RECORD,
+    TrackingUnavailable,
+    call_tracking,
+    mark_left_behind,
+    mlflow_request_limits,
+)
 
 if TYPE_CHECKING:
     from kaleido.config import Params
@@ -42,6 +55,14 @@ SHEET_HEIGHT = 240
 
 class EvalError(RuntimeError):
     """The evaluation cannot run as asked; the message says what to change."""
+
+
+class EvalNotLogged(EvalError):
+    """The MLflow server stopped answering: the evaluation is complete on disk (`summary`), not logged."""
+
+    def __init__(self, message: str, summary: EvalSummary):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -350,11 +371,8 @@ class EvalSummary:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a result behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Write via a temporary file and rename, so a crash never leaves half a result behind (keys in their order)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _shrink(frames: np.ndarray, max_height: int) -> np.ndarray:
@@ -374,6 +392,7 @@ def _previews(frames: np.ndarray, case_dir: Path) -> None:
     from kaleido.model.media import contact_sheet
 
     picks = sorted({round(float(v)) for v in np.linspace(0, len(frames) - 1, min(STRIP_FRAMES, len(frames)))})
+    # contact_sheet and write_video write whole or not at all (a temporary name, then a rename)
     contact_sheet(_shrink(frames[picks], STRIP_HEIGHT), case_dir / "strip.png", columns=len(picks))
     contact_sheet(_shrink(frames, SHEET_HEIGHT), case_dir / "sheet.png")
 
@@ -402,18 +421,23 @@ def find_validation(source: ModelSource, params: Params) -> dict[str, Any] | Non
             named = None
         if named == checkpoint.resolve() and (checkpoint.parent / RECORD_NAME).is_file():
             record_path = checkpoint.parent / RECORD_NAME
-    if record_path is None and source.registry_name and params.platform.mlflow_tracking_uri:
+    uri = params.platform.mlflow_tracking_uri
+    if record_path is None and source.registry_name and uri:
         from kaleido.registry import ModelRegistry
 
-        registry = ModelRegistry(params.platform.mlflow_tracking_uri, source.registry_name)
-        run_id = registry.version_tags(str(source.registry_version)).get("lineage.training_run_id")
+        registry = ModelRegistry(uri, source.registry_name)
+        tags = call_tracking(uri, "reading the version's tags",
+                             lambda: registry.version_tags(str(source.registry_version)))
+        run_id = tags.get("lineage.training_run_id")
         if run_id:
-            import tempfile
-
             # a private folder, not the shared model cache: two evaluations of one version may run at once
             with tempfile.TemporaryDirectory(prefix="kaleido-val-") as tmp:
                 try:
-                    downloaded = Path(registry.client.download_artifacts(run_id, RECORD_NAME, tmp))
+                    downloaded = Path(call_tracking(uri, "downloading the validation record",
+                                                    lambda: registry.client.download_artifacts(run_id, RECORD_NAME,
+                                                                                               tmp)))
+                except TrackingUnavailable:
+                    raise
                 except Exception:  # the run has no such artifact (trained without a validation split)
                     return None
                 return validation_block(json.loads(downloaded.read_text()))
@@ -455,16 +479,37 @@ def evaluate(
 ) -> EvalSummary:
     """Evaluate `model` (a local checkpoint or models:/name@alias) on an eval set; see the module docstring.
 
-    `suite` / `pipeline` replace the loaded backbones / S2V pipeline (tests, notebooks).
+    `suite` / `pipeline` replace the loaded backbones / S2V pipeline (tests, notebooks). The output folder is locked
+    for the whole run: a second evaluation into it is refused at once (OutputBusy names the holder). EvalNotLogged
+    when the MLflow server stopped answering: every local output is complete, only the logging is missing.
     """
+    out_dir = Path(out_dir).resolve()
+    with exclusive_output(out_dir, "kaleido evaluate"):
+        return _evaluate(params, model, eval_set, out_dir, device=device, fresh=fresh, log_mlflow=log_mlflow,
+                         progress=progress, echo=echo, suite=suite, pipeline=pipeline)
+
+
+def _evaluate(
+    params: Params,
+    model: str,
+    eval_set: Path | str | None,
+    out_dir: Path,
+    *,
+    device: str | None,
+    fresh: bool,
+    log_mlflow: bool,
+    progress: bool,
+    echo: Callable[[str], None],
+    suite: MetricSuite | None,
+    pipeline: Any,
+) -> EvalSummary:
     from tqdm.auto import tqdm
 
     from kaleido.model.media import load_reference_image, write_video
     from kaleido.model.vae import validate_video_size
 
-    out_dir = Path(out_dir).resolve()
     # a folder given here is relative to the working directory; the params.yaml default to its folder
-    folder = Path(eval_set).expanduser().resolve() if eval_set is not None else params.resolve(params.eval.eval_set)
+    folder = Path(eval_set).expanduser() if eval_set is not None else params.resolve(params.eval.eval_set)
     evalset: EvalSet = load_eval_set(
         folder, params.model.max_references, params.eval.seed, params.media.max_image_pixels
     )
@@ -479,7 +524,8 @@ def evaluate(
     if log_mlflow and params.platform.mlflow_tracking_uri:
         _check_tracking(params.platform.mlflow_tracking_uri)  # fail now, not after generating every case
     truncations = _prompt_truncations(params, evalset, echo)
-    source = resolve_model(model, params)
+    with mlflow_request_limits(params.platform):
+        source = resolve_model(model, params)
     # The plan names every backbone without loading one: a fully resumed run loads no model at all.
     backbones = suite.backbones() if suite is not None else backbone_plan(params)
     echo(f"evaluating {source.ref} on {evalset.name} ({len(evalset.cases)} cases) -> {out_dir}")
@@ -524,12 +570,20 @@ def evaluate(
         }
         if case.id in truncations:
             result["prompt_truncation"] = truncations[case.id]
-        _write_json(result_path, result)
+        _write_json(result_path, result)  # last: its presence marks the case done
         generated.append(case.id)
         results.append(result)
         echo(f"  {case.id}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
-    validation = find_validation(source, params)
+    uri = params.platform.mlflow_tracking_uri if log_mlflow else ""
+    lost: TrackingUnavailable | None = None
+    try:
+        with mlflow_request_limits(params.platform):
+            validation = find_validation(source, params)
+    except TrackingUnavailable as exc:  # the record lives in the registry: noted, the rest is written
+        validation, lost = None, exc
+        echo(f"warning: MLflow at {exc.uri}: {exc.what} failed ({exc.why}); metrics.json is written without the "
+             "training's validation loss")
     document: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -550,14 +604,30 @@ def evaluate(
              f"{len(validation['cases'])} held-out samples")
     metrics_path = out_dir / "metrics.json"
     report_path = out_dir / "report.html"
-    run_id = None
-    uri = params.platform.mlflow_tracking_uri
-    if log_mlflow and uri:
-        run_id = _log_mlflow(params, document, source, out_dir, metrics_path, report_path)
-    else:
-        _write_outputs(params, document, metrics_path, report_path)
-    echo(f"metrics: {metrics_path}\nreport: {report_path}" + (f"\nmlflow run: {run_id}" if run_id else ""))
-    return EvalSummary(out_dir, metrics_path, report_path, document, generated, skipped, run_id)
+    # Everything local first: an MLflow outage (or a crash while logging) never costs the results.
+    _write_outputs(params, document, metrics_path, report_path)
+    summary = EvalSummary(out_dir, metrics_path, report_path, document, generated, skipped, None)
+    if uri and lost is None:
+        try:
+            with mlflow_request_limits(params.platform):
+                summary.mlflow_run_id = _log_mlflow(params, document, source, out_dir, metrics_path, report_path)
+        except TrackingUnavailable as exc:
+            lost = exc
+            retries = params.platform.mlflow_request_retries
+            echo(f"warning: MLflow at {exc.uri}: {exc.what} failed after {retries} retries ({exc.why}); the results "
+                 "are on disk, not logged")
+    if lost is not None:
+        raise EvalNotLogged(
+            f"{lost}. The evaluation itself is complete: {metrics_path} and {report_path} are written, "
+            + ("but it is not logged, and the registry version has no eval.run_id for the gate yet. " if
+               source.registry_name else "but it is not logged. ")
+            + "Once the server answers, run the same `kaleido evaluate` again: every case is reused and only the "
+            "logging runs",
+            summary,
+        )
+    echo(f"metrics: {metrics_path}\nreport: {report_path}"
+         + (f"\nmlflow run: {summary.mlflow_run_id}" if summary.mlflow_run_id else ""))
+    return summary
 
 
 def _check_tracking(uri: str) -> None:
@@ -582,6 +652,7 @@ def _text_metric(backbones: dict[str, str]) -> dict[str, str] | None:
 
 
 def _load_pipeline(params: Params, source: ModelSource, device: str | None) -> Any:
+    from kaleido.model.checkpoint import check_weight_files
     from kaleido.model.generate import S2VPipeline
     from kaleido.serving import params_for_model
 
@@ -591,12 +662,18 @@ def _load_pipeline(params: Params, source: ModelSource, device: str | None) -> A
         else:
             local = params.model_copy(deep=True)
             local.model.checkpoint, local.model.lora = source.checkpoint, source.lora
+        # every weight file whole before the first model loads (a truncated VAE would fail after the DiT loaded)
+        for part in (local.model.checkpoint, local.model.lora, local.model.vae, local.model.text_encoder):
+            resolved = local.resolve(part) if part is not None else None
+            if resolved is not None and resolved.exists():
+                check_weight_files(resolved)
         return S2VPipeline.from_params(local, device=device)
     except (FileNotFoundError, ValueError) as exc:
         raise EvalError(f"cannot load the model {source.ref}: {exc}") from None
 
 
 def _write_outputs(params: Params, document: dict[str, Any], metrics_path: Path, report_path: Path) -> None:
+    """metrics.json, summary.json, cases.csv and report.html, each whole or absent."""
     from kaleido.eval.report import write_report
 
     _write_json(metrics_path, document)
@@ -611,7 +688,7 @@ def write_cases_csv(document: dict[str, Any], path: Path) -> None:
     import csv
 
     columns = [key for key in METRICS if any(key in case["metrics"] for case in document["cases"])]
-    with path.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "category", *columns])
         for case in document["cases"]:
@@ -620,22 +697,35 @@ def write_cases_csv(document: dict[str, Any], path: Path) -> None:
 
 def _log_mlflow(params: Params, document: dict[str, Any], source: ModelSource, out_dir: Path,
                 metrics_path: Path, report_path: Path) -> str:
-    """One MLflow run: params, overall + per-category metrics, metrics.json, report, strips and sheets."""
+    """One MLflow run: params, overall + per-category metrics, metrics.json, report, strips and sheets.
+
+    The local outputs are written before (they do not wait for the server). TrackingUnavailable when the server
+    stops answering: the run created here stays RUNNING on the server and the next evaluation into this folder marks
+    it FAILED (RUN_RECORD); metrics.json is rewritten without the unfinished run's id."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
     uri = params.platform.mlflow_tracking_uri
+    record = out_dir / RUN_RECORD
+    if record.is_file():  # an earlier evaluation into this folder that stopped while logging
+        mark_left_behind(uri, record, "evaluation")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = client.get_experiment_by_name(params.eval.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(params.eval.experiment)
-    tags = {"kaleido.kind": "evaluation", "eval.model": source.ref, "eval.set": document["eval_set"]["name"]}
-    if source.registry_name:
-        tags.update({"eval.registered_model": source.registry_name, "eval.model_version": str(source.registry_version)})
-    run = client.create_run(experiment_id, run_name=f"eval {source.ref}", tags=tags)
-    run_id = run.info.run_id
+
+    def create() -> str:
+        experiment = client.get_experiment_by_name(params.eval.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(params.eval.experiment)
+        tags = {"kaleido.kind": "evaluation", "eval.model": source.ref, "eval.set": document["eval_set"]["name"]}
+        if source.registry_name:
+            tags.update({"eval.registered_model": source.registry_name,
+                         "eval.model_version": str(source.registry_version)})
+        return client.create_run(experiment_id, run_name=f"eval {source.ref}", tags=tags).info.run_id
+
+    run_id = call_tracking(uri, "creating the evaluation run", create)
+    write_json_atomic(record, {"run_id": run_id, "tracking_uri": uri, "experiment": params.eval.experiment})
     document["mlflow"] = {"tracking_uri": uri, "run_id": run_id, "experiment": params.eval.experiment}
     _write_outputs(params, document, metrics_path, report_path)
-    try:
+
+    def upload() -> None:
         stamp = int(time.time() * 1000)
         values = [Metric(key, value, stamp, 0) for key, value in document["overall"].items() if value is not None]
         for category, scores in document["per_category"].items():
@@ -659,12 +749,20 @@ def _log_mlflow(params: Params, document: dict[str, Any], source: ModelSource, o
                         shutil.copy2(case_dir / name, Path(staging) / result["id"] / name)
             client.log_artifacts(run_id, staging, artifact_path="cases")
         client.set_terminated(run_id, "FINISHED")
-    except Exception:
-        client.set_terminated(run_id, "FAILED")
+        if source.registry_name:
+            # the gate finds a version's scores through this tag
+            version = str(source.registry_version)
+            client.set_model_version_tag(source.registry_name, version, "eval.run_id", run_id)
+            client.set_model_version_tag(source.registry_name, version, "eval.set",
+                                         f"{document['eval_set']['name']}:{document['eval_set']['fingerprint']}")
+
+    try:
+        call_tracking(uri, "logging the evaluation", upload)
+    except TrackingUnavailable:
+        document.pop("mlflow")  # metrics.json must not name a run that holds no results
+        _write_outputs(params, document, metrics_path, report_path)
         raise
-    if source.registry_name:
-        # the gate finds a version's scores through this tag
-        client.set_model_version_tag(source.registry_name, str(source.registry_version), "eval.run_id", run_id)
-        client.set_model_version_tag(source.registry_name, str(source.registry_version), "eval.set",
-                                     f"{document['eval_set']['name']}:{document['eval_set']['fingerprint']}")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")  # the server answers: the request's own error, recorded as such
+        raise
     return run_id

@@ -256,6 +256,12 @@ def is_adapter(path: str | Path) -> bool:
 def _keys_and_meta(file: Path) -> tuple[list[str], dict[str, str]]:
     from safetensors import safe_open
 
+    from kaleido.model.checkpoint import CheckpointError, safetensors_header
+
+    try:
+        safetensors_header(file)  # says what is wrong (empty, truncated, size mismatch), naming the file
+    except CheckpointError as exc:
+        raise LoraError(str(exc)) from None
     try:
         with safe_open(str(file), framework="pt") as handle:
             return list(handle.keys()), handle.metadata() or {}

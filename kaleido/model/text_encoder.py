@@ -109,6 +109,9 @@ class TextEncoder:
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else path
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"text encoder folder {path}: no config.json (expected a UMT5EncoderModel folder)")
+        from kaleido.model.checkpoint import check_weight_files
+
+        check_weight_files(path)  # transformers' own error on a truncated file names no file
         tokenizer = load_tokenizer(tokenizer_path)
         with quiet_hf_progress():
             model = UMT5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)

@@ -70,6 +70,9 @@ class WanVAE:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"VAE folder {path}: no config.json (expected a diffusers AutoencoderKLWan folder)")
+        from kaleido.model.checkpoint import check_weight_files
+
+        check_weight_files(path)  # diffusers' own error on a truncated file names no file
         model = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
         return cls(model, device=device, dtype=dtype)
 

@@ -133,7 +133,9 @@ class LatentCache:
         from safetensors import safe_open
 
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / f"{shard}.safetensors"), framework="pt")
+            path = self.folder / f"{shard}.safetensors"
+            check_cache_file(path)
+            self._handles[shard] = safe_open(str(path), framework="pt")
         return self._handles[shard]
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
@@ -149,4 +151,16 @@ class LatentCache:
         path = self.folder / NULL_CONTEXT_NAME
         if not path.is_file():
             raise CacheError(f"latent cache {self.folder}: {NULL_CONTEXT_NAME} missing; re-run `kaleido encode`")
+        check_cache_file(path)
         return load_file(str(path))["null_context"]
+
+
+def check_cache_file(path: Path) -> None:
+    """A cache file's safetensors header against its size; CacheError naming the file (safetensors' own error on a
+    truncated file names none)."""
+    from kaleido.model.checkpoint import CheckpointError, safetensors_header
+
+    try:
+        safetensors_header(path)
+    except CheckpointError as exc:
+        raise CacheError(f"{exc}".replace("download or export it again", "re-run `kaleido encode --force`")) from None

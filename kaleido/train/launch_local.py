@@ -2,7 +2,9 @@
 
 The launcher streams torchrun's output as it comes and returns its exit code. When a rank fails,
 torchrun stops the others and prints a summary with the failed rank's traceback (the worker is wrapped
-in torch's `@record`); the launcher turns that into one line naming the rank and its error.
+in torch's `@record`); the launcher turns that into one line naming the rank and its error. A rank that
+stopped on an operator's situation (exit code 2: a full disk, the MLflow server gone, a truncated file)
+printed its own `error:` line; the launcher hands that line on as it is (`operator_error`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def torchrun_command(params_path: Path, stage: str, nproc: int, resume: bool, pr
 class LaunchResult:
     returncode: int
     failure: str | None  # "rank R: <error>" when a rank failed
+    operator_error: str | None = None  # the failed rank's own `error:` line (without the prefix) when it exited 2
 
 
 _ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+)")
@@ -56,6 +59,24 @@ def summarize_failure(lines: list[str]) -> str | None:
     where = f"rank {rank.group(1)}" if rank else "a rank"
     exit_text = f" (exit code {code.group(1)})" if code else ""
     return f"{where}{exit_text}: {errors[-1] if errors else 'see the output above'}"
+
+
+def operator_error(lines: list[str]) -> str | None:
+    """The `error:` line of a rank that stopped on an operator's situation (exit code 2), else None.
+
+    Any failed rank of torchrun's summary counts, not only its "root cause": when one rank exits 2, torchrun stops
+    the others, and the first failure it observed may be another rank's SIGTERM."""
+    from kaleido.train.worker import OPERATOR_EXIT
+
+    text = "\n".join(lines)
+    starts = [index for index in (text.find("Failures:"), text.find("Root Cause")) if index >= 0]
+    if not starts:
+        return None
+    codes = {int(code) for code in _EXIT_CODE.findall(text[min(starts):])}
+    if OPERATOR_EXIT not in codes:
+        return None
+    errors = [line.strip() for line in lines if line.strip().startswith("error: ")]
+    return errors[-1].removeprefix("error: ") if errors else None
 
 
 def launch_local(
@@ -84,4 +105,6 @@ def launch_local(
             echo(line)
             tail.append(line.rstrip("\n"))
         code = process.wait()
-    return LaunchResult(code, summarize_failure(list(tail)) if code else None)
+    if not code:
+        return LaunchResult(code, None)
+    return LaunchResult(code, summarize_failure(list(tail)), operator_error(list(tail)))

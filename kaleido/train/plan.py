@@ -302,11 +302,20 @@ def plan_training(
         if not init_path.exists():
             hint = " (run `kaleido train --stage pretrain` first)" if stage == "sft" else ""
             problems.append(f"{init_key}: {init_path} does not exist{hint}")
-        if resume and not (checkpoint_dir(params, stage) / "latest").is_file():
-            problems.append(
-                f"--resume: no DeepSpeed checkpoint under {checkpoint_dir(params, stage)} "
-                f"(train.output_dir={train.output_dir}); start without --resume"
-            )
+        else:
+            problems += _check_weights(init_path, init_key)
+        if resume:
+            from kaleido.train.checkpoints import resume_point
+
+            point = resume_point(checkpoint_dir(params, stage))
+            if point.tag is None:
+                what = "no DeepSpeed checkpoint"
+                if point.skipped:
+                    what = f"no intact DeepSpeed checkpoint (not intact: {point.describe_skipped()})"
+                problems.append(
+                    f"--resume: {what} under {checkpoint_dir(params, stage)} (train.output_dir={train.output_dir}); "
+                    "start without --resume"
+                )
     refused = None
     if not problems:  # the memory estimate needs a valid layout
         from kaleido.train.memory import memory_problem
@@ -338,6 +347,18 @@ def plan_training(
     )
 
 
+def _check_weights(path: Path, key: str) -> list[str]:
+    """The init weights' safetensors files are whole (headers against sizes): a truncated download fails here,
+    naming the file, not in every rank after the launch."""
+    from kaleido.model.checkpoint import CheckpointError, check_weight_files
+
+    try:
+        check_weight_files(path)
+    except CheckpointError as exc:
+        return [f"{key}: {exc}"]
+    return []
+
+
 def _check_cache(params: Params, stage: str, latents: Path, dp: int, text_dim: int) -> list[str]:
     """The cache exists, was encoded from this stage's dataset for this model, and feeds every data-parallel rank."""
     from kaleido.train.data import micro_batches_per_epoch
@@ -366,6 +387,16 @@ def _check_cache(params: Params, stage: str, latents: Path, dp: int, text_dim: i
     missing = sorted({s.shard for s in samples if not (latents / f"{s.shard}.safetensors").is_file()})
     if missing:
         problems.append(f"{key}: shard files missing in {latents}: {', '.join(missing[:5])}; re-run `kaleido encode`")
+    from kaleido.train.latents import NULL_CONTEXT_NAME, check_cache_file
+
+    # a truncated shard fails here, naming the file, not in a rank after every model has loaded
+    present = sorted({s.shard for s in samples} - set(missing))
+    for file in [latents / NULL_CONTEXT_NAME, *(latents / f"{shard}.safetensors" for shard in present)]:
+        if file.is_file():
+            try:
+                check_cache_file(file)
+            except CacheError as exc:
+                problems.append(f"{key}: {exc}")
     train = [s for s in samples if s.split == "train"]
     batches = micro_batches_per_epoch([s.bucket for s in train], params.train.micro_batch)
     if batches < dp:

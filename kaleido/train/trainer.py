@@ -4,11 +4,22 @@ Exact resume: everything random after start-up is drawn from state that the chec
 rank: the sampler position (epoch, cursor), the loss's generator (sigma, noise, text dropout) and the
 global torch / Python RNGs. DeepSpeed's checkpoint holds weights, optimizer and LR schedule. A resumed
 run therefore repeats the interrupted run's losses step for step (bit for bit on CPU).
+
+Failures an operator fixes (docs/operations.md, "When things fail"):
+- the MLflow server stops answering: the step is finished, recorded in loss.csv, checkpointed, and every rank
+  stops (TrackingStopped); `--resume` reopens the run and uploads the steps it missed. Why stop rather than train
+  on untracked: the run's record is what registration and the gate read, an operator has to act on the outage
+  anyway, and a checkpoint at the failing step makes stopping cost only the restart;
+- a checkpoint that cannot be written (full disk): CheckpointWriteError naming the tag folder; the previous
+  checkpoint stays intact (its completeness marker, kaleido/train/checkpoints.py);
+- a newest checkpoint that is not intact: the resume starts from the newest intact one and says so.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,21 +32,39 @@ import torch
 
 from kaleido.config import Params, params_hash
 from kaleido.model.flow_matching import flow_matching_loss
+from kaleido.platform.files import is_disk_full, named_os_errors, write_text_atomic
+from kaleido.train.checkpoints import MARKER_NAME, checkpoint_tags, resume_point, tag_name, write_marker
 from kaleido.train.data import BucketBatchSampler, collate, training_sampler
 from kaleido.train.engine import DistContext
 from kaleido.train.latents import LatentCache
 from kaleido.train.plan import TrainPlan, checkpoint_dir, export_dir, stage_output, stage_preset, tracking_uri
-from kaleido.train.tracking import Tracker, flatten, peak_memory_gb
+from kaleido.train.tracking import RUN_RECORD, Tracker, flatten, mark_left_behind, peak_memory_gb
 from kaleido.train.validation import ValidationResult, ValidationSet
 
 # Test hook: exit hard (no cleanup, like a kill) right after this optimizer step and its checkpoint.
 EXIT_AFTER_STEP_ENV = "KALEIDO_TRAIN_EXIT_AFTER_STEP"
 SIMULATED_CRASH_EXIT = 86
-TAG_PREFIX = "step"
+
+log = logging.getLogger(__name__)
 
 
 class ResumeError(RuntimeError):
-    """The checkpoint does not fit this run (world size, sequence-parallel degree, stage)."""
+    """The checkpoint does not fit this run (world size, sequence-parallel degree, stage), or none is intact."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (errno, strerror, filename = its tag folder); the previous one is intact.
+
+    `previous` names the newest intact checkpoint left, if any."""
+
+    def __init__(self, code: int, why: str, tag_dir: Path, previous: str | None):
+        super().__init__(code, why, str(tag_dir))
+        self.previous = previous
+
+
+class TrackingStopped(RuntimeError):
+    """Every rank stopped after a checkpoint because the MLflow server stopped answering (rank 0 knows the details;
+    its message names the server, the step, the checkpoint and how to resume)."""
 
 
 @dataclass
@@ -70,9 +99,13 @@ def _restore_rank_state(state: dict[str, Any], sampler: BucketBatchSampler, gene
     random.setstate(state["python_rng"])
 
 
-def _prune_checkpoints(folder: Path, keep: int) -> None:
-    tags = sorted(p for p in folder.glob(f"{TAG_PREFIX}*") if p.is_dir())
-    for old in tags[:-keep]:
+def _prune_checkpoints(folder: Path, keep: int, newest: str) -> None:
+    """Keep the `keep` newest checkpoints up to `newest` (just written); a later tag is a leftover of a timeline that
+    was abandoned by resuming from an earlier checkpoint."""
+    tags = checkpoint_tags(folder)
+    stale = [tag for tag in tags if tag.name > newest]
+    kept = [tag for tag in tags if tag.name <= newest]
+    for old in stale + kept[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -102,8 +135,17 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> None:
+        """A DeepSpeed checkpoint of every rank, then its completeness marker (rank 0), then pruning.
+
+        CheckpointWriteError when the disk is full; the partial folder is removed and the previous checkpoint, which
+        is never pruned before a new one is complete, stays the one a resume starts from."""
         import torch.distributed as dist
 
+        tag = tag_name(step)
+        tag_dir = self.ckpt_dir / tag
+        if self.ctx.is_main and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # a leftover of an abandoned timeline: its old marker must not vouch for new files
+        dist.barrier()
         states: list[Any] = [None] * self.ctx.world_size
         dist.all_gather_object(states, _rank_state(self.sampler, self.generator))
         client = {
@@ -115,18 +157,38 @@ class Trainer:
             "mlflow_run_id": self.run_id,
             "params_hash": params_hash(self.params),
         }
-        # LoRA: the frozen base comes from its own file at every start; only the adapter and its optimizer state
-        # are saved
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"{TAG_PREFIX}{step:08d}", client_state=client,
-                                    exclude_frozen_parameters=self.lora is not None)
-        dist.barrier()  # every rank's shard is on disk before an old checkpoint goes
+        try:
+            # LoRA: the frozen base comes from its own file at every start; only the adapter and its optimizer
+            # state are saved
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client,
+                                        exclude_frozen_parameters=self.lora is not None)
+        except (OSError, RuntimeError) as exc:
+            # torch's writer reports ENOSPC as "[enforce fail at inline_container.cc] ... file write failed"
+            if not is_disk_full(exc):
+                raise
+            shutil.rmtree(tag_dir, ignore_errors=True)  # room for the resume; a partial tag is never resumed from
+            raise CheckpointWriteError(errno.ENOSPC, os.strerror(errno.ENOSPC), tag_dir,
+                                       resume_point(self.ckpt_dir).tag) from exc
+        dist.barrier()  # every rank's shard is on disk before the marker vouches for them and an old checkpoint goes
         if self.ctx.is_main:
-            _prune_checkpoints(self.ckpt_dir, self.params.train.keep_checkpoints)
+            with named_os_errors(tag_dir / MARKER_NAME):
+                write_marker(tag_dir, step)
+            _prune_checkpoints(self.ckpt_dir, self.params.train.keep_checkpoints, tag)
 
     def load_checkpoint(self) -> None:
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_module_strict=self.lora is None)
+        """Restore the newest intact checkpoint (a newer one that is not intact is skipped, with a warning)."""
+        point = resume_point(self.ckpt_dir)
+        if point.tag is None:
+            raise ResumeError(f"--resume: no intact DeepSpeed checkpoint in {self.ckpt_dir}"
+                              + (f" ({point.describe_skipped()})" if point.skipped else "")
+                              + "; start without --resume")
+        if point.skipped and self.ctx.is_main:
+            log.warning("resuming from %s, the newest intact checkpoint in %s: skipped %s", point.tag, self.ckpt_dir,
+                        point.describe_skipped())
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=point.tag,
+                                                   load_module_strict=self.lora is None)
         if path is None or client is None:
-            raise ResumeError(f"--resume: no loadable DeepSpeed checkpoint in {self.ckpt_dir}")
+            raise ResumeError(f"--resume: no loadable DeepSpeed checkpoint in {self.ckpt_dir / point.tag}")
         for key, mine in (("stage", self.plan.stage), ("world_size", self.ctx.world_size),
                           ("sequence_parallel", self.plan.sequence_parallel)):  # fmt: skip
             if client.get(key) != mine:
@@ -179,25 +241,34 @@ class Trainer:
                 "params_hash": params_hash(self.params), "mlflow_run_id": self.run_id, "config": module.cfg.to_dict(),
                 **base,
             }  # fmt: skip
-            if lora:
-                from kaleido.model.lora import Adapter, save_adapter_layouts
+            try:
+                if lora:
+                    from kaleido.model.lora import Adapter, save_adapter_layouts
 
-                adapter = Adapter(state, lora.rank, lora.alpha, base)
-                save_adapter_layouts(adapter, partial)
-                info.update(format="lora", lora={"rank": lora.rank, "alpha": lora.alpha, "targets": adapter.targets,
-                                                 "parameters": adapter.num_parameters()})
-            else:
-                save_dit(state, partial, "wan", module.cfg)
+                    adapter = Adapter(state, lora.rank, lora.alpha, base)
+                    save_adapter_layouts(adapter, partial)
+                    info.update(format="lora", lora={"rank": lora.rank, "alpha": lora.alpha,
+                                                     "targets": adapter.targets,
+                                                     "parameters": adapter.num_parameters()})
+                else:
+                    save_dit(state, partial, "wan", module.cfg)
+            except Exception as exc:  # safetensors' writer reports a full disk as its own error, naming no path
+                if not is_disk_full(exc) and "No space left on device" not in str(exc):
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial)) from exc
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)  # the registry never sees half an export
-            (self.output / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+            write_text_atomic(self.output / "export.json", json.dumps(info, indent=2) + "\n")
         dist.barrier()
         return target if self.ctx.is_main else None
 
     # -- validation ------------------------------------------------------------------------------------------
 
-    def validate(self, step: int, tracker: Tracker) -> ValidationResult | None:
-        """The held-out loss at `step` on every rank together (step 0: the model before any update)."""
+    def validate(self, step: int, tracker: Tracker, record: bool = True) -> ValidationResult | None:
+        """The held-out loss at `step` on every rank together (step 0: the model before any update).
+
+        record=False computes it without logging (a resume after the last step: the same numbers are on record)."""
         import torch.distributed as dist
 
         if self.validation is None:
@@ -218,9 +289,10 @@ class Trainer:
             )
         finally:
             module.train(was_training)
-        tracker.log_validation(step, result.metrics(), result.per_level)
+        if record:
+            tracker.log_validation(step, result.metrics(), result.per_level)
         if self.ctx.is_main and step == 0:
-            (self.output / "val_base.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+            write_text_atomic(self.output / "val_base.json", json.dumps(result.to_json(), indent=1) + "\n")
         return result
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -231,6 +303,8 @@ class Trainer:
         tracker = Tracker(self.ctx.is_main, self.output, self.plan.steps, self.start_step, self.resume, progress)
         uri = tracking_uri(self.params)
         if self.ctx.is_main and uri:
+            # a fresh start: the run an outage or a kill left RUNNING is marked FAILED now (a resume continues it)
+            mark_left_behind(uri, self.output / RUN_RECORD, f"training of stage {self.plan.stage}", keep=self.run_id)
             flat = flatten(self.params.model_dump(mode="json"))
             flat.update(flatten(self.plan.to_dict(), "plan."))
             tags = {"stage": self.plan.stage, "params_hash": params_hash(self.params)}
@@ -259,6 +333,10 @@ class Trainer:
             print(f"no validation samples in {self.plan.latents} (the data has one source video, or "
                   "data.validation.share is 0): training without val/loss", flush=True)
         last_validation = self.validate(0, tracker) if not self.resume else None
+        if self.resume and self.start_step >= self.plan.steps:
+            # resumed after the last step (an outage stopped the final upload): the summary needs the final
+            # held-out loss, which is deterministic and already on record
+            last_validation = self.validate(self.plan.steps, tracker, record=False)
         every = self.params.train.validation.every
         exit_after = int(os.environ.get(EXIT_AFTER_STEP_ENV, "0") or 0)
         fm = self.params.flow_matching
@@ -304,11 +382,16 @@ class Trainer:
                     "peak_memory_gb": peak_memory_gb(self.ctx.device),
                 }
                 result.losses.append(mean_loss)
-                if step % self.params.train.checkpoint_every == 0 or step == self.plan.steps:
+                saved = step % self.params.train.checkpoint_every == 0 or step == self.plan.steps
+                if saved:
                     self.save_checkpoint(step)
                 tracker.log_step(step, metrics)
                 if step == self.plan.steps or (every and step % every == 0):
                     last_validation = self.validate(step, tracker)
+                if self._tracking_lost(tracker):
+                    if not saved:
+                        self.save_checkpoint(step)  # nothing trained so far is lost
+                    raise self._tracking_stopped(tracker, step)
                 if step == exit_after:
                     dist.barrier()
                     os._exit(SIMULATED_CRASH_EXIT)  # no cleanup: what a kill leaves behind
@@ -321,10 +404,38 @@ class Trainer:
                                                      "val_loss.json")],
                     {"export_path": str(result.export)},
                 )
+            if self._tracking_lost(tracker):
+                raise self._tracking_stopped(tracker, self.plan.steps, finished=True)
             status = "FINISHED"
             return result
         finally:
             tracker.finish(status)
+
+    def _tracking_lost(self, tracker: Tracker) -> bool:
+        """Whether rank 0's tracker lost the MLflow server, agreed by every rank (they checkpoint and stop
+        together: a checkpoint is a collective)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if tracker.down is not None else 0.0], device=self.ctx.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _tracking_stopped(self, tracker: Tracker, step: int, finished: bool = False) -> TrackingStopped:
+        """The stop's message (rank 0 has the details): the server, the step, what is safe, how to resume."""
+        down = tracker.down
+        if down is None:  # another rank: rank 0 prints the message
+            return TrackingStopped("the MLflow server stopped answering (rank 0 reports it)")
+        resume = f"kaleido train --stage {self.plan.stage} --resume"
+        if finished:
+            export = export_dir(self.params, self.plan.stage)
+            what = f"training finished ({self.plan.steps} steps, export at {export}) but the run's end was not recorded"
+        else:
+            what = (f"training stopped after step {step}: checkpoint {self.ckpt_dir / tag_name(step)} and "
+                    f"{self.output / 'loss.csv'} hold every step so far")
+        return TrackingStopped(
+            f"the MLflow server at {down.uri} stopped answering ({down.what}: {down.why}); {what}. Once the server "
+            f"answers again, `{resume}` continues MLflow run {tracker.run_id} and uploads the steps it missed"
+        )
 
     def _write_summary(self, result: TrainResult, validation: ValidationResult | None) -> None:
         """metrics.json (DVC's metrics: train loss first -> last, val loss base -> final) and val_loss.json."""
@@ -354,5 +465,5 @@ class Trainer:
                 "text_len": self.params.model.text_len,
                 "final": validation.to_json(), "init": self.plan.init, "step": self.plan.steps,
             }
-            (self.output / "val_loss.json").write_text(json.dumps(record, indent=1) + "\n")
-        (self.output / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.output / "val_loss.json", json.dumps(record, indent=1) + "\n")
+        write_text_atomic(self.output / "metrics.json", json.dumps(summary, indent=2) + "\n")

@@ -2,7 +2,9 @@
 
 Started once per rank by torchrun (the local launcher, or each pod of the Kubernetes Job). It checks
 the plan again (a pod started by hand gets the same clear message), joins the process group, builds
-the DeepSpeed engine and trains. Exit codes: 0 done, 2 bad parameters, 1 any other failure.
+the DeepSpeed engine and trains. Exit codes: 0 done; 2 an operator's situation, with one `error:` line (bad
+parameters, a truncated weight or cache file, a full disk, the MLflow server gone: the line names the path or
+server and the way to resume); 1 any other failure (a traceback).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -26,10 +29,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+OPERATOR_EXIT = 2  # what the launcher recognises: the rank printed one `error:` line saying what to do
+
+
+def _error(line: str) -> int:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return OPERATOR_EXIT
+
+
 @record  # torchrun prints a failed rank's traceback in its summary
 def main(argv: list[str] | None = None) -> int:
     from kaleido.config import ParamsError, load_params
-    from kaleido.train.latents import LatentCache
+    from kaleido.model.checkpoint import CheckpointError
+    from kaleido.train.latents import CacheError, LatentCache
     from kaleido.train.plan import plan_training
 
     args = parse_args(argv)
@@ -40,10 +52,50 @@ def main(argv: list[str] | None = None) -> int:
         # only rank 0 talks to the tracking server
         plan = plan_training(params, args.stage, world, resume=args.resume, check_tracking=rank == 0)
         LatentCache(plan.latents).null_context()  # a broken cache fails here, before a model is loaded
-    except ParamsError as exc:
-        print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except (ParamsError, CacheError) as exc:
+        return _error(f"rank {rank}: {exc}")
 
+    from kaleido.cli.app import show_library_warnings
+    from kaleido.train.tracking import mlflow_request_limits
+
+    show_library_warnings()  # the trainer's warnings (a skipped checkpoint, an MLflow outage) as `warning:` lines
+    try:
+        with mlflow_request_limits(params.platform):
+            return _train(args, params, plan)
+    except CheckpointError as exc:  # a truncated init checkpoint that appeared after the plan's check
+        return _error(str(exc))
+    except Exception as exc:
+        from kaleido.train.trainer import TrackingStopped
+
+        line = _operator_error(exc, args.stage, rank)
+        if line is None:
+            raise
+        if isinstance(exc, TrackingStopped) and rank != 0:
+            return OPERATOR_EXIT  # rank 0 prints the stop's message, with the details only it has
+        return _error(line)
+
+
+def _operator_error(exc: BaseException, stage: str, rank: int) -> str | None:
+    """The `error:` line of an operator's situation (MLflow gone, disk full, an unwritable path), None for a bug."""
+    from kaleido.platform.files import describe_os_error, is_disk_full
+    from kaleido.train.tracking import TrackingUnavailable
+    from kaleido.train.trainer import CheckpointWriteError, ResumeError, TrackingStopped
+
+    resume = f"`kaleido train --stage {stage} --resume`"
+    if isinstance(exc, TrackingStopped | ResumeError):
+        return str(exc)
+    if isinstance(exc, TrackingUnavailable):  # at the start: nothing was trained yet
+        return f"{exc}; nothing was trained. Start the server (`kaleido platform up`) and run the command again"
+    if isinstance(exc, CheckpointWriteError):
+        previous = (f"the previous checkpoint {exc.previous} is intact: {resume} continues from it" if exc.previous
+                    else "no earlier checkpoint exists: start again once there is room")
+        return f"{describe_os_error(exc)}; {previous}"
+    if is_disk_full(exc) or (isinstance(exc, OSError) and exc.filename):
+        return f"{describe_os_error(exc)} (rank {rank}); then {resume} continues from the last intact checkpoint"
+    return None
+
+
+def _train(args: argparse.Namespace, params: Any, plan: Any) -> int:
     from kaleido.train.engine import build_engine, init_distributed, load_model
     from kaleido.train.sequence_parallel import UlyssesSequenceParallel
     from kaleido.train.trainer import Trainer
