@@ -73,22 +73,24 @@ def killed_mid_evaluation(tiny_assets: Path, params_for: Callable[..., Path], tm
     folder = tmp_path_factory.mktemp("eval-outage")
     init_builtin(folder / "set")
     server = MlflowServer(folder / "mlflow")
-    uri = server.start()
-    params = _params(folder / "cfg", tiny_assets, params_for,
-                     {"platform.mlflow_tracking_uri": uri, "eval.experiment": f"eval-faults-{uuid.uuid4().hex[:8]}"})
-    out = folder / "out"
-    command = _evaluate(params, tiny_assets, folder / "set", out)
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: any((out / "cases").glob("*/result.json")), 90, "the first case")
-        server.kill()  # mid-run: the other cases are still being generated
-        stdout, stderr = run.communicate(timeout=120)
+        uri = server.start()
+        params = _params(folder / "cfg", tiny_assets, params_for, {
+            "platform.mlflow_tracking_uri": uri, "eval.experiment": f"eval-faults-{uuid.uuid4().hex[:8]}"})
+        out = folder / "out"
+        command = _evaluate(params, tiny_assets, folder / "set", out)
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: any((out / "cases").glob("*/result.json")), 90, "the first case")
+            server.kill()  # mid-run: the other cases are still being generated
+            stdout, stderr = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                run.kill()
+        yield {"server": server, "uri": uri, "out": out, "command": command, "returncode": run.returncode,
+               "stdout": stdout, "stderr": stderr, "ended": time.time()}
     finally:
-        if run.poll() is None:
-            run.kill()
-    yield {"server": server, "uri": uri, "out": out, "command": command, "returncode": run.returncode,
-           "stdout": stdout, "stderr": stderr, "ended": time.time()}
-    server.stop()
+        server.stop()  # also when the set-up failed: no server outlives the tests
 
 
 @pytest.mark.slow

@@ -71,27 +71,29 @@ def newest_intact(out: Path) -> str | None:
 def killed_mid_training(env):
     """A 40-step run logging into a private MLflow server that is SIGKILLed after the second step."""
     server = MlflowServer(env["folder"] / "mlflow")
-    uri = server.start()
-    params = env["params"]("outage", {"platform.mlflow_tracking_uri": uri, "train.pretrain.steps": 40})
-    out = _output(params)
-    command = [str(BIN / "kaleido"), "train", "--stage", "pretrain", "--params", str(params)]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def two_steps() -> bool:
-            if run.poll() is not None:
-                raise AssertionError(f"training ended before the kill:\n{run.communicate()[0][-4000:]}")
-            return (out / "loss.csv").is_file() and len(read_loss_curve(out / "loss.csv")) >= 2
+        uri = server.start()
+        params = env["params"]("outage", {"platform.mlflow_tracking_uri": uri, "train.pretrain.steps": 40})
+        out = _output(params)
+        command = [str(BIN / "kaleido"), "train", "--stage", "pretrain", "--params", str(params)]
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            def two_steps() -> bool:
+                if run.poll() is not None:
+                    raise AssertionError(f"training ended before the kill:\n{run.communicate()[0][-4000:]}")
+                return (out / "loss.csv").is_file() and len(read_loss_curve(out / "loss.csv")) >= 2
 
-        wait_for(two_steps, 180, "two training steps")
-        killed = server.kill()
-        output, _ = run.communicate(timeout=240)
-        ended = time.monotonic()
+            wait_for(two_steps, 180, "two training steps")
+            killed = server.kill()
+            output, _ = run.communicate(timeout=240)
+            ended = time.monotonic()
+        finally:
+            if run.poll() is None:
+                run.kill()
+        yield {"server": server, "uri": uri, "params": params, "out": out, "returncode": run.returncode,
+               "output": output, "seconds": ended - killed}
     finally:
-        if run.poll() is None:
-            run.kill()
-    yield {"server": server, "uri": uri, "params": params, "out": out, "returncode": run.returncode,
-           "output": output, "seconds": ended - killed}
-    server.stop()
+        server.stop()  # also when the set-up failed: no server outlives the tests
 
 
 def test_mlflow_killed_mid_training_checkpoints_and_stops_with_the_way_to_resume(killed_mid_training):
