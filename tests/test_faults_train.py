@@ -220,7 +220,7 @@ def test_resume_skips_a_truncated_newest_checkpoint_for_the_newest_intact_one(en
     said = (resumed.stdout + resumed.stderr).splitlines()
     warning = next(line for line in said if line.startswith("warning: resuming from"))
     assert f"resuming from {tag_name(4)}, the newest intact checkpoint" in warning
-    assert f"skipped {tag_name(8)} (mp_rank_00_model_states.pt has {size // 2} bytes, {size} were written" in warning
+    assert f"skipped {tag_name(8)} (mp_rank_00_model_states.pt is {size // 2} bytes, {size} were written" in warning
     # steps 5-8 trained again from step 4: the same curve, bit for bit
     def curve(rows: list[dict[str, float]]) -> list[tuple[float, ...]]:
         return [(row["step"], row["loss"], row["grad_norm"], row["lr"]) for row in rows]

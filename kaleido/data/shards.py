@@ -45,7 +45,14 @@ import numpy as np
 
 from kaleido.config.schema import Params
 from kaleido.data.paths import output_folder, remove_inside
-from kaleido.platform.files import describe_os_error, exclusive_output, is_disk_full, write_json_atomic
+from kaleido.platform.files import (
+    describe_os_error,
+    exclusive_output,
+    file_sizes,
+    is_disk_full,
+    sizes_problem,
+    write_json_atomic,
+)
 
 SUCCESS = "_SUCCESS"
 SEALS = "_MANIFESTS.json"
@@ -200,15 +207,7 @@ def marker_intact(shard_dir: Path, marker: dict[str, Any]) -> str | None:
     files = marker.get("files")
     if not isinstance(sizes, dict) or not isinstance(files, dict) or set(sizes) != set(files):
         return "its marker predates file sizes or is malformed"
-    for name, size in sizes.items():
-        path = shard_dir / name
-        try:
-            actual = path.stat().st_size  # follows links: DVC's symlink/hardlink cache types link files
-        except OSError:
-            actual = None
-        if actual != size:
-            return f"{name} is {'missing' if actual is None else f'{actual} bytes, expected {size}'}"
-    return None
+    return sizes_problem(shard_dir, sizes)
 
 
 def read_marker(shard_dir: Path) -> dict[str, Any] | None:
@@ -243,7 +242,7 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
             "spec_hash": expected,
             "items": len(spec.items),
             "files": files,
-            "sizes": {name: (tmp / name).stat().st_size for name in files},
+            "sizes": file_sizes(tmp, exclude=(SUCCESS,)),
             "content_hash": content,
             "summary": summary,
         }

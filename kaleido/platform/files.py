@@ -149,6 +149,30 @@ def folder_sha256(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
+def file_sizes(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """{relative POSIX name: bytes} of every file under `folder` (names in `exclude` left out): what a completion
+    marker records so that a later reader can tell a whole folder from one cut short."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in exclude}  # fmt: skip
+
+
+def sizes_problem(folder: str | Path, sizes: dict[str, int]) -> str | None:
+    """None when every file of `sizes` is in `folder` at its recorded size, else the first difference in words.
+
+    Sizes, not hashes: checking must not re-read terabytes; a file cut short, missing or replaced by one of
+    another size (a racing writer, a killed copy, a full disk) shows. Follows links (DVC's link cache types).
+    """
+    for name, size in sizes.items():
+        try:
+            actual = (Path(folder) / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} is {actual} bytes, {size} were written (truncated or replaced)"
+    return None
+
+
 def free_bytes(path: str | Path) -> int | None:
     """Free bytes on the filesystem holding `path` (or its nearest existing parent); None when unknown."""
     probe = Path(path)

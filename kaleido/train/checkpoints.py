@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaleido.platform.files import write_json_atomic
+from kaleido.platform.files import file_sizes, sizes_problem, write_json_atomic
 
 TAG_PREFIX = "step"
 MARKER_NAME = "complete.json"
@@ -37,9 +37,7 @@ def checkpoint_tags(folder: Path) -> list[Path]:
 
 def write_marker(tag_dir: Path, step: int) -> Path:
     """Record that `tag_dir` is complete: every file in it (relative name -> size). Call after every rank saved."""
-    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-             if p.is_file() and p.name != MARKER_NAME}  # fmt: skip
-    return write_json_atomic(tag_dir / MARKER_NAME, {"step": step, "files": files})
+    return write_json_atomic(tag_dir / MARKER_NAME, {"step": step, "files": file_sizes(tag_dir, (MARKER_NAME,))})
 
 
 def _torch_file_problem(path: Path) -> str | None:
@@ -69,14 +67,7 @@ def tag_problem(tag_dir: Path, markers_in_use: bool = True) -> str | None:
         files = json.loads(marker.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{MARKER_NAME} is unreadable ({exc})"
-    for name, size in files.items():
-        path = tag_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        actual = path.stat().st_size
-        if actual != size:
-            return f"{name} has {actual} bytes, {size} were written (truncated or replaced)"
-    return None
+    return sizes_problem(tag_dir, files)
 
 
 @dataclass(frozen=True)
