@@ -42,6 +42,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
+from kaleido.platform.files import file_sizes, folder_sha256
 from kaleido.platform.workspace import REVISION_ENV
 
 CHAMPION = "champion"
@@ -129,8 +130,6 @@ def git_revision(repo: Path | None = None) -> str:
 def content_sha256(folder: Path) -> str:
     """sha256 of a version's folder without MLflow's `MLmodel` (it carries a creation time and a uuid that change
     with every build of the same weights)."""
-    from kaleido.platform.files import folder_sha256
-
     return folder_sha256(folder, exclude=("MLmodel",))
 
 
@@ -183,10 +182,18 @@ class ModelRegistry:
         existing = self._run_version(run_id, content)
         if existing is not None:
             return existing
-        # written once: the path names the content, so an upload never replaces another version's files
+        # written once: the path names the content, so an upload never replaces another version's files. An upload
+        # cut short (a killed registration) is completed before any version points at it.
         path = f"{artifact_path}-{content[:16]}"
-        if not self.client.list_artifacts(run_id, path):
+        wanted = file_sizes(checkpoint_dir)
+        if self._uploaded_sizes(run_id, path) != wanted:
             self.client.log_artifacts(run_id, str(checkpoint_dir), artifact_path=path)
+            uploaded = self._uploaded_sizes(run_id, path)
+            if uploaded != wanted:
+                raise RegistryError(
+                    f"uploading {checkpoint_dir} to run {run_id}/{path} left {len(uploaded)} of {len(wanted)} files "
+                    "at their sizes; no version was created. Check the artifact store's free space and register again"
+                )
         for file in lineage_files:  # once per run: a second registration of the run returned above
             self.client.log_artifact(run_id, str(file), artifact_path="lineage")
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{path}"
@@ -197,6 +204,18 @@ class ModelRegistry:
                 return existing
             version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
         return str(version.version)
+
+    def _uploaded_sizes(self, run_id: str, path: str) -> dict[str, int]:
+        """{name relative to `path`: bytes} of the run's artifacts under `path` (empty when there are none)."""
+        sizes: dict[str, int] = {}
+        pending = [path]
+        while pending:
+            for info in self.client.list_artifacts(run_id, pending.pop()):
+                if info.is_dir:
+                    pending.append(info.path)
+                else:
+                    sizes[info.path[len(path) + 1:]] = int(info.file_size or 0)
+        return sizes
 
     def _run_version(self, run_id: str, content: str) -> str | None:
         """The version already registered from `run_id` (same content), None if none; RegistryError when that

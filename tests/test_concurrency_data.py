@@ -127,6 +127,12 @@ def test_killed_recurate_after_a_params_change_leaves_no_stale_manifest(captione
     assert "curate: 0 shards run, " in again.stdout and "0 failed" in again.stdout, again.stdout
     written = _kaleido("write-dataset", params=params)
     assert "rejected 0" in written.stdout
+    # a run refused over its input (a mistyped --manifest) leaves the finished dataset as it was
+    dataset_manifest, index = root / "manifests" / "dataset.jsonl", root / "dataset" / "index.json"
+    before = dataset_manifest.read_bytes(), index.read_bytes()
+    refused = _kaleido("write-dataset", "--manifest", "no-such.jsonl", params=params, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert (dataset_manifest.read_bytes(), index.read_bytes()) == before
 
 
 def test_a_manifest_edited_after_its_stage_is_refused(captioned):
@@ -154,6 +160,12 @@ def test_symlinked_stage_folder_is_refused_and_nothing_outside_is_deleted(tmp_pa
     result = _kaleido("ingest", params=params, check=False)
     assert result.returncode == 2 and "is a symlink" in result.stderr and str(outside) in result.stderr
     assert (outside / "shard-09999" / "precious.txt").read_text() == "keep me"
+    assert list(outside.iterdir()) == [outside / "shard-09999"]
+    # the manifests folder is written by every stage: a link there is refused the same way
+    (tmp_path / "data" / "ingest").unlink()
+    os.symlink(outside, tmp_path / "data" / "manifests")
+    result = _kaleido("ingest", params=params, check=False)
+    assert result.returncode == 2 and "output folder" in result.stderr and "is a symlink" in result.stderr
     assert list(outside.iterdir()) == [outside / "shard-09999"]
 
 
@@ -208,6 +220,8 @@ def test_an_unusable_sidecar_file_fails_the_caption_stage(captioned, tmp_path):
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         result = _kaleido("caption", params=path, check=False)
         assert result.returncode == 2 and "data.caption.sidecar" in result.stderr, result.stderr
+        # refused over its inputs: the finished output of the last good run is untouched
+        assert (captioned["root"] / "manifests" / "captions.jsonl").is_file()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 

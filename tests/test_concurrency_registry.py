@@ -158,3 +158,21 @@ def test_a_held_lock_makes_others_wait_then_name_the_holder_and_a_stale_one_is_b
     with caplog.at_level("WARNING", logger="kaleido.registry"):
         registry.promote(version)
     assert "breaking the registry lock" in caplog.text and registry.alias_version(CHAMPION) == version
+
+
+def test_a_registration_cut_short_mid_upload_is_completed_before_a_version_points_at_it(registry, tmp_path):
+    from kaleido.registry import content_sha256
+
+    run_id = _run(registry)
+    folder = _checkpoint(tmp_path, "a")
+    (folder / "second.safetensors").write_bytes(b"more weights")
+    # what a registration killed mid-upload leaves: the content-named folder with one of the files
+    registry.ensure_model()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "second.safetensors").write_bytes(b"more weights")
+    registry.client.log_artifacts(run_id, str(partial), artifact_path=f"model-{content_sha256(folder)[:16]}")
+    version = _register(registry, run_id, folder)
+    downloaded = registry.download(version, tmp_path / "dl")
+    assert sorted(p.name for p in downloaded.iterdir()) == ["MLmodel", "diffusion_pytorch_model.safetensors",
+                                                             "second.safetensors"]

@@ -13,7 +13,7 @@ then `pair_samples` once over all results (`pair_shard`: cross pairs need other 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,23 +83,31 @@ def data_root(params: Params) -> Path:
 @contextmanager
 def _stage(
     params: Params, stages: Sequence[str], force: bool, manifests: Sequence[Path]
-) -> Iterator[tuple[Path, DataLayout]]:
-    """Run a stage: hold the locks of its folders (the first names the command), clear them on --force, and
-    remove its merged manifests (and their seals) before any work, so a run killed midway never leaves the
-    previous run's manifests behind as if they were this run's. Yields (root, layout)."""
+) -> Iterator[tuple[Path, DataLayout, Callable[[], None]]]:
+    """Run a stage: hold the locks of its folders (the first names the command) and yield (root, layout, begin).
+
+    The stage checks its inputs first, then calls `begin()`, which clears its folders on --force and removes its
+    merged manifests (and their seals), so a run killed midway never leaves the previous run's manifests behind
+    as if they were this run's, while a run refused over its inputs changes nothing.
+    """
     root = data_root(params)
     root.mkdir(parents=True, exist_ok=True)
     layout = DataLayout(root)
+    output_folder(root, "manifests")  # merged manifests are written there: refused when it is a link
+    output_folder(root, "manifests/rejections")
     with ExitStack() as locks:
         folders = [output_folder(root, stage) for stage in stages]
         for folder in folders:
             locks.enter_context(exclusive_output(folder, f"kaleido {stages[0]}"))
-        if force:
-            for folder in folders:
-                remove_inside(root, folder)
-        folders[0].mkdir(parents=True, exist_ok=True)
-        open_manifests(root, folders[0], manifests)
-        yield root, layout
+
+        def begin() -> None:
+            if force:
+                for folder in folders:
+                    remove_inside(root, folder)
+            folders[0].mkdir(parents=True, exist_ok=True)
+            open_manifests(root, folders[0], manifests)
+
+        yield root, layout, begin
 
 
 def _checked_input(root: Path, layout: DataLayout, manifest: str | Path | None, default: Path, stage: str) -> Path:
@@ -184,8 +192,9 @@ def run_ingest(params: Params, *, progress: bool = True, force: bool = False) ->
 
     layout = DataLayout(data_root(params))
     outputs = [layout.clips_manifest, layout.rejections("ingest")]
-    with _stage(params, ["ingest"], force, outputs) as (root, layout):
+    with _stage(params, ["ingest"], force, outputs) as (root, layout, begin):
         sources, rejections = discover_sources(root, params.data.ingest.sources)
+        begin()
         # size and mtime in the shard spec: a replaced source file redoes its shard
         stamps = {}
         for relative in sources:
@@ -222,7 +231,7 @@ def run_caption(
 
     layout = DataLayout(data_root(params))
     outputs = [layout.captions_manifest, layout.rejections("caption")]
-    with _stage(params, ["caption"], force, outputs) as (root, layout):
+    with _stage(params, ["caption"], force, outputs) as (root, layout, begin):
         cfg = params.data.caption
         source = _checked_input(root, layout, manifest, layout.clips_manifest, "ingest")
         clips, rejections = load_clip_manifest(root, source, "caption")
@@ -242,6 +251,7 @@ def run_caption(
         taxonomy = params.resolve(cfg.taxonomy)
         if taxonomy is not None:  # the terms are part of the result: a changed taxonomy redoes the stage
             fingerprint["taxonomy_text"] = taxonomy.read_text(encoding="utf-8")
+        begin()
         specs = make_shards([clip.clip_id for clip in clips], params.data.shard_size, payload)
         result = run_shards(
             "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip"
@@ -399,7 +409,7 @@ def run_curation(
     """Curate every captioned clip with subject candidates, then pair the results into samples."""
     layout = DataLayout(data_root(params))
     outputs = [layout.instances_manifest, layout.samples_manifest, layout.rejections("curate")]
-    with _stage(params, ["curate", "pair"], force, outputs) as (root, layout):
+    with _stage(params, ["curate", "pair"], force, outputs) as (root, layout, begin):
         source = _checked_input(root, layout, manifest, layout.captions_manifest, "caption")
         clips, rejections = load_clip_manifest(root, source, "curate")
         usable = [clip for clip in clips if clip.caption and clip.subjects]
@@ -412,6 +422,7 @@ def run_curation(
             "filters": data.filters.model_dump(mode="json"),
             "references": data.references.model_dump(mode="json"),
         }
+        begin()
         specs = make_shards([clip.clip_id for clip in usable], data.shard_size, payload)
         result = run_shards(
             "curate", specs, curate_shard, params, fingerprint=fingerprint, progress=progress, unit="clip"
@@ -465,7 +476,7 @@ def run_write_dataset(
 
     layout = DataLayout(data_root(params))
     outputs = [layout.dataset_manifest, layout.rejections("write"), layout.dataset / DATASET_INDEX]
-    with _stage(params, ["dataset"], force, outputs) as (root, layout):
+    with _stage(params, ["dataset"], force, outputs) as (root, layout, begin):
         path = _checked_input(root, layout, manifest, layout.samples_manifest, "curate")
         clips = {}
         if layout.captions_manifest.is_file():  # clip metadata only (fps, source); the samples carry their captions
@@ -491,6 +502,7 @@ def run_write_dataset(
             if clip is not None:
                 clip = {k: v for k, v in clip.items() if k not in ("caption", "subjects")}
             payload[sample.sample_id] = {"sample": sample.to_json(), "clip": clip}
+        begin()
         specs = make_shards(list(payload), params.data.samples_per_tar, payload)
         fingerprint = {"max_references": params.data.references.max_references}
         result = run_shards(

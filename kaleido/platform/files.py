@@ -71,7 +71,8 @@ def exclusive_output(folder: str | Path, what: str, *, wait_s: float = 0.0) -> I
     except Timeout:
         raise OutputBusy(
             f"{folder} is being written by {_holder_text(holder_file)}; two runs into one output folder would "
-            f"mix their files. Wait for it to finish (or stop it), or give this {what} another output folder"
+            f"mix their files. Wait for it to finish (or stop it), or give this {what} another output folder (another "
+            "--out; for a data stage, another data.root)"
         ) from None
     try:
         if lock.lock_counter == 1:
