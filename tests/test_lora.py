@@ -140,7 +140,7 @@ def test_bad_adapters_are_refused_with_the_file_named(base, adapted, tmp_path):
     good = lora.save_adapter(adapter, tmp_path / "good.safetensors", "wan")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(lora.LoraError, match=r"truncated\.safetensors: not a readable safetensors"):
+    with pytest.raises(lora.LoraError, match=r"truncated\.safetensors: truncated header: 192 of its \d+ header bytes"):
         lora.load_adapter(truncated)
     plain = tmp_path / "weights.safetensors"
     save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, str(plain))
