@@ -173,3 +173,18 @@ def test_invalid_zero_stage_and_sft_without_pretrain(bad_params, monkeypatch):
     result = CliRunner().invoke(app, ["train", "--stage", "pretrain", "--resume", "--params", str(bad_params({}))])
     assert result.exit_code == 2 and "--resume: no DeepSpeed checkpoint" in result.output
 
+
+
+def test_mlflow_request_limits_apply_inside_the_block_and_restore_after(monkeypatch):
+    import os
+
+    from kaleido.config.schema import PlatformConfig
+    from kaleido.train.tracking import mlflow_request_limits
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "999")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    platform = PlatformConfig(mlflow_request_retries=3, mlflow_request_timeout_s=7)
+    with mlflow_request_limits(platform):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "999" and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

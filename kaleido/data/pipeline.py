@@ -160,6 +160,20 @@ def _write_rejections(layout: DataLayout, stage: str, shard_dirs: list[Path], ex
     return merge_jsonl(shard_dirs, "rejections.jsonl", layout.rejections(stage), [r.to_json() for r in extra])
 
 
+def _merge_and_seal(
+    root: Path, layout: DataLayout, stage: str, result: StageResult, part: str, manifest: Path,
+    rejections: list[Rejection],
+) -> tuple[list[Path], int, int]:
+    """A one-manifest stage's end: fail on failed shards, merge `part` of every shard into `manifest` and the
+    rejections, seal both. Returns (shard folders, manifest rows, rejected rows)."""
+    result.raise_for_failures()
+    dirs = result.shard_dirs()
+    rows = merge_jsonl(dirs, part, manifest)
+    rejected = _write_rejections(layout, stage, dirs, rejections)
+    seal_manifests(root, layout.stage_dir(stage), {manifest: dirs, layout.rejections(stage): dirs})
+    return dirs, rows, rejected
+
+
 # ---------------------------------------------------------------------------------------------
 # ingest
 
@@ -205,12 +219,9 @@ def run_ingest(params: Params, *, progress: bool = True, force: bool = False) ->
         result = run_shards(
             "ingest", specs, ingest_shard, params, fingerprint=fingerprint, progress=progress, unit="video"
         )
-        result.raise_for_failures()
-        dirs = result.shard_dirs()
-        clips = merge_jsonl(dirs, "clips.jsonl", layout.clips_manifest)
-        rejected = _write_rejections(layout, "ingest", dirs, rejections)
+        _, clips, rejected = _merge_and_seal(root, layout, "ingest", result, "clips.jsonl", layout.clips_manifest,
+                                             rejections)
         seconds = sum(float(o.summary.get("video_s", 0.0)) for o in result.outcomes)
-        seal_manifests(root, layout.stage_dir("ingest"), dict.fromkeys(outputs, dirs))
         return StageReport(
             "ingest",
             result,
@@ -256,12 +267,9 @@ def run_caption(
         result = run_shards(
             "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip"
         )
-        result.raise_for_failures()
-        dirs = result.shard_dirs()
-        captioned = merge_jsonl(dirs, "clips.jsonl", layout.captions_manifest)
-        rejected = _write_rejections(layout, "caption", dirs, rejections)
+        _, captioned, rejected = _merge_and_seal(root, layout, "caption", result, "clips.jsonl",
+                                                 layout.captions_manifest, rejections)
         with_subjects = sum(1 for row in read_jsonl(layout.captions_manifest) if row.get("subjects"))
-        seal_manifests(root, layout.stage_dir("caption"), dict.fromkeys(outputs, dirs))
         return StageReport(
             "caption",
             result,

@@ -453,11 +453,13 @@ def _seal_key(root: Path, manifest: Path) -> str:
 def open_manifests(root: Path, stage_dir: Path, manifests: Iterable[Path]) -> None:
     """A stage starts: delete its merged manifests and their seals, so that a run killed from here on leaves no
     stale manifest for the next stage to take as this run's output (call it holding the stage's lock)."""
+    manifests = list(manifests)
     seals = _read_seals(stage_dir)
     for manifest in manifests:
         seals.pop(_seal_key(root, manifest), None)
-        if stage_dir.is_dir():
-            write_json_atomic(stage_dir / SEALS, seals)
+    if stage_dir.is_dir():  # seals first: a kill in between leaves unsealed manifests, which are refused
+        write_json_atomic(stage_dir / SEALS, seals)
+    for manifest in manifests:
         remove_inside(root, manifest)
 
 

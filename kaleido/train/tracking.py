@@ -65,17 +65,10 @@ def mlflow_request_env(platform: PlatformConfig) -> dict[str, str]:
 @contextmanager
 def mlflow_request_limits(platform: PlatformConfig) -> Iterator[None]:
     """Bound every MLflow request made inside the block (MLflow reads these variables at each request)."""
-    values = mlflow_request_env(platform)
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
+    from unittest import mock  # the stdlib's set-and-restore of os.environ
+
+    with mock.patch.dict(os.environ, mlflow_request_env(platform)):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def short_error(exc: BaseException) -> str:
