@@ -252,3 +252,24 @@ def test_a_full_disk_in_a_shard_exits_2_naming_the_file(tmp_path, data_params, m
     assert result.exit_code == 2, result.output
     assert f"shard-00000: {target}: no space left on device (" in result.output and "MB free)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_second_encode_into_one_latent_cache_is_refused_naming_the_holder(tmp_path):
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    raw["train"]["pretrain"]["latents"] = str(tmp_path / "latents")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time\nfrom kaleido.platform.files import exclusive_output\n"
+         f"with exclusive_output({str(tmp_path / 'latents')!r}, 'kaleido encode'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = subprocess.run([*KALEIDO, "encode", "--params", str(params), "--quiet"], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and f"pid {holder.pid}" in result.stderr, result.stderr
+    finally:
+        holder.kill()
+        holder.wait()

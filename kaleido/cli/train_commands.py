@@ -39,9 +39,13 @@ def encode(
 
     if stage not in STAGES:
         fail(f"--stage {stage}: unknown; choose one of {', '.join(STAGES)}")
+    from kaleido.platform.files import exclusive_output
+    from kaleido.train.plan import stage_latents
+
     loaded = read_params(params)
     try:
-        report = run_encode(loaded, stage, force=force, progress=not quiet)
+        with exclusive_output(stage_latents(loaded, stage), "kaleido encode"):  # one writer per latent cache
+            report = run_encode(loaded, stage, force=force, progress=not quiet)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers
@@ -105,7 +109,10 @@ def train(
         typer.echo("command: " + " ".join(torchrun_command(path.resolve(), stage, plan.world_size, resume)))
         typer.echo(dump_plan(plan, deepspeed_config(plan, loaded, bf16=_has_gpu())))
         return
-    result = launch_local(path, stage, plan.world_size, resume)
+    from kaleido.platform.files import exclusive_output
+
+    with exclusive_output(Path(plan.output), "kaleido train"):  # two runs into one stage folder mix checkpoints
+        result = launch_local(path, stage, plan.world_size, resume)
     if result.operator_error:  # a full disk, the MLflow server gone, a truncated file: the rank's own line, exit 2
         fail(result.operator_error)
     if result.returncode:
