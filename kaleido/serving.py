@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaleido.platform.files import folder_sha256
+from kaleido.platform.integrity import cache_root
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -59,10 +60,6 @@ _EXAMPLE_PNG = (
 
 class ServingError(ValueError):
     """A request or a model folder that cannot be served; the message names the field and the fix."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KALEIDO_CACHE", Path.home() / ".cache" / "kaleido"))
 
 
 # ---- references -------------------------------------------------------------------------------------------

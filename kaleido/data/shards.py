@@ -53,6 +53,7 @@ from kaleido.platform.files import (
     sizes_problem,
     write_json_atomic,
 )
+from kaleido.platform.integrity import file_sha256
 
 SUCCESS = "_SUCCESS"
 SEALS = "_MANIFESTS.json"
@@ -177,14 +178,6 @@ def spec_hash(stage: str, spec: ShardSpec, fingerprint: Any) -> str:
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_folder(folder: Path) -> tuple[dict[str, str], str]:
