@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,20 +42,64 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
+def stream_command(
+    args: list[str], cwd: Path, on_line: Callable[[str, str], None], env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run `args`, handing each line of its stdout and stderr to `on_line(stream, line)` AS IT COMES (a long DVC
+    stage's progress reaches the log while the stage runs, not when it ends). Returns (exit code, stdout, the
+    last 400 lines of both streams in order)."""
+    import queue
+    import threading
+    from collections import deque
+
+    environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               bufsize=1, env=environment, errors="replace")  # fmt: skip
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+
+    def pump(name: str, stream: Any) -> None:
+        for line in stream:
+            lines.put((name, line.rstrip("\n")))
+        lines.put((name, None))
+
+    readers = [threading.Thread(target=pump, args=(name, stream), daemon=True)
+               for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]  # fmt: skip
+    for reader in readers:
+        reader.start()
+    stdout: list[str] = []
+    tail: deque[str] = deque(maxlen=400)
+    open_streams = len(readers)
+    while open_streams:
+        name, line = lines.get()
+        if line is None:
+            open_streams -= 1
+            continue
+        if name == "stdout":
+            stdout.append(line)
+        tail.append(line)
+        on_line(name, line)
+    code = process.wait()
+    return code, "\n".join(stdout) + ("\n" if stdout else ""), "\n".join(tail)
+
+
 def run_command(args: list[str], repo: Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
-    """Run a CLI in the repository, its output into the task log; raise StepFailed on an unexpected exit code."""
+    """Run a CLI in the repository, each output line into the task log as it comes (progress lines included: see
+    kaleido.platform.progress); raise StepFailed on an unexpected exit code."""
     logger = get_run_logger()
     logger.info("$ %s", " ".join(args))
-    result = subprocess.run(args, cwd=repo, capture_output=True, text=True)
-    output = (result.stdout + result.stderr).strip()
-    if output:
-        logger.info(output[-8000:])
-    for line in output.splitlines():  # the library's warnings (truncated prompts, adapted images) stand out
-        if line.startswith("warning: "):
+
+    def log_line(stream: str, line: str) -> None:
+        if not line.strip():
+            return
+        if line.startswith("warning: "):  # the library's warnings (truncated prompts, adapted images) stand out
             logger.warning(line.removeprefix("warning: "))
-    if result.returncode not in ok:
-        raise StepFailed(f"`{' '.join(args)}` exited with {result.returncode}:\n{output[-3000:]}")
-    return result
+        else:
+            logger.info(line)
+
+    code, stdout, output = stream_command(args, repo, log_line)
+    if code not in ok:
+        raise StepFailed(f"`{' '.join(args)}` exited with {code}:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(args, code, stdout, "")
 
 
 def last_json(text: str) -> dict[str, Any]:
@@ -176,7 +221,7 @@ def evaluate(repo: Path, tracking_uri: str, model_name: str, version: str) -> di
     """`kaleido evaluate` on the registered version (per-case results resume inside the output folder)."""
     out = repo / "runs/eval" / f"{model_name}-v{version}"
     result = run_command(
-        [_bin("kaleido"), "evaluate", "--model", f"models:/{model_name}/{version}", "--out", str(out), "--quiet"], repo
+        [_bin("kaleido"), "evaluate", "--model", f"models:/{model_name}/{version}", "--out", str(out)], repo
     )
     summary = last_json(result.stdout)
     overall = summary.get("overall") or {}

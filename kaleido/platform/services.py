@@ -356,7 +356,10 @@ class Platform:
         """Print each task run once when it finishes (name, state, seconds); return the flow run's final state."""
         terminal = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
         reported: set[str] = set()
+        progress = _ProgressLines(self, flow_run)
         while True:
+            for line in progress.new():  # a long task's progress, as its subprocess prints it
+                echo(f"    {line}")
             state = self._api(f"/flow_runs/{flow_run}")["state"]["type"]
             tasks = self._api("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}},
                                                     "sort": "EXPECTED_START_TIME_ASC"})
@@ -381,3 +384,33 @@ class Platform:
         found = self._api("/artifacts/filter", {"artifacts": {"key": {"any_": [key]},
                                                               "flow_run_id": {"any_": [flow_run]}}})
         return str(found[-1]["data"]) if found else None
+
+
+class _ProgressLines:
+    """The progress lines (kaleido.platform.progress) of a flow run's log that were not shown yet."""
+
+    def __init__(self, platform: Platform, flow_run: str) -> None:
+        self.platform, self.flow_run = platform, flow_run
+        self.after: str | None = None
+        self.seen: set[str] = set()
+
+    def new(self) -> list[str]:
+        from kaleido.platform.progress import is_progress_line
+
+        query: dict[str, Any] = {"flow_run_id": {"any_": [self.flow_run]}}
+        if self.after:
+            query["timestamp"] = {"after_": self.after}
+        try:
+            rows = self.platform._api("/logs/filter", {"logs": query, "sort": "TIMESTAMP_ASC", "limit": 200})
+        except (OSError, ValueError):  # the screen's extra: a hiccup of the API must not end the watch
+            return []
+        lines = []
+        for row in rows:
+            if row.get("id") in self.seen:
+                continue
+            self.seen.add(row.get("id"))
+            self.after = row.get("timestamp") or self.after
+            message = str(row.get("message", ""))
+            if is_progress_line(message):
+                lines.append(message)
+        return lines
