@@ -257,7 +257,7 @@ def test_mlflow_ui_shows_the_champion(e2e: E2E, tmp_path: Path) -> None:
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium is not installed (`make setup` installs it)")
+        pytest.skip("no chromium: `make test` installs it as root (CI); `apt-get install chromium` to run this test")
     query = urllib.parse.urlencode({"name": MODEL, "alias": "champion"})
     with urllib.request.urlopen(f"{e2e.mlflow}/api/2.0/mlflow/registered-models/alias?{query}") as response:
         alias = json.loads(response.read())["model_version"]

@@ -285,13 +285,17 @@ class Platform:
             raise ServiceError(f"prefect {' '.join(args)} failed ({result.returncode}):\n{output}")
         return result
 
-    def up(self) -> None:
+    def up(self) -> list[str]:
+        """Start the services that are not up yet; returns the names of those it started (the others were running:
+        `kaleido platform run` leaves them running)."""
         mlflow, server, worker = self.services()
+        running = {service.name for service in (mlflow, server, worker) if service.healthy()}
         mlflow.start()
         server.start()
         # the pool must exist before its worker polls it; `create` fails harmlessly when it does
         self.prefect("--no-prompt", "work-pool", "create", self.work_pool, "--type", "process", check=False)
         worker.start()
+        return [service.name for service in (mlflow, server, worker) if service.name not in running]
 
     def deploy(self) -> None:
         self.prefect("--no-prompt", "deploy", "--all")
@@ -318,8 +322,9 @@ class Platform:
         flow run's log in <state_dir>/logs/run-<deployment>.log, then the run's summary table. Returns 0 when the
         flow run completed."""
         started = time.monotonic()
+        ours: list[str] = []  # the services this run started: the only ones it stops
         try:
-            self.up()
+            ours = self.up()
             echo(f"services up in {time.monotonic() - started:.0f} s\n{self.describe()}")
             self.deploy()
             log = self.state_dir / "logs" / f"run-{deployment}.log"
@@ -338,10 +343,24 @@ class Platform:
             echo("")
             echo(to_text(markdown_rows(summary)) if summary else f"(no summary: the flow run ended {state})")
             echo(f"\nkaleido/{deployment}: {state} after {time.monotonic() - started:.0f} s (log: {log})")
+            echo(self.closing_note(ours, keep))
             return 0 if state == "COMPLETED" else 1
         finally:
             if not keep:
-                self.down()
+                for service in reversed(self.services()):  # worker first, as in `down`
+                    if service.name in ours:
+                        service.stop()
+
+    def closing_note(self, started: list[str], keep: bool) -> str:
+        """The last lines of `kaleido platform run`: where the UIs are, and whether they still answer."""
+        if keep or not started:
+            who = "you started them" if not started else "--keep"
+            return f"The services keep running ({who}); `kaleido platform down` stops them.\n{self.describe()}"
+        others = [s.name for s in self.services() if s.name not in started]
+        kept = f" ({', '.join(others)} keep running: you started them)" if others else ""
+        return (f"Stopping the services this run started: {', '.join(started)}{kept}. To open the UIs above, start "
+                "them again on the same stores with `.venv/bin/kaleido platform up` (`make run KEEP=1` leaves them "
+                "running); `.venv/bin/kaleido platform down` stops them.")
 
     def _api(self, path: str, body: dict[str, Any] | None = None) -> Any:
         """One Prefect REST call (GET without a body, POST with one) against this platform's server."""
