@@ -128,6 +128,7 @@ def kaleido_problem(tokens: list[str]) -> str | None:
             return f"kaleido has no command {' '.join(missing)}"
         command = command.commands[names[0]]
     known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)} | {"--help"}
+    known |= {"-S", "--set"}  # every command's params.yaml overrides (kaleido.cli.app.KaleidoGroup)
     unknown = [name for name in option_names(tokens) if name not in known]
     return f"kaleido {command.name}: unknown option(s) {unknown}" if unknown else None
 
