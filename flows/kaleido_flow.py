@@ -82,7 +82,8 @@ def stream_command(
     return code, "\n".join(stdout) + ("\n" if stdout else ""), "\n".join(tail)
 
 
-def run_command(args: list[str], repo: Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+def run_command(args: list[str], repo: Path, ok: tuple[int, ...] = (0,),
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a CLI in the repository, each output line into the task log as it comes (progress lines included: see
     kaleido.platform.progress); raise StepFailed on an unexpected exit code."""
     logger = get_run_logger()
@@ -96,7 +97,7 @@ def run_command(args: list[str], repo: Path, ok: tuple[int, ...] = (0,)) -> subp
         else:
             logger.info(line)
 
-    code, stdout, output = stream_command(args, repo, log_line)
+    code, stdout, output = stream_command(args, repo, log_line, env)
     if code not in ok:
         raise StepFailed(f"`{' '.join(args)}` exited with {code}:\n{output[-3000:]}")
     return subprocess.CompletedProcess(args, code, stdout, "")
@@ -216,6 +217,25 @@ def register(tracking_uri: str, model_name: str, run_id: str, export: str, data_
     return version
 
 
+@task(name="save-experiment")
+def save_experiment(repo: Path, model_name: str, version: str) -> str | None:
+    """The run as DVC experiment `<model>-v<N>` (kaleido.platform.experiments: a row of `dvc exp show` with its params,
+    dvc.lock and metrics; the branch and the workspace untouched). Outside git, or when DVC refuses, a warning."""
+    from kaleido.platform.experiments import experiment_name, identity_env, save_command
+
+    logger = get_run_logger()
+    if not (repo / ".git").exists():
+        logger.warning("%s is not a git checkout: no DVC experiment row for this run", repo)
+        return None
+    name = experiment_name(model_name, version)
+    try:
+        run_command(save_command(_bin("dvc"), repo, name), repo, env=identity_env(repo))
+    except StepFailed as exc:  # a record for `dvc exp show`, not the model: the run goes on
+        logger.warning("dvc exp save failed; `dvc exp show` will not list this run: %s", exc)
+        return None
+    return name
+
+
 @task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=CACHED, persist_result=True)
 def evaluate(repo: Path, tracking_uri: str, model_name: str, version: str) -> dict[str, Any]:
     """`kaleido evaluate` on the registered version (per-case results resume inside the output folder)."""
@@ -319,6 +339,11 @@ def kaleido_flow(part: Part = "full", repo: str | None = None, version: str | No
 
     uri, name = params.platform.mlflow_tracking_uri, params.platform.registered_model
     result: dict[str, Any] = {"repo": str(root), "part": part}
+    from kaleido.platform.experiments import drift_warning
+
+    drift = drift_warning(root)  # a `dvc exp run` left its params in the workspace: said, not done silently
+    if drift:
+        get_run_logger().warning(drift)
     if part in ("full", "curate", "train"):
         result["stats"] = curate(root)
         result["data_version"] = version_data(root)
@@ -330,6 +355,7 @@ def kaleido_flow(part: Part = "full", repo: str | None = None, version: str | No
         version = register(uri, name, metrics["mlflow_run_id"], export, result["data_version"],
                            trained or params_hash(params), str(root / "dvc.lock"))
         result["version"] = version
+        result["experiment"] = save_experiment(root, name, version)
     if part in ("full", "evaluate"):
         version = version or _latest_version(uri, name)
         result["version"] = version

@@ -85,6 +85,42 @@ def run(
     raise typer.Exit(code)
 
 
+@app.command("experiments")
+def experiments(
+    markdown: Annotated[bool, typer.Option("--md", help="a Markdown table")] = False,
+    all_params: Annotated[
+        bool, typer.Option("--all-params", help="every params.yaml key (plain `dvc exp show`)")
+    ] = False,
+) -> None:
+    """`dvc exp show` with the documented column set: each row's results (clips, samples, train loss, held-out loss
+    before -> after, overall eval metrics) and only the params that differ between the rows.
+
+    The flow saves every registered version as experiment `<model>-v<N>`; `dvc exp run --temp -C dvc.lock -S KEY=V`
+    sweeps without touching the workspace. The dvc command it runs is printed first (stderr), to reuse it."""
+    import subprocess
+    import sys
+
+    from kaleido.platform.experiments import changed_params, show_command
+    from kaleido.platform.services import _bin
+
+    dvc = _bin("dvc")
+    extra = ["--md"] if markdown else []
+    if all_params:
+        command = [dvc, "exp", "show", "--no-pager", *extra]
+    else:
+        shown = subprocess.run([dvc, "exp", "show", "--json"], capture_output=True, text=True)
+        if shown.returncode:
+            fail(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()[-1000:]}", code=1)
+        try:
+            rows = json.loads(shown.stdout or "[]")
+        except json.JSONDecodeError:
+            fail(f"dvc exp show --json printed no JSON: {shown.stdout[-500:]}", code=1)
+            raise  # unreachable, for type checkers
+        command = show_command(dvc, changed_params(rows), extra)
+    typer.echo("$ " + " ".join(f"'{a}'" if any(c in a for c in "|^$*() ") else a for a in command), err=True)
+    raise typer.Exit(subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr).returncode)
+
+
 @platform_app.command("sync-workspace")
 def sync_workspace(
     source: Annotated[Path, typer.Option("--source", help="the image's checkout")] = Path("/opt/kaleido"),

@@ -324,6 +324,11 @@ class Platform:
         started = time.monotonic()
         ours: list[str] = []  # the services this run started: the only ones it stops
         try:
+            from kaleido.platform.experiments import drift_warning
+
+            drift = drift_warning(self.repo)
+            if drift:
+                echo(f"WARNING: {drift}")
             ours = self.up()
             echo(f"services up in {time.monotonic() - started:.0f} s\n{self.describe()}")
             self.deploy()
