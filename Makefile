@@ -17,6 +17,7 @@ LINT_VENV ?= .cache/lint-venv
 .PHONY: setup browser run stop test test-fast lint lint-env lock bench gpu-check image clean
 
 setup: $(VENV)/.installed
+	@$(BIN)/kaleido plots-offline >/dev/null  # `dvc plots show` with Vega inlined: no CDN (kaleido/platform/plots.py)
 
 # Headless Chromium, only for the MLflow UI screenshot test (tests/test_e2e.py), so only on `make test`'s path: a
 # Debian package, installed when missing and this is root (CI); otherwise that one test is skipped and says why.

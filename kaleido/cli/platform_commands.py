@@ -121,6 +121,22 @@ def experiments(
     raise typer.Exit(subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr).returncode)
 
 
+@app.command("plots-offline")
+def plots_offline(
+    repo: Annotated[Path, typer.Option("--repo", help="the DVC repository")] = Path("."),
+) -> None:
+    """Make `dvc plots show` work offline: an HTML template with Vega inlined (.dvc/offline-plots.html), set in
+    .dvc/config.local (`make setup` runs this)."""
+    from kaleido.platform.plots import PlotsTemplateError, write_offline_template
+
+    try:
+        template = write_offline_template(repo.resolve())
+    except PlotsTemplateError as exc:
+        fail(str(exc), code=1)
+        raise  # unreachable, for type checkers
+    typer.echo(f"dvc plots show: offline template {template} (plots.html_template in .dvc/config.local)")
+
+
 @platform_app.command("sync-workspace")
 def sync_workspace(
     source: Annotated[Path, typer.Option("--source", help="the image's checkout")] = Path("/opt/kaleido"),
