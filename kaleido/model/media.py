@@ -124,9 +124,31 @@ def to_rgb(
     )
     if has_alpha:
         rgba = image.convert("RGBA")
+        _check_visible(rgba, path, what, warn)
         background = Image.new("RGBA", rgba.size, (*WHITE, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+MIN_VISIBLE = 0.01  # below this share of visible pixels a reference is (nearly) empty: warned
+
+
+def _check_visible(rgba: Image.Image, path: Path, what: str, warn: Callable[[str], None]) -> None:
+    """Refuse an image with nothing visible (every alpha 0): onto white it becomes a blank white card that the model
+    would take as a subject. Warn when under MIN_VISIBLE of it shows. Hidden colours (an editor that kept the pixels
+    under a zero alpha) are named, since dropping the alpha channel would bring them back."""
+    pixels = np.asarray(rgba)
+    alpha = pixels[..., 3]
+    visible = float(np.count_nonzero(alpha)) / max(alpha.size, 1)
+    if visible == 0.0:
+        hidden = pixels[..., :3]
+        colours = " (its colour channels do hold a picture: save it without the alpha channel to use that)" if (
+            hidden.size and int(hidden.max()) - int(hidden.min()) > 16) else ""
+        raise ImageError(f"{what} {path}: every pixel is fully transparent (alpha 0), so nothing of the subject would "
+                         f"reach the model, only a white card{colours}; export the subject with its pixels")
+    if visible < MIN_VISIBLE:
+        warn(f"{what} {path}: only {visible:.2%} of its pixels are visible (the rest is transparent and becomes "
+             "white); check that this cut-out holds the subject")
 
 
 def load_image(
