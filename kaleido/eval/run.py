@@ -416,7 +416,7 @@ def find_validation(source: ModelSource, params: Params) -> dict[str, Any] | Non
     export_info = checkpoint.parent / "export.json"
     if export_info.is_file():
         try:
-            named = Path(json.loads(export_info.read_text()).get("path", "")).resolve()
+            named = (export_info.parent / json.loads(export_info.read_text()).get("path", "")).resolve()
         except (OSError, json.JSONDecodeError):
             named = None
         if named == checkpoint.resolve() and (checkpoint.parent / RECORD_NAME).is_file():

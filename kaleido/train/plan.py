@@ -148,7 +148,7 @@ def export_base(export: Path) -> str:
         info = json.loads(info_path.read_text())
     except (OSError, json.JSONDecodeError):
         return ""
-    if Path(info.get("path", "")).resolve() != Path(export).resolve():
+    if (info_path.parent / info.get("path", "")).resolve() != Path(export).resolve():  # relative to export.json
         return ""  # the record belongs to another export
     return str(info.get("base_model") or info.get("base") or "")
 
