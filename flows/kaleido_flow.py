@@ -229,7 +229,7 @@ def save_experiment(repo: Path, model_name: str, version: str) -> str | None:
         return None
     name = experiment_name(model_name, version)
     try:
-        run_command(save_command(_bin("dvc"), repo, name), repo, env=identity_env(repo))
+        run_command(save_command(_bin("dvc"), repo, name, (DATA_STAGE, TRAIN_STAGE)), repo, env=identity_env(repo))
     except StepFailed as exc:  # a record for `dvc exp show`, not the model: the run goes on
         logger.warning("dvc exp save failed; `dvc exp show` will not list this run: %s", exc)
         return None

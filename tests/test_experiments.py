@@ -75,7 +75,10 @@ def test_a_saved_run_is_an_experiment_row_with_the_documented_columns(tmp_path: 
               f" open('{metrics.relative_to(repo)}', 'w'))")
     stage = {"cmd": f"{sys.executable} -c \"{script}\"", "params": ["train.lr"],
              "metrics": [{"runs/train/pretrain/metrics.json": {"cache": False}}]}
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    # a stage the flow does not run (DVC's evaluate): its output is missing when the flow saves
+    evaluate = {"cmd": "echo report > report.html", "deps": ["runs/train/pretrain/metrics.json"],
+                "outs": ["report.html"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage, "evaluate": evaluate}}))
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "pipeline")
     env = {**os.environ, "HOME": str(tmp_path / "home"), "GIT_CONFIG_NOSYSTEM": "1"}  # no git identity anywhere
@@ -87,14 +90,14 @@ def test_a_saved_run_is_an_experiment_row_with_the_documented_columns(tmp_path: 
         assert result.returncode == 0, result.stdout + result.stderr
         return result
 
-    run(dvc, "repro", "-q")
+    run(dvc, "repro", "-q", "train")
     head = run("git", "rev-parse", "HEAD").stdout
     identity = identity_env(repo, env)
     assert identity["GIT_COMMITTER_NAME"] == "Kaleido flow"
-    run(*save_command(dvc, repo, experiment_name("kaleido-s2v", "1")), extra=identity)
+    run(*save_command(dvc, repo, experiment_name("kaleido-s2v", "1"), ["train"]), extra=identity)
     (repo / "params.yaml").write_text(yaml.safe_dump({**params, "train": {"lr": 0.002, "steps": 3}}))
-    run(dvc, "repro", "-q")
-    run(*save_command(dvc, repo, experiment_name("kaleido-s2v", "2")), extra=identity)
+    run(dvc, "repro", "-q", "train")
+    run(*save_command(dvc, repo, experiment_name("kaleido-s2v", "2"), ["train"]), extra=identity)
     assert run("git", "rev-parse", "HEAD").stdout == head  # the branch did not move
     assert "lr: 0.002" in (repo / "params.yaml").read_text()  # nor did the workspace
     shown = json.loads(run(dvc, "exp", "show", "--json").stdout)

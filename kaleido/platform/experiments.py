@@ -38,10 +38,12 @@ EXPERIMENT_FILES = (
 RESULT_COLUMNS = r"^(Experiment|Created)$|^(.*:)?(clips|samples|final_loss|val_loss_base|val_loss|overall\..+)$"
 
 
-def save_command(dvc: str, repo: Path, name: str) -> list[str]:
-    """`dvc exp save --name NAME --force -I FILE...` for the flow run's files that exist (untracked ones included)."""
+def save_command(dvc: str, repo: Path, name: str, stages: Iterable[str]) -> list[str]:
+    """`dvc exp save --name NAME --force -I FILE... STAGE...` for the flow run's files that exist (untracked ones
+    included), limited to the `stages` the run ran: without them DVC refuses the save over a stage the flow does not
+    run (the DVC `evaluate` stage's outputs, say)."""
     include = [arg for file in EXPERIMENT_FILES if (repo / file).is_file() for arg in ("-I", file)]
-    return [dvc, "exp", "save", "--name", name, "--force", *include]
+    return [dvc, "exp", "save", "--name", name, "--force", *include, *stages]
 
 
 def identity_env(repo: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
