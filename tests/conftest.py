@@ -226,8 +226,11 @@ def s3_server() -> Iterator[dict[str, str]]:
     Yields the environment a client needs (AWS_ENDPOINT_URL, throwaway credentials, a region, MLflow's S3 endpoint);
     tests apply it with monkeypatch (or pass it to the processes they start), so nothing leaks into other tests.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request in the test output
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -227,3 +227,20 @@ def local_location(params: Any, value: str | Path) -> Path:
     resolved = params.resolve(Path(value))
     assert resolved is not None
     return resolved
+
+
+def dvc_remote_commands(dvc: str, name: str, url: str, params: Any = None) -> list[list[str]]:
+    """The `dvc` commands that make `url` this workspace's default remote (written to .dvc/config.local, never
+    committed), with the S3 endpoint when one is configured, and with verification on: `verify` makes `dvc pull` /
+    `dvc fetch` re-hash what they download (a corrupted remote object fails the pull instead of reaching the
+    workspace with exit 0), `cache.verify` re-hashes what enters the local cache. Credentials come from the AWS
+    variables / profile / role, as for every other S3 client of the platform."""
+    commands = [
+        [dvc, "remote", "add", "--local", "--force", "--default", name, url],
+        [dvc, "remote", "modify", "--local", name, "verify", "true"],
+        [dvc, "config", "--local", "cache.verify", "true"],
+    ]
+    endpoint = endpoint_url(params)
+    if is_remote(url) and endpoint:
+        commands.insert(1, [dvc, "remote", "modify", "--local", name, "endpointurl", endpoint])
+    return commands
