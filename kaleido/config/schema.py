@@ -304,6 +304,10 @@ class DataConfig(_Section):
         description="the data root: a folder (relative to params.yaml) or s3://bucket/prefix (worked in a local "
         "staging folder, platform.staging; every finished shard is uploaded)",
     )
+    staging: str | None = Field(
+        None, description="local folder an s3:// data.root is worked in (null: its folder under platform.staging); "
+        "`data` keeps dvc.yaml's outs in the DVC workspace",
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED)
     workers: int = Field(2, ge=1, description="parallel shard workers (local processes)")
     shards: int = Field(
@@ -451,6 +455,11 @@ class KubernetesConfig(_Section):
         "mlflow-credentials", pattern=_DNS_LABEL, description="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD keys"
     )
     mlflow_tracking_uri: str = Field("http://mlflow.kaleido.svc:5000", description="tracking server, as pods see it")
+    object_store_secret: str = Field(
+        "object-store-credentials", pattern=_DNS_LABEL,
+        description="Secret whose keys become the pods' environment (optional): AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY and, for MinIO / GCS interop, AWS_ENDPOINT_URL; for s3:// data and latents",
+    )
     master_port: int = Field(29500, ge=1024, le=65535)
     backoff_limit: int = Field(0, ge=0, description="pod failures retried (preemptions never count)")
     active_deadline_seconds: int | None = Field(None, ge=1, description="wall-clock limit of the whole Job")

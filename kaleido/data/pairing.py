@@ -459,8 +459,9 @@ def pair_samples(
     procedural = kinds.get(PROCEDURAL, 0)
     if procedural:
         log.warning(
-            "%d cross-paired reference(s) got a procedural background: the batch has no clip of another source "
-            "video (paper A.1 pairs subjects with unrelated sources); add source videos", procedural
+            "%d cross-paired reference(s) got a procedural background: the dataset shard has no clip of another "
+            "source video of the same split (paper A.1 pairs subjects with unrelated sources); add source videos, "
+            "or lower data.dataset_shards so that each holds more sources", procedural
         )
     if shortfall:
         log.warning("sample-type mix missed by %d sample(s): their references of the drawn type failed", shortfall)

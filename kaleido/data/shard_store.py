@@ -83,7 +83,8 @@ def local_root(params: Any) -> Path:
 
     uri = str(params.data.root)
     if is_remote(uri):
-        root = staging_folder(uri, params)
+        root = params.resolve(params.data.staging) if params.data.staging else staging_folder(uri, params)
+        assert root is not None
         bind_remote(root, uri, endpoint_url(params))
         return root
     root = params.resolve(uri)

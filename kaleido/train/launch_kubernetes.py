@@ -182,6 +182,8 @@ def _job_spec(
         "args": args,
         "workingDir": POD_PARAMS_DIR,
         "env": env,
+        # s3:// data roots and latent caches: the bucket's credentials, by reference (absent Secret: none needed)
+        "envFrom": [{"secretRef": {"name": k8s.object_store_secret, "optional": True}}],
         "ports": [{"name": "torchrun", "containerPort": k8s.master_port}],
         # requests == limits: Guaranteed QoS, the last class the kubelet evicts under memory pressure.
         "resources": {"requests": dict(quantities), "limits": dict(quantities)},
