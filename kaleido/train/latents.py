@@ -18,6 +18,7 @@ shard when first needed (the streaming loader asks ahead) into the staging folde
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,8 @@ class LatentCache:
         with lock:  # one download per file, whichever thread asks first
             path = self.folder / name
             if self.remote is not None and (not path.is_file() or (seal and path.stat().st_size != seal["size"])):
+                size = f" ({seal['size'] / 2**20:,.0f} MB)" if seal else ""
+                print(f"fetching {self.remote.url(name)}{size} into {self.folder}", file=sys.stderr, flush=True)
                 self.remote.download(name, path)
             if not path.is_file():
                 raise CacheError(f"latent cache {self.location}: {name} is missing; {SHARD_FIX}")
