@@ -221,6 +221,7 @@ def test_data_stages_encode_and_a_training_step_on_s3(s3, tmp_path, tiny_assets,
         **STAGE_OVERRIDES, "data.root": data_uri, "data.shards": 4, "data.dataset_shards": 2,
         "platform.staging": str(tmp_path / "staging"),
         "train.dataset": f"{data_uri}/dataset", "train.latents": latents_uri, "train.frames": 5,
+        "train.latents_staging": str(tmp_path / "latents-markers"),  # write-through, as prod's DVC out
         "train.nproc_per_node": 1, "train.pretrain.global_batch": 1, "train.pretrain.steps": 1,
         "train.validation.every": 1000, "train.output_dir": str(tmp_path / "runs"),
         "train.experiment": experiment, "platform.mlflow_tracking_uri": mlflow_server,
@@ -263,6 +264,10 @@ def test_data_stages_encode_and_a_training_step_on_s3(s3, tmp_path, tiny_assets,
     for name, seal in cache_index["shards"].items():
         assert hashlib.sha256(latents[f"{name}.safetensors"]).hexdigest() == seal["sha256"]
         assert json.loads(latents[f"{name}.done"])["files"][f"{name}.safetensors"] == seal
+        # the local folder keeps the markers and the index (what DVC versions), not the tensors
+        assert (tmp_path / "latents-markers" / f"{name}.done").is_file()
+        assert not (tmp_path / "latents-markers" / f"{name}.safetensors").exists()
+    assert json.loads((tmp_path / "latents-markers" / "index.json").read_text()) == cache_index
 
     # a training step on a machine with nothing local: the cache comes down through the staging folder
     shutil.rmtree(staging)

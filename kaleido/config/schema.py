@@ -491,6 +491,11 @@ class TrainConfig(_Section):
                          description="training tar shards (kaleido.data.writer): a folder or s3://bucket/prefix")
     latents: str = Field("artifacts/latents", min_length=1,
                          description="latent cache written by `kaleido encode`: a folder or s3://bucket/prefix")
+    latents_staging: str | None = Field(
+        None, description="for an s3:// train.latents: the local folder `kaleido encode` writes it in, keeping only "
+        "the index and the shard markers once a shard is uploaded (a DVC out that pins every shard by sha256; the "
+        "tensors live in the bucket); null: under platform.staging, tensors kept",
+    )
     output_dir: Path = Field(Path("runs/train"), description="<output_dir>/<stage>/: checkpoints, export, loss curve")
     frames: int = Field(81, ge=1, description="pixel frames per clip at most (4k+1); shorter clips keep 4k+1 of theirs")
     buckets: list[tuple[int, int]] = Field(

@@ -321,7 +321,8 @@ def encode_output(params: Params, stage: str) -> tuple[Path, Any]:
 
     location = stage_latents(params, stage)
     if is_remote(location):
-        out = staging_folder(str(location), params)
+        staging = params.resolve(params.train.latents_staging) if params.train.latents_staging else None
+        out = staging or staging_folder(str(location), params)
         bind_remote(out, str(location), endpoint_url(params))
         return out, remote_for(out)
     return Path(location), None
@@ -382,6 +383,8 @@ def run_encode(
                                       "files": files}, sort_keys=True) + "\n")
         if remote is not None:
             remote.upload_files(out, "", [*files, marker.name], last=[marker.name], progress=progress)
+            if params.train.latents_staging:  # write-through: the tensors live in the bucket, the markers here
+                (out / f"{name}.safetensors").unlink()
         report.encoded_shards.append(name)
     if not finalize:
         return report
