@@ -1,5 +1,9 @@
 """Work shards: split a stage into shards, run them in parallel, and never redo a finished one.
 
+Shards are keyed, not counted: `keyed_shards` puts each item in shard sha256(its key) mod N (the key of every
+data stage is the item's source video, kaleido.data.keys), so a shard's name is its key and its content depends on
+its own items only; adding an item redoes its shard alone.
+
 `run_shards(stage, specs, fn, params)` runs `fn(ctx)` once per shard:
 - locally in `data.workers` processes (concurrent.futures, spawn start: forking a process that
   holds torch/Ray threads can deadlock), in-process when one worker suffices, or on Ray when
@@ -15,8 +19,9 @@
 One runner per stage folder at a time (an exclusive lock, kaleido.platform.files.exclusive_output:
 a second runner is refused naming the holder); a run clears the temp folders a killed run left.
 A skipped shard is checked against its marker (every file it lists, at the size it lists), so a
-damaged shard folder is redone, never trusted. Stage folders are never symlinks and nothing is
-deleted through one (paths.output_folder / paths.remove_inside).
+damaged shard folder is redone, never trusted (in a packed stage, restored from its checked pack:
+kaleido.data.shard_store, which also writes the packs and mirrors an s3:// data root). Stage folders
+are never symlinks and nothing is deleted through one (paths.output_folder / paths.remove_inside).
 
 Merged manifests (`merge_jsonl`) are sealed: `seal_manifests` records, in the stage folder's
 `_MANIFESTS.json`, each manifest's sha256, rows and the content hashes of the shards it merged;
