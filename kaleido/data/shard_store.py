@@ -63,6 +63,15 @@ def bind_remote(root: Path, uri: str, endpoint: str | None) -> None:
     write_json_atomic(path, record)
 
 
+def bind_params(root: Path, params: Any) -> None:
+    """In a worker process (a local pool, a Ray node): bind `root` to params' s3:// data root when it has one, so
+    the shard's uploads and fetches go to the bucket even where the driver's binding file is not visible."""
+    from kaleido.platform.storage import endpoint_url, is_remote
+
+    if is_remote(str(params.data.root)):
+        bind_remote(root, str(params.data.root), endpoint_url(params))
+
+
 def remote_for(root: Path) -> Any:
     """The `storage.Remote` a local root mirrors, or None for a plain local root."""
     try:

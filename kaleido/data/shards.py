@@ -236,6 +236,7 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
     tmp = stage_dir / f".{spec.name}.tmp"
     final = stage_dir / spec.name
     root = stage_dir.parent
+    shard_store.bind_params(root, params)
     remove_inside(root, tmp)
     tmp.mkdir(parents=True)
     ctx = ShardContext(
