@@ -78,11 +78,22 @@ def remote_for(root: Path) -> Any:
         record = json.loads((Path(root) / REMOTE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    from kaleido.platform.storage import Remote
-
     if record.get("endpoint") and not any(os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")):
         os.environ.setdefault("AWS_ENDPOINT_URL", record["endpoint"])  # for this process and its children
-    return Remote(record["uri"])
+    return _remote(record["uri"], os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+_REMOTES: dict[tuple[str, str | None], Any] = {}
+
+
+def _remote(uri: str, endpoint: str | None) -> Any:
+    """One storage.Remote (one S3 client) per location and endpoint in a process."""
+    from kaleido.platform.storage import Remote
+
+    key = (uri, endpoint)
+    if key not in _REMOTES:
+        _REMOTES[key] = Remote(uri)
+    return _REMOTES[key]
 
 
 def local_root(params: Any) -> Path:
