@@ -164,7 +164,9 @@ def load_clip_manifest(root: Path, path: Path, stage: str) -> tuple[list[ClipRec
         if isinstance(checked, Rejection):
             rejections.append(checked)
             continue
-        if not checked.is_file():
+        # a clip inside a finished upstream shard whose working folder is not here (restored from its pack, or
+        # fetched from object storage, when a shard that reads it runs) counts as present
+        if not checked.is_file() and not shard_store.shard_has_file(root, record.path):
             rejections.append(Rejection(stage, item, "missing_file", f"clip {record.path} not found"))
             continue
         source = check_inside(root, record.source, stage, item)

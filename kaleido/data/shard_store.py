@@ -299,6 +299,38 @@ def ensure_shard(shard_dir: Path) -> Path:
                             f"stage that writes {shard_dir.parent.name} first")
 
 
+_LISTINGS: dict[tuple[str, str], frozenset[str]] = {}
+
+
+def shard_has_file(root: Path, relative: str) -> bool | None:
+    """Whether a finished shard holds `relative` (a root-relative path `<stage>/shard-NNNNN/...`) by its `_SUCCESS`
+    listing, read from the intact folder or from its pack's first member (local or remote) without unpacking it;
+    None when the path is not inside a shard folder or the shard is not finished (the caller looks at the file)."""
+    parts = relative.split("/")
+    if len(parts) < 3 or not parts[1].startswith("shard-"):
+        return None
+    shard_dir = root / parts[0] / parts[1]
+    marker = folder_marker(shard_dir) or shard_marker(shard_dir)
+    if marker is None:
+        return None
+    key = (str(shard_dir), str(marker.get("content_hash")))
+    if key not in _LISTINGS:
+        files = marker.get("files")
+        if not isinstance(files, dict):  # a pack marker: the listing is the pack's first member
+            text = None
+            pack, _ = pack_paths(shard_dir)
+            if pack.is_file():
+                text = read_pack_members(pack, [SUCCESS]).get(SUCCESS)
+            else:
+                remote = remote_for(root)
+                if remote is not None:
+                    with remote.open(f"{parts[0]}/{parts[1]}{PACK}") as handle:
+                        text = read_pack_members(handle, [SUCCESS]).get(SUCCESS)
+            files = json.loads(text).get("files", {}) if text else {}
+        _LISTINGS[key] = frozenset(files)
+    return "/".join(parts[2:]) in _LISTINGS[key]
+
+
 def read_part(shard_dir: Path, name: str) -> str | None:
     """A top-level file of a finished shard (a manifest part) as text, from the folder or its pack (local or
     remote: only the pack's first members are read); None when the shard has no such file."""
