@@ -405,9 +405,11 @@ def _shard_done(out: Path, name: str, shard_hash: str, remote: Any) -> bool:
             record = json.loads(marker.read_text())
         except ValueError:
             record = None
-    if record is not None and record.get("hash") == shard_hash and all(
-        (out / file).is_file() and (out / file).stat().st_size == seal["size"]
-        for file, seal in record.get("files", {f"{name}.safetensors": {"size": -1}}).items()
+    # markers from before seals list no files: their shard and its .json being there is enough (as it was)
+    files = record.get("files") if record is not None else None
+    if record is not None and record.get("hash") == shard_hash and (
+        all((out / file).is_file() and (out / file).stat().st_size == seal["size"] for file, seal in files.items())
+        if files else (out / f"{name}.safetensors").is_file() and (out / f"{name}.json").is_file()
     ):
         return True
     if remote is None:
