@@ -335,8 +335,9 @@ class S2VPipeline:
     @classmethod
     def from_params(cls, params: Params, device: str | torch.device | None = None) -> S2VPipeline:
         """Load every model from the local paths of `params.model` (no hub access)."""
-        from kaleido.model.checkpoint import load_dit, read_config
+        from kaleido.model.checkpoint import load_dit, read_config, read_settings
         from kaleido.model.dit import dit_config
+        from kaleido.model.settings import ModelSettings, resolve_settings
         from kaleido.model.text_encoder import TextEncoder
         from kaleido.model.vae import WanVAE
 
@@ -353,12 +354,15 @@ class S2VPipeline:
         lora = check_lora(params)  # a bad adapter fails here, before any model loads
         # A checkpoint with a config (config.json or embedded) describes itself; a bare Wan .pth gets the arch's.
         config = None if read_config(checkpoint) is not None else dit_config(model.arch)
+        # the weights run as they were trained (R-RoPE, text length): a disagreeing params.yaml is named, not used
+        where = f"{checkpoint}" + (f" with the LoRA adapter {model.lora}" if lora is not None else "")
+        settings = resolve_settings(read_settings(checkpoint, lora), ModelSettings.from_params(params), where)
         dit = load_dit(
             checkpoint,
             config=config,
             attention_backend=model.attention_backend,
-            rope_variant=model.rope.variant,
-            rope_offset=model.rope.offset,
+            rope_variant=settings.rope_variant,
+            rope_offset=settings.rope_offset,
             dtype=dtype,
             device=dit_device,
             lora=lora,
@@ -370,8 +374,8 @@ class S2VPipeline:
             dit,
             vae,
             text_encoder,
-            text_len=model.text_len,
-            max_references=model.max_references,
+            text_len=settings.text_len,
+            max_references=settings.max_references,
             device=device,
             dtype=dtype,
             release_encoders=options.release_encoders,

@@ -54,11 +54,14 @@ def load_model(params: Params, stage: str, device: torch.device) -> torch.nn.Mod
 
     With train.<stage>.lora.enabled, peft LoRA layers are injected and every base weight is frozen.
     """
-    from kaleido.model.checkpoint import load_dit, read_config
+    from kaleido.model.checkpoint import load_dit, read_config, read_settings
     from kaleido.model.dit import dit_config
+    from kaleido.model.settings import ModelSettings, resolve_settings
 
     path, _ = stage_init(params, stage)
     config = None if read_config(path) is not None else dit_config(params.model.arch)
+    # params.yaml says what is trained; a change from what the init was trained with is logged
+    resolve_settings(read_settings(path), ModelSettings.from_params(params), str(path), purpose="train")
     model = load_dit(
         path,
         config=config,

@@ -211,8 +211,10 @@ class Trainer:
         import torch.distributed as dist
 
         from kaleido.model.checkpoint import save_dit
+        from kaleido.model.settings import ModelSettings
 
         module = self.engine.module
+        settings = ModelSettings.from_params(self.params)  # what this model was trained with, carried with it
         lora = self.lora
         # LoRA: gather the adapter only; the base is the init file, unchanged
         wanted = [p for p in module.parameters() if p.requires_grad] if lora else list(module.parameters())
@@ -239,19 +241,20 @@ class Trainer:
             info: dict[str, Any] = {
                 "stage": self.plan.stage, "step": step, "format": "wan", "path": str(target),
                 "params_hash": params_hash(self.params), "mlflow_run_id": self.run_id, "config": module.cfg.to_dict(),
-                **base,
+                "model_settings": settings.to_dict(), **base,
             }  # fmt: skip
             try:
                 if lora:
                     from kaleido.model.lora import Adapter, save_adapter_layouts
 
-                    adapter = Adapter(state, lora.rank, lora.alpha, base)
+                    adapter = Adapter(state, lora.rank, lora.alpha,
+                                      {**base, "model_settings": json.dumps(settings.to_dict())})
                     save_adapter_layouts(adapter, partial)
                     info.update(format="lora", lora={"rank": lora.rank, "alpha": lora.alpha,
                                                      "targets": adapter.targets,
                                                      "parameters": adapter.num_parameters()})
                 else:
-                    save_dit(state, partial, "wan", module.cfg)
+                    save_dit(state, partial, "wan", module.cfg, settings=settings)
             except Exception as exc:  # safetensors' writer reports a full disk as its own error, naming no path
                 if not is_disk_full(exc) and "No space left on device" not in str(exc):
                     raise
