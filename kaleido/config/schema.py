@@ -144,6 +144,9 @@ class FlowMatchingConfig(_Section):
     base_seq_len: int = Field(256, ge=1)
     max_seq_len: int = Field(4096, ge=2)
     text_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    reference_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="probability that a micro-batch trains without its references (official "
+        "subject_cond_dropout, shipped 0); 1.0 trains text-to-video")
 
     @model_validator(mode="after")
     def _ordered(self) -> FlowMatchingConfig:
@@ -362,6 +365,31 @@ class LoraSettings(_Section):
         return self
 
 
+class LRSchedule(_Section):
+    """SwissArmyTransformer's learning-rate schedule as the official Kaleido trainer builds it
+    (sat/training/deepspeed_training.py `get_learning_rate_scheduler`, sat/training/learning_rates.py `AnnealingLR`);
+    kaleido/train/optim.py states the rule. Defaults: the shipped SFT config
+    (configs/training/video_wanx_14B_concat.yaml: mode finetune, lr_decay_style constant, SAT's --warmup 0.01)."""
+
+    mode: Literal["pretrain", "finetune"] = Field(
+        "finetune", description="SAT --mode: finetune adds the automatic warmup (auto_warmup_steps, auto_warmup_rate)")
+    warmup: float = Field(0.01, ge=0.0, le=1.0, description="SAT --warmup: linear warmup over this share of N")
+    decay_style: Literal["constant", "linear", "cosine", "exponential"] = Field(
+        "constant", description="SAT --lr-decay-style after the warmup (SAT's `exponential` is constant too)")
+    decay_ratio: float = Field(0.1, gt=0.0, le=1.0, description="SAT --lr-decay-ratio: cosine ends at lr * ratio")
+    decay_iters: int | None = Field(None, ge=1, description="SAT --lr-decay-iters; None: the stage's steps")
+    auto_warmup_steps: int = Field(100, ge=0, description="finetune: the first steps run at most auto_warmup_rate*lr")
+    auto_warmup_rate: float = Field(0.05, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _finite_warmup(self) -> LRSchedule:
+        if self.mode == "finetune" and self.auto_warmup_steps > 0 and self.warmup == 0:
+            # SAT divides by the warmup length inside the automatic warmup (ZeroDivisionError there)
+            raise ValueError("mode finetune with warmup 0: SAT's automatic warmup divides by the warmup length; "
+                             "give warmup > 0 (shipped 0.01) or auto_warmup_steps 0")
+        return self
+
+
 class StagePreset(_Section):
     lr: float = Field(gt=0.0)
     steps: int = Field(ge=1, description="optimizer steps")
@@ -372,6 +400,7 @@ class StagePreset(_Section):
     dataset: Path | None = Field(None, description="this stage's training tar shards; None: train.dataset")
     latents: Path | None = Field(None, description="this stage's latent cache; None: train.latents")
     lora: LoraSettings = LoraSettings()
+    schedule: LRSchedule = LRSchedule()
 
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"  # a Kubernetes resource quantity
@@ -427,8 +456,8 @@ class TrainConfig(_Section):
     micro_batch: int = Field(1, ge=1)
     grad_clip: float = Field(0.1, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the decayed group (the official "
+                                "groups: biases and LayerNorm affine weights get none; kaleido/train/optim.py)")
     sequence_parallel: int = Field(1, ge=1, description="DeepSpeed-Ulysses degree: ranks sharing one sequence")
     activation_checkpointing: bool = True
     offload_optimizer: bool = Field(
