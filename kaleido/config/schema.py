@@ -576,6 +576,17 @@ class EvalConfig(_Section):
         return self
 
 
+class RelianceRule(_Section):
+    """The gate's reference-reliance rule (kaleido.eval.gate): held-out val loss with shuffled references minus
+    with the sample's own (kaleido.train.validation), per held-out sample."""
+
+    floor: float | None = Field(
+        0.0, description="the candidate must SHOW reliance: the lower bound of the bootstrap CI of its mean must "
+        "exceed this (null: no floor)")
+    tolerance: float = Field(0.01, ge=0.0, description="versus the champion: fails on a clear drop (the upper bound "
+                             "of the paired CI of candidate - champion below -tolerance)")
+
+
 class GateConfig(_Section):
     """Promotion gate (kaleido gate). Scores are per-case means; the rule is stated in kaleido.eval.gate."""
 
@@ -589,16 +600,22 @@ class GateConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided bootstrap confidence level")
     bootstrap_samples: int = Field(2000, ge=100)
     seed: int = Field(0, ge=0, description="bootstrap resampling seed (decisions are reproducible)")
+    reference_reliance: RelianceRule = RelianceRule()
 
     @model_validator(mode="after")
     def _known_metrics(self) -> GateConfig:
-        known = (*_metric_names()[1], "val_loss")  # val_loss: training's held-out loss, lower is better
+        # val_loss: training's held-out loss, lower is better; reference_reliance: its shuffled-references gap
+        known = (*_metric_names()[1], "val_loss", "reference_reliance")
         named = [*(self.metrics or []), *self.floors, *self.tolerances, *self.ceilings]
         unknown = sorted({name for name in named if name not in known})
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(known)}")
         if "val_loss" in self.floors:
             raise ValueError("val_loss is lower-is-better: bound it with gate.ceilings, not gate.floors")
+        for where in ("floors", "ceilings", "tolerances"):
+            if "reference_reliance" in getattr(self, where):
+                raise ValueError(f"gate.{where}.reference_reliance: set gate.reference_reliance.floor / tolerance "
+                                 "(its floor asks for evidence of reliance, unlike gate.floors)")
         negative = sorted(name for name, value in self.tolerances.items() if value < 0)
         if negative:
             raise ValueError(f"tolerances must be >= 0: {negative}")

@@ -461,7 +461,9 @@ class Trainer:
         if validation is not None and base_path.is_file():
             base = json.loads(base_path.read_text())
             summary.update({"val_loss_base": base["loss"], "val_loss": validation.loss,
-                            "val_loss_change": validation.loss - base["loss"]})
+                            "val_loss_change": validation.loss - base["loss"],
+                            "reference_reliance_base": base.get("reference_reliance"),
+                            "reference_reliance": validation.reference_reliance if validation.shuffled else None})
             record = {
                 "fingerprint": validation.fingerprint, "sigmas": self.params.train.validation.sigmas,
                 "seed": self.params.train.validation.seed, "latents": self.plan.latents, "base": base,
