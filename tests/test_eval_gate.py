@@ -271,7 +271,7 @@ def test_reference_reliance_needs_evidence_above_its_floor() -> None:
     assert decide(ignores, None, GateConfig(reference_reliance={"floor": None})).passed
     assert any("no reference reliance" in note for note in decide(_validated(_doc(scores), [0.2] * 6, base=[2.0] * 6),
                                                                   None, GateConfig()).notes)
-    with pytest.raises(ValueError, match="gate.reference_reliance.floor"):
+    with pytest.raises(ValueError, match=r"gate\.reference_reliance\.floor"):
         GateConfig(floors={"reference_reliance": 0.1})
 
 
