@@ -345,6 +345,13 @@ def lora_target_problem(targets: list[str] | tuple[str, ...]) -> str | None:
     return None
 
 
+class TrainSamplesConfig(_Section):
+    # Held-out samples generated while training (kaleido/train/samples.py): videos and a contact sheet in MLflow.
+    every: int = Field(0, ge=0, description="optimizer steps between sample sets; 0: none (CI-sized runs)")
+    count: int = Field(2, ge=1, le=16, description="samples per set: the first ones of the val split")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="sample i's noise seed is seed + i, the same at every step")
+
+
 class LoraSettings(_Section):
     """LoRA fine-tuning of a stage (peft). Every base weight stays frozen; targets are Wan module names."""
 
@@ -468,6 +475,7 @@ class TrainConfig(_Section):
     gpu_memory_gb: float | None = Field(
         80.0, gt=0.0, description="memory of one GPU; every launch refuses a plan estimated above it (null: no check)")
     validation: TrainValidationConfig = TrainValidationConfig()
+    samples: TrainSamplesConfig = TrainSamplesConfig()
     nproc_per_node: int = Field(8, ge=1, description="processes (GPUs) the local launcher starts")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     dataset: Path = Field(Path("data/dataset"), description="training tar shards (kaleido.data.writer)")

@@ -131,6 +131,11 @@ class Trainer:
         self.run_id: str | None = None
         lora = stage_preset(params, plan.stage).lora
         self.lora = lora if lora.enabled else None  # LoRA fine-tuning: the base stays frozen
+        self.samples = None  # held-out samples while training (train.samples.every), drawn by rank 0
+        if params.train.samples.every and ctx.is_main:
+            from kaleido.train.samples import TrainingSamples
+
+            self.samples = TrainingSamples(params, self.cache, self.output, ctx.device)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
@@ -391,6 +396,8 @@ class Trainer:
                 tracker.log_step(step, metrics)
                 if step == self.plan.steps or (every and step % every == 0):
                     last_validation = self.validate(step, tracker)
+                if self.samples is not None and self.samples.due(step):
+                    tracker.log_samples(step, self.samples.generate(self.engine.module, step))
                 if self._tracking_lost(tracker):
                     if not saved:
                         self.save_checkpoint(step)  # nothing trained so far is lost
