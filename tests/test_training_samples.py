@@ -66,5 +66,5 @@ def test_samples_are_off_by_default_and_refused_where_one_rank_cannot_run_the_mo
 
     assert load_params(params_for(tmp_path / "a", tiny_assets)).train.samples.every == 0
     params = load_params(params_for(tmp_path / "b", tiny_assets, {"train.samples.every": 5, "train.zero_stage": 3}))
-    with pytest.raises(TrainPlanError, match="train.samples.every=5"):
+    with pytest.raises(TrainPlanError, match=r"train\.samples\.every=5"):
         plan_training(params, "pretrain", 2, check_files=False, check_tracking=False)

@@ -497,14 +497,33 @@ class S2VPipeline:
         padded embeddings), null_context [text_len, text_dim] (the negative / empty prompt's, for CFG; None: no
         CFG), reference_latents [n, 16, h, w] or None. The same sampling loop as a prompt's; used for the samples
         training draws from its latent cache (kaleido.train.samples), which has no text encoder loaded."""
+        latents = self.sample_latents(context, null_context, reference_latents, frames, height, width, steps,
+                                      guidance_scale, shift, sampler, seed)
+        return self._decode(latents)
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        context: torch.Tensor,
+        null_context: torch.Tensor | None,
+        reference_latents: torch.Tensor | None,
+        frames: int,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        shift: float,
+        sampler: str,
+        seed: int,
+    ) -> torch.Tensor:
+        """`sample` without the decode: the final normalised latents [1, 16, F, h, w] (float32)."""
         cfg = guidance_scale != 1.0 and null_context is not None
         stacked = torch.stack([context, null_context]) if cfg and null_context is not None else context[None]
         refs = None if reference_latents is None or not len(reference_latents) else reference_latents[None]
         inputs = _Branches(context=stacked.to(device=self.device, dtype=self.dtype),
                            reference_latents=None if refs is None else refs.to(device=self.device, dtype=self.dtype))
-        latents = self._denoise(inputs, (frames, height, width), steps, guidance_scale, cfg, shift, sampler, seed,
-                                False)
-        return self._decode(latents)
+        return self._denoise(inputs, (frames, height, width), steps, guidance_scale, cfg, shift, sampler, seed,
+                             False).float()
 
     def _denoise(self, inputs: _Branches, size: tuple[int, int, int], steps: int, guidance_scale: float, cfg: bool,
                  shift: float, sampler: str, seed: int, progress: bool) -> torch.Tensor:
