@@ -453,14 +453,20 @@ def run_table(
         begun = time.perf_counter()
         run_settings = TrainSettings(settings.steps, settings.lr, settings.batch, seed, settings.warmup)
         params_path = task_params(run, data, cache.folder, assets, init, variant, run_settings)
+        done = run / "row.json"  # a finished run with the same params is reused (an interrupted table resumes)
+        if done.is_file() and json.loads(done.read_text()).get("params") == params_path.read_text():
+            report.rows.append(json.loads(done.read_text())["row"])
+            echo(f"  {name} {condition} seed {seed}: reused {done}")
+            return
         stage = train(params_path, threads)
         trained = time.perf_counter() - begun
         scores = score_model(params_path, stage / "export", cache, labels, scorer, seed)
         metrics = _metrics_of(stage)
-        report.rows.append({"dataset": name, "condition": condition, "variant": variant, "seed": seed,
-                            "scores": scores, "val_loss": metrics.get("val_loss"),
-                            "reference_reliance": metrics.get("reference_reliance"),
-                            "seconds": {"train": trained, "score": time.perf_counter() - begun - trained}})
+        row = {"dataset": name, "condition": condition, "variant": variant, "seed": seed, "scores": scores,
+               "val_loss": metrics.get("val_loss"), "reference_reliance": metrics.get("reference_reliance"),
+               "seconds": {"train": trained, "score": time.perf_counter() - begun - trained}}
+        report.rows.append(row)
+        done.write_text(json.dumps({"params": params_path.read_text(), "row": row}) + "\n")
         means = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in scores.items())
         echo(f"  {name} {condition} seed {seed}: {means} ({time.perf_counter() - begun:.0f} s)")
         (out / "report.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
