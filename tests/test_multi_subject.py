@@ -85,6 +85,8 @@ def test_cross_pairing_changes_the_reference_background_only() -> None:
         assert same == ({True} if sample.split == "train" else {False})  # held out: always another tint
     assert all(bg != s.background for s in crossed for bg in s.reference_backgrounds)
     assert all(s.background in s.caption for s in naive)
+    silent = ms.make_samples(20, 4, backgrounds=True, background_in_caption=False)
+    assert not any(tint in s.caption for s in silent for tint in ms.BACKGROUNDS)
 
 
 def test_scores_count_slots_sets_and_ghosts() -> None:
@@ -95,3 +97,46 @@ def test_scores_count_slots_sets_and_ghosts() -> None:
     assert reversed_ == pytest.approx({"slot_accuracy": 1 / 3, "set_accuracy": 1.0, "ghosting": 2 / 3})
     other = ms.sample_scores(["cyan", "cyan", "red"], target)
     assert other == pytest.approx({"slot_accuracy": 0.0, "set_accuracy": 1 / 3, "ghosting": 1 / 3})
+
+
+@pytest.mark.slow
+def test_trained_control_generates_the_same_video_for_any_order(tiny_assets, tmp_path) -> None:
+    """End to end (tars -> encode -> `kaleido train` -> sampling from the cache): whatever the control learned, its
+    generations do not depend on the references' order (so its slot accuracy is that of an order-blind model, ~1/3
+    at best); the shipped variant's do."""
+    from kaleido.config import load_params
+    from kaleido.model.checkpoint import load_dit
+    from kaleido.model.generate import S2VPipeline
+    from kaleido.model.vae import WanVAE
+    from kaleido.train.data import pad_text
+    from kaleido.train.encode import run_encode
+    from kaleido.train.latents import LatentCache
+
+    assets = {key: str(tiny_assets / ("transformer" if key == "checkpoint" else key))
+              for key in ("checkpoint", "vae", "text_encoder", "tokenizer")}
+    data, latents = tmp_path / "data", tmp_path / "latents"
+    ms.write_dataset(data, ms.make_samples(32, 4))
+    settings = ms.TrainSettings(steps=40)
+    spreads = {}
+    for variant in ("time_fixed_neg", "shift_wh"):
+        params_path = ms.task_params(tmp_path / variant, data, latents, assets, assets["checkpoint"], variant,
+                                     settings)
+        if variant == "time_fixed_neg":
+            run_encode(load_params(params_path), progress=False)
+        stage = ms.train(params_path)
+        cache = LatentCache(latents)
+        dit = load_dit(stage / "export")
+        assert dit.rope_variant == variant  # the export's own record
+        vae = WanVAE.from_pretrained(tiny_assets / "vae", device="cpu", dtype=torch.float32)
+        pipe = S2VPipeline(dit.double(), vae, None, text_len=512, device="cpu", dtype=torch.float64)
+        null = pad_text(cache.null_context(), 512)
+        worst = 0.0
+        for index in cache.split_indices("val"):
+            item = cache.load(index)
+            context = pad_text(item["text"], 512)
+            outputs = [pipe.sample_latents(context, null, item["refs"][list(order)], ms.FRAMES, ms.HEIGHT, ms.WIDTH,
+                                           4, 1.0, 3.0, "euler", 0) for order in itertools.permutations(range(3))]
+            worst = max(worst, max(float((out - outputs[0]).abs().max()) for out in outputs))
+        spreads[variant] = worst
+    assert spreads["time_fixed_neg"] < 1e-5, spreads  # float64 DiT; the scheduler rounds to float32 per step
+    assert spreads["shift_wh"] > 1e-3, spreads

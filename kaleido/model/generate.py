@@ -399,7 +399,7 @@ class S2VPipeline:
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, refs: torch.Tensor | None
     ) -> torch.Tensor:
         # Low-precision weights run under autocast as Wan does: the DiT keeps its time embedding in fp32.
-        low_precision = self.dtype != torch.float32
+        low_precision = self.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
             return self.dit(x, t, context, refs).float()
 

@@ -96,10 +96,12 @@ class SlotSample:
     dy: int
     y0: int
     split: str
+    background_in_caption: bool = True
 
     @property
     def caption(self) -> str:
-        return f"three squares drift {'up' if self.dy < 0 else 'down'} across a {self.background} background"
+        motion = f"three squares drift {'up' if self.dy < 0 else 'down'}"
+        return f"{motion} across a {self.background} background" if self.background_in_caption else motion
 
 
 def clip_frames(sample: SlotSample) -> np.ndarray:
@@ -126,12 +128,13 @@ def reference_image(rgb: tuple[int, int, int], background: str | None) -> Image.
 
 
 def make_samples(train_count: int, val_count: int, seed: int = 0, backgrounds: bool = False,
-                 cross_pair_ratio: float = 0.0) -> list[SlotSample]:
+                 cross_pair_ratio: float = 0.0, background_in_caption: bool = True) -> list[SlotSample]:
     """Training samples cycle through the training triples, held-out ones through the held-out triples.
 
     backgrounds=False: grey clips and white references (Table 2). True: a background tint per clip; references on
     the clip's tint, or with probability cross_pair_ratio on another one; held-out references always on another
-    tint (the leak test)."""
+    tint (the leak test). background_in_caption=False: the caption does not name the tint (the references are then
+    the only cue a model trained without cross-pairing has for it)."""
     train_triples, held_triples = split_triples(seed)
     rng = np.random.default_rng(seed + 1)
     names = list(BACKGROUNDS)
@@ -152,7 +155,7 @@ def make_samples(train_count: int, val_count: int, seed: int = 0, backgrounds: b
                 name=f"{split}{len(samples):05d}", colours=tuple(colours),
                 rgb=[_jitter(rng, PALETTE[c]) for c in colours], background=background,
                 reference_backgrounds=ref_bgs, dy=int(rng.choice([-1, 1])), y0=int(rng.integers(14, 19)),
-                split=split,
+                split=split, background_in_caption=background_in_caption,
             ))
     return samples
 
@@ -401,10 +404,11 @@ def run_table(
                                                                      "time_fixed_neg"),
     seeds: tuple[int, ...] = (0, 1), settings: TrainSettings = TrainSettings(), pretrain_steps: int = 0,
     train_count: int = 384, val_count: int = 48, cross_pairing: bool = False, echo: Any = print,
-    threads: int = 1,
+    threads: int = 1, background_in_caption: bool = True,
 ) -> TableReport:
     """Table 2 in miniature (every R-RoPE variant, each seed) and, with cross_pairing, Table 3 (shift_wh trained
-    with and without cross-paired references on clips with backgrounds). Writes report.json and table.md."""
+    with and without cross-paired references on clips with backgrounds, named in the caption or not). An empty
+    `variants` runs Table 3 alone. Writes report.json and table.md."""
     from kaleido.config import load_params
     from kaleido.train.encode import run_encode
     from kaleido.train.latents import LatentCache
@@ -413,10 +417,12 @@ def run_table(
     report = TableReport(settings={"variants": list(variants), "seeds": list(seeds), "train": asdict(settings),
                                    "pretrain_steps": pretrain_steps, "train_count": train_count,
                                    "val_count": val_count, "cross_pairing": cross_pairing})
-    datasets = {"slots": make_samples(train_count, val_count)}
+    datasets = {"slots": make_samples(train_count, val_count)} if variants else {}
+    suffix = "" if background_in_caption else "_silent"
     if cross_pairing:
-        datasets["bg_naive"] = make_samples(train_count, val_count, backgrounds=True, cross_pair_ratio=0.0)
-        datasets["bg_cross"] = make_samples(train_count, val_count, backgrounds=True, cross_pair_ratio=0.5)
+        for name, ratio in (("bg_naive", 0.0), ("bg_cross", 0.5)):
+            datasets[name + suffix] = make_samples(train_count, val_count, backgrounds=True, cross_pair_ratio=ratio,
+                                                   background_in_caption=background_in_caption)
     caches: dict[str, tuple[Any, dict[str, Any], Scorer, Path]] = {}
     started = time.perf_counter()
     for name, samples in datasets.items():
@@ -475,8 +481,9 @@ def run_table(
         for variant in variants:
             one("slots", variant, variant, seed)
         if cross_pairing:
-            one("bg_cross", "shift_wh, cross-paired 50%", "shift_wh", seed)
-            one("bg_naive", "shift_wh, no cross-pairing", "shift_wh", seed)
+            caption = "" if background_in_caption else ", caption silent on the background"
+            one("bg_cross" + suffix, f"shift_wh, cross-paired 50%{caption}", "shift_wh", seed)
+            one("bg_naive" + suffix, f"shift_wh, no cross-pairing{caption}", "shift_wh", seed)
     report.seconds["total"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
     (out / "table.md").write_text(report.markdown() + "\n")
