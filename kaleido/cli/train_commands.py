@@ -160,7 +160,8 @@ def _has_gpu() -> bool:
 def learnable_task(
     out: Annotated[Path, typer.Option("--out", help="work folder: data, latents, runs, report.json")] = Path(
         "artifacts/learnable"),
-    steps: Annotated[int, typer.Option(help="optimizer steps of each training (batch 8)", min=1)] = 600,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps of each training (batch 8); default 600 "
+                                                   "(colour), 1200 (slots)", min=1)] = None,
     ablations: Annotated[bool, typer.Option("--ablations", help="colour task: also train with R-RoPE `none`")] = False,
     task: Annotated[str, typer.Option(help="colour: one reference decides the subject's colour; slots: three "
                                            "references decide the colour of each slot (Tables 2/3 in miniature)")
@@ -193,14 +194,15 @@ def learnable_task(
             unknown = [v for v in chosen if v not in ROPE_VARIANTS]
             if unknown or not chosen:
                 fail(f"--variants {variants}: unknown {unknown}; choose from {', '.join(ROPE_VARIANTS)}")
-            table = run_table(out, assets, chosen, tuple(int(s) for s in seeds.split(",")), TrainSettings(steps=steps),
+            table = run_table(out, assets, chosen, tuple(int(s) for s in seeds.split(",")),
+                              TrainSettings(steps=steps or 1200),
                               pretrain_steps, cross_pairing=cross_pairing, echo=typer.echo)
             typer.echo(table.markdown())
             typer.echo(f"report: {out / 'report.json'}")
             return
         from kaleido.train.learnable_task import run_learnable_task
 
-        report = run_learnable_task(out, assets, steps, ablations, echo=typer.echo)
+        report = run_learnable_task(out, assets, steps or 600, ablations, echo=typer.echo)
     except (RuntimeError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers
