@@ -272,13 +272,18 @@ def signature(params: Params) -> Any:
     )
 
 
-def model_config(params: Params, dit_config: Any) -> dict[str, Any]:
+def model_config(params: Params, dit_config: Any, settings: Any = None) -> dict[str, Any]:
+    """A version's model_config: its DiT config, the settings it was trained with (kaleido.model.settings; None:
+    params.yaml's), dtypes, limits and generation defaults."""
+    from kaleido.model.settings import ModelSettings
+
     g = params.generate
+    settings = settings or ModelSettings.from_params(params)
     return {
-        "dit": dit_config.to_dict(), "rope_variant": params.model.rope.variant, "rope_offset": params.model.rope.offset,
+        "dit": dit_config.to_dict(), "rope_variant": settings.rope_variant, "rope_offset": settings.rope_offset,
         "dtype": None if params.model.dtype == "float32" else params.model.dtype,  # None: bf16 on GPU, fp32 on CPU
-        "vae_dtype": params.model.vae_dtype, "text_len": params.model.text_len,
-        "max_references": params.model.max_references, "max_image_pixels": params.media.max_image_pixels,
+        "vae_dtype": params.model.vae_dtype, "text_len": settings.text_len,
+        "max_references": settings.max_references, "max_image_pixels": params.media.max_image_pixels,
         "allow_remote_references": params.serve.allow_remote_references,
         "defaults": {**{key: getattr(g, key) for key in SETTINGS}, "fps": g.fps},
     }
@@ -294,8 +299,9 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
     """
     import mlflow.pyfunc
 
-    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint, read_shapes
+    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint, read_settings, read_shapes
     from kaleido.model.lora import LoraError, check_fits
+    from kaleido.model.settings import ModelSettings, resolve_settings
 
     base, lora = model_weights(checkpoint)
     try:
@@ -304,7 +310,9 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
         if lora is not None:
             adapter, _ = _adapter(lora)
             check_fits(adapter, read_shapes(base), f"its base {base}")
-    except (CheckpointError, LoraError) as exc:
+        # the version records what its weights were trained with, whatever the registering params.yaml says
+        settings = resolve_settings(read_settings(base, adapter), ModelSettings.from_params(params), str(checkpoint))
+    except (CheckpointError, LoraError, ValueError) as exc:
         raise ServingError(f"cannot package {checkpoint}: {exc}") from None
     assets = {}
     for part in ASSET_PARTS:
@@ -313,7 +321,7 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
         if path is None or not path.exists():
             raise ServingError(f"model.{part}: {path} does not exist; a registered version needs it to generate")
         assets[part] = path
-    config = model_config(params, info.config)
+    config = model_config(params, info.config, settings)
     artifacts = {"transformer": str(base)}
     staging = None
     if adapter is not None and lora is not None:

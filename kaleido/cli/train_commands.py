@@ -211,13 +211,22 @@ def _has_gpu() -> bool:
 def learnable_task(
     out: Annotated[Path, typer.Option("--out", help="work folder: data, latents, runs, report.json")] = Path(
         "artifacts/learnable"),
-    steps: Annotated[int, typer.Option(help="optimizer steps of each training (batch 8)", min=1)] = 600,
-    ablations: Annotated[bool, typer.Option("--ablations", help="also train with R-RoPE `none`")] = False,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps of each training (batch 8); default 600 "
+                                                   "(colour), 1200 (slots)", min=1)] = None,
+    ablations: Annotated[bool, typer.Option("--ablations", help="colour task: also train with R-RoPE `none`")] = False,
+    task: Annotated[str, typer.Option(help="colour: one reference decides the subject's colour; slots: three "
+                                           "references decide the colour of each slot (Tables 2/3 in miniature)")
+                    ] = "colour",
+    variants: Annotated[str, typer.Option(help="slots: R-RoPE variants to train, comma-separated")] = (
+        "none,shift_w,shift_h,shift_wh,time_fixed_neg"),
+    seeds: Annotated[str, typer.Option(help="slots: training seeds, comma-separated")] = "0,1",
+    pretrain_steps: Annotated[int, typer.Option(help="slots: text-to-video steps first (0: none)", min=0)] = 0,
+    cross_pairing: Annotated[bool, typer.Option("--cross-pairing", help="slots: also Table 3 (backgrounds, "
+                                                                         "with / without cross-paired references)")
+                             ] = False,
     params: ParamsOption = None,
 ) -> None:
-    """Show that training makes the tiny model follow its references (a CPU task with held-out samples)."""
-    from kaleido.train.learnable_task import run_learnable_task
-
+    """Show that training makes the tiny model follow its references (CPU tasks with held-out samples)."""
     loaded = read_params(params)
     assets = {}
     for key in ("checkpoint", "vae", "text_encoder", "tokenizer"):
@@ -225,8 +234,26 @@ def learnable_task(
         if path is None or not path.exists():
             fail(f"model.{key}: {path} does not exist; run `kaleido init-tiny` first (the task uses the tiny assets)")
         assets[key] = str(path)
+    if task not in ("colour", "slots"):
+        fail(f"--task {task}: use colour or slots")
     try:
-        report = run_learnable_task(out, assets, steps, ablations, echo=typer.echo)
+        if task == "slots":
+            from kaleido.model.rope import ROPE_VARIANTS
+            from kaleido.train.multi_subject import TrainSettings, run_table
+
+            chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+            unknown = [v for v in chosen if v not in ROPE_VARIANTS]
+            if unknown or not chosen:
+                fail(f"--variants {variants}: unknown {unknown}; choose from {', '.join(ROPE_VARIANTS)}")
+            table = run_table(out, assets, chosen, tuple(int(s) for s in seeds.split(",")),
+                              TrainSettings(steps=steps or 1200),
+                              pretrain_steps, cross_pairing=cross_pairing, echo=typer.echo)
+            typer.echo(table.markdown())
+            typer.echo(f"report: {out / 'report.json'}")
+            return
+        from kaleido.train.learnable_task import run_learnable_task
+
+        report = run_learnable_task(out, assets, steps or 600, ablations, echo=typer.echo)
     except (RuntimeError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers

@@ -144,6 +144,9 @@ class FlowMatchingConfig(_Section):
     base_seq_len: int = Field(256, ge=1)
     max_seq_len: int = Field(4096, ge=2)
     text_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    reference_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="probability that a micro-batch trains without its references (official "
+        "subject_cond_dropout, shipped 0); 1.0 trains text-to-video")
 
     @model_validator(mode="after")
     def _ordered(self) -> FlowMatchingConfig:
@@ -388,6 +391,13 @@ def lora_target_problem(targets: list[str] | tuple[str, ...]) -> str | None:
     return None
 
 
+class TrainSamplesConfig(_Section):
+    # Held-out samples generated while training (kaleido/train/samples.py): videos and a contact sheet in MLflow.
+    every: int = Field(0, ge=0, description="optimizer steps between sample sets; 0: none (CI-sized runs)")
+    count: int = Field(2, ge=1, le=16, description="samples per set: the first ones of the val split")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="sample i's noise seed is seed + i, the same at every step")
+
+
 class LoraSettings(_Section):
     """LoRA fine-tuning of a stage (peft). Every base weight stays frozen; targets are Wan module names."""
 
@@ -408,6 +418,31 @@ class LoraSettings(_Section):
         return self
 
 
+class LRSchedule(_Section):
+    """SwissArmyTransformer's learning-rate schedule as the official Kaleido trainer builds it
+    (sat/training/deepspeed_training.py `get_learning_rate_scheduler`, sat/training/learning_rates.py `AnnealingLR`);
+    kaleido/train/optim.py states the rule. Defaults: the shipped SFT config
+    (configs/training/video_wanx_14B_concat.yaml: mode finetune, lr_decay_style constant, SAT's --warmup 0.01)."""
+
+    mode: Literal["pretrain", "finetune"] = Field(
+        "finetune", description="SAT --mode: finetune adds the automatic warmup (auto_warmup_steps, auto_warmup_rate)")
+    warmup: float = Field(0.01, ge=0.0, le=1.0, description="SAT --warmup: linear warmup over this share of N")
+    decay_style: Literal["constant", "linear", "cosine", "exponential"] = Field(
+        "constant", description="SAT --lr-decay-style after the warmup (SAT's `exponential` is constant too)")
+    decay_ratio: float = Field(0.1, gt=0.0, le=1.0, description="SAT --lr-decay-ratio: cosine ends at lr * ratio")
+    decay_iters: int | None = Field(None, ge=1, description="SAT --lr-decay-iters; None: the stage's steps")
+    auto_warmup_steps: int = Field(100, ge=0, description="finetune: the first steps run at most auto_warmup_rate*lr")
+    auto_warmup_rate: float = Field(0.05, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _finite_warmup(self) -> LRSchedule:
+        if self.mode == "finetune" and self.auto_warmup_steps > 0 and self.warmup == 0:
+            # SAT divides by the warmup length inside the automatic warmup (ZeroDivisionError there)
+            raise ValueError("mode finetune with warmup 0: SAT's automatic warmup divides by the warmup length; "
+                             "give warmup > 0 (shipped 0.01) or auto_warmup_steps 0")
+        return self
+
+
 class StagePreset(_Section):
     lr: float = Field(gt=0.0)
     steps: int = Field(ge=1, description="optimizer steps")
@@ -418,6 +453,7 @@ class StagePreset(_Section):
     dataset: str | None = Field(None, description="this stage's tar shards (folder or s3://); None: train.dataset")
     latents: str | None = Field(None, description="this stage's latent cache (folder or s3://); None: train.latents")
     lora: LoraSettings = LoraSettings()
+    schedule: LRSchedule = LRSchedule()
 
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"  # a Kubernetes resource quantity
@@ -478,8 +514,8 @@ class TrainConfig(_Section):
     micro_batch: int = Field(1, ge=1)
     grad_clip: float = Field(0.1, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the decayed group (the official "
+                                "groups: biases and LayerNorm affine weights get none; kaleido/train/optim.py)")
     sequence_parallel: int = Field(1, ge=1, description="DeepSpeed-Ulysses degree: ranks sharing one sequence")
     activation_checkpointing: bool = True
     offload_optimizer: bool = Field(
@@ -490,6 +526,7 @@ class TrainConfig(_Section):
     gpu_memory_gb: float | None = Field(
         80.0, gt=0.0, description="memory of one GPU; every launch refuses a plan estimated above it (null: no check)")
     validation: TrainValidationConfig = TrainValidationConfig()
+    samples: TrainSamplesConfig = TrainSamplesConfig()
     nproc_per_node: int = Field(8, ge=1, description="processes (GPUs) the local launcher starts")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     dataset: str = Field("data/dataset", min_length=1,
@@ -609,6 +646,17 @@ class EvalConfig(_Section):
         return self
 
 
+class RelianceRule(_Section):
+    """The gate's reference-reliance rule (kaleido.eval.gate): held-out val loss with shuffled references minus
+    with the sample's own (kaleido.train.validation), per held-out sample."""
+
+    floor: float | None = Field(
+        0.0, description="the candidate must SHOW reliance: the lower bound of the bootstrap CI of its mean must "
+        "exceed this (null: no floor)")
+    tolerance: float = Field(0.01, ge=0.0, description="versus the champion: fails on a clear drop (the upper bound "
+                             "of the paired CI of candidate - champion below -tolerance)")
+
+
 class GateConfig(_Section):
     """Promotion gate (kaleido gate). Scores are per-case means; the rule is stated in kaleido.eval.gate."""
 
@@ -622,16 +670,22 @@ class GateConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided bootstrap confidence level")
     bootstrap_samples: int = Field(2000, ge=100)
     seed: int = Field(0, ge=0, description="bootstrap resampling seed (decisions are reproducible)")
+    reference_reliance: RelianceRule = RelianceRule()
 
     @model_validator(mode="after")
     def _known_metrics(self) -> GateConfig:
-        known = (*_metric_names()[1], "val_loss")  # val_loss: training's held-out loss, lower is better
+        # val_loss: training's held-out loss, lower is better; reference_reliance: its shuffled-references gap
+        known = (*_metric_names()[1], "val_loss", "reference_reliance")
         named = [*(self.metrics or []), *self.floors, *self.tolerances, *self.ceilings]
         unknown = sorted({name for name in named if name not in known})
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(known)}")
         if "val_loss" in self.floors:
             raise ValueError("val_loss is lower-is-better: bound it with gate.ceilings, not gate.floors")
+        for where in ("floors", "ceilings", "tolerances"):
+            if "reference_reliance" in getattr(self, where):
+                raise ValueError(f"gate.{where}.reference_reliance: set gate.reference_reliance.floor / tolerance "
+                                 "(its floor asks for evidence of reliance, unlike gate.floors)")
         negative = sorted(name for name, value in self.tolerances.items() if value < 0)
         if negative:
             raise ValueError(f"tolerances must be >= 0: {negative}")

@@ -290,6 +290,12 @@ def plan_training(
             f"train.sequence_parallel={sp} does not divide the world size {world_size} "
             f"({world_size_keys(params)}): every rank must belong to exactly one sequence-parallel group"
         )
+    if train.samples.every and (train.zero_stage == 3 or sp > 1):
+        problems.append(
+            f"train.samples.every={train.samples.every}: samples are drawn by rank 0 alone, which cannot run a model "
+            f"partitioned by ZeRO-3 (train.zero_stage={train.zero_stage}) or split by sequence parallelism "
+            f"(train.sequence_parallel={sp}); set train.samples.every: 0 for this run"
+        )
     if train.zero_stage not in (1, 2, 3):
         problems.append(f"train.zero_stage={train.zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
     dp = max(world_size // sp, 1)

@@ -339,6 +339,13 @@ class Tracker:
         if self.bar is not None:
             self.bar.write(f"step {step}: val/loss {metrics['val/loss']:.4f}")
 
+    def log_samples(self, step: int, folder: Path) -> None:
+        """A step's training samples (videos, contact sheet) as MLflow artifacts under samples/<folder name>."""
+        if not self.active:
+            return
+        self._call(f"uploading the samples of step {step}",
+                   lambda: self._mlflow.log_artifacts(str(folder), artifact_path=f"samples/{folder.name}"))
+
     def log_artifacts(self, paths: list[Path], tags: dict[str, str]) -> None:
         def upload() -> None:
             for path in paths:

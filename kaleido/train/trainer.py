@@ -131,6 +131,11 @@ class Trainer:
         self.run_id: str | None = None
         lora = stage_preset(params, plan.stage).lora
         self.lora = lora if lora.enabled else None  # LoRA fine-tuning: the base stays frozen
+        self.samples = None  # held-out samples while training (train.samples.every), drawn by rank 0
+        if params.train.samples.every and ctx.is_main:
+            from kaleido.train.samples import TrainingSamples
+
+            self.samples = TrainingSamples(params, self.cache, self.output, ctx.device)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
@@ -211,8 +216,10 @@ class Trainer:
         import torch.distributed as dist
 
         from kaleido.model.checkpoint import save_dit
+        from kaleido.model.settings import ModelSettings
 
         module = self.engine.module
+        settings = ModelSettings.from_params(self.params)  # what this model was trained with, carried with it
         lora = self.lora
         # LoRA: gather the adapter only; the base is the init file, unchanged
         wanted = [p for p in module.parameters() if p.requires_grad] if lora else list(module.parameters())
@@ -242,19 +249,20 @@ class Trainer:
                 "stage": self.plan.stage, "step": step, "format": "wan",
                 "path": os.path.relpath(target, self.output),
                 "params_hash": params_hash(self.params), "mlflow_run_id": self.run_id, "config": module.cfg.to_dict(),
-                **base,
+                "model_settings": settings.to_dict(), **base,
             }  # fmt: skip
             try:
                 if lora:
                     from kaleido.model.lora import Adapter, save_adapter_layouts
 
-                    adapter = Adapter(state, lora.rank, lora.alpha, base)
+                    adapter = Adapter(state, lora.rank, lora.alpha,
+                                      {**base, "model_settings": json.dumps(settings.to_dict())})
                     save_adapter_layouts(adapter, partial)
                     info.update(format="lora", lora={"rank": lora.rank, "alpha": lora.alpha,
                                                      "targets": adapter.targets,
                                                      "parameters": adapter.num_parameters()})
                 else:
-                    save_dit(state, partial, "wan", module.cfg)
+                    save_dit(state, partial, "wan", module.cfg, settings=settings)
             except Exception as exc:  # safetensors' writer reports a full disk as its own error, naming no path
                 if not is_disk_full(exc) and "No space left on device" not in str(exc):
                     raise
@@ -392,6 +400,8 @@ class Trainer:
                 tracker.log_step(step, metrics)
                 if step == self.plan.steps or (every and step % every == 0):
                     last_validation = self.validate(step, tracker)
+                if self.samples is not None and self.samples.due(step):
+                    tracker.log_samples(step, self.samples.generate(self.engine.module, step))
                 if self._tracking_lost(tracker):
                     if not saved:
                         self.save_checkpoint(step)  # nothing trained so far is lost
@@ -463,7 +473,9 @@ class Trainer:
         if validation is not None and base_path.is_file():
             base = json.loads(base_path.read_text())
             summary.update({"val_loss_base": base["loss"], "val_loss": validation.loss,
-                            "val_loss_change": validation.loss - base["loss"]})
+                            "val_loss_change": validation.loss - base["loss"],
+                            "reference_reliance_base": base.get("reference_reliance"),
+                            "reference_reliance": validation.reference_reliance if validation.shuffled else None})
             record = {
                 "fingerprint": validation.fingerprint, "sigmas": self.params.train.validation.sigmas,
                 "seed": self.params.train.validation.seed, "latents": self.plan.latents, "base": base,

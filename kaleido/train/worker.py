@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: $KALEIDO_PARAMS or nearest)")
     parser.add_argument("--stage", choices=STAGES, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (rank 0 draws it by default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display (rank 0 shows it by default)")
     return parser.parse_args(argv)
 
 
