@@ -12,6 +12,7 @@ from kaleido.cli import (  # noqa: F401  (registration)
     platform_commands,
     registry_commands,
     samples_commands,
+    serve_commands,
     train_commands,
 )
 from kaleido.cli.app import app

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +78,11 @@ def validate_request(
 
 class NumericalError(RuntimeError):
     """Generation produced NaN or Inf values; the message names where, the dtype and the fix."""
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller's `cancel` check said stop (a served request timed out or its client left); the message says
+    after how many denoising steps."""
 
 
 @dataclass(frozen=True)
@@ -433,6 +438,7 @@ class S2VPipeline:
         progress: bool = True,
         warn_truncation: bool = True,
         output_type: str = "frames",
+        cancel: Callable[[], bool] | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Generate a video; returns uint8 frames [frames, height, width, 3].
 
@@ -440,6 +446,8 @@ class S2VPipeline:
         than `text_len` tokens is truncated with a warning (unless the caller checked it: warn_truncation=False).
         NumericalError when the latents or the decoded frames hold NaN/Inf (e.g. a float16 model overflowing).
         output_type "latents" returns the final normalised latents [1, 16, F, h, w] (float32) without decoding.
+        `cancel` is asked before the encoders, before every denoising step and before the decode; when it returns
+        True the generation stops there (GenerationCancelled): a timed-out request frees its memory within a step.
         """
         if output_type not in ("frames", "latents"):
             raise ValueError(f"output_type={output_type!r}: use 'frames' or 'latents'")
@@ -460,6 +468,11 @@ class S2VPipeline:
                 if truncation is not None:
                     log.warning(truncation.message(what))
 
+        def stop_if_asked(done: int) -> None:
+            if cancel is not None and cancel():
+                raise GenerationCancelled(f"generation stopped after {done} of {steps} denoising steps (cancelled)")
+
+        stop_if_asked(0)
         inputs = _Branches(
             context=self.encode_prompts(prompt, negative_prompt, cfg),
             reference_latents=self.encode_references(images, height, width),
@@ -476,6 +489,7 @@ class S2VPipeline:
         for step, t in enumerate(
             tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress, leave=False), start=1
         ):
+            stop_if_asked(step - 1)
             # timesteps are sigma * 1000 (UniPC rounds them to integers); the DiT takes that scale
             timestep = t.to(device=self.device, dtype=torch.float32).reshape(1)
             velocity = self._velocity(latents, timestep, inputs, guidance_scale, cfg)
@@ -483,6 +497,7 @@ class S2VPipeline:
             self._check_finite(latents, f"the latents after sampling step {step} of {steps}", self.dtype, "model.dtype")
         if output_type == "latents":
             return latents.float()
+        stop_if_asked(steps)
 
         if self.release_encoders:
             self.vae.to_device(self.device)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def torchrun_command(params_path: Path, stage: str, nproc: int, resume: bool, progress: bool = True) -> list[str]:
+def torchrun_command(params_path: Path, stage: str, nproc: int, resume: bool, progress: bool = True,
+                     apply_changes: bool = False) -> list[str]:
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc),
@@ -27,6 +28,8 @@ def torchrun_command(params_path: Path, stage: str, nproc: int, resume: bool, pr
     ]  # fmt: skip
     if resume:
         command.append("--resume")
+        if apply_changes:
+            command.append("--apply-param-changes")
     if not progress:
         command.append("--no-progress")
     return command
@@ -88,6 +91,7 @@ def launch_local(
     echo: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
     progress: bool = True,
+    apply_changes: bool = False,
 ) -> LaunchResult:
     """Run torchrun with `nproc` workers; stream its output through `echo`; return code and failure line."""
     echo = echo or (lambda line: print(line, end="", flush=True))
@@ -95,7 +99,7 @@ def launch_local(
     environment.setdefault("PYTHONUNBUFFERED", "1")
     # one thread per rank unless told otherwise: N ranks share this machine's cores
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = torchrun_command(params_path.resolve(), stage, nproc, resume, progress)
+    command = torchrun_command(params_path.resolve(), stage, nproc, resume, progress, apply_changes)
     tail: deque[str] = deque(maxlen=400)
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=environment

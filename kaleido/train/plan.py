@@ -255,11 +255,13 @@ def plan_training(
     resume: bool = False,
     check_files: bool = True,
     check_tracking: bool = True,
+    apply_changes: bool = False,
 ) -> TrainPlan:
     """Derive the batch geometry of a stage on `world_size` ranks; raise TrainPlanError listing EVERY problem.
 
     check_files: the latent cache, init weights and (with resume) a checkpoint must exist here; False
-    when they live on storage only the training pods see (Kubernetes).
+    when they live on storage only the training pods see (Kubernetes). With resume, the run's recorded params
+    must equal these (kaleido.train.checkpoints.resume_problem), or differ only in keys `apply_changes` may apply.
     """
     train = params.train
     preset = stage_preset(params, stage)
@@ -305,8 +307,11 @@ def plan_training(
         else:
             problems += _check_weights(init_path, init_key)
         if resume:
-            from kaleido.train.checkpoints import resume_point
+            from kaleido.train.checkpoints import resume_point, resume_problem
 
+            changed = resume_problem(checkpoint_dir(params, stage), params, stage, apply_changes)
+            if changed:
+                problems.append(changed)
             point = resume_point(checkpoint_dir(params, stage))
             if point.tag is None:
                 what = "no DeepSpeed checkpoint"
