@@ -14,7 +14,8 @@ IMAGE ?= kaleido:0.1.0
 # that the platform's environment must not get.
 LINT_VENV ?= .cache/lint-venv
 
-.PHONY: setup browser run stop test test-fast lint lint-env lock bench gpu-check image clean
+.PHONY: setup browser run stop test test-fast test-threads lint lint-env lock bench gpu-check image release \
+	deploy-prod clean
 
 setup: $(VENV)/.installed browser
 
@@ -72,6 +73,16 @@ gpu-check: setup
 # (train.kubernetes.image) and the work pool's `image` variable.
 image:
 	docker build -t $(IMAGE) --build-arg GIT_REVISION=$$(git rev-parse HEAD) .
+
+# The release step: after pushing the images, pin their digests into the prod overlay (kustomization.yaml, and the
+# kaleido image in params.yaml and work-pool-gpu.json): make release DIGESTS="kaleido=sha256:... postgres=sha256:..."
+release: setup
+	$(BIN)/kaleido release pin $(foreach d,$(DIGESTS),--image $(d))
+
+# Deploy prod only once every image is pinned (`kaleido release check` refuses the all-zero UNRELEASED digests).
+deploy-prod: setup
+	$(BIN)/kaleido release check --overlay k8s/overlays/prod
+	kubectl apply -k k8s/overlays/prod
 
 clean:
 	rm -rf artifacts runs .pytest_cache .platform

@@ -47,10 +47,13 @@ def up(params: ParamsOption = None) -> None:
 
     platform = _services(params)
     try:
-        platform.up()
+        crashed = platform.up()
     except ServiceError as exc:
         fail(str(exc), code=1)
+        raise  # unreachable, for type checkers
     typer.echo(platform.describe())
+    if crashed:
+        typer.echo(platform.describe_crashed(crashed))
 
 
 @platform_app.command("down")
