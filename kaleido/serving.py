@@ -293,7 +293,9 @@ def check_unknown_params(given: dict[str, Any]) -> None:
 
 def _row_references(row: dict[str, Any], number: int) -> list[Any]:
     refs = row.get("references")
-    if refs is None or (not isinstance(refs, str) and hasattr(refs, "__len__") and len(refs) == 0):
+    if refs is None or (isinstance(refs, float) and refs != refs):  # absent, or NaN in a DataFrame column
+        return []
+    if not isinstance(refs, str) and hasattr(refs, "__len__") and len(refs) == 0:
         return []
     if isinstance(refs, str):
         return [refs]
