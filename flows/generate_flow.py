@@ -176,7 +176,8 @@ def generate(
     result = run_command([_bin("kaleido"), "generate", "--model", model, "--prompt", prompt,
                           *[arg for ref in refs for arg in ("--ref", str(ref))], *options, "--out", str(video)], root)
     printed = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
-    seed_used = printed.get("seed", "").split(" ")[0] or None
+    said_seed = printed.get("seed", "").split(" ")[0]
+    seed_used = int(said_seed) if said_seed.isdigit() else None  # a number in the result, not its text
     # the version the alias pointed at when it ran (an alias moves; the record must not)
     outcome: dict[str, Any] = {"video": str(video), "contact_sheet": str(video.with_suffix(".png")),
                                "model": printed.get("model", model), "requested": model, "seed": seed_used,

@@ -414,15 +414,17 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
 
     from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint, read_shapes
     from kaleido.model.lora import LoraError, check_fits
+    from kaleido.train.plan import verify_export
 
     base, lora = model_weights(checkpoint)
     try:
+        verify_export(checkpoint)  # a training export is registered as training sealed it
         info = inspect_checkpoint(base)
         adapter = None
         if lora is not None:
             adapter, _ = _adapter(lora)
             check_fits(adapter, read_shapes(base), f"its base {base}")
-    except (CheckpointError, LoraError) as exc:
+    except (CheckpointError, LoraError, IntegrityError) as exc:
         raise ServingError(f"cannot package {checkpoint}: {exc}") from None
     assets = {}
     for part in ASSET_PARTS:

@@ -263,3 +263,29 @@ def test_release_pins_every_digest_and_the_check_refuses_placeholders(tmp_path):
     pool = json.loads((overlay / "work-pool-gpu.json").read_text())
     assert pool["variables"]["properties"]["image"]["default"] == kaleido
     assert "# Images by digest" in (overlay / "kustomization.yaml").read_text()  # comments stay
+
+
+# ---- a training export is read as training sealed it ----------------------------------------------------------------
+
+
+def test_a_training_export_is_checked_against_its_seal(tiny_assets, params_for, tmp_path):
+    from kaleido.platform.integrity import IntegrityError, folder_manifest
+    from kaleido.serving import ServingError, build_model
+    from kaleido.train.plan import _check_weights, verify_export
+
+    export = tmp_path / "runs" / "pretrain" / "export"
+    shutil.copytree(tiny_assets / "transformer", export)
+    info = {"path": str(export), "format": "wan", "files": folder_manifest(export)}
+    (export.parent / "export.json").write_text(json.dumps(info))
+    verify_export(export)
+    assert _check_weights(export, "train.sft.init") == []
+    weights = next(export.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a tensor byte: the header still describes the file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"training export file {weights} has sha256 .* train the stage again"):
+        verify_export(export)
+    assert "has sha256" in _check_weights(export, "train.sft.init")[0]  # sft refuses it before any launch
+    params = load_params(params_for(tmp_path / "p", tiny_assets, {"platform.model_assets": "copy"}))
+    with pytest.raises(ServingError, match=f"cannot package {export}: training export file"):
+        build_model(export, params, tmp_path / "model")

@@ -127,12 +127,16 @@ def verify_files(folder: str | Path, hashes: Mapping[str, str], sizes: Mapping[s
 
 def folder_manifest(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, int | str]]:
     """{relative POSIX name: {"size", "sha256"}} of every file under `folder` (names in `exclude` left out): the
-    seal a later reader checks with `verify_manifest` (a registered version keeps it in its MLmodel)."""
+    seal a later reader checks with `verify_manifest` (a registered version keeps it in its MLmodel). The writer's
+    own hashes count as verdicts: a reader on this machine does not read the files again."""
     folder = Path(folder)
-    return {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in exclude
-    }  # fmt: skip
+    manifest: dict[str, dict[str, int | str]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name not in exclude:
+            digest = file_sha256(path)
+            record_verified(path, digest)
+            manifest[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": digest}
+    return manifest
 
 
 def verify_manifest(folder: str | Path, manifest: Mapping[str, Mapping[str, int | str]], *, what: str = "",

@@ -335,6 +335,9 @@ class Trainer:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial)) from exc
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)  # the registry never sees half an export
+            from kaleido.platform.integrity import folder_manifest
+
+            info["files"] = folder_manifest(target)  # the seal its readers check (kaleido.train.plan.verify_export)
             write_text_atomic(self.output / "export.json", json.dumps(info, indent=2) + "\n")
         dist.barrier()
         return target if self.ctx.is_main else None
