@@ -6,11 +6,12 @@ the GPU keeps working), drops params the signature does not name with only a ser
 failed request with its own text and a stack trace. `kaleido serve` keeps MLflow's app (`scoring_server.init`:
 /ping, /health, /version, /invocations, MLflow's request formats) and wraps /invocations in `Bounded`, an ASGI
 layer that, in order:
-1. refuses a body over serve.max_request_bytes (413) and anything but JSON (415);
-2. checks the whole request as MLflow will parse it (kaleido.serving.check_rows: unknown params named, settings,
+1. refuses a body over serve.max_request_bytes (413) and anything but JSON (415), from the headers;
+2. admits at most serve.concurrency requests (their bodies, checks and generations); one more is answered 503 with
+   Retry-After (serve.retry_after_s) before its body is read, never queued, so memory stays bounded by the limits
+   times the concurrency;
+3. checks the whole request as MLflow will parse it (kaleido.serving.check_rows: unknown params named, settings,
    text fields, reference sizes, the cost model of kaleido/request_limits.py): 400 before any model work;
-3. runs at most serve.concurrency generations; one more is answered 503 with Retry-After (serve.retry_after_s),
-   never queued, so memory stays bounded by the limits times the concurrency;
 4. cancels a generation whose request passed serve.timeout_s (504) or whose client went away: the model checks
    kaleido.serving.CANCEL between denoising steps, and the slot is freed only once the generation has stopped;
 5. answers every refusal as {"error_code", "message"} with our one-line reason and never a stack trace (a fault of
@@ -97,20 +98,20 @@ class Bounded:
             await _respond(send, 415, "BAD_REQUEST", "send the request as application/json (dataframe_records, "
                            "dataframe_split, inputs or instances, and params)")
             return
-        body = await self._read_body(receive)
-        if body is None:
-            return  # the client left, or sent more than it declared (answered)
-        problem = await asyncio.to_thread(self._check, body)
-        if problem is not None:
-            await _respond(send, 400, "INVALID_PARAMETER_VALUE", problem)
-            return
-        if self.running >= self.concurrency:
-            await _respond(send, 503, "TEMPORARILY_UNAVAILABLE", f"busy: {self.running} generation(s) running, "
+        if self.running >= self.concurrency:  # before its body is read: a busy server holds no more requests
+            await _respond(send, 503, "TEMPORARILY_UNAVAILABLE", f"busy: {self.running} request(s) running, "
                            f"the limit is {self.concurrency} (serve.concurrency); retry after {self.retry_after_s} s",
                            [(b"retry-after", str(self.retry_after_s).encode())])
             return
-        self.running += 1
+        self.running += 1  # the slot is this request's from here: its body, its check, its generation
         try:
+            body = await self._read_body(receive)
+            if body is None:
+                return  # the client left, or sent more than it declared
+            problem = await asyncio.to_thread(self._check, body)
+            if problem is not None:
+                await _respond(send, 400, "INVALID_PARAMETER_VALUE", problem)
+                return
             await self._generate(scope, receive, send, body)
         finally:
             self.running -= 1
