@@ -289,3 +289,20 @@ def test_a_training_export_is_checked_against_its_seal(tiny_assets, params_for, 
     params = load_params(params_for(tmp_path / "p", tiny_assets, {"platform.model_assets": "copy"}))
     with pytest.raises(ServingError, match=f"cannot package {export}: training export file"):
         build_model(export, params, tmp_path / "model")
+
+
+def test_mlflow_error_bodies_become_our_one_line_reason():
+    """What kaleido serve makes of MLflow's error responses: a model's refusal without MLflow's wrapper (which quotes
+    the whole request), and a fault of the server without its stack trace (logged there instead)."""
+    from kaleido.serve_app import _reason
+
+    wrapped = {"error_code": "INVALID_PARAMETER_VALUE",
+               "message": "Failed to predict data '   prompt references\n0  a cat  [iVBOR...]'. \nError: frames=6: ..."}
+    assert _reason(400, json.dumps(wrapped).encode()) == ("INVALID_PARAMETER_VALUE", "frames=6: ...")
+    fault = {"error_code": "BAD_REQUEST", "message": "Encountered an unexpected error while evaluating the model.",
+             "stack_trace": 'Traceback (most recent call last):\n  File "/srv/x.py", line 3, in f\n'
+                            "torch.OutOfMemoryError: CUDA out of memory"}
+    code, message = _reason(400, json.dumps(fault).encode())
+    assert code == "INTERNAL_ERROR" and message == ("the server failed on this request (torch.OutOfMemoryError); its "
+                                                    "log has the details")
+    assert _reason(415, b"This predictor only supports ...") == ("BAD_REQUEST", "This predictor only supports ...")
