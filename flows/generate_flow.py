@@ -84,7 +84,7 @@ def confine_reference(value: Any, index: int, root: Path, roots: list[Path], all
         if not allow_remote:
             raise RefusedInput(f"{what}: URLs are off for this deployment (serve.allow_remote_references); send the "
                                "image as base64 or a data URI")
-        from kaleido.serving import reference_bytes
+        from kaleido.serve_requests import reference_bytes
 
         data = reference_bytes(text, what, allow_remote=True, max_bytes=limits.max_image_bytes)
         check_image_bytes(what, len(data), limits)

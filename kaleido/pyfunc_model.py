@@ -15,7 +15,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from kaleido.serving import generate_rows, load_pipeline, refusal_message
+from kaleido.serve_requests import generate_rows, refusal_message
+from kaleido.serving import load_pipeline
 
 
 class KaleidoS2VModel(PythonModel):

@@ -10,10 +10,10 @@ layer that, in order:
 2. admits at most serve.concurrency requests (their bodies, checks and generations); one more is answered 503 with
    Retry-After (serve.retry_after_s) before its body is read, never queued, so memory stays bounded by the limits
    times the concurrency;
-3. checks the whole request as MLflow will parse it (kaleido.serving.check_rows: unknown params named, settings,
+3. checks the whole request as MLflow will parse it (kaleido.serve_requests.check_rows: unknown params named, settings,
    text fields, reference sizes, the cost model of kaleido/request_limits.py): 400 before any model work;
 4. cancels a generation whose request passed serve.timeout_s (504) or whose client went away: the model checks
-   kaleido.serving.CANCEL between denoising steps, and the slot is freed only once the generation has stopped;
+   kaleido.serve_requests.CANCEL between denoising steps, and the slot is freed only once the generation has stopped;
 5. answers every refusal as {"error_code", "message"} with our one-line reason and never a stack trace (a fault of
    the server is logged there with its traceback and answered 500 naming only the exception's type).
 """
@@ -28,7 +28,8 @@ import threading
 from typing import Any
 
 from kaleido.request_limits import LimitError, Limits
-from kaleido.serving import CANCEL, ServingError, check_rows, one_line
+from kaleido.serve_requests import CANCEL, check_rows, one_line
+from kaleido.serving import ServingError
 
 log = logging.getLogger("kaleido.serve")
 

@@ -102,7 +102,8 @@ CONFIG = {"defaults": {"seed": 0, "steps": 2, "frames": 5, "height": 32, "width"
 
 
 def test_check_rows_refuses_before_any_model_work():
-    from kaleido.serving import ServingError, check_rows
+    from kaleido.serve_requests import check_rows
+    from kaleido.serving import ServingError
 
     ref = base64.b64encode(_png()).decode()
     settings, rows = check_rows(CONFIG, [{"prompt": "a cat", "references": [ref]}], {"seed": 3})
