@@ -14,7 +14,7 @@ IMAGE ?= kaleido:0.1.0
 # that the platform's environment must not get.
 LINT_VENV ?= .cache/lint-venv
 
-.PHONY: setup browser run stop test test-fast test-threads lint lint-env lock bench gpu-check image release \
+.PHONY: setup browser run stop test test-fast lint lint-env lock bench gpu-check image release \
 	deploy-prod clean
 
 setup: $(VENV)/.installed browser
@@ -47,11 +47,16 @@ $(LINT_VENV)/.installed: k8s/lint/requirements.lock
 
 lint-env: $(LINT_VENV)/.installed
 
+# Two pytest workers (pytest-xdist), each test file on one of them (--dist loadfile: a file's module fixtures, e.g.
+# the shared training run or the registered version, are built once, and tests/test_e2e.py keeps its order). Every
+# session fixture (the MLflow and Prefect servers, the tiny models) is per worker. tests/test_threads.py runs the
+# kernel, model and data tests again under 1 and 2 threads.
+PYTEST_WORKERS ?= 2
 test: setup lint lint-env
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: setup lint-env
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .
