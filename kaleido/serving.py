@@ -1,5 +1,6 @@
 """Every registered version is an MLflow Model: `mlflow.pyfunc.load_model("models:/kaleido-s2v@champion")`,
-`mlflow models serve` and `kaleido generate --model models:/...` all load the same folder.
+`kaleido serve` (MLflow's scoring app, bounded: kaleido/serve_app.py), `mlflow models serve` and `kaleido generate
+--model models:/...` all load the same folder.
 
 Layout of a version's MLflow Model (the `model/` artifact of its training run):
   MLmodel                   python_function flavor (kaleido/pyfunc_model.py as code), signature, model_config

@@ -1,5 +1,6 @@
-"""Every registered version is an MLflow Model: pyfunc load and predict, `mlflow models serve` answering a real
-HTTP request, `kaleido generate --model models:/...`, all against the session's MLflow server (tiny model)."""
+"""Every registered version is an MLflow Model: pyfunc load and predict, `kaleido serve` (MLflow's scoring app,
+bounded) answering real HTTP requests, `kaleido generate --model models:/...`, all against the session's MLflow server
+(tiny model); a version whose files differ or are gone is refused where it is promoted or loaded."""
 
 from __future__ import annotations
 
