@@ -454,9 +454,13 @@ def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, 
 
 
 def _verified(folder: Path, label: str) -> Path:
-    """`folder` after verify_model_folder; ServingError (one line, naming the file) when it differs."""
+    """`folder` after verify_model_folder (a version) or verify_export (a training export); ServingError (one line,
+    naming the file) when a file differs from its seal."""
+    from kaleido.train.plan import verify_export
+
     try:
         verify_model_folder(folder, label)
+        verify_export(folder)
     except IntegrityError as exc:
         raise ServingError(str(exc)) from None
     return folder
