@@ -92,8 +92,7 @@ class Bounded:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"").decode() or "0"
         if not declared.isdigit() or int(declared) > self.max_request_bytes:
-            await _respond(send, 413, "REQUEST_LIMIT_EXCEEDED", f"request body of {declared} bytes; the limit is "
-                           f"{self.max_request_bytes:,} (serve.max_request_bytes): send smaller reference images")
+            await self._too_large(send, declared)
             return
         if headers.get(b"content-type", b"").split(b";")[0].strip().lower() != JSON:
             await _respond(send, 415, "BAD_REQUEST", "send the request as application/json (dataframe_records, "
@@ -108,7 +107,10 @@ class Bounded:
         try:
             body = await self._read_body(receive)
             if body is None:
-                return  # the client left, or sent more than it declared
+                return  # the client left
+            if len(body) > self.max_request_bytes:  # sent without a length (chunked), or more than it declared
+                await self._too_large(send, f"more than {self.max_request_bytes:,}")
+                return
             problem = await asyncio.to_thread(self._check, body)
             if problem is not None:
                 await _respond(send, 400, "INVALID_PARAMETER_VALUE", problem)
@@ -117,17 +119,21 @@ class Bounded:
         finally:
             self.running -= 1
 
+    async def _too_large(self, send: Any, size: str) -> None:
+        await _respond(send, 413, "REQUEST_LIMIT_EXCEEDED", f"request body of {size} bytes; the limit is "
+                       f"{self.max_request_bytes:,} (serve.max_request_bytes): send smaller reference images")
+
     async def _read_body(self, receive: Any) -> bytes | None:
+        """The request's body (at most one byte past the limit is kept), or None when the client left."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
+            if size <= self.max_request_bytes:
+                chunks.append(chunk[: self.max_request_bytes + 1 - size])
             size += len(chunk)
-            if size > self.max_request_bytes:
-                return None
-            chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
 
