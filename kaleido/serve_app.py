@@ -197,6 +197,12 @@ class Bounded:
             done, _ = await asyncio.wait({inner, watcher}, timeout=self.timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if inner in done:
+                fault = inner.exception()
+                if fault is not None:  # the app itself failed: logged here, named by type to the caller
+                    log.error("a request failed in the scoring app", exc_info=fault)
+                    await _respond(send, 500, "INTERNAL_ERROR", f"the server failed on this request "
+                                   f"({type(fault).__name__}); its log has the details")
+                    return
                 await self._forward(send, started, b"".join(parts))
                 return
             cancel.set()
@@ -209,7 +215,9 @@ class Bounded:
                                "steps, or use the kaleido/generate deployment for long videos")
             loop = asyncio.get_running_loop()
             stopping = loop.time()
-            await inner  # the slot is free only once the generation has actually stopped
+            await asyncio.wait({inner})  # the slot is free only once the generation has actually stopped
+            if not inner.cancelled() and inner.exception() is not None:
+                log.error("a cancelled request failed in the scoring app", exc_info=inner.exception())
             log.warning("the generation stopped %.1f s after it was told to", loop.time() - stopping)
         finally:
             finished.set()
