@@ -495,7 +495,8 @@ class ModelRegistry:
     def stored_problem(self, version: str) -> str | None:
         """Why the version's files in the artifact store cannot be whole, or None: its MLmodel is read (one small
         download) and every file of its manifest must be listed at its size. A version sealed before manifests
-        existed must at least list its MLmodel and the artifacts the MLmodel names."""
+        existed must at least list the artifacts its MLmodel names; a plain checkpoint folder (no MLmodel: not
+        servable, evaluation can still load it) must not be empty."""
         import tempfile
 
         import mlflow.artifacts
@@ -505,8 +506,10 @@ class ModelRegistry:
 
         record = self.client.get_model_version(self.name, version)
         sizes = self._listing(record.source)
+        if not sizes:
+            return f"{record.source} holds no files (its artifacts were deleted)"
         if "MLmodel" not in sizes:
-            return f"{record.source}/MLmodel is missing" + ("" if sizes else " (the version's folder is empty)")
+            return None  # a plain checkpoint folder: nothing sealed to compare
         with tempfile.TemporaryDirectory(prefix="kaleido-mlmodel-") as tmp:
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"{record.source}/MLmodel", dst_path=tmp,
                                                         tracking_uri=self.client.tracking_uri)
