@@ -307,3 +307,16 @@ def test_mlflow_error_bodies_become_our_one_line_reason():
     assert code == "INTERNAL_ERROR" and message == ("the server failed on this request (torch.OutOfMemoryError); its "
                                                     "log has the details")
     assert _reason(415, b"This predictor only supports ...") == ("BAD_REQUEST", "This predictor only supports ...")
+
+
+def test_the_cli_applies_the_same_limits_before_any_model_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    base = ["generate", "--params", str(REPO / "params.yaml"), "--out", str(tmp_path / "v.mp4")]
+    result = CliRunner().invoke(app, [*base, "--prompt", "a cat", "--frames", "1000001"])
+    assert result.exit_code == 2 and "serve.max_tokens" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*base, "--prompt", "a\x01cat"])
+    assert result.exit_code == 2 and "prompt: control character U+0001" in result.output
+    assert not (tmp_path / "v.mp4").exists()
