@@ -56,8 +56,8 @@ def test_the_probe_request_is_refused_naming_the_limit():
         check_request(limits, "a cat", "", 33, 64, 96, 1000, 6.0, 3)  # 288 tokens per step, too many steps
     # guidance 1 runs one branch: half the token-steps
     assert check_request(limits, "a cat", "", 9, 64, 96, 500, 1.0, 0).token_steps == 72 * 500
-    with pytest.raises(LimitError, match=r"prompt: 2,001 characters, the limit is 2,000 \(serve\.max_prompt_chars\)"):
-        check_request(limits, "x" * 2001, "", 9, 64, 96, 8, 6.0, 0)
+    with pytest.raises(LimitError, match=r"prompt: 10,001 characters, the limit is 10,000 \(serve\.max_prompt_chars\)"):
+        check_request(limits, "x" * 10_001, "", 9, 64, 96, 8, 6.0, 0)
 
 
 @pytest.mark.parametrize("text, where", [("a\x00cat", "U+0000 at position 1"), ("a cat\x1b[2J", "U+001B"),

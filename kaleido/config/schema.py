@@ -620,7 +620,9 @@ class ServeConfig(_Section):
         10_000_000, ge=1, description="tokens x steps x CFG branches (2 when guidance_scale != 1): bounds time. "
         "Shipped 720x1280x81, 3 references, 50 steps, CFG: 8,640,000",
     )
-    max_prompt_chars: int = Field(2000, ge=1, description="characters of the prompt and of the negative prompt")
+    max_prompt_chars: int = Field(
+        10_000, ge=1, description="characters of the prompt and of the negative prompt (past model.text_len tokens "
+        "the text encoder cuts them, with a warning)")
     max_image_bytes: int = Field(20_000_000, ge=1, description="bytes of one reference image file, as sent")
     max_request_bytes: int = Field(100_000_000, ge=1024, description="bytes of one HTTP request body (kaleido serve)")
     concurrency: int = Field(
