@@ -50,7 +50,7 @@ lint-env: $(LINT_VENV)/.installed
 # Two pytest workers (pytest-xdist), each test file on one of them (--dist loadfile: a file's module fixtures, e.g.
 # the shared training run or the registered version, are built once, and tests/test_e2e.py keeps its order). Every
 # session fixture (the MLflow and Prefect servers, the tiny models) is per worker. tests/test_threads.py runs the
-# kernel, model and data tests again under 1 and 2 threads.
+# kernel, model and data tests again under 1 and 2 threads. PYTEST_WORKERS=0 runs the suite in one process.
 PYTEST_WORKERS ?= 2
 test: setup lint lint-env
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
