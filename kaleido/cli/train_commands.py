@@ -79,6 +79,11 @@ def train(
     stage: StageOption,
     params: ParamsOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the stage's latest checkpoint")] = False,
+    apply_param_changes: Annotated[
+        bool, typer.Option("--apply-param-changes", help="with --resume: continue with params.yaml's changed lr, "
+                           "steps or checkpoint/validation cadence from the resumed step on (recorded in the run); "
+                           "without it a changed params.yaml is refused, naming the keys"),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="check everything and print the plan (local) or manifests (kubernetes)")
     ] = False,
@@ -126,7 +131,7 @@ def train(
             fail(str(exc))
         from kaleido.train.launch_kubernetes import launch_kubernetes
 
-        raise typer.Exit(launch_kubernetes(loaded, stage, resume, dry_run, path))
+        raise typer.Exit(launch_kubernetes(loaded, stage, resume, dry_run, path, apply_changes=apply_param_changes))
 
     from kaleido.platform.services import is_embedded_tracking
     from kaleido.train.plan import tracking_uri
@@ -135,7 +140,8 @@ def train(
     # nothing); any other server must answer now, and the plan lists it with every other problem.
     startable = is_embedded_tracking(loaded, tracking_uri(loaded))
     try:
-        plan = plan_training(loaded, stage, world_size(loaded), resume=resume, check_tracking=not startable)
+        plan = plan_training(loaded, stage, world_size(loaded), resume=resume, check_tracking=not startable,
+                             apply_changes=apply_param_changes)
     except TrainPlanError as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers
@@ -145,13 +151,14 @@ def train(
 
     if dry_run:  # stdout: the plan and DeepSpeed config as JSON (YAML too); the prose to stderr
         typer.echo(plan.describe(), err=True)
-        typer.echo("command: " + " ".join(torchrun_command(path.resolve(), stage, plan.world_size, resume)), err=True)
+        typer.echo("command: " + " ".join(torchrun_command(path.resolve(), stage, plan.world_size, resume,
+                                                           apply_changes=apply_param_changes)), err=True)
         typer.echo(dump_plan(plan, deepspeed_config(plan, loaded, bf16=_has_gpu())))
         return
     from kaleido.platform.files import exclusive_output
 
     with exclusive_output(Path(plan.output), "kaleido train"):  # two runs into one stage folder mix checkpoints
-        result = launch_local(path, stage, plan.world_size, resume)
+        result = launch_local(path, stage, plan.world_size, resume, apply_changes=apply_param_changes)
     if result.operator_error:  # a full disk, the MLflow server gone, a truncated file: the rank's own line, exit 2
         fail(result.operator_error)
     if result.returncode:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 RopeVariant = Literal[
     "none",
@@ -44,9 +44,38 @@ class ParamsError(ValueError):
     """params.yaml is missing or invalid; the message names the key, the value and what is allowed."""
 
 
+def _mentions(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's type (with its Optional / list / tuple / dict arguments) names one of `kinds`."""
+    if annotation in kinds:
+        return True
+    return any(_mentions(arg, kinds) for arg in getattr(annotation, "__args__", ()) if arg is not Ellipsis)
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_holds_bool(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_bool(item) for item in value.values())
+    return False
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: a `.nan` or `.inf` in params.yaml (or an override) is an error, not a silent value
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Strict numbers: pydantic's lax mode reads `true` as 1 (bool is an int in Python), so `micro_batch: true`
+        would train with micro-batch 1. A bool is refused wherever the field is a number and not also a bool."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None or not _holds_bool(value):
+            return value
+        if _mentions(field.annotation, (int, float)) and not _mentions(field.annotation, (bool,)):
+            raise ValueError(f"{value!r} holds true/false where a number belongs (true is not 1 here); write a number")
+        return value
 
 
 # A noise seed: 0 .. 2^63 - 1 (what torch.Generator.manual_seed takes); generate.seed may also be -1 = random.
@@ -693,9 +722,38 @@ class GateConfig(_Section):
 
 
 class ServeConfig(_Section):
-    # How registered versions are served (kaleido/serving.py): `mlflow models serve`, pyfunc, kaleido generate.
+    # How registered versions are served (kaleido/serving.py, kaleido/serve_app.py): `kaleido serve`, pyfunc,
+    # `kaleido generate`, the `kaleido/generate` deployment. The request limits (kaleido/request_limits.py) are one
+    # cost model for all of them, checked before any model work.
     allow_remote_references: bool = Field(
         False, description="let requests name references by http(s) URL (the server fetches them); off: base64 only",
+    )
+    max_tokens: int = Field(
+        90_000, ge=1, description="latent tokens per denoising step (video + references; one token = 4 frames x "
+        "16 x 16 pixels): bounds memory. Shipped 720x1280x81 with 3 references: 86,400",
+    )
+    max_token_steps: int = Field(
+        10_000_000, ge=1, description="tokens x steps x CFG branches (2 when guidance_scale != 1): bounds time. "
+        "Shipped 720x1280x81, 3 references, 50 steps, CFG: 8,640,000",
+    )
+    max_prompt_chars: int = Field(
+        10_000, ge=1, description="characters of the prompt and of the negative prompt (past model.text_len tokens "
+        "the text encoder cuts them, with a warning)")
+    max_image_bytes: int = Field(20_000_000, ge=1, description="bytes of one reference image file, as sent")
+    max_request_bytes: int = Field(100_000_000, ge=1024, description="bytes of one HTTP request body (kaleido serve)")
+    concurrency: int = Field(
+        1, ge=1, le=64, description="generations one server runs at once; more are refused (503 + Retry-After), "
+        "never queued",
+    )
+    retry_after_s: int = Field(30, ge=1, description="the Retry-After a busy server answers with")
+    timeout_s: float = Field(
+        900.0, gt=0, description="seconds a served request may run; then it is answered 504 and its generation stops "
+        "at the next denoising step (so does one whose client went away)",
+    )
+    reference_roots: list[Path] = Field(
+        default_factory=lambda: [Path("artifacts/samples"), Path("artifacts/uploads")],
+        description="folders (relative to the checkout) whose files the kaleido/generate deployment may read as "
+        "references; anything else is sent as base64 / a data URI",
     )
 
 
@@ -799,7 +857,7 @@ def _describe_error(error: dict[str, Any], source: str) -> str:
         return f"{source}: unknown key '{key}' (value {error['input']!r}); remove it or fix its spelling"
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
-    return f"{source}: {key}{shown}: {error['msg']}"
+    return f"{source}: {key}{shown}: {str(error['msg']).removeprefix('Value error, ')}"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

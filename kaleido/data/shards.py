@@ -277,10 +277,14 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
     return ShardOutcome(spec.name, "done", content_hash=content, summary=summary)
 
 
-def _worker_init(threads: int) -> None:
-    # N workers on N cores: one intra-op thread each, unless the user set the thread count.
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, str(threads))
+def _execute_pinned(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir: Path,
+                    expected: str) -> ShardOutcome:
+    """`_execute` with the one thread set-up of every executor (kaleido.platform.workers.pinned_threads): the
+    local pool, this process and Ray run a shard alike, so its bytes do not depend on which one ran it."""
+    from kaleido.platform.workers import pinned_threads
+
+    with pinned_threads():
+        return _execute(stage, spec, fn, params, stage_dir, expected)
 
 
 def _progress(total: int, stage: str, unit: str, enabled: bool) -> Any:
@@ -375,7 +379,7 @@ def _run_pending(
             _run_ray(stage_name, pending, fn, cfg, stage_dir, finished)
         elif cfg.data.workers == 1 or len(pending) == 1:
             for spec, expected in pending:
-                finished(spec, _execute(stage_name, spec, fn, cfg, stage_dir, expected))
+                finished(spec, _execute_pinned(stage_name, spec, fn, cfg, stage_dir, expected))
         else:
             _run_pool(stage_name, pending, fn, cfg, stage_dir, finished)
     finally:
@@ -392,11 +396,11 @@ def _run_pool(
     finished: Callable[[ShardSpec, ShardOutcome], None],
 ) -> None:
     workers = min(cfg.data.workers, len(pending))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures: dict[Future[ShardOutcome], ShardSpec] = {
-            pool.submit(_execute, stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending
+            pool.submit(_execute_pinned, stage, spec, fn, cfg, stage_dir, expected): spec
+            for spec, expected in pending
         }
         waiting: Iterable[Future[ShardOutcome]] = set(futures)
         while waiting:
@@ -427,7 +431,7 @@ def _run_ray(
             ray.init(num_cpus=cfg.data.workers, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=cfg.data.ray_address, log_to_driver=False)
-    remote = ray.remote(num_cpus=1, max_retries=0)(_execute)
+    remote = ray.remote(num_cpus=1, max_retries=0)(_execute_pinned)
     refs = {remote.remote(stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending}
     waiting = list(refs)
     while waiting:

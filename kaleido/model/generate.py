@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +78,11 @@ def validate_request(
 
 class NumericalError(RuntimeError):
     """Generation produced NaN or Inf values; the message names where, the dtype and the fix."""
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller's `cancel` check said stop (a served request timed out or its client left); the message says
+    after how many denoising steps."""
 
 
 @dataclass(frozen=True)
@@ -438,6 +443,7 @@ class S2VPipeline:
         progress: bool = True,
         warn_truncation: bool = True,
         output_type: str = "frames",
+        cancel: Callable[[], bool] | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Generate a video; returns uint8 frames [frames, height, width, 3].
 
@@ -445,6 +451,8 @@ class S2VPipeline:
         than `text_len` tokens is truncated with a warning (unless the caller checked it: warn_truncation=False).
         NumericalError when the latents or the decoded frames hold NaN/Inf (e.g. a float16 model overflowing).
         output_type "latents" returns the final normalised latents [1, 16, F, h, w] (float32) without decoding.
+        `cancel` is asked before the encoders, before every denoising step and before the decode; when it returns
+        True the generation stops there (GenerationCancelled): a timed-out request frees its memory within a step.
         """
         if output_type not in ("frames", "latents"):
             raise ValueError(f"output_type={output_type!r}: use 'frames' or 'latents'")
@@ -463,6 +471,11 @@ class S2VPipeline:
                 if truncation is not None:
                     log.warning(truncation.message(what))
 
+        def stop_if_asked(done: int) -> None:
+            if cancel is not None and cancel():
+                raise GenerationCancelled(f"generation stopped after {done} of {steps} denoising steps (cancelled)")
+
+        stop_if_asked(0)
         inputs = _Branches(
             context=self.encode_prompts(prompt, negative_prompt, cfg),
             reference_latents=self.encode_references(images, height, width),
@@ -471,9 +484,10 @@ class S2VPipeline:
             self._park(self.text_encoder, self.vae)
 
         latents = self._denoise(inputs, (frames, height, width), steps, guidance_scale, cfg, shift, sampler, seed,
-                                progress)
+                                progress, stop_if_asked)
         if output_type == "latents":
             return latents.float()
+        stop_if_asked(steps)
         if self.release_encoders:
             self.vae.to_device(self.device)
         return self._decode(latents)
@@ -526,8 +540,10 @@ class S2VPipeline:
                              False).float()
 
     def _denoise(self, inputs: _Branches, size: tuple[int, int, int], steps: int, guidance_scale: float, cfg: bool,
-                 shift: float, sampler: str, seed: int, progress: bool) -> torch.Tensor:
-        """The sampling loop: seeded noise [1, 16, F, h, w] -> final latents."""
+                 shift: float, sampler: str, seed: int, progress: bool,
+                 stop_if_asked: Callable[[int], None] = lambda done: None) -> torch.Tensor:
+        """The sampling loop: seeded noise [1, 16, F, h, w] -> final latents. `stop_if_asked(steps done)` runs
+        before every step (a cancelled request raises there)."""
         from kaleido.platform.progress import track
 
         scheduler = make_scheduler(sampler, shift, steps, self.device)
@@ -539,6 +555,7 @@ class S2VPipeline:
         for step, t in enumerate(
             track(scheduler.timesteps, "generate: sampling", unit="step", enabled=progress), start=1
         ):
+            stop_if_asked(step - 1)
             # timesteps are sigma * 1000 (UniPC rounds them to integers); the DiT takes that scale
             timestep = t.to(device=self.device, dtype=torch.float32).reshape(1)
             velocity = self._velocity(latents, timestep, inputs, guidance_scale, cfg)
