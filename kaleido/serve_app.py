@@ -245,6 +245,11 @@ def build_app(model_uri: str, params: Any) -> Any:
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(int(serve.timeout_s) + 24 * 3600)
     model = mlflow.pyfunc.load_model(model_uri)
     python_model = model.unwrap_python_model()
+    if not isinstance(getattr(python_model, "config", None), dict):
+        from kaleido.serving import ServingError
+
+        raise ServingError(f"{model_uri} is an MLflow Model but not a Kaleido version ({type(python_model).__name__} "
+                           "has no model config); serve a version registered by `kaleido register` or the flow")
     limits = Limits.from_params(params)
     python_model.config["limits"] = limits.to_config()  # pyfunc's predict checks the same limits
     return Bounded(scoring_server.init(model), model, python_model.config, limits, concurrency=serve.concurrency,

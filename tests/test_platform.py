@@ -261,6 +261,7 @@ def test_platform_run_stops_only_the_services_it_started(tmp_path: Path, monkeyp
         platform = Platform(tmp_path, state, "http://127.0.0.1:1", "http://127.0.0.1:1/api", "local")
         monkeypatch.setattr(platform, "services", lambda: [users, server, worker])
         monkeypatch.setattr(platform, "prefect", lambda *args, **kw: subprocess.CompletedProcess(args, 0, "", ""))
+        monkeypatch.setattr(platform, "mark_crashed_runs", lambda: [])  # no Prefect API behind these stand-ins
 
         def deploy() -> None:
             assert server.pid() and worker.pid()  # started by the run
