@@ -212,13 +212,22 @@ class ModelRegistry:
         # cut short (a killed registration) is completed before any version points at it.
         path = f"{artifact_path}-{content[:16]}"
         wanted = file_sizes(checkpoint_dir)
-        if self._uploaded_sizes(run_id, path) != wanted:
+        uploaded = self._uploaded_sizes(run_id, path)
+        for attempt in range(3):  # a racing registration of the same run may be writing the same files right now
+            if uploaded == wanted:
+                break
+            if attempt:
+                time.sleep(2.0 * attempt)
             self.client.log_artifacts(run_id, str(checkpoint_dir), artifact_path=path)
             uploaded = self._uploaded_sizes(run_id, path)
+        else:
             if uploaded != wanted:
+                wrong = sorted(name for name in wanted if uploaded.get(name) != wanted[name])
                 raise RegistryError(
-                    f"uploading {checkpoint_dir} to run {run_id}/{path} left {len(uploaded)} of {len(wanted)} files "
-                    "at their sizes; no version was created. Check the artifact store's free space and register again"
+                    f"uploading {checkpoint_dir} to run {run_id}/{path} left {len(wanted) - len(wrong)} of "
+                    f"{len(wanted)} files at their sizes ({', '.join(wrong[:3])}: "
+                    f"{[uploaded.get(n) for n in wrong[:3]]} bytes, {[wanted[n] for n in wrong[:3]]} written); no "
+                    "version was created. Check the artifact store's free space and register again"
                 )
         for file in lineage_files:  # once per run: a second registration of the run returned above
             self.client.log_artifact(run_id, str(file), artifact_path="lineage")

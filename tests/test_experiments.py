@@ -65,7 +65,7 @@ def test_a_saved_run_is_an_experiment_row_with_the_documented_columns(tmp_path: 
     from kaleido.platform.experiments import experiment_name, identity_env, save_command
 
     dvc = str(Path(sys.executable).with_name("dvc"))
-    params = {"data": {"seed": 1, "shard_size": 8}, "train": {"lr": 0.001, "steps": 3}}
+    params = {"data": {"seed": 1, "shards": 8}, "train": {"lr": 0.001, "steps": 3}}
     repo = _repo(tmp_path, params)
     subprocess.run([dvc, "init", "-q"], cwd=repo, check=True)
     metrics = repo / "runs/train/pretrain/metrics.json"

@@ -44,22 +44,28 @@ from kaleido.data.pipeline import run_ingest
 
 root = Path(sys.argv[1]) / "data"
 (root / "raw").mkdir(parents=True)
-shutil.copy(sys.argv[2], root / "raw" / "bikes.mp4")
-report = run_ingest(make_data_params(root, {"data.shard_size": 1, "data.workers": int(sys.argv[4])}), progress=False)
+for video in sys.argv[2].split(","):
+    shutil.copy(video, root / "raw" / Path(video).name)
+# 8 work shards: the two sources land in shards 6 and 4, so the pool of 2 really runs two processes
+report = run_ingest(make_data_params(root, {"data.shards": 8, "data.dataset_shards": 1,
+                                            "data.workers": int(sys.argv[4])}), progress=False)
+assert len(report.result.outcomes) == 2, [o.name for o in report.result.outcomes]
 print(json.dumps([o.content_hash for o in report.result.outcomes]))
 """
 
 
 @pytest.mark.slow
 def test_one_ingest_gives_the_same_bytes_with_any_thread_count_and_executor(tmp_path, sample_videos):
-    """bikes.mp4 (6 shots, 5 clips) ingested in this process's executor (one worker) with 1 and 2 threads, and by a
-    local pool of 2 processes: the same shard content hash. Before: x264's macroblock-tree rate control made small
-    encodes differ from run to run, which looked like a difference between Ray and local workers."""
+    """bikes.mp4 (6 shots, 5 clips) and bigbuckbunny.mp4 (one shot), two shards, ingested in this process's
+    executor (one worker) with 1 and 2 threads, and by a local pool of 2 processes: the same shard content hashes.
+    Before: x264's macroblock-tree rate control made small encodes differ from run to run, which looked like a
+    difference between Ray and local workers."""
     hashes = {}
     for name, threads, workers in [("in-process, 1 thread", 1, 1), ("in-process, 2 threads", 2, 1),
                                    ("pool of 2, 2 threads", 2, 2)]:
         out = tmp_path / name.replace(" ", "_").replace(",", "")
-        result = subprocess.run([sys.executable, "-c", _INGEST, str(out), str(sample_videos["bikes"]),
+        videos = f"{sample_videos['bikes']},{sample_videos['bigbuckbunny']}"
+        result = subprocess.run([sys.executable, "-c", _INGEST, str(out), videos,
                                  str(REPO / "tests"), str(workers)], env=_threads(threads), capture_output=True,
                                 text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
