@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RopeVariant = Literal[
     "none",
@@ -291,6 +291,22 @@ class ValidationSplitConfig(_Section):
     )
 
 
+class CurationClusterConfig(_Section):
+    # What curation's model stages run on: `kaleido curate --plan` plans for it; every launch checks its plan.
+    gpus: int | Literal["auto"] = Field(
+        "auto", description="GPUs curation gets: auto = the visible ones (local) or the Ray cluster's; a number "
+        "plans for a cluster from any machine (prod: the RayCluster's GPU workers x GPUs each)",
+    )
+    gpu_memory_gb: float = Field(80.0, gt=0, description="one GPU's memory (H100: 80)")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("gpus must be >= 0 or 'auto'")
+        return value
+
+
 class DataConfig(_Section):
     root: Path = Path("data")
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -305,6 +321,7 @@ class DataConfig(_Section):
     filters: FilterConfig = FilterConfig()
     references: ReferenceConfig = ReferenceConfig()
     validation: ValidationSplitConfig = ValidationSplitConfig()
+    cluster: CurationClusterConfig = CurationClusterConfig()
 
 
 class TrainValidationConfig(_Section):
