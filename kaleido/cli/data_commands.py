@@ -33,6 +33,14 @@ def _run(stage: Callable[..., Any], params: Path | None, overrides: dict[str, An
                 setattr(loaded.data if not section else getattr(loaded.data, section), leaf, value)
             except ValueError as exc:
                 fail(f"data.{key} = {value!r}: {exc}")
+    from kaleido.data.ray_jobs import RayJobFailed, main_argv, should_submit, submit_and_follow
+
+    if should_submit(loaded):  # data.ray_submit: this command runs as a Ray job on the cluster, its log here
+        try:
+            submit_and_follow(loaded, main_argv())
+        except (RayJobFailed, ConnectionError) as exc:
+            fail(str(exc))
+        return
     try:
         report = stage(loaded, **kwargs)
     except StageFailed as exc:

@@ -312,7 +312,14 @@ class DataConfig(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     workers: int = Field(2, ge=1, description="parallel shard workers (local processes)")
     shard_size: int = Field(8, ge=1, description="clips (or source videos, for ingest) per work shard")
-    ray_address: str | None = Field(None, description="run shards on Ray at this address ('local' starts one)")
+    ray_address: str | None = Field(
+        None, description="run shards on Ray at this address: 'local' starts one on loopback, 'auto' joins the "
+        "cluster this process runs in (a Ray job), host:port or ray://host:10001 a running cluster",
+    )
+    ray_submit: str | None = Field(
+        None, description="a Ray cluster's job API (http://head:8265): the data commands submit themselves there as "
+        "Ray jobs and stream their logs (kaleido.data.ray_jobs); null: they run here",
+    )
     samples_per_tar: int = Field(1000, ge=1, description="training samples per webdataset tar shard")
     ingest: IngestConfig = IngestConfig()
     caption: CaptionConfig = CaptionConfig()

@@ -31,6 +31,7 @@ from kaleido.data.paths import (
     resolve_inside,
     safe_name,
 )
+from kaleido.data.plan import launch_devices
 from kaleido.data.records import (
     ClipRecord,
     Instance,
@@ -262,10 +263,12 @@ def run_caption(
         taxonomy = params.resolve(cfg.taxonomy)
         if taxonomy is not None:  # the terms are part of the result: a changed taxonomy redoes the stage
             fingerprint["taxonomy_text"] = taxonomy.read_text(encoding="utf-8")
+        gpus = launch_devices(params, "kaleido caption") if cfg.captioner == "vlm" else ()
         begin()
         specs = make_shards([clip.clip_id for clip in clips], params.data.shard_size, payload)
         result = run_shards(
-            "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip"
+            "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip",
+            gpus=gpus,
         )
         _, captioned, rejected = _merge_and_seal(root, layout, "caption", result, "clips.jsonl",
                                                  layout.captions_manifest, rejections)
@@ -430,10 +433,12 @@ def run_curation(
             "filters": data.filters.model_dump(mode="json"),
             "references": data.references.model_dump(mode="json"),
         }
+        gpus = launch_devices(params, "kaleido curate")  # refused here when the plan does not fit its GPUs
         begin()
         specs = make_shards([clip.clip_id for clip in usable], data.shard_size, payload)
         result = run_shards(
-            "curate", specs, curate_shard, params, fingerprint=fingerprint, progress=progress, unit="clip"
+            "curate", specs, curate_shard, params, fingerprint=fingerprint, progress=progress, unit="clip",
+            gpus=gpus,
         )
         result.raise_for_failures()
         dirs = result.shard_dirs()

@@ -391,3 +391,20 @@ def measured_cpu_seconds(path: str | os.PathLike[str] | None = None) -> float | 
         return float(sum(float(row["cpu_s_per_clip"]) for row in stages.values()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def launch_devices(params: Params, stage: str) -> tuple[str, ...]:
+    """Check a model stage's plan against what this launch gets and return the GPU ids for its local workers.
+
+    Local workers on GPUs: the visible ids (one worker each, kaleido.data.shards.run_shards). On Ray the cluster
+    places its own actors (its GPU total is checked); on the CPU: (). Raises CurationPlanError.
+    """
+    if params.data.ray_address:
+        from kaleido.data.ray_cluster import cluster_gpus
+
+        # an autoscaling cluster may hold no GPU node yet: data.cluster.gpus says what it grows to
+        configured = params.data.cluster.gpus
+        check_launch(params, stage=stage, gpus=configured if isinstance(configured, int) else cluster_gpus(params))
+        return ()
+    plan = check_launch(params, stage=stage)
+    return () if plan.layout == "cpu" else tuple(visible_gpus())

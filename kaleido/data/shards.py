@@ -252,10 +252,12 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
     return ShardOutcome(spec.name, "done", content_hash=content, summary=summary)
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, gpus: Any = None) -> None:
     # N workers on N cores: one intra-op thread each, unless the user set the thread count.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(name, str(threads))
+    if gpus is not None:  # one GPU per worker: it sees only its own (before anything initialises CUDA)
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get(timeout=60)
 
 
 def _progress(total: int, stage: str, unit: str, enabled: bool) -> Any:
@@ -273,11 +275,14 @@ def run_shards(
     fingerprint: Any = None,
     progress: bool = True,
     unit: str = "item",
+    gpus: Sequence[str] = (),
 ) -> StageResult:
     """Run `fn` over every shard not already finished; see the module docstring.
 
     `fingerprint`: anything JSON-able that, when changed, must redo every shard (the stage's
     params, model paths). `fn` must be a module-level function (it is pickled by name).
+    `gpus`: GPU ids for a model stage's local workers: one worker per GPU, each seeing only its own through
+    CUDA_VISIBLE_DEVICES (at most len(gpus) workers). Empty: CPU work, or Ray (which places its own).
     """
     root = cfg.resolve(cfg.data.root)
     assert root is not None
@@ -292,7 +297,7 @@ def run_shards(
         for orphan in stage_dir.glob("shard-*"):
             if orphan.name not in names:  # left by a run with another shard size: not part of this output
                 remove_inside(root, orphan)
-        return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit)
+        return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit, tuple(gpus))
 
 
 def _run_pending(
@@ -304,6 +309,7 @@ def _run_pending(
     fingerprint: Any,
     progress: bool,
     unit: str,
+    gpus: tuple[str, ...] = (),
 ) -> StageResult:
     """Skip the shards whose marker matches and whose files are intact; run the others."""
     import logging
@@ -340,7 +346,7 @@ def _run_pending(
             for spec, expected in pending:
                 finished(spec, _execute(stage_name, spec, fn, cfg, stage_dir, expected))
         else:
-            _run_pool(stage_name, pending, fn, cfg, stage_dir, finished)
+            _run_pool(stage_name, pending, fn, cfg, stage_dir, finished, gpus)
     finally:
         bar.close()
     return StageResult(stage_name, stage_dir, [outcomes[spec.name] for spec in shard_specs])
@@ -353,11 +359,18 @@ def _run_pool(
     cfg: Params,
     stage_dir: Path,
     finished: Callable[[ShardSpec, ShardOutcome], None],
+    gpus: tuple[str, ...] = (),
 ) -> None:
-    workers = min(cfg.data.workers, len(pending))
+    workers = min(cfg.data.workers, len(pending), len(gpus) or cfg.data.workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+    devices = None
+    if gpus:
+        devices = context.Queue()
+        for gpu in gpus[:workers]:
+            devices.put(gpu)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(threads, devices)) as pool:
         futures: dict[Future[ShardOutcome], ShardSpec] = {
             pool.submit(_execute, stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending
         }
@@ -383,13 +396,9 @@ def _run_ray(
     stage_dir: Path,
     finished: Callable[[ShardSpec, ShardOutcome], None],
 ) -> None:
-    import ray
+    from kaleido.data.ray_cluster import connect
 
-    if not ray.is_initialized():
-        if cfg.data.ray_address == "local":
-            ray.init(num_cpus=cfg.data.workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=cfg.data.ray_address, log_to_driver=False)
+    ray = connect(cfg)
     remote = ray.remote(num_cpus=1, max_retries=0)(_execute)
     refs = {remote.remote(stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending}
     waiting = list(refs)
