@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,20 +42,65 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def run_command(args: list[str], repo: Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
-    """Run a CLI in the repository, its output into the task log; raise StepFailed on an unexpected exit code."""
+def stream_command(
+    args: list[str], cwd: Path, on_line: Callable[[str, str], None], env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run `args`, handing each line of its stdout and stderr to `on_line(stream, line)` AS IT COMES (a long DVC
+    stage's progress reaches the log while the stage runs, not when it ends). Returns (exit code, stdout, the
+    last 400 lines of both streams in order)."""
+    import queue
+    import threading
+    from collections import deque
+
+    environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               bufsize=1, env=environment, errors="replace")  # fmt: skip
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+
+    def pump(name: str, stream: Any) -> None:
+        for line in stream:
+            lines.put((name, line.rstrip("\n")))
+        lines.put((name, None))
+
+    readers = [threading.Thread(target=pump, args=(name, stream), daemon=True)
+               for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]  # fmt: skip
+    for reader in readers:
+        reader.start()
+    stdout: list[str] = []
+    tail: deque[str] = deque(maxlen=400)
+    open_streams = len(readers)
+    while open_streams:
+        name, line = lines.get()
+        if line is None:
+            open_streams -= 1
+            continue
+        if name == "stdout":
+            stdout.append(line)
+        tail.append(line)
+        on_line(name, line)
+    code = process.wait()
+    return code, "\n".join(stdout) + ("\n" if stdout else ""), "\n".join(tail)
+
+
+def run_command(args: list[str], repo: Path, ok: tuple[int, ...] = (0,),
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a CLI in the repository, each output line into the task log as it comes (progress lines included: see
+    kaleido.platform.progress); raise StepFailed on an unexpected exit code."""
     logger = get_run_logger()
     logger.info("$ %s", " ".join(args))
-    result = subprocess.run(args, cwd=repo, capture_output=True, text=True)
-    output = (result.stdout + result.stderr).strip()
-    if output:
-        logger.info(output[-8000:])
-    for line in output.splitlines():  # the library's warnings (truncated prompts, adapted images) stand out
-        if line.startswith("warning: "):
+
+    def log_line(stream: str, line: str) -> None:
+        if not line.strip():
+            return
+        if line.startswith("warning: "):  # the library's warnings (truncated prompts, adapted images) stand out
             logger.warning(line.removeprefix("warning: "))
-    if result.returncode not in ok:
-        raise StepFailed(f"`{' '.join(args)}` exited with {result.returncode}:\n{output[-3000:]}")
-    return result
+        else:
+            logger.info(line)
+
+    code, stdout, output = stream_command(args, repo, log_line, env)
+    if code not in ok:
+        raise StepFailed(f"`{' '.join(args)}` exited with {code}:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(args, code, stdout, "")
 
 
 def last_json(text: str) -> dict[str, Any]:
@@ -171,12 +217,31 @@ def register(tracking_uri: str, model_name: str, run_id: str, export: str, data_
     return version
 
 
+@task(name="save-experiment")
+def save_experiment(repo: Path, model_name: str, version: str) -> str | None:
+    """The run as DVC experiment `<model>-v<N>` (kaleido.platform.experiments: a row of `dvc exp show` with its params,
+    dvc.lock and metrics; the branch and the workspace untouched). Outside git, or when DVC refuses, a warning."""
+    from kaleido.platform.experiments import experiment_name, identity_env, save_command
+
+    logger = get_run_logger()
+    if not (repo / ".git").exists():
+        logger.warning("%s is not a git checkout: no DVC experiment row for this run", repo)
+        return None
+    name = experiment_name(model_name, version)
+    try:
+        run_command(save_command(_bin("dvc"), repo, name, (DATA_STAGE, TRAIN_STAGE)), repo, env=identity_env(repo))
+    except StepFailed as exc:  # a record for `dvc exp show`, not the model: the run goes on
+        logger.warning("dvc exp save failed; `dvc exp show` will not list this run: %s", exc)
+        return None
+    return name
+
+
 @task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=CACHED, persist_result=True)
 def evaluate(repo: Path, tracking_uri: str, model_name: str, version: str) -> dict[str, Any]:
     """`kaleido evaluate` on the registered version (per-case results resume inside the output folder)."""
     out = repo / "runs/eval" / f"{model_name}-v{version}"
     result = run_command(
-        [_bin("kaleido"), "evaluate", "--model", f"models:/{model_name}/{version}", "--out", str(out), "--quiet"], repo
+        [_bin("kaleido"), "evaluate", "--model", f"models:/{model_name}/{version}", "--out", str(out)], repo
     )
     summary = last_json(result.stdout)
     overall = summary.get("overall") or {}
@@ -274,6 +339,11 @@ def kaleido_flow(part: Part = "full", repo: str | None = None, version: str | No
 
     uri, name = params.platform.mlflow_tracking_uri, params.platform.registered_model
     result: dict[str, Any] = {"repo": str(root), "part": part}
+    from kaleido.platform.experiments import drift_warning
+
+    drift = drift_warning(root)  # a `dvc exp run` left its params in the workspace: said, not done silently
+    if drift:
+        get_run_logger().warning(drift)
     if part in ("full", "curate", "train"):
         result["stats"] = curate(root)
         result["data_version"] = version_data(root)
@@ -285,6 +355,7 @@ def kaleido_flow(part: Part = "full", repo: str | None = None, version: str | No
         version = register(uri, name, metrics["mlflow_run_id"], export, result["data_version"],
                            trained or params_hash(params), str(root / "dvc.lock"))
         result["version"] = version
+        result["experiment"] = save_experiment(root, name, version)
     if part in ("full", "evaluate"):
         version = version or _latest_version(uri, name)
         result["version"] = version

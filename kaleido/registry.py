@@ -112,6 +112,28 @@ class Lineage:
         return tags
 
 
+def version_description(tags: dict[str, str]) -> str:
+    """The model version's description (Markdown, shown on its MLflow UI page): the lineage and the gate's verdict
+    with its reasons, from the version's tags (the tags stay the machine-readable record)."""
+    lineage = [("data (DVC hash of data/dataset)", "lineage.dvc_data_hash"), ("git revision", "lineage.git_revision"),
+               ("params hash", "lineage.params_hash"), ("training run", "lineage.training_run_id"),
+               ("kind", "lineage.kind"), ("base model", "lineage.base_model"), ("content sha256", CONTENT_TAG)]
+    lines = ["### Lineage", "", "| | |", "|---|---|"]
+    lines += [f"| {title} | `{tags[key]}` |" for title, key in lineage if tags.get(key)]
+    if tags.get("lineage.training_run_id"):
+        lines.append(f"| dvc.lock | `runs:/{tags['lineage.training_run_id']}/lineage/dvc.lock` |")
+    decision = tags.get(GATE_TAG)
+    lines += ["", f"### Gate: {decision.upper() if decision else 'not gated yet'}"]
+    if decision:
+        try:
+            reasons = json.loads(tags.get(GATE_REASONS_TAG) or "{}")
+        except ValueError:
+            reasons = {"reasons": tags.get(GATE_REASONS_TAG, "")}
+        lines += ["", "| metric | verdict |", "|---|---|"]
+        lines += [f"| {metric} | {str(reason).replace('|', '/')} |" for metric, reason in sorted(reasons.items())]
+    return "\n".join(lines) + "\n"
+
+
 def git_revision(repo: Path | None = None) -> str:
     """HEAD's commit (with `-dirty` when the tree has changes); outside git (a flow-run pod's workspace) the image's
     revision from $KALEIDO_GIT_REVISION (a Dockerfile build argument), else `unknown`."""
@@ -202,7 +224,8 @@ class ModelRegistry:
             existing = self._run_version(run_id, content)  # a racing registration of the same run got there first
             if existing is not None:
                 return existing
-            version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
+            version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags,
+                                                       description=version_description(tags))
         return str(version.version)
 
     def _uploaded_sizes(self, run_id: str, path: str) -> dict[str, int]:
@@ -292,6 +315,9 @@ class ModelRegistry:
             self.client.set_model_version_tag(
                 self.name, version, GATE_REASONS_TAG, json.dumps(reasons, sort_keys=True)
             )
+            # the UI's version page shows the description, not every tag: the verdict and reasons go there too
+            self.client.update_model_version(self.name, version,
+                                             description=version_description(self.version_tags(version)))
             if passed or self.alias_version(CHAMPION) != version:
                 return None
             try:

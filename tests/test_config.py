@@ -84,3 +84,54 @@ def test_params_hash_tracks_every_knob(tmp_path):
     path = _write(tmp_path, {})
     assert params_hash(load_params(path)) == params_hash(load_params(path))
     assert params_hash(load_params(path)) != params_hash(load_params(path, {"model.rope.offset": 81}))
+
+
+def test_every_command_takes_set_overrides_checked_by_the_schema(tmp_path):
+    """`-S KEY=VALUE` (DVC's and Hydra's habit) anywhere on a `kaleido` command line, values as YAML, each key and
+    value validated like params.yaml; the file itself is not changed."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    path = _write(tmp_path, yaml.safe_load((REPO / "params.yaml").read_text()))
+    runner = CliRunner()
+    result = runner.invoke(app, ["params", "--json", "-S", "generate.steps=4", "--params", str(path),
+                                 "--set=model.rope.variant=shift_h", "-S", "train.buckets=[[32, 48]]"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown["generate"]["steps"] == 4 and shown["model"]["rope"]["variant"] == "shift_h"
+    assert shown["train"]["buckets"] == [[32, 48]]
+    assert yaml.safe_load(path.read_text())["generate"]["steps"] != 4
+    for bad, words in ((["-S", "generate.stpes=4"], "unknown key 'generate.stpes'"),
+                       (["-S", "generate.steps=-3"], "generate.steps"),
+                       (["-S", "generate.steps"], "expected KEY=VALUE")):
+        result = runner.invoke(app, ["params", "--params", str(path), *bad])
+        assert result.exit_code == 2 and words in result.output, result.output
+    # the next command starts without the previous one's items
+    result = runner.invoke(app, ["params", "--json", "--params", str(path)])
+    assert json.loads(result.stdout)["generate"]["steps"] != 4
+
+
+def test_plan_for_the_cluster_from_a_cpu_machine(tmp_path):
+    """`kaleido train --plan --device gpu --gpus 16` on a machine without a GPU: the bf16 per-GPU plan of the shipped
+    14B job against train.gpu_memory_gb, not this machine's fp32 CPU plan."""
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    path = _write(tmp_path, yaml.safe_load((REPO / "params.yaml").read_text()))
+    shipped = ["-S", "model.arch=14B", "-S", "model.checkpoint=/cluster/wan2.1-14b", "-S", "train.frames=81",
+               "-S", "train.buckets=[[480, 832]]", "-S", "train.pretrain.global_batch=256"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--stage", "pretrain", "--plan", "--params", str(path), "--device", "gpu",
+                                 "--gpus", "16", *shipped])
+    assert result.exit_code == 0, result.output
+    assert "world size 16 (--gpus)" in result.output and "memory per rank (bf16" in result.output
+    assert "budget train.gpu_memory_gb" in result.output and "plan: fits" in result.output
+    cpu = runner.invoke(app, ["train", "--stage", "pretrain", "--plan", "--params", str(path), "--device", "cpu",
+                              "--gpus", "16", *shipped])
+    assert cpu.exit_code == 0 and "memory per rank (fp32" in cpu.output and "plan: ok (fp32 on a CPU" in cpu.output
+    refused = runner.invoke(app, ["train", "--stage", "pretrain", "--params", str(path), "--gpus", "16"])
+    assert refused.exit_code == 2 and "add --plan" in refused.output

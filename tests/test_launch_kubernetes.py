@@ -460,3 +460,20 @@ def test_the_flow_role_grants_exactly_the_launchers_calls(params_file: Path, clu
                for resource in rule["resources"] for verb in rule["verbs"]}  # fmt: skip
     assert calls == granted
     assert ("delete", "", "services") not in calls and ("delete", "", "configmaps") not in calls
+
+
+def test_cli_dry_run_stdout_is_only_the_manifests(params_file: Path) -> None:
+    """`kaleido train --dry-run > job.yaml && kubectl apply -f job.yaml`: stdout parses as YAML (DeepSpeed's
+    accelerator warning and every note go to stderr), and -S overrides reach the ConfigMap the pods read."""
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).with_name("kaleido")), "train", "--stage", "pretrain", "--dry-run",
+               "--params", str(params_file), "-S", "train.launcher=kubernetes", "-S", "train.pretrain.global_batch=32"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=params_file.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Job"], result.stdout[:500]
+    shipped = yaml.safe_load(docs[0]["data"]["params.yaml"])
+    assert shipped["train"]["launcher"] == "kubernetes" and shipped["train"]["pretrain"]["global_batch"] == 32
+    assert yaml.safe_load(params_file.read_text())["train"]["launcher"] == "local"  # the user's file is untouched

@@ -231,3 +231,89 @@ def test_lora_scale_without_an_adapter_is_refused_before_loading(tmp_path, tiny_
     result = CliRunner().invoke(app, ["generate", "--prompt", "a cat", "--out", str(tmp_path / "v.mp4"),
                                       "--lora-scale", "0.5", "--params", str(params)])
     assert result.exit_code == 2 and "--lora-scale scales an adapter: give --lora" in result.output, result.output
+
+
+# ---- adapters as other trainers write them ---------------------------------------------------------------------
+
+
+def _model_with_patterns(base: KaleidoDiT):
+    """A LoRA with its own rank on one module and its own alpha on two others (peft rank_pattern / alpha_pattern)."""
+    from peft import inject_adapter_in_model
+
+    ranks = {"blocks.1.ffn.0": 2, "blocks.0.cross_attn.k": 6}
+    alphas = {"blocks.0.self_attn.q": 3.0, "blocks.1.ffn.0": 1.0}
+    config = lora.lora_config(RANK, ALPHA, LORA_TARGETS, rank_pattern=ranks, alpha_pattern=alphas)
+    model = inject_adapter_in_model(config, fresh(base))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval(), config, ranks, alphas
+
+
+def test_per_module_rank_and_alpha_as_peft_writes_them(base, inputs, tmp_path):
+    """peft's rank_pattern / alpha_pattern (adapter_config.json as peft saves it): read, merged to the same function,
+    and carried by each of our layouts; diffusers' own loader applies our diffusers and Wan files the same way."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    model, config, ranks, alphas = _model_with_patterns(base)
+    folder = tmp_path / "peft"
+    config.save_pretrained(str(folder))
+    state = {f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(folder / lora.PEFT_WEIGHTS))
+    adapter, layout = lora.load_adapter(folder)
+    assert layout == "peft" and (adapter.rank, adapter.alpha) == (RANK, ALPHA)
+    assert adapter.rank_pattern == ranks and adapter.alpha_pattern == alphas
+    assert "3 with their own rank or alpha" in lora.adapter_summary(adapter, layout)
+    with torch.no_grad():
+        want = model(*inputs)
+        torch.testing.assert_close(lora.merge_lora(fresh(base), adapter)(*inputs), want, rtol=0, atol=2e-5)
+        for out in lora.LORA_LAYOUTS:
+            again, _ = lora.load_adapter(lora.save_adapter(adapter, tmp_path / f"{out}-copy", out))
+            torch.testing.assert_close(lora.merge_lora(fresh(base), again)(*inputs), want, rtol=0, atol=2e-5)
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    cfg = base.cfg
+    for out in ("diffusers", "wan"):
+        theirs = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            eps=cfg.eps,
+        )
+        theirs.load_state_dict(wan_to_diffusers(base.state_dict()))
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=theirs,
+                           scheduler=FlowMatchEulerDiscreteScheduler())
+        pipe.load_lora_weights(str(lora.save_adapter(adapter, tmp_path / f"theirs-{out}.safetensors", out)))
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(*inputs, return_dict=False)[0], want, rtol=0, atol=2e-5)
+
+
+def test_musubi_tuner_and_kohya_names_load(base, adapted, inputs, tmp_path):
+    """`lora_unet_blocks_N_<module>.lora_down/lora_up/alpha`, as musubi-tuner and kohya's scripts save a Wan LoRA
+    (per-module alpha tensors, a module without alpha at scale 1): the same function as the adapter they hold; a text
+    encoder's or an unknown module's tensors are refused by name."""
+    from safetensors.torch import save_file
+
+    model, adapter = adapted
+    raw: dict[str, torch.Tensor] = {}
+    for key, tensor in adapter.state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        stem = "lora_unet_" + module.replace(".", "_")
+        raw[f"{stem}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor.contiguous()
+        raw[f"{stem}.alpha"] = torch.tensor(ALPHA)
+    save_file(raw, str(tmp_path / "musubi.safetensors"))
+    loaded, layout = lora.load_adapter(tmp_path / "musubi.safetensors")
+    assert layout == "kohya" and loaded.modules == adapter.modules and (loaded.rank, loaded.alpha) == (RANK, ALPHA)
+    with torch.no_grad():
+        torch.testing.assert_close(lora.merge_lora(fresh(base), loaded)(*inputs), model(*inputs), rtol=0, atol=2e-5)
+    del raw["lora_unet_blocks_0_ffn_2.alpha"]  # no alpha: alpha = rank, scale 1 for that module
+    save_file(raw, str(tmp_path / "no-alpha.safetensors"))
+    partial, _ = lora.load_adapter(tmp_path / "no-alpha.safetensors")
+    assert partial.module_scaling("blocks.0.ffn.2") == 1.0 and partial.module_scaling("blocks.0.ffn.0") == ALPHA / RANK
+    for bad, name in (("lora_te_encoder_layers_0_q", "lora_te_"), ("lora_unet_blocks_0_norm3", "blocks_0_norm3")):
+        save_file({**raw, f"{bad}.lora_down.weight": torch.zeros(RANK, 4)}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(lora.LoraError, match=name):
+            lora.load_adapter(tmp_path / "bad.safetensors")

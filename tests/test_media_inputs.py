@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kaleido.cli import app
-from kaleido.model.media import ImageError, load_image, reference_pixels, to_rgb
+from kaleido.model.media import ImageError, load_image, load_reference_image, reference_pixels, to_rgb
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -97,6 +97,38 @@ def test_cmyk_palette_and_alpha(tmp_path):
     la = Image.fromarray(np.stack([np.full((4, 4), 0, np.uint8), np.array([[0, 255] * 2] * 4, np.uint8)], -1), "LA")
     la.save(tmp_path / "la.png")
     assert np.asarray(load_image(tmp_path / "la.png"))[0, :2, 0].tolist() == [255, 0]  # transparent -> white
+
+
+def test_a_reference_with_nothing_visible_is_refused_naming_the_file(tmp_path):
+    """A fully transparent PNG (a cut-out exported without its subject) would become a plain white card: refused with
+    one line naming the file; its neighbours too (a palette whose every index is transparent, LA), and a cut-out that
+    is nearly empty is warned about. An editor's file that kept colours under alpha 0 is told how to recover them."""
+    empty = Image.new("RGBA", (32, 24), (0, 0, 0, 0))
+    empty.save(tmp_path / "empty.png")
+    with pytest.raises(ImageError) as info:
+        load_reference_image(tmp_path / "empty.png")
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "empty.png") in message and "fully transparent" in message
+    assert "without the alpha channel" not in message
+    hidden = np.zeros((24, 32, 4), np.uint8)
+    hidden[..., 0] = np.linspace(0, 255, 32, dtype=np.uint8)  # a picture under a zero alpha
+    Image.fromarray(hidden, "RGBA").save(tmp_path / "hidden.png")
+    with pytest.raises(ImageError, match="save it without the alpha channel"):
+        load_reference_image(tmp_path / "hidden.png")
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([10, 200, 10] * 256)
+    palette.save(tmp_path / "pal.png", transparency=0)
+    with pytest.raises(ImageError, match="fully transparent"):
+        load_reference_image(tmp_path / "pal.png")
+    Image.new("LA", (8, 8), (90, 0)).save(tmp_path / "la.png")
+    with pytest.raises(ImageError, match="fully transparent"):
+        load_reference_image(tmp_path / "la.png")
+    speck = np.zeros((100, 100, 4), np.uint8)
+    speck[50, 50] = (200, 0, 0, 255)  # one visible pixel in 10,000
+    Image.fromarray(speck, "RGBA").save(tmp_path / "speck.png")
+    notes: list[str] = []
+    image = load_image(tmp_path / "speck.png", "reference image", warn=notes.append)
+    assert image.getpixel((50, 50)) == (200, 0, 0) and len(notes) == 1 and "0.01% of its pixels" in notes[0]
 
 
 def test_oversized_image_is_refused_before_decoding(tmp_path):

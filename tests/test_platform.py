@@ -42,6 +42,10 @@ def test_sample_data_command(tmp_path: Path, params_for) -> None:
     result = CliRunner().invoke(app, ["sample-data", "--params", str(params)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "data" / "captions.jsonl").is_file()
+    from kaleido.platform.sample_data import SAMPLE_VIDEOS
+
+    shown = CliRunner().invoke(app, ["sample-data", "--help"], env={"COLUMNS": "200"}).output
+    assert all(name in shown for name in SAMPLE_VIDEOS), shown  # the help names every video it copies
 
 
 def _http_service(tmp_path: Path, port: int):
@@ -224,6 +228,55 @@ def test_make_run_and_readme() -> None:
     readme = (REPO / "README.md").read_text()
     first = re.search(r"```bash\n(.*?)```", readme, re.S)
     assert first is not None and first.group(1).split("\n")[:-1] == ["make run", "make test"]
+
+
+def test_make_run_installs_no_system_package() -> None:
+    """`make run`'s whole recipe path (what `make -n -B` would execute) needs no root: no package manager, no sudo.
+    The browser for the one UI screenshot test is on `make test`'s path only."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    managers = re.compile(r"\b(apt-get|apt|dpkg|dnf|yum|apk|brew|sudo|snap)\b")
+    run = subprocess.run(["make", "-n", "-B", "run"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "kaleido platform run" in run and not managers.search(run), run
+    test = subprocess.run(["make", "-n", "-B", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "apt-get install" in test and "chromium" in test  # CI (root, Debian) still gets the browser
+
+
+def test_platform_run_stops_only_the_services_it_started(tmp_path: Path, monkeypatch) -> None:
+    """Services the user started (`kaleido platform up`) keep running after `kaleido platform run`, even when the run
+    fails; the ones the run started stop; the last lines say which, and how to open the UIs."""
+    import subprocess
+
+    from kaleido.platform.services import Platform, Service, ServiceError
+
+    state = tmp_path / "state"
+    users = Service("mlflow", [sys.executable, "-m", "http.server", str(free_port()), "--bind", "127.0.0.1"], state)
+    server = Service("prefect-server", [sys.executable, "-c", "import time; time.sleep(120)"], state)
+    worker = Service("prefect-worker", [sys.executable, "-c", "import time; time.sleep(120)"], state)
+    users.start()
+    try:
+        platform = Platform(tmp_path, state, "http://127.0.0.1:1", "http://127.0.0.1:1/api", "local")
+        monkeypatch.setattr(platform, "services", lambda: [users, server, worker])
+        monkeypatch.setattr(platform, "prefect", lambda *args, **kw: subprocess.CompletedProcess(args, 0, "", ""))
+
+        def deploy() -> None:
+            assert server.pid() and worker.pid()  # started by the run
+            raise ServiceError("deploy failed")
+
+        monkeypatch.setattr(platform, "deploy", deploy)
+        with pytest.raises(ServiceError, match="deploy failed"):
+            platform.run_deployment(echo=lambda line: None)
+        assert users.pid() is not None and server.pid() is None and worker.pid() is None
+        note = platform.closing_note(["prefect-server", "prefect-worker"], keep=False)
+        assert "mlflow keep running: you started them" in note and "kaleido platform up" in note
+        assert "keep running (you started them)" in platform.closing_note([], keep=False)
+    finally:
+        users.stop()
+        server.stop()
+        worker.stop()
 
 
 def test_platform_params_defaults() -> None:

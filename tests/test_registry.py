@@ -67,10 +67,15 @@ def test_only_a_passed_gate_can_be_promoted(registry, tmp_path):
     version = _version(registry, tmp_path, "a")
     with pytest.raises(RegistryError, match="gate decision is missing"):
         registry.promote(version)
+    page = registry.client.get_model_version(registry.name, version).description  # the UI's version page
+    assert "| data (DVC hash of data/dataset) | `md5-a` |" in page and "### Gate: not gated yet" in page
     registry.record_gate(version, passed=False, reasons={"s2v_consistency": "0.41 < floor 0.5"})
     with pytest.raises(RegistryError, match="gate decision is failed"):
         registry.promote(version)
     assert registry.alias_version("champion") is None
+    page = registry.client.get_model_version(registry.name, version).description
+    assert "### Gate: FAILED" in page and "| s2v_consistency | 0.41 < floor 0.5 |" in page
+    assert "| git revision | `abc123` |" in page and "/lineage/dvc.lock` |" in page
 
 
 def test_promote_keeps_previous_and_rollback_restores(registry, tmp_path):

@@ -183,6 +183,7 @@ def test_two_ranks_zero2_loss_falls_and_exports_wan_weights(zero2_run, tiny_asse
     assert len(moved) == len(initial.state_dict())
     info = json.loads((zero2_run["out"] / "export.json").read_text())
     assert info["format"] == "wan" and info["step"] == STEPS
+    assert info["path"] == "export"  # relative to export.json: a copied run folder still names its own export
 
     # held-out loss: at step 0 (the base model), every 10 steps and at the end; in metrics.json for DVC
     validation = read_loss_curve(zero2_run["out"] / "val_loss.csv")

@@ -198,3 +198,100 @@ def test_encoded_bytes_do_not_depend_on_the_cores_a_worker_sees(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(cores), str(out)], check=True)
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+# ---- files as cameras and editors write them -------------------------------------------------------------------
+
+
+def _red_block(frames: np.ndarray) -> np.ndarray:
+    red = (frames[..., 0] > 200) & (frames[..., 1] < 80)
+    return np.argwhere(red).mean(0)
+
+
+@pytest.mark.parametrize("sar", ["2/1", "3/4"])
+def test_non_square_pixels_come_out_as_a_player_shows_them(tmp_path, sar):
+    """An anamorphic export (sample aspect ratio 2:1; 3:4 like NTSC DV): the picture is shown wider (narrower) than
+    it is stored; ingest must not stretch it. ffmpeg's scale to square pixels is the player's view."""
+    from PIL import Image
+
+    stored = np.full((8, 48, 64, 3), 170, np.uint8)
+    stored[:, 12:36, 8:20] = (255, 0, 0)
+    write_video(stored, tmp_path / "stored.mp4")
+    (tmp_path / "raw").mkdir()
+    tagged = tmp_path / "raw" / "anamorphic.mp4"
+    subprocess.run([_ffmpeg(), "-y", "-loglevel", "error", "-i", str(tmp_path / "stored.mp4"), "-vf",
+                    f"setsar={sar}", "-c:v", "libx264", "-crf", "10", str(tagged)], check=True)  # fmt: skip
+    reference = tmp_path / "player.png"
+    subprocess.run([_ffmpeg(), "-y", "-loglevel", "error", "-i", str(tagged), "-vf", "scale=iw*sar:ih,setsar=1",
+                    "-frames:v", "1", str(reference)], check=True)  # fmt: skip
+    player = np.asarray(Image.open(reference).convert("RGB")).astype(int)
+    info = probe_video(tagged)
+    assert (info.width, info.height) == (player.shape[1], player.shape[0])
+    assert info.sample_aspect == float(Fraction(sar))
+    ours = read_video(tagged)[0].astype(int)
+    # a stretched picture would be ~14 px off (2:1) or ~2 px narrower (3:4); scalers differ by about a pixel
+    assert ours.shape == player.shape and np.abs(_red_block(ours) - _red_block(player)).max() <= 1.5
+    cfg = IngestConfig(clip_min_seconds=0.1, fps=16, height=player.shape[0], width=player.shape[1])
+    records, rejections, _ = ingest_source(tmp_path, "raw/anamorphic.mp4", cfg, _WholeVideo(), tmp_path / "out",
+                                           "out")  # fmt: skip
+    assert rejections == [] and len(records) == 1
+    clip = read_video(tmp_path / "out" / Path(records[0].path).name)[0].astype(int)
+    block = np.argwhere((clip[..., 0] > 200) & (clip[..., 1] < 80))
+    want = np.argwhere((player[..., 0] > 200) & (player[..., 1] < 80))
+    # the block's place AND its shape: a stretched picture moves its centre and changes its width
+    assert np.abs(block.mean(0) - want.mean(0)).max() <= 1.5
+    assert abs(np.ptp(block[:, 1]) - np.ptp(want[:, 1])) <= 2
+
+
+@pytest.mark.parametrize("start", [0.52, 1.0])
+def test_a_clip_cut_without_reencoding_is_not_truncated(tmp_path, sample_videos, start):
+    """`ffmpeg -ss S -i in.mp4 -c copy`: the copy starts at the keyframe before S and an MP4 edit list hides the frames
+    up to S (in the file, counted by the container, never shown). Ingest takes exactly the shown frames, as ffmpeg
+    decodes them, and does not call the file truncated."""
+    (tmp_path / "raw").mkdir()
+    cut = tmp_path / "raw" / "cut.mp4"
+    subprocess.run([_ffmpeg(), "-y", "-loglevel", "error", "-ss", str(start), "-i", str(sample_videos["bikes"]),
+                    "-t", "2", "-c", "copy", str(cut)], check=True)  # fmt: skip
+    shown = read_video(cut)  # the decoder drops the hidden frames
+    info = probe_video(cut)
+    assert len(info.frame_times) == len(shown) and info.frame_times[0] == 0.0
+    assert not info.declared_frames or info.declared_frames == len(shown)
+    cfg = IngestConfig(clip_min_seconds=0.5, fps=16, height=64, width=96)
+    records, rejections, seconds = ingest_source(tmp_path, "raw/cut.mp4", cfg, _WholeVideo(), tmp_path / "out",
+                                                 "out")  # fmt: skip
+    assert rejections == [] and len(records) == 1, rejections
+    assert abs(seconds - len(shown) / 25) < 0.05
+
+
+def test_camera_and_editor_file_names_are_found_and_the_rest_is_named(tmp_path, caplog, sample_videos):
+    """GoPro's GOPR0001.MP4, an iPhone's IMG_0001.MOV, .mkv / .webm / .avi from editors and browsers: the shipped
+    source globs take them (case-insensitively); a file no glob takes is named in a warning, and a run that finds
+    nothing stops with the files it saw instead of ending with "sources 0"."""
+    import logging
+    import shutil
+
+    from kaleido.config.schema import DEFAULT_SOURCES
+    from kaleido.data.ingest import NoSources, discover_sources
+
+    raw = tmp_path / "raw"
+    (raw / "day1").mkdir(parents=True)
+    names = ["GOPR0001.MP4", "day1/IMG_0001.MOV", "edit.mkv", "day1/screen.WebM", "old.AVI", "phone.m4v"]
+    for name in names:
+        shutil.copy(sample_videos["bikes"], raw / name)
+    (raw / "notes.txt").write_text("shot list")
+    (raw / "clip.mts").write_bytes(b"\0" * 10)
+    (raw / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING, logger="kaleido.data"):
+        found, rejections = discover_sources(tmp_path, DEFAULT_SOURCES)
+    assert found == sorted(f"raw/{name}" for name in names) and rejections == []
+    assert "raw/clip.mts" in caplog.text and "raw/notes.txt" in caplog.text and ".DS_Store" not in caplog.text
+    assert IngestConfig().sources == list(DEFAULT_SOURCES)
+
+    empty = tmp_path / "other"
+    (empty / "raw").mkdir(parents=True)
+    (empty / "raw" / "interview.MTS").write_bytes(b"\0")
+    with pytest.raises(NoSources, match=r"matched no file under .*raw/interview\.MTS"):
+        discover_sources(empty, DEFAULT_SOURCES)
+    # the file probes like any other: a real camera name ingests
+    info = probe_video(raw / "GOPR0001.MP4")
+    assert info.width == 640 and len(info.frame_times) == 250

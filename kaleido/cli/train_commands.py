@@ -64,21 +64,38 @@ def train(
         bool, typer.Option("--plan", help="print the estimated memory per rank and whether it fits "
                            "train.gpu_memory_gb; starts nothing (no data or server needed)"),
     ] = False,
+    gpus: Annotated[
+        int | None, typer.Option("--gpus", min=1, help="with --plan: plan for this many GPUs in all (default: the "
+                                 "launcher's: train.kubernetes.nodes x gpus_per_node, or train.nproc_per_node)"),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="with --plan: gpu | cpu, where the plan runs (default: the "
+                                 "launcher's: GPUs for kubernetes, this machine for local)"),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="with --plan: bf16 | fp32 (default: bf16 on GPUs, fp32 on a CPU)"),
+    ] = None,
 ) -> None:
     """Train one stage with DeepSpeed (train.launcher: local torchrun, or a Kubernetes Job).
 
     Every launch first checks the plan, memory included: a plan estimated above train.gpu_memory_gb is refused
-    with the options that would fit (`--plan` prints the table)."""
+    with the options that would fit (`--plan` prints the table). `--plan --gpus 16 --device gpu` plans the cluster
+    job from any machine (a laptop without a GPU included)."""
+    from kaleido.cli.app import effective_params_file
     from kaleido.train.plan import STAGES, TrainPlanError, deepspeed_config, dump_plan, plan_training, world_size
 
     if stage not in STAGES:
         fail(f"--stage {stage}: unknown; choose one of {', '.join(STAGES)}")
+    if (gpus, device, dtype) != (None, None, None) and not memory_plan:
+        fail("--gpus, --device and --dtype describe the target of --plan; add --plan (a launch takes the layout "
+             "from params.yaml: train.kubernetes.* or train.nproc_per_node, or -S KEY=VALUE)")
     path = _params_path(params)
     loaded = read_params(path)
     train_cfg = loaded.train
     if memory_plan:
-        _print_memory_plan(loaded, stage)
+        _print_memory_plan(loaded, stage, gpus, device, dtype)
         return
+    path = effective_params_file(path)  # with -S items: the file the ranks or pods read
     if train_cfg.launcher == "kubernetes":
         try:
             # the cache, weights and tracking server live where the pods run: they check those themselves
@@ -104,9 +121,9 @@ def train(
         require_tracking(loaded, tracking_uri(loaded))
     from kaleido.train.launch_local import launch_local, torchrun_command
 
-    if dry_run:
-        typer.echo(plan.describe())
-        typer.echo("command: " + " ".join(torchrun_command(path.resolve(), stage, plan.world_size, resume)))
+    if dry_run:  # stdout: the plan and DeepSpeed config as JSON (YAML too); the prose to stderr
+        typer.echo(plan.describe(), err=True)
+        typer.echo("command: " + " ".join(torchrun_command(path.resolve(), stage, plan.world_size, resume)), err=True)
         typer.echo(dump_plan(plan, deepspeed_config(plan, loaded, bf16=_has_gpu())))
         return
     from kaleido.platform.files import exclusive_output
@@ -124,14 +141,23 @@ def train(
         typer.echo(f"{stage}: final loss {data['final_loss']:.4f}; {what} at {data['export']}")
 
 
-def _print_memory_plan(params: Params, stage: str) -> None:
-    from kaleido.train.memory import estimate, shape_from_params, table
+def _print_memory_plan(params: Params, stage: str, gpus: int | None, device: str | None, dtype: str | None) -> None:
+    from kaleido.train.memory import estimate, shape_from_params, table, training_precision
     from kaleido.train.plan import TrainPlanError, model_config, plan_training, world_size, world_size_keys
 
-    world = world_size(params)
+    if device not in (None, "gpu", "cpu"):
+        fail(f"--device {device}: choose gpu or cpu")
+    if dtype not in (None, "bf16", "fp32"):
+        fail(f"--dtype {dtype}: choose bf16 or fp32")
+    launcher_device = "gpu" if training_precision(params) == "bf16" else "cpu"
+    device = device or launcher_device
+    precision = dtype or ("bf16" if device == "gpu" else "fp32")
+    if device == "cpu" and precision == "bf16":
+        fail("--device cpu --dtype bf16: the CPU path trains in fp32 (DeepSpeed's CPU accelerator); use --dtype fp32")
+    world, keys = (gpus, "--gpus") if gpus else (world_size(params), world_size_keys(params))
     budget = params.train.gpu_memory_gb
     try:
-        plan_training(params, stage, world, check_files=False, check_tracking=False)
+        plan_training(params, stage, world, check_files=False, check_tracking=False, precision=precision)
     except TrainPlanError as exc:
         # a memory refusal comes with the table that explains it; a layout problem (batch, SP degree) makes a
         # table meaningless and shows none
@@ -139,13 +165,16 @@ def _print_memory_plan(params: Params, stage: str) -> None:
             typer.echo(table(exc.memory, budget))
         fail(str(exc))
     config, source = model_config(params, stage)
-    typer.echo(f"model: {source} ({config.num_layers} blocks, dim {config.dim}); world size {world} "
-               f"({world_size_keys(params)})")
-    shape = shape_from_params(params, stage, world, config)
-    on_gpu = shape.precision == "bf16"
+    where = (f"{device} ({'the launcher' if device == launcher_device else '--device'}: train.launcher "
+             f"{params.train.launcher})")
+    typer.echo(f"model: {source} ({config.num_layers} blocks, dim {config.dim}); world size {world} ({keys}); "
+               f"target {where}, {precision}")
+    shape = shape_from_params(params, stage, world, config, precision=precision)
+    on_gpu = device == "gpu"
     typer.echo(table(estimate(shape), budget if on_gpu else None))
     if not on_gpu:
-        typer.echo("plan: ok (fp32 on this machine's CPU: no GPU budget applies)")
+        typer.echo("plan: ok (fp32 on a CPU: no GPU budget applies; `--device gpu` plans for GPUs, e.g. the "
+                   "cluster's, from this machine)")
     else:
         typer.echo("plan: fits" if budget else "plan: ok (no train.gpu_memory_gb budget)")
 

@@ -162,8 +162,13 @@ class SampleMix(_Section):
     redux: float = Field(1.0, ge=0.0)
 
 
+# what cameras, phones and editors write (GoPro .MP4, iPhone .MOV, OBS/HandBrake .mkv, browsers' .webm, .avi)
+DEFAULT_SOURCES = ("raw/**/*.mp4", "raw/**/*.mov", "raw/**/*.m4v", "raw/**/*.mkv", "raw/**/*.webm", "raw/**/*.avi")
+
+
 class IngestConfig(_Section):
-    sources: list[str] = Field(default_factory=lambda: ["raw/**/*.mp4"], description="globs under data.root")
+    sources: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCES),
+                               description="globs under data.root, matched case-insensitively (GOPR0001.MP4)")
     shot_detector: Literal["transnetv2", "pyscenedetect"] = "pyscenedetect"
     scene_threshold: float = Field(27.0, gt=0.0, description="PySceneDetect ContentDetector threshold")
     min_scene_frames: int = Field(15, ge=1)

@@ -32,7 +32,7 @@ from kaleido.config.schema import IngestConfig
 from kaleido.data.paths import PathOutsideRoot, relative_to_root, resolve_inside, safe_name
 from kaleido.data.records import ClipRecord, Rejection
 from kaleido.data.shots import Shot, ShotDetector
-from kaleido.model.media import centre_crop_box, cover_size
+from kaleido.model.media import centre_crop_box, cover_size, display_width, sample_aspect_ratio
 
 STAGE = "ingest"
 TIME_EPS = 1e-6  # seconds: timestamps are exact fractions; this absorbs float rounding
@@ -56,6 +56,7 @@ class SourceInfo:
     frame_times: tuple[float, ...] = ()  # presentation time of every frame, seconds from the first, ascending
     end_time: float = 0.0  # when the last frame stops being shown
     rotation: int = 0  # display rotation, degrees counter-clockwise (0, 90, 180, 270)
+    sample_aspect: float = 1.0  # pixel width / height (SAR): 4:3-pixel DV, anamorphic 2:1 editors' exports
 
     def time_at(self, index: int) -> float:
         """Presentation time of frame `index`; `end_time` for index == number of frames."""
@@ -78,18 +79,50 @@ class ClipSpan:
 # discovery
 
 
+class NoSources(ValueError):
+    """No file under data.root matched data.ingest.sources; the message lists what is there instead."""
+
+
+def case_insensitive_glob(pattern: str) -> str:
+    """`pattern` with every letter outside a [...] class as [xX]: camera files are GOPR0001.MP4, IMG_0001.MOV."""
+    out, in_class = [], False
+    for char in pattern:
+        if char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        out.append(f"[{char.lower()}{char.upper()}]" if char.isalpha() and not in_class else char)
+    return "".join(out)
+
+
+def _glob_base(pattern: str) -> str:
+    """The literal folder a glob starts in (`raw` of `raw/**/*.mp4`)."""
+    parts = []
+    for part in Path(pattern).parts[:-1]:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return "/".join(parts)
+
+
 def discover_sources(root: Path, patterns: Sequence[str]) -> tuple[list[str], list[Rejection]]:
-    """Files matching the globs under `root`, as sorted root-relative paths; escapes become Rejections."""
+    """Files matching the globs under `root` (letters matched case-insensitively), as sorted root-relative paths;
+    escapes become Rejections.
+
+    Says what it leaves out: files in the globs' folders that match none (a warning naming them and the key), and
+    NoSources when nothing matched at all (with the files it saw there), so a run never ends with "sources 0"."""
     root = Path(root)
     found: set[str] = set()
     rejections: list[Rejection] = []
+    bases: set[str] = set()
     for pattern in patterns:
         if os.path.isabs(pattern) or ".." in Path(pattern).parts:
             rejections.append(
                 Rejection(STAGE, pattern, "path_outside_root", f"source glob {pattern!r} must be relative to data.root")
             )
             continue
-        for match in sorted(glob.glob(str(root / pattern), recursive=True)):
+        bases.add(_glob_base(pattern))
+        for match in sorted(glob.glob(str(root / case_insensitive_glob(pattern)), recursive=True)):
             if os.path.isdir(match):
                 continue
             shown = Path(match).relative_to(root).as_posix() if Path(match).is_relative_to(root) else match
@@ -97,7 +130,40 @@ def discover_sources(root: Path, patterns: Sequence[str]) -> tuple[list[str], li
                 found.add(relative_to_root(root, resolve_inside(root, shown)))
             except PathOutsideRoot as exc:
                 rejections.append(Rejection(STAGE, shown, exc.reason, str(exc)))
+    skipped = _unmatched_files(root, bases, found, {r.item for r in rejections})
+    if not found and not rejections:
+        seen = f"; files there: {', '.join(skipped[:8])}" + (" ..." if len(skipped) > 8 else "") if skipped else ""
+        raise NoSources(
+            f"data.ingest.sources {list(patterns)} matched no file under {root}{seen or ' (it holds no file)'}. "
+            "Put the videos there or add globs for their names (matched case-insensitively, e.g. raw/**/*.mts)"
+        )
+    if skipped:
+        import logging
+
+        logging.getLogger("kaleido.data").warning(
+            "ingest: %d file(s) under %s match no data.ingest.sources glob and are left out: %s%s (add a glob to "
+            "take them)", len(skipped), ", ".join(sorted(f"{b or '.'}/" for b in bases)), ", ".join(skipped[:8]),
+            " ..." if len(skipped) > 8 else "",
+        )  # fmt: skip
     return sorted(found), rejections
+
+
+def _unmatched_files(root: Path, bases: set[str], found: set[str], rejected: set[str]) -> list[str]:
+    """Files (not hidden) below the globs' folders that no glob took; the data root's own output folders are not
+    looked at when a glob starts at the root itself."""
+    if "" in bases:
+        return []  # a glob over the whole data root: its output folders are not sources, nothing to report
+    unmatched = []
+    for base in sorted(bases):
+        folder = root / base
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(root).as_posix()
+            if path.is_file() and not any(p.startswith(".") for p in Path(relative).parts) \
+                    and relative not in found and relative not in rejected:
+                unmatched.append(relative)
+    return unmatched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +220,11 @@ def probe_video(path: Path) -> SourceInfo:
             fps = float(rate) if rate else 0.0
             width, height = stream.codec_context.width, stream.codec_context.height
             declared = int(stream.frames or 0)  # read before demuxing: PyAV's value is garbage afterwards
-            pts, durations, rotation = _packet_times(container, stream)
+            sar = sample_aspect_ratio(stream)
+            pts, durations, rotation, discarded = _packet_times(container, stream)
+            # an edit list (`ffmpeg -ss ... -c copy`) starts the stream at the keyframe before the cut; the frames
+            # before it are in the file (and in its frame count) but never shown: the demuxer marks them discard
+            declared = max(0, declared - discarded) if declared else 0
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
@@ -163,23 +233,32 @@ def probe_video(path: Path) -> SourceInfo:
         raise VideoError("no_frame_rate", "the video stream declares no frame rate")
     if width <= 0 or height <= 0:
         raise VideoError("not_a_video", f"the video stream has no picture size ({width}x{height})")
+    width = display_width(width, sar)  # non-square pixels: the picture a player shows is wider or narrower
     if rotation in (90, 270):
         width, height = height, width
     times, end_time = _timeline(pts, durations, fps)
-    return SourceInfo(fps, declared, width, height, times, end_time, rotation)
+    if not times:
+        raise VideoError("no_frames", "the video stream holds no frame that is shown")
+    return SourceInfo(fps, declared, width, height, times, end_time, rotation, sar)
 
 
-def _packet_times(container: object, stream: object) -> tuple[list[float | None], list[float], int]:
-    """Presentation times (seconds, None when a packet has none) and durations of every video packet, read by
-    demuxing only (no decoding), plus the display rotation of the first decoded frame."""
+
+def _packet_times(container: object, stream: object) -> tuple[list[float | None], list[float], int, int]:
+    """Presentation times (seconds, None when a packet has none) and durations of every SHOWN video packet, read by
+    demuxing only (no decoding), the display rotation of the first decoded frame, and the number of packets an edit
+    list hides (flagged discard: decoded as references for the frames after them, never shown)."""
     from kaleido.model.media import frame_rotation
 
     base = stream.time_base
     pts: list[float | None] = []
     durations: list[float] = []
     rotation = None
+    discarded = 0
     for packet in container.demux(stream):
         if packet.size == 0:  # the demuxer's final flush packet
+            continue
+        if getattr(packet, "is_discard", False):
+            discarded += 1
             continue
         pts.append(float(packet.pts * base) if packet.pts is not None else None)
         durations.append(float(packet.duration * base) if packet.duration else 0.0)
@@ -187,7 +266,7 @@ def _packet_times(container: object, stream: object) -> tuple[list[float | None]
             for frame in packet.decode():
                 rotation = frame_rotation(frame)
                 break
-    return pts, durations, rotation or 0
+    return pts, durations, rotation or 0, discarded
 
 
 def _timeline(pts: list[float | None], durations: list[float], fps: float) -> tuple[tuple[float, ...], float]:

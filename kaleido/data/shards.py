@@ -261,9 +261,9 @@ def _worker_init(threads: int, gpus: Any = None) -> None:
 
 
 def _progress(total: int, stage: str, unit: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from kaleido.platform.progress import Progress  # a bar on a terminal, a line per interval in a log
 
-    return tqdm(total=total, desc=stage, unit=unit, disable=not enabled or None, leave=True)
+    return Progress(stage, total, unit, enabled=enabled)
 
 
 def run_shards(
@@ -325,7 +325,7 @@ def _run_pending(
             outcomes[spec.name] = ShardOutcome(
                 spec.name, "skipped", content_hash=marker.get("content_hash"), summary=marker.get("summary", {})
             )
-            bar.update(len(spec.items))
+            bar.update(len(spec.items), skipped=True)
         else:
             if damage is not None and marker is not None and marker.get("spec_hash") == expected:
                 logging.getLogger("kaleido.data").warning(

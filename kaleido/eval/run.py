@@ -416,7 +416,7 @@ def find_validation(source: ModelSource, params: Params) -> dict[str, Any] | Non
     export_info = checkpoint.parent / "export.json"
     if export_info.is_file():
         try:
-            named = Path(json.loads(export_info.read_text()).get("path", "")).resolve()
+            named = (export_info.parent / json.loads(export_info.read_text()).get("path", "")).resolve()
         except (OSError, json.JSONDecodeError):
             named = None
         if named == checkpoint.resolve() and (checkpoint.parent / RECORD_NAME).is_file():
@@ -503,8 +503,6 @@ def _evaluate(
     suite: MetricSuite | None,
     pipeline: Any,
 ) -> EvalSummary:
-    from tqdm.auto import tqdm
-
     from kaleido.model.media import load_reference_image, write_video
     from kaleido.model.vae import validate_video_size
 
@@ -531,49 +529,53 @@ def _evaluate(
     echo(f"evaluating {source.ref} on {evalset.name} ({len(evalset.cases)} cases) -> {out_dir}")
 
     generated, skipped, results = [], [], []
-    bar = tqdm(evalset.cases, desc="eval cases", unit="case", disable=not progress)
-    for case in bar:
-        bar.set_postfix_str(case.id)
-        case_dir = out_dir / "cases" / case.id
-        result_path = case_dir / "result.json"
-        key = run_key(case, source, settings, backbones)
-        if not fresh and result_path.is_file():
-            previous = json.loads(result_path.read_text())
-            if previous.get("key") == key:
-                skipped.append(case.id)
-                results.append(previous)
-                continue
-        if pipeline is None:
-            pipeline = _load_pipeline(params, source, device)
-        references = [load_reference_image(path, params.media.max_image_pixels) for path in case.references]
-        start = time.perf_counter()
-        frames = pipeline(case.prompt, references, seed=case.seed, progress=False, warn_truncation=False,
-                          **settings.request())
-        seconds = time.perf_counter() - start
-        write_video(frames, case_dir / "video.mp4", fps=settings.fps)
-        _previews(frames, case_dir)
-        if suite is None:
-            suite = MetricSuite.from_params(params, device)
-        metrics, details = suite.score(frames, case, references)
-        details["seconds"]["generate"] = round(seconds, 3)
-        result = {
-            "id": case.id,
-            "category": case.category,
-            "prompt": case.prompt,
-            "references": list(case.reference_names),
-            "subjects": list(case.subjects),
-            "seed": case.seed,
-            "fingerprint": case.fingerprint(),
-            "key": key,
-            "metrics": metrics,
-            "details": details,
-        }
-        if case.id in truncations:
-            result["prompt_truncation"] = truncations[case.id]
-        _write_json(result_path, result)  # last: its presence marks the case done
-        generated.append(case.id)
-        results.append(result)
-        echo(f"  {case.id}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    from kaleido.platform.progress import Progress
+
+    with Progress("evaluate", len(evalset.cases), "case", enabled=progress) as bar:
+        for case in evalset.cases:
+            bar.set(case=case.id)
+            case_dir = out_dir / "cases" / case.id
+            result_path = case_dir / "result.json"
+            key = run_key(case, source, settings, backbones)
+            if not fresh and result_path.is_file():
+                previous = json.loads(result_path.read_text())
+                if previous.get("key") == key:
+                    skipped.append(case.id)
+                    results.append(previous)
+                    bar.update(1, skipped=True)
+                    continue
+            if pipeline is None:
+                pipeline = _load_pipeline(params, source, device)
+            references = [load_reference_image(path, params.media.max_image_pixels) for path in case.references]
+            start = time.perf_counter()
+            frames = pipeline(case.prompt, references, seed=case.seed, progress=False, warn_truncation=False,
+                              **settings.request())
+            seconds = time.perf_counter() - start
+            write_video(frames, case_dir / "video.mp4", fps=settings.fps)
+            _previews(frames, case_dir)
+            if suite is None:
+                suite = MetricSuite.from_params(params, device)
+            metrics, details = suite.score(frames, case, references)
+            details["seconds"]["generate"] = round(seconds, 3)
+            result = {
+                "id": case.id,
+                "category": case.category,
+                "prompt": case.prompt,
+                "references": list(case.reference_names),
+                "subjects": list(case.subjects),
+                "seed": case.seed,
+                "fingerprint": case.fingerprint(),
+                "key": key,
+                "metrics": metrics,
+                "details": details,
+            }
+            if case.id in truncations:
+                result["prompt_truncation"] = truncations[case.id]
+            _write_json(result_path, result)  # last: its presence marks the case done
+            generated.append(case.id)
+            results.append(result)
+            echo(f"  {case.id}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            bar.update(1)
 
     uri = params.platform.mlflow_tracking_uri if log_mlflow else ""
     lost: TrackingUnavailable | None = None

@@ -443,7 +443,7 @@ class S2VPipeline:
         """
         if output_type not in ("frames", "latents"):
             raise ValueError(f"output_type={output_type!r}: use 'frames' or 'latents'")
-        from tqdm.auto import tqdm
+        from kaleido.platform.progress import track
 
         images = validate_request(reference_images, frames, height, width, self.max_references, steps, sampler)
         if not isinstance(prompt, str):
@@ -474,7 +474,7 @@ class S2VPipeline:
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
         for step, t in enumerate(
-            tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress, leave=False), start=1
+            track(scheduler.timesteps, "generate: sampling", unit="step", enabled=progress), start=1
         ):
             # timesteps are sigma * 1000 (UniPC rounds them to integers); the DiT takes that scale
             timestep = t.to(device=self.device, dtype=torch.float32).reshape(1)

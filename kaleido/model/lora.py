@@ -18,6 +18,13 @@ Three file layouts, each a single safetensors file (a folder holding one is acce
 - `wan`: the original Wan / ComfyUI layout: `diffusion_model.blocks.N.self_attn.q.lora_down.weight`,
   `.lora_up.weight` and a scalar `.alpha` per module (ComfyUI and diffusers' converter apply alpha / rank).
 
+Read too (not written): `kohya`, what musubi-tuner and kohya's sd-scripts write for Wan:
+`lora_unet_blocks_N_self_attn_q.lora_down.weight`, `.lora_up.weight`, `.alpha` (the module path with `_` for `.`).
+
+A module may have its own rank and alpha (peft's `rank_pattern` / `alpha_pattern`; a kohya or Wan file with
+per-module `.alpha` values, layers of another rank): `Adapter.rank` / `alpha` are the most common ones and
+`rank_pattern` / `alpha_pattern` map the other modules (Wan names) to theirs; every layout carries them.
+
 Every base weight stays frozen: the three layouts carry low-rank deltas only, so a full-weight change of a
 base module would not travel to diffusers or ComfyUI.
 """
@@ -36,7 +43,8 @@ from torch import nn
 from kaleido.config.schema import LORA_TARGETS, lora_target_problem
 from kaleido.model.keymaps import wan_key_to_diffusers
 
-LORA_LAYOUTS: tuple[str, ...] = ("peft", "diffusers", "wan")
+LORA_LAYOUTS: tuple[str, ...] = ("peft", "diffusers", "wan")  # the layouts written; `kohya` is read as well
+KOHYA_PREFIX = "lora_unet_"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -56,11 +64,23 @@ class Adapter:
     rank: int
     alpha: float
     meta: dict[str, str] = field(default_factory=dict)  # provenance (base model, run) carried in the file
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # Wan module -> its rank, where not `rank`
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # Wan module -> its alpha, where not `alpha`
 
     @property
     def scaling(self) -> float:
-        """alpha / rank: the factor on B @ A (peft's LoraLayer.scaling)."""
+        """alpha / rank: the factor on B @ A (peft's LoraLayer.scaling) of the modules without a pattern."""
         return self.alpha / self.rank
+
+    def module_rank(self, module: str) -> int:
+        return self.rank_pattern.get(module, self.rank)
+
+    def module_alpha(self, module: str) -> float:
+        return self.alpha_pattern.get(module, self.alpha)
+
+    def module_scaling(self, module: str) -> float:
+        """alpha / rank of one module (`blocks.0.self_attn.q`)."""
+        return self.module_alpha(module) / self.module_rank(module)
 
     @property
     def modules(self) -> list[str]:
@@ -84,12 +104,16 @@ def check_targets(targets: Sequence[str]) -> list[str]:
     return list(targets)
 
 
-def lora_config(rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0):  # -> peft.LoraConfig
-    """peft's LoraConfig for the DiT. Targets match by suffix (peft), so `self_attn.q` hits every block's."""
+def lora_config(rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0,
+                rank_pattern: Mapping[str, int] | None = None,
+                alpha_pattern: Mapping[str, float] | None = None):  # -> peft.LoraConfig
+    """peft's LoraConfig for the DiT. Targets match by suffix (peft), so `self_attn.q` hits every block's; the
+    patterns give single modules (`blocks.3.ffn.0`) their own rank / alpha."""
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=check_targets(targets),
-                      bias="none", init_lora_weights=True)
+                      bias="none", init_lora_weights=True, rank_pattern=dict(rank_pattern or {}),
+                      alpha_pattern=dict(alpha_pattern or {}))
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0,
@@ -126,7 +150,8 @@ def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, ...] | torch.Si
             raise LoraError(f"the adapter changes {module}, which {what} lacks ({what} has {blocks} blocks): it "
                             "was trained for another architecture")
         out_features, in_features = tuple(weight)
-        want = (adapter.rank, in_features) if kind.startswith("A") else (out_features, adapter.rank)
+        rank = adapter.module_rank(module)
+        want = (rank, in_features) if kind.startswith("A") else (out_features, rank)
         if tuple(tensor.shape) != want:
             raise LoraError(f"adapter tensor {key} has shape {tuple(tensor.shape)}, {what} needs {want}: "
                             "the adapter belongs to a model of another size")
@@ -142,7 +167,8 @@ def merge_lora(model: nn.Module, adapter: Adapter, scale: float = 1.0) -> nn.Mod
     for name in adapter.modules:  # merging writes these weights: own them (load_dit may leave them memory-mapped)
         linear = model.get_submodule(name)
         linear.weight.data = linear.weight.data.clone()
-    config = lora_config(adapter.rank, adapter.alpha * scale, adapter.targets)
+    config = lora_config(adapter.rank, adapter.alpha * scale, adapter.targets, rank_pattern=adapter.rank_pattern,
+                         alpha_pattern={m: a * scale for m, a in adapter.alpha_pattern.items()})
     config.target_modules = adapter.modules  # exactly the modules the file holds
     wrapped = LoraModel(model, config, "default")
     dtype = next(model.parameters()).dtype
@@ -168,13 +194,13 @@ def _to_layout(adapter: Adapter, layout: str) -> dict[str, torch.Tensor]:
         if layout == "peft":
             out[f"base_model.model.{key}"] = tensor
         elif layout == "diffusers":
-            scaled = tensor * adapter.scaling if kind == "B" else tensor
+            scaled = tensor * adapter.module_scaling(module) if kind == "B" else tensor
             out[f"transformer.{wan_key_to_diffusers(module + '.weight')[: -len('.weight')]}.lora_{kind}.weight"] = (
                 scaled.contiguous()
             )
         else:  # wan / ComfyUI
             out[f"diffusion_model.{module}.{'lora_down' if kind == 'A' else 'lora_up'}.weight"] = tensor
-            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(adapter.alpha))
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(adapter.module_alpha(module)))
     return out
 
 
@@ -193,7 +219,8 @@ def save_adapter(adapter: Adapter, dst: str | Path, layout: str = "peft") -> Pat
                                         **adapter.meta})}
     if layout == "peft":
         dst.mkdir(parents=True, exist_ok=True)
-        config = lora_config(adapter.rank, adapter.alpha, adapter.targets)
+        config = lora_config(adapter.rank, adapter.alpha, adapter.targets, rank_pattern=adapter.rank_pattern,
+                             alpha_pattern=adapter.alpha_pattern)
         config.save_pretrained(str(dst))
         file = dst / PEFT_WEIGHTS
     else:
@@ -207,8 +234,13 @@ def save_adapter(adapter: Adapter, dst: str | Path, layout: str = "peft") -> Pat
         if layout == "diffusers":
             targets = sorted({wan_key_to_diffusers(f"blocks.0.{t}.weight").split(".", 2)[2][: -len(".weight")]
                               for t in adapter.targets})
-            # diffusers packs each component's LoraConfig kwargs under its prefix (`transformer.r`, ...)
+            # diffusers packs each component's LoraConfig kwargs under its prefix (`transformer.r`, ...); with the
+            # alphas folded into B, each module's alpha is its rank (scale 1)
+            patterns = {wan_key_to_diffusers(f"{m}.weight")[: -len(".weight")]: r
+                        for m, r in adapter.rank_pattern.items()}
             config = {"r": adapter.rank, "lora_alpha": adapter.rank, "target_modules": targets}
+            if patterns:
+                config |= {"rank_pattern": patterns, "alpha_pattern": patterns}
             meta[DIFFUSERS_METADATA_KEY] = json.dumps({f"transformer.{k}": v for k, v in config.items()},
                                                       sort_keys=True)
     save_file(_to_layout(adapter, layout), str(file), metadata={"format": "pt", **meta})
@@ -270,14 +302,56 @@ def _keys_and_meta(file: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def detect_layout(file: Path) -> str | None:
-    """peft | diffusers | wan for a LoRA safetensors file, None when it holds no LoRA factors."""
+    """peft | diffusers | wan | kohya for a LoRA safetensors file, None when it holds no LoRA factors."""
     keys, _ = _keys_and_meta(file)
     if not keys or not any(".lora_" in k for k in keys):
         return None
-    for prefix, layout in (("base_model.model.", "peft"), ("transformer.", "diffusers"), ("diffusion_model.", "wan")):
+    # kohya's family: lora_unet_ (the DiT) and lora_te*_ (text encoders, refused when loaded, by name)
+    for prefix, layout in (("base_model.model.", "peft"), ("transformer.", "diffusers"), ("diffusion_model.", "wan"),
+                           ("lora_", "kohya")):
         if all(k.startswith(prefix) for k in keys):
             return layout
     return None
+
+
+# kohya's module path: `blocks_3_self_attn_q` <- `blocks.3.self_attn.q` (ambiguous `_`, so matched against our names)
+_KOHYA_MODULE = re.compile(r"^blocks_(\d+)_(.+)$")
+_KOHYA_TARGETS = {target.replace(".", "_"): target for target in LORA_TARGETS}
+
+
+def _kohya_module(file: Path, key: str) -> str:
+    """The Wan module of a kohya / musubi-tuner key body (`lora_unet_blocks_0_ffn_0` -> `blocks.0.ffn.0`)."""
+    if not key.startswith(KOHYA_PREFIX):
+        raise LoraError(f"{file}: {key} is not a LoRA of the DiT (kohya / musubi-tuner DiT names start with "
+                        f"{KOHYA_PREFIX}; lora_te* are a text encoder's, which Kaleido does not adapt)")
+    body = key[len(KOHYA_PREFIX):]
+    match = _KOHYA_MODULE.match(body)
+    if match is None or match.group(2) not in _KOHYA_TARGETS:
+        raise LoraError(f"{file}: {KOHYA_PREFIX}{body} is not a LoRA of the DiT's linear layers (kohya / musubi-tuner "
+                        f"names are lora_unet_blocks_N_<{'|'.join(sorted(_KOHYA_TARGETS))}>)")
+    return f"blocks.{match.group(1)}.{_KOHYA_TARGETS[match.group(2)]}"
+
+
+def _most_common(values: Mapping[str, float]) -> float:
+    counts: dict[float, int] = {}
+    for value in values.values():
+        counts[value] = counts.get(value, 0) + 1
+    return max(sorted(counts), key=lambda value: counts[value])
+
+
+def _peft_patterns(config: Mapping[str, object], key: str, modules: Sequence[str]) -> dict[str, float]:
+    """peft's rank_pattern / alpha_pattern resolved to our module names (a pattern key matches a module name's end,
+    as peft's `get_pattern_key` does)."""
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, Mapping):
+        raise LoraError(f"{key} must be a mapping of module name patterns to numbers, got {patterns!r}")
+    resolved: dict[str, float] = {}
+    for module in modules:
+        for pattern, value in patterns.items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                resolved[module] = float(value)
+                break
+    return resolved
 
 
 def load_adapter(path: str | Path) -> tuple[Adapter, str]:
@@ -294,8 +368,8 @@ def load_adapter(path: str | Path) -> tuple[Adapter, str]:
     layout = detect_layout(file)
     if layout is None:
         raise LoraError(f"{file}: not a LoRA adapter in a known layout (keys start with base_model.model. (peft), "
-                        "transformer. (diffusers) or diffusion_model. (Wan / ComfyUI) and hold lora_A/lora_B or "
-                        "lora_down/lora_up)")
+                        "transformer. (diffusers), diffusion_model. (Wan / ComfyUI) or lora_unet_ (kohya / "
+                        "musubi-tuner) and hold lora_A/lora_B or lora_down/lora_up)")
     _, meta = _keys_and_meta(file)
     raw = load_file(str(file))
     state: dict[str, torch.Tensor] = {}
@@ -310,7 +384,11 @@ def load_adapter(path: str | Path) -> tuple[Adapter, str]:
             except KeyError:
                 raise LoraError(f"{file}: {key} targets a module the Kaleido DiT does not have") from None
         else:
-            body = key[len("diffusion_model."):]
+            if layout == "kohya":
+                stem, _, rest = key.partition(".")
+                body = f"{_kohya_module(file, stem)}.{rest}"
+            else:
+                body = key[len("diffusion_model."):]
             if body.endswith(".alpha"):
                 alphas[body[: -len(".alpha")]] = float(tensor)
                 continue
@@ -332,10 +410,17 @@ def load_adapter(path: str | Path) -> tuple[Adapter, str]:
     if nonfinite:
         raise LoraError(f"{file}: {len(nonfinite)} tensor(s) hold NaN or infinite values, e.g. {nonfinite[0]}: "
                         "the adapter diverged in training or the file is damaged")
-    ranks = {t.shape[0] for k, t in state.items() if ".lora_A." in k}
-    if len(ranks) != 1:
-        raise LoraError(f"{file}: modules of different ranks {sorted(ranks)}; one adapter has one rank")
-    rank = ranks.pop()
+    # each module's rank is its factors' (A: rank x in, B: out x rank); the most common one is the adapter's rank
+    ranks: dict[str, int] = {}
+    for key, tensor in state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        rank_here = int(tensor.shape[0] if kind.startswith("A") else tensor.shape[-1])
+        if ranks.setdefault(module, rank_here) != rank_here:
+            raise LoraError(f"{file}: {module}'s lora_A and lora_B disagree on the rank ({ranks[module]} vs "
+                            f"{rank_here}): the file is damaged")
+    rank = int(_most_common(ranks))
+    modules = sorted(ranks)
+    module_alphas: dict[str, float]
     if layout == "peft":
         config_file = file.with_name(PEFT_CONFIG)
         if not config_file.is_file():
@@ -343,26 +428,44 @@ def load_adapter(path: str | Path) -> tuple[Adapter, str]:
         try:
             config = json.loads(config_file.read_text())
             alpha, config_rank = float(config["lora_alpha"]), int(config["r"])
+            config_ranks = {m: int(r) for m, r in _peft_patterns(config, "rank_pattern", modules).items()}
+            module_alphas = {m: _peft_patterns(config, "alpha_pattern", modules).get(m, alpha) for m in modules}
         except (ValueError, KeyError, TypeError) as exc:
             raise LoraError(f"{config_file}: not a peft LoRA config with numeric r and lora_alpha ({exc})") from None
-        if config_rank != rank:
-            raise LoraError(f"{config_file}: r={config['r']}, the weights have rank {rank}")
+        wrong = [m for m in modules if config_ranks.get(m, config_rank) != ranks[m]]
+        if wrong:
+            raise LoraError(f"{config_file}: r={config['r']} (rank_pattern {config.get('rank_pattern') or {}}) says "
+                            f"rank {config_ranks.get(wrong[0], config_rank)} for {wrong[0]}, its weights have rank "
+                            f"{ranks[wrong[0]]}")
     elif layout == "diffusers":
         diffusers_meta = json.loads(meta.get(DIFFUSERS_METADATA_KEY, "{}"))
-        alpha = float(diffusers_meta.get("transformer.lora_alpha", rank))  # diffusers' convention: no alpha = scale 1
+        # diffusers' convention: no alpha = scale 1 (alpha = rank), per module
+        if "transformer.lora_alpha" in diffusers_meta:
+            # its patterns name diffusers modules: matched as peft matches them, against each module's diffusers name
+            names = {wan_key_to_diffusers(f"{m}.weight")[: -len(".weight")]: m for m in modules}
+            config = {"alpha_pattern": diffusers_meta.get("transformer.alpha_pattern") or {}}
+            named = {names[d]: a for d, a in _peft_patterns(config, "alpha_pattern", list(names)).items()}
+            base_alpha = float(diffusers_meta["transformer.lora_alpha"])
+            module_alphas = {m: named.get(m, base_alpha) for m in modules}
+        else:
+            module_alphas = {m: float(ranks[m]) for m in modules}
     else:
-        values = set(alphas.values()) or {float(rank)}
-        if len(values) != 1:
-            raise LoraError(f"{file}: modules with different alphas {sorted(values)}; one adapter has one alpha")
-        alpha = values.pop()
-    if not (alpha > 0 and alpha < float("inf")):
-        raise LoraError(f"{file}: alpha {alpha} is not a positive finite number")
-    return Adapter(state, rank, alpha, adapter_meta(file)), layout
+        module_alphas = {m: alphas.get(m, float(ranks[m])) for m in modules}  # no alpha: scale 1 (kohya's rule)
+    alpha = _most_common(module_alphas)
+    bad = sorted(m for m, a in module_alphas.items() if not (a > 0 and a < float("inf")))
+    if bad:
+        raise LoraError(f"{file}: alpha {module_alphas[bad[0]]} of {bad[0]} is not a positive finite number")
+    return Adapter(state, rank, alpha, adapter_meta(file),
+                   rank_pattern={m: r for m, r in ranks.items() if r != rank},
+                   alpha_pattern={m: a for m, a in module_alphas.items() if a != alpha}), layout
+
 
 
 def adapter_summary(adapter: Adapter, layout: str) -> str:
     """One line: layout, rank, alpha, targets, modules and parameter count."""
+    own = set(adapter.rank_pattern) | set(adapter.alpha_pattern)
     return (f"LoRA ({layout} layout): rank {adapter.rank}, alpha {adapter.alpha:g} (scale {adapter.scaling:g}), "
-            f"targets {', '.join(adapter.targets)}, {len(adapter.modules)} modules, "
-            f"{adapter.num_parameters() / 1e6:.3f} M parameters")
+            f"targets {', '.join(adapter.targets)}, {len(adapter.modules)} modules"
+            + (f" ({len(own)} with their own rank or alpha)" if own else "")
+            + f", {adapter.num_parameters() / 1e6:.3f} M parameters")
 

@@ -124,9 +124,31 @@ def to_rgb(
     )
     if has_alpha:
         rgba = image.convert("RGBA")
+        _check_visible(rgba, path, what, warn)
         background = Image.new("RGBA", rgba.size, (*WHITE, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+MIN_VISIBLE = 0.01  # below this share of visible pixels a reference is (nearly) empty: warned
+
+
+def _check_visible(rgba: Image.Image, path: Path, what: str, warn: Callable[[str], None]) -> None:
+    """Refuse an image with nothing visible (every alpha 0): onto white it becomes a blank white card that the model
+    would take as a subject. Warn when under MIN_VISIBLE of it shows. Hidden colours (an editor that kept the pixels
+    under a zero alpha) are named, since dropping the alpha channel would bring them back."""
+    pixels = np.asarray(rgba)
+    alpha = pixels[..., 3]
+    visible = float(np.count_nonzero(alpha)) / max(alpha.size, 1)
+    if visible == 0.0:
+        hidden = pixels[..., :3]
+        colours = " (its colour channels do hold a picture: save it without the alpha channel to use that)" if (
+            hidden.size and int(hidden.max()) - int(hidden.min()) > 16) else ""
+        raise ImageError(f"{what} {path}: every pixel is fully transparent (alpha 0), so nothing of the subject would "
+                         f"reach the model, only a white card{colours}; export the subject with its pixels")
+    if visible < MIN_VISIBLE:
+        warn(f"{what} {path}: only {visible:.2%} of its pixels are visible (the rest is transparent and becomes "
+             "white); check that this cut-out holds the subject")
 
 
 def load_image(
@@ -246,10 +268,31 @@ def frame_rotation(frame: object) -> int:
     return round((getattr(frame, "rotation", 0) or 0) / 90.0) % 4 * 90
 
 
-def frame_to_rgb(frame: object, size: tuple[int, int] | None = None, interpolation: str | None = None) -> np.ndarray:
+def sample_aspect_ratio(stream: object) -> float:
+    """A PyAV video stream's sample (pixel) aspect ratio, width / height of one stored pixel (SAR: 4:3 for
+    anamorphic DV, 2:1 for a squeezed editor's export); 1.0 when unset or invalid."""
+    for owner in (getattr(stream, "codec_context", None), stream):
+        ratio = getattr(owner, "sample_aspect_ratio", None)
+        if ratio and math.isfinite(float(ratio)) and float(ratio) > 0:
+            return float(ratio)
+    return 1.0
+
+
+def display_width(width: int, sample_aspect: float) -> int:
+    """The width a player shows for `width` stored pixels of aspect `sample_aspect` (rounded, at least 1), as
+    ffmpeg's display aspect ratio = width * SAR / height."""
+    return max(1, round(width * sample_aspect))
+
+
+def frame_to_rgb(frame: object, size: tuple[int, int] | None = None, interpolation: str | None = None,
+                 sample_aspect: float = 1.0) -> np.ndarray:
     """uint8 RGB [H, W, 3] of a PyAV video frame AS A PLAYER SHOWS IT (display rotation applied, as ffmpeg's
-    autorotate does), optionally resized so that the DISPLAYED frame is `size` = (width, height)."""
+    autorotate does; non-square pixels, `sample_aspect` != 1, stretched to square ones), optionally resized so that
+    the DISPLAYED frame is `size` = (width, height)."""
     turns = frame_rotation(frame) // 90
+    if size is None and sample_aspect != 1.0:
+        stored = (display_width(frame.width, sample_aspect), frame.height)
+        size = stored if turns % 2 == 0 else (stored[1], stored[0])
     if size is None:
         array = frame.to_ndarray(format="rgb24")
     else:
@@ -311,7 +354,8 @@ def read_video_metadata(path: str | Path) -> dict[str, str]:
 
 
 def read_video(path: str | Path) -> np.ndarray:
-    """Decode every frame of the first video stream as uint8 [T, H, W, 3] RGB, as displayed (`frame_to_rgb`)."""
+    """Decode every frame of the first video stream as uint8 [T, H, W, 3] RGB, as displayed (`frame_to_rgb`:
+    rotation applied, non-square pixels made square)."""
     import av
 
     path = Path(path)
@@ -320,7 +364,8 @@ def read_video(path: str | Path) -> np.ndarray:
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError(f"video {path}: no video stream")
-        frames = [frame_to_rgb(frame) for frame in container.decode(video=0)]
+        sar = sample_aspect_ratio(container.streams.video[0])
+        frames = [frame_to_rgb(frame, sample_aspect=sar) for frame in container.decode(video=0)]
     if not frames:
         raise ValueError(f"video {path}: no decodable frames")
     return np.stack(frames)

@@ -285,13 +285,17 @@ class Platform:
             raise ServiceError(f"prefect {' '.join(args)} failed ({result.returncode}):\n{output}")
         return result
 
-    def up(self) -> None:
+    def up(self) -> list[str]:
+        """Start the services that are not up yet; returns the names of those it started (the others were running:
+        `kaleido platform run` leaves them running)."""
         mlflow, server, worker = self.services()
+        running = {service.name for service in (mlflow, server, worker) if service.healthy()}
         mlflow.start()
         server.start()
         # the pool must exist before its worker polls it; `create` fails harmlessly when it does
         self.prefect("--no-prompt", "work-pool", "create", self.work_pool, "--type", "process", check=False)
         worker.start()
+        return [service.name for service in (mlflow, server, worker) if service.name not in running]
 
     def deploy(self) -> None:
         self.prefect("--no-prompt", "deploy", "--all")
@@ -318,8 +322,14 @@ class Platform:
         flow run's log in <state_dir>/logs/run-<deployment>.log, then the run's summary table. Returns 0 when the
         flow run completed."""
         started = time.monotonic()
+        ours: list[str] = []  # the services this run started: the only ones it stops
         try:
-            self.up()
+            from kaleido.platform.experiments import drift_warning
+
+            drift = drift_warning(self.repo)
+            if drift:
+                echo(f"WARNING: {drift}")
+            ours = self.up()
             echo(f"services up in {time.monotonic() - started:.0f} s\n{self.describe()}")
             self.deploy()
             log = self.state_dir / "logs" / f"run-{deployment}.log"
@@ -338,10 +348,24 @@ class Platform:
             echo("")
             echo(to_text(markdown_rows(summary)) if summary else f"(no summary: the flow run ended {state})")
             echo(f"\nkaleido/{deployment}: {state} after {time.monotonic() - started:.0f} s (log: {log})")
+            echo(self.closing_note(ours, keep))
             return 0 if state == "COMPLETED" else 1
         finally:
             if not keep:
-                self.down()
+                for service in reversed(self.services()):  # worker first, as in `down`
+                    if service.name in ours:
+                        service.stop()
+
+    def closing_note(self, started: list[str], keep: bool) -> str:
+        """The last lines of `kaleido platform run`: where the UIs are, and whether they still answer."""
+        if keep or not started:
+            who = "you started them" if not started else "--keep"
+            return f"The services keep running ({who}); `kaleido platform down` stops them.\n{self.describe()}"
+        others = [s.name for s in self.services() if s.name not in started]
+        kept = f" ({', '.join(others)} keep running: you started them)" if others else ""
+        return (f"Stopping the services this run started: {', '.join(started)}{kept}. To open the UIs above, start "
+                "them again on the same stores with `.venv/bin/kaleido platform up` (`make run KEEP=1` leaves them "
+                "running); `.venv/bin/kaleido platform down` stops them.")
 
     def _api(self, path: str, body: dict[str, Any] | None = None) -> Any:
         """One Prefect REST call (GET without a body, POST with one) against this platform's server."""
@@ -356,7 +380,10 @@ class Platform:
         """Print each task run once when it finishes (name, state, seconds); return the flow run's final state."""
         terminal = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
         reported: set[str] = set()
+        progress = _ProgressLines(self, flow_run)
         while True:
+            for line in progress.new():  # a long task's progress, as its subprocess prints it
+                echo(f"    {line}")
             state = self._api(f"/flow_runs/{flow_run}")["state"]["type"]
             tasks = self._api("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}},
                                                     "sort": "EXPECTED_START_TIME_ASC"})
@@ -381,3 +408,33 @@ class Platform:
         found = self._api("/artifacts/filter", {"artifacts": {"key": {"any_": [key]},
                                                               "flow_run_id": {"any_": [flow_run]}}})
         return str(found[-1]["data"]) if found else None
+
+
+class _ProgressLines:
+    """The progress lines (kaleido.platform.progress) of a flow run's log that were not shown yet."""
+
+    def __init__(self, platform: Platform, flow_run: str) -> None:
+        self.platform, self.flow_run = platform, flow_run
+        self.after: str | None = None
+        self.seen: set[str] = set()
+
+    def new(self) -> list[str]:
+        from kaleido.platform.progress import is_progress_line
+
+        query: dict[str, Any] = {"flow_run_id": {"any_": [self.flow_run]}}
+        if self.after:
+            query["timestamp"] = {"after_": self.after}
+        try:
+            rows = self.platform._api("/logs/filter", {"logs": query, "sort": "TIMESTAMP_ASC", "limit": 200})
+        except (OSError, ValueError):  # the screen's extra: a hiccup of the API must not end the watch
+            return []
+        lines = []
+        for row in rows:
+            if row.get("id") in self.seen:
+                continue
+            self.seen.add(row.get("id"))
+            self.after = row.get("timestamp") or self.after
+            message = str(row.get("message", ""))
+            if is_progress_line(message):
+                lines.append(message)
+        return lines

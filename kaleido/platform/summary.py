@@ -71,6 +71,8 @@ def run_summary(
     if result.get("version"):
         rows.append(("model version", f"v{result['version']}" + (f" ({', '.join(aliases)})" if aliases else
                                                                    " (no alias)")))
+    if result.get("experiment"):
+        rows.append(("DVC experiment", f"{result['experiment']} (`kaleido experiments`, `dvc exp show`)"))
     sample = result.get("sample")
     if sample:
         rows.append(("sample video", str(sample)))

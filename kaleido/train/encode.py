@@ -248,15 +248,15 @@ def _encode_shard(
     tar: Path, name: str, out: Path, encoders: _Encoders, params: Params, progress: bool
 ) -> tuple[list[CachedSample], dict[str, int]]:
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     from kaleido.data.writer import iter_training_samples
+    from kaleido.platform.progress import track
 
     dtype = CACHE_DTYPES[params.train.cache_dtype]
     rejected: dict[str, int] = {}
     kept, videos, refs = [], [], []
     examples = list(iter_training_samples(tar))
-    for example in tqdm(examples, desc=f"decode {name}", unit="sample", disable=not progress, leave=False):
+    for example in track(examples, f"encode {name}: decode", unit="sample", enabled=progress):
         if len(example.references) > params.model.max_references:
             rejected["too_many_references"] = rejected.get("too_many_references", 0) + 1
             continue
@@ -329,6 +329,9 @@ def run_encode(
     report = EncodeReport(latents=out, text_len=params.model.text_len)
     encoders: _Encoders | None = None
     names = []
+    from kaleido.platform.progress import Progress
+
+    shards = Progress("encode", len(tars), "shard", enabled=progress)
     for tar in tars:
         name = shard_name(tar, dataset)
         names.append(name)
@@ -343,12 +346,15 @@ def run_encode(
         )
         if done:
             report.skipped_shards.append(name)
+            shards.update(1, skipped=True)
             continue
         marker.unlink(missing_ok=True)  # an interrupted shard must not look finished
         encoders = encoders or _Encoders(params, device)
         entries, _ = _encode_shard(tar, name, out, encoders, params, progress)
         marker.write_text(json.dumps({"hash": shard_hash, "source": str(tar), "samples": len(entries)}) + "\n")
         report.encoded_shards.append(name)
+        shards.update(1, samples=len(entries))
+    shards.close()
 
     null_marker = out / (NULL_CONTEXT_NAME + ".done")
     if force or not (out / NULL_CONTEXT_NAME).is_file() or null_marker.read_text().strip() != settings_hash:

@@ -262,9 +262,10 @@ def estimate(shape: TrainingShape) -> MemoryEstimate:
     return MemoryEstimate(shape, rows, notes)
 
 
-def shape_from_params(params: Params, stage: str, world_size: int, config: DiTConfig | None = None) -> TrainingShape:
+def shape_from_params(params: Params, stage: str, world_size: int, config: DiTConfig | None = None,
+                      precision: str | None = None) -> TrainingShape:
     """The training shape of a params.yaml stage: its model, the largest bucket, train.frames, model.max_references,
-    the parallel layout and LoRA; precision bf16 unless the local launcher runs on a machine without a GPU."""
+    the parallel layout and LoRA; `precision` (default: the launcher's, `training_precision`) bf16 or fp32."""
     from kaleido.train.plan import stage_preset
 
     train = params.train
@@ -274,7 +275,7 @@ def shape_from_params(params: Params, stage: str, world_size: int, config: DiTCo
         config=config or dit_config(params.model.arch), frames=train.frames, height=height, width=width,
         references=params.model.max_references, text_len=params.model.text_len, micro_batch=train.micro_batch,
         world_size=world_size, sequence_parallel=train.sequence_parallel, zero_stage=train.zero_stage,
-        precision=training_precision(params), checkpointing=train.activation_checkpointing,
+        precision=precision or training_precision(params), checkpointing=train.activation_checkpointing,
         lora_rank=lora.rank if lora.enabled else 0, lora_targets=tuple(lora.target_modules) if lora.enabled else (),
         offload_optimizer=train.offload_optimizer, offload_parameters=train.offload_parameters,
         reduce_bucket=train.reduce_bucket_size,
@@ -334,11 +335,12 @@ def fixes(shape: TrainingShape, budget_gb: float) -> list[str]:
 
 
 def memory_problem(params: Params, stage: str, world_size: int, config: DiTConfig | None = None,
-                   ) -> tuple[str | None, MemoryEstimate | None]:
+                   precision: str | None = None) -> tuple[str | None, MemoryEstimate | None]:
     """(why the plan does not fit train.gpu_memory_gb, with the options that would, or with offload the machines'
-    memory; None when it fits) and the estimate behind it (None on the CPU path, which has no GPU budget)."""
+    memory; None when it fits) and the estimate behind it (None on the CPU path, which has no GPU budget).
+    `precision`: the target's (default: the launcher's)."""
     budget = params.train.gpu_memory_gb
-    shape = shape_from_params(params, stage, world_size, config)
+    shape = shape_from_params(params, stage, world_size, config, precision)
     if shape.precision != "bf16":
         return None, None  # the CPU path: no GPU budget, nothing offloaded anywhere else
     host = host_problem(params, shape)

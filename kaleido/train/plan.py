@@ -148,7 +148,7 @@ def export_base(export: Path) -> str:
         info = json.loads(info_path.read_text())
     except (OSError, json.JSONDecodeError):
         return ""
-    if Path(info.get("path", "")).resolve() != Path(export).resolve():
+    if (info_path.parent / info.get("path", "")).resolve() != Path(export).resolve():  # relative to export.json
         return ""  # the record belongs to another export
     return str(info.get("base_model") or info.get("base") or "")
 
@@ -255,11 +255,13 @@ def plan_training(
     resume: bool = False,
     check_files: bool = True,
     check_tracking: bool = True,
+    precision: str | None = None,
 ) -> TrainPlan:
     """Derive the batch geometry of a stage on `world_size` ranks; raise TrainPlanError listing EVERY problem.
 
     check_files: the latent cache, init weights and (with resume) a checkpoint must exist here; False
-    when they live on storage only the training pods see (Kubernetes).
+    when they live on storage only the training pods see (Kubernetes). precision: the target's bf16 | fp32 for
+    the memory check (default: the launcher's; `kaleido train --plan --device gpu` plans GPUs from a CPU machine).
     """
     train = params.train
     preset = stage_preset(params, stage)
@@ -320,7 +322,7 @@ def plan_training(
     if not problems:  # the memory estimate needs a valid layout
         from kaleido.train.memory import memory_problem
 
-        memory, refused = memory_problem(params, stage, world_size, config)
+        memory, refused = memory_problem(params, stage, world_size, config, precision)
         if memory:
             problems.append(memory)
     if check_tracking:

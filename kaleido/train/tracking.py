@@ -1,4 +1,4 @@
-"""Training records: an MLflow run (params, per-step metrics), the loss curve as CSV, a tqdm bar.
+"""Training records: an MLflow run (params, per-step metrics), the loss curve as CSV, live progress lines.
 
 Only rank 0 records. The CSV (`<output>/<stage>/loss.csv`) is what DVC plots read; a resumed run
 rewrites it up to its checkpoint's step and continues, so the file always shows one curve. The
@@ -22,7 +22,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,12 +228,9 @@ class Tracker:
         self._resume_step = start_step if resume else None
         self.bar: Any = None
         if active and progress:
-            from tqdm.auto import tqdm
+            from kaleido.platform.progress import Progress  # a bar on a terminal, a line per interval in a log
 
-            self.bar = tqdm(
-                total=total_steps, initial=start_step, desc=output.name, unit="step", file=sys.stderr,
-                mininterval=0.5, dynamic_ncols=True,
-            )  # fmt: skip
+            self.bar = Progress(f"train {output.name}", total_steps, "step", initial=start_step, stream=sys.stderr)
 
     def start_mlflow(
         self,
@@ -284,11 +281,9 @@ class Tracker:
             call_tracking(self.uri, what, call)
         except TrackingUnavailable as exc:
             self.down = exc
-            # the warning gets a line of its own, not the end of the progress bar's
-            with self.bar.external_write_mode() if self.bar is not None else nullcontext():
-                log.warning("MLflow at %s: %s failed after %s retries (%s): recording locally only (loss.csv, "
-                            "val_loss.csv)", self.uri, what, os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "its"),
-                            exc.why)
+            log.warning("MLflow at %s: %s failed after %s retries (%s): recording locally only (loss.csv, "
+                        "val_loss.csv)", self.uri, what, os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "its"),
+                        exc.why)
 
     def _upload_missing(self) -> None:
         """The steps of loss.csv / val_loss.csv (up to the checkpoint) that the reopened run lacks."""
@@ -330,8 +325,7 @@ class Tracker:
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
         self._call(f"logging step {step}", lambda: self._mlflow.log_metrics(finite, step=step))
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
-            self.bar.update(1)
+            self.bar.update(1, loss=metrics["loss"], lr=f"{metrics['lr']:.2e}")
 
     def log_validation(self, step: int, metrics: dict[str, float], per_level: dict[str, float]) -> None:
         """val/loss (and per level) at `step`: val_loss.csv and MLflow."""

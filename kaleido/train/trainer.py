@@ -235,9 +235,12 @@ class Trainer:
         if self.ctx.is_main:
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            base = {"base": self.plan.init, "base_model": self.plan.base_model or ""}  # lineage of the version
+            # lineage of the version; paths relative (the export beside this file, the base to the repository), so a
+            # copied or cloned run folder still names its own files
+            base = {"base": _portable(self.plan.init, self.params.base_dir), "base_model": self.plan.base_model or ""}
             info: dict[str, Any] = {
-                "stage": self.plan.stage, "step": step, "format": "wan", "path": str(target),
+                "stage": self.plan.stage, "step": step, "format": "wan",
+                "path": os.path.relpath(target, self.output),
                 "params_hash": params_hash(self.params), "mlflow_run_id": self.run_id, "config": module.cfg.to_dict(),
                 **base,
             }  # fmt: skip
@@ -467,3 +470,11 @@ class Trainer:
             }
             write_text_atomic(self.output / "val_loss.json", json.dumps(record, indent=1) + "\n")
         write_text_atomic(self.output / "metrics.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _portable(path: str, base_dir: Path) -> str:
+    """`path` relative to the repository (params.yaml's folder) when it lies inside it, else as given."""
+    if not path or "://" in path or path.startswith("models:"):
+        return path  # models:/name/3, s3://...
+    resolved = Path(path).resolve()
+    return os.path.relpath(resolved, base_dir) if resolved.is_relative_to(base_dir.resolve()) else path
