@@ -160,8 +160,11 @@ def version_data(repo: Path) -> dict[str, str]:
     remote = params.platform.dvc_remote
     if "://" not in remote:
         remote = str((repo / remote).resolve())
+    from kaleido.platform.storage import dvc_remote_commands
+
     run_command([_bin("dvc"), "commit", "--force", "--with-deps", DATA_STAGE], repo)
-    run_command([_bin("dvc"), "remote", "add", "--local", "--force", "--default", "kaleido", remote], repo)
+    for command in dvc_remote_commands(_bin("dvc"), "kaleido", remote, params):  # endpoint, verify on pull
+        run_command(command, repo)
     run_command([_bin("dvc"), "push", "--remote", "kaleido", "--with-deps", DATA_STAGE], repo)
     version = {"dvc_data_hash": dvc_out_hash(repo, "write-dataset", DATASET_OUT), "git_revision": git_revision(repo)}
     create_markdown_artifact(

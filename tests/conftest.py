@@ -217,3 +217,31 @@ def tiny_eval(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from kaleido.eval.tiny import build_tiny_eval_models
 
     return build_tiny_eval_models(tmp_path_factory.mktemp("tiny_eval"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A REAL S3-protocol server (moto's server mode) on 127.0.0.1 at a free port, once per session.
+
+    Yields the environment a client needs (AWS_ENDPOINT_URL, throwaway credentials, a region, MLflow's S3 endpoint);
+    tests apply it with monkeypatch (or pass it to the processes they start), so nothing leaks into other tests.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request in the test output
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        yield {
+            "AWS_ENDPOINT_URL": endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "kaleido-test",
+            "AWS_SECRET_ACCESS_KEY": "kaleido-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        server.stop()

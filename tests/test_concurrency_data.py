@@ -31,7 +31,6 @@ def _params_file(tmp: Path, tiny_vision: dict[str, Path], overrides: dict | None
         "data.ingest.sources": ["raw/carphone_pristine.mp4"],  # one 4 s clip: curation is the slow part
         "data.grounding.frames_per_clip": 1,
         "data.workers": 1,
-        "data.shard_size": 1,
         "data.ingest.clip_min_seconds": 1.0,
         "data.ingest.clip_max_seconds": 4.0,
         "data.ingest.fps": 8,
@@ -246,7 +245,7 @@ def test_a_full_disk_in_a_shard_exits_2_naming_the_file(tmp_path, data_params, m
     raw = yaml.safe_load(REPO_PARAMS.read_text())
     raw["data"]["root"] = str(root)
     raw["data"]["workers"] = 1
-    raw["data"]["shard_size"] = 10
+    raw["data"]["shards"] = 1  # every source in shard-00000
     params.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["ingest", "--params", str(params), "--quiet"])
     assert result.exit_code == 2, result.output

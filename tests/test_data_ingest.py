@@ -13,6 +13,7 @@ import pytest
 
 from kaleido.config.schema import IngestConfig
 from kaleido.data.ingest import ClipSpan, SourceInfo, frame_indices, plan_clips, probe_video
+from kaleido.data.keys import shard_name, shard_of
 from kaleido.data.paths import PathOutsideRoot, check_inside, resolve_inside
 from kaleido.data.records import ClipRecord, Rejection, read_jsonl
 from kaleido.data.shots import Shot, shots_from_transitions
@@ -177,7 +178,9 @@ def test_ingest_cuts_shots_into_bounded_clips(ingested):
         assert clip.num_frames == len(frame_indices(span, _cfr(25.0, clip.end_frame), 16.0))
         assert clip.duration_s == pytest.approx(clip.num_frames / 16)
         assert clip.start_s == pytest.approx(clip.start_frame / 25) and clip.end_s == pytest.approx(clip.end_frame / 25)
-        assert clip.path.startswith("ingest/shard-00000/clips/") and clip.clip_id in clip.path
+        # the shard of a clip is the stable key of its source video (data.shards: 8 here)
+        shard = shard_name(shard_of(clip.source, 8))
+        assert clip.path.startswith(f"ingest/{shard}/clips/") and clip.clip_id in clip.path
     too_short = [r for r in ingested["rejections"] if r.reason == "too_short"]
     assert [r.item for r in too_short] == ["raw/bikes.mp4#shot5"]
 

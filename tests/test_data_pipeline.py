@@ -157,7 +157,7 @@ def test_ingest_on_a_local_ray_cluster_matches_local_processes(tmp_path, sample_
         (root / "raw").mkdir(parents=True)
         shutil.copy(sample_videos["bikes"], root / "raw" / "bikes.mp4")
         shutil.copy(sample_videos["bigbuckbunny"], root / "raw" / "bigbuckbunny.mp4")
-        overrides = {"data.shard_size": 1, "data.workers": 1 if backend == "local" else 2}
+        overrides = {"data.workers": 1 if backend == "local" else 2}  # two sources: two shards of 8
         if backend == "ray":
             overrides["data.ray_address"] = "local"
         report = run_ingest(data_params(root, overrides), progress=False)
@@ -236,7 +236,8 @@ def curated(tmp_path_factory, data_params):
     escape = dict(rows[0], clip_id="evil", path="../../etc/passwd")
     write_jsonl(root / "user" / "captions.jsonl", [*rows, escape])  # a user's own manifest: passed by --manifest
     write_jsonl(root / "manifests" / "captions.jsonl", rows)  # clip metadata write-dataset copies into the samples
-    params = data_params(root, {"data.workers": 1, "data.shard_size": 2, "data.samples_per_tar": 2})
+    # sources a (c0, c1) and b (c2) fall in dataset shards 0 and 1 of 2 (sha256 of the path, mod 2)
+    params = data_params(root, {"data.workers": 1, "data.dataset_shards": 2})
     loads = []
 
     def load_curation_models(cfg, params_):
@@ -379,7 +380,7 @@ def test_cli_data_commands(written, tmp_path):
     assert result.exit_code == 0 and "data-stats:" in result.output and "stats.json" in result.output
     result = runner.invoke(app, ["write-dataset", "--params", str(params_file), "--quiet",
                                  "--manifest", "user/samples.jsonl"])
-    assert result.exit_code == 0 and "0 shards run, 3 already done" in result.output
+    assert result.exit_code == 0 and "0 shards run, 2 already done" in result.output  # one per dataset shard
     result = runner.invoke(app, ["subjects", "Two golden retrievers and a teddy bear", "--params", str(params_file)])
     assert result.exit_code == 0 and "dog (animal)" in result.output and "toy (object)" in result.output
     result = runner.invoke(app, ["ingest", "--params", str(params_file), "--detector", "magic"])

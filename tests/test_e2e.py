@@ -37,7 +37,6 @@ SOURCE = Path(__file__).resolve().parents[1]
 MODEL = "kaleido-s2v"
 SCREENSHOT = SOURCE / "artifacts" / "test" / "mlflow-champion.png"
 OVERRIDES: dict[str, Any] = {  # the embedded default, smaller where it does not change the path
-    "data.shard_size": 2,  # several curation shards, so a kill can land between two of them
     "data.models.flux_fill": None,  # crop + segment references only: FLUX dominates curation time on a CPU
     "data.models.flux_redux": None,
     # random-weight tiny CLIP scores are noise: the paper's filter thresholds would reject every instance

@@ -277,7 +277,11 @@ def test_mlflow_runs_with_basic_auth_on_postgres() -> None:
     pod = _find("prod", "Deployment", "mlflow")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = container["args"]
-    assert "--app-name=basic-auth" in args and "--artifacts-destination=/mlartifacts" in args
+    # prod's artifacts live in the bucket, with the bucket's credentials by reference
+    assert "--app-name=basic-auth" in args and "--artifacts-destination=s3://kaleido-prod/mlflow" in args
+    assert container["envFrom"] == [{"secretRef": {"name": "object-store-credentials"}}]
+    dev = _find("dev", "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert "--artifacts-destination=/mlartifacts" in dev["args"]
     assert "--backend-store-uri=postgresql://mlflow@postgres:5432/mlflow" in args
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
     assert refs == {
@@ -652,15 +656,18 @@ def test_network_policies_allow_exactly_the_platform_paths(overlay: str) -> None
         (stranger, pod("mlflow"), 5000), (stranger, pod("postgres"), 5432), (stranger, pod("train"), 29500),
         (pod("flow-run"), pod("train"), 29500), (pod("mlflow"), pod("train"), 29500),
         (pod("train"), pod("flow-run"), 80),
-        (pod("train"), api_server, 443), (pod("train"), cloud, 443), (pod("mlflow"), cloud, 443),
-        (pod("postgres"), cloud, 443), (pod("postgres"), pod("mlflow"), 5000), (pod("flow-run"), cloud, 80),
+        (pod("train"), api_server, 443), (pod("postgres"), cloud, 443),
+        (pod("postgres"), pod("mlflow"), 5000), (pod("flow-run"), cloud, 80),
         (pod("flow-run"), pod("prefect-worker"), 8080), (stranger, pod("prefect-worker"), 8080),
     ]  # fmt: skip
     resolvers = ["mlflow", "prefect-worker", "flow-run", "train"]
     if overlay == "prod":
         resolvers.append("kaleido-serve")
         allowed += [(controller, pod("mlflow"), 5000), (pod("kaleido-serve"), pod("mlflow"), 5000),
-                    (client, pod("kaleido-serve"), 8080)]  # fmt: skip
+                    (client, pod("kaleido-serve"), 8080),
+                    # the bucket (data, latents, DVC remote, MLflow artifacts): HTTPS to public addresses only
+                    (pod("train"), cloud, 443), (pod("mlflow"), cloud, 443), (pod("flow-run"), cloud, 443)]  # fmt: skip
+        denied += [(pod("train"), cloud, 80), (pod("mlflow"), api_server, 443)]
         denied += [(stranger, pod("kaleido-serve"), 8080), (client, pod("mlflow"), 5000),
                    (pod("kaleido-serve"), pod("postgres"), 5432), (pod("kaleido-serve"), cloud, 443)]  # fmt: skip
         # the curation RayCluster: flow runs submit jobs to the head; Ray's processes talk on any port among
@@ -680,6 +687,7 @@ def test_network_policies_allow_exactly_the_platform_paths(overlay: str) -> None
                    (pod("kaleido-serve"), pod("ray-head"), 8265)]  # fmt: skip
     else:
         denied.append((controller, pod("mlflow"), 5000))  # dev has no Ingress: port-forward only
+        denied += [(pod("train"), cloud, 443), (pod("mlflow"), cloud, 443)]  # dev keeps everything in the cluster
     allowed += [(pod(name), dns, 53, protocol) for name in resolvers for protocol in ("UDP", "TCP")]
     denied.append((pod("postgres"), dns, 53, "UDP"))  # PostgreSQL resolves no names: no egress at all
 

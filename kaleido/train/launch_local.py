@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def torchrun_command(params_path: Path, stage: str, nproc: int, resume: bool, progress: bool = True) -> list[str]:
+def torchrun_command(
+    params_path: Path, stage: str, nproc: int, resume: bool, progress: bool = True, module: str = "kaleido.train.worker"
+) -> list[str]:
+    """torchrun with `nproc` processes of `module` (the training worker; `kaleido.train.encode_worker` for encode)."""
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc),
-        "-m", "kaleido.train.worker", "--params", str(params_path), "--stage", stage,
+        "-m", module, "--params", str(params_path), "--stage", stage,
     ]  # fmt: skip
     if resume:
         command.append("--resume")
@@ -88,6 +91,7 @@ def launch_local(
     echo: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
     progress: bool = True,
+    module: str = "kaleido.train.worker",
 ) -> LaunchResult:
     """Run torchrun with `nproc` workers; stream its output through `echo`; return code and failure line."""
     echo = echo or (lambda line: print(line, end="", flush=True))
@@ -95,7 +99,7 @@ def launch_local(
     environment.setdefault("PYTHONUNBUFFERED", "1")
     # one thread per rank unless told otherwise: N ranks share this machine's cores
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = torchrun_command(params_path.resolve(), stage, nproc, resume, progress)
+    command = torchrun_command(params_path.resolve(), stage, nproc, resume, progress, module)
     tail: deque[str] = deque(maxlen=400)
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=environment

@@ -45,14 +45,21 @@ def _resolved(params: Params, path: Path) -> Path:
     return resolved
 
 
-def stage_dataset(params: Params, stage: str) -> Path:
-    """The stage's training tar shards: train.<stage>.dataset, else train.dataset."""
-    return _resolved(params, stage_preset(params, stage).dataset or params.train.dataset)
+def _location(params: Params, value: str) -> Path | str:
+    """A folder from params.yaml, resolved; an object-storage URI (s3://...) as it is."""
+    from kaleido.platform.storage import is_remote
+
+    return value if is_remote(value) else _resolved(params, Path(value))
 
 
-def stage_latents(params: Params, stage: str) -> Path:
-    """The stage's latent cache: train.<stage>.latents, else train.latents."""
-    return _resolved(params, stage_preset(params, stage).latents or params.train.latents)
+def stage_dataset(params: Params, stage: str) -> Path | str:
+    """The stage's training tar shards: train.<stage>.dataset, else train.dataset (a folder, or an s3:// URI)."""
+    return _location(params, stage_preset(params, stage).dataset or params.train.dataset)
+
+
+def stage_latents(params: Params, stage: str) -> Path | str:
+    """The stage's latent cache: train.<stage>.latents, else train.latents (a folder, or an s3:// URI)."""
+    return _location(params, stage_preset(params, stage).latents or params.train.latents)
 
 
 def stage_output(params: Params, stage: str) -> Path:
@@ -361,15 +368,21 @@ def _check_weights(path: Path, key: str) -> list[str]:
     return []
 
 
-def _check_cache(params: Params, stage: str, latents: Path, dp: int, text_dim: int) -> list[str]:
-    """The cache exists, was encoded from this stage's dataset for this model, and feeds every data-parallel rank."""
-    from kaleido.train.data import micro_batches_per_epoch
+def _check_cache(params: Params, stage: str, latents: Path | str, dp: int, text_dim: int) -> list[str]:
+    """The cache exists, was encoded from this stage's dataset for this model, and feeds every data-parallel rank.
+
+    Cheap checks only (the index, file presence and sizes against the index's seals, safetensors headers); the
+    sha256 of each shard is checked by the rank that reads it (LatentCache.ensure_shard)."""
+    from kaleido.platform.storage import Remote, StorageError, is_remote
+    from kaleido.train.data import steps_per_epoch
     from kaleido.train.latents import CachedSample, CacheError, read_index
 
     key = f"train.{stage}.latents" if stage_preset(params, stage).latents else "train.latents"
     try:
-        index = read_index(latents)
+        index = read_index(latents, params)
     except CacheError as exc:
+        return [f"{key}: {exc}"]
+    except StorageError as exc:
         return [f"{key}: {exc}"]
     except (OSError, json.JSONDecodeError) as exc:
         return [f"{key}: latent cache {latents} is unreadable ({exc}); re-run `kaleido encode --force`"]
@@ -386,27 +399,41 @@ def _check_cache(params: Params, stage: str, latents: Path, dp: int, text_dim: i
             "re-encode with the model.text_encoder that belongs to the checkpoint"
         )
     samples = [CachedSample.from_json(row) for row in index.get("samples", [])]
-    missing = sorted({s.shard for s in samples if not (latents / f"{s.shard}.safetensors").is_file()})
+    seals = index.get("shards") or {}
+    if is_remote(latents):
+        listing = Remote(str(latents), params).listing("")
+        sizes = {name: size for name, size in listing.items()}
+    else:
+        folder = Path(latents)
+        sizes = {f"{s.shard}.safetensors": (folder / f"{s.shard}.safetensors").stat().st_size
+                 for s in samples if (folder / f"{s.shard}.safetensors").is_file()}
+    missing = sorted({s.shard for s in samples if f"{s.shard}.safetensors" not in sizes})
     if missing:
         problems.append(f"{key}: shard files missing in {latents}: {', '.join(missing[:5])}; re-run `kaleido encode`")
-    from kaleido.train.latents import NULL_CONTEXT_NAME, check_cache_file
+    for shard, seal in sorted(seals.items()):
+        size = sizes.get(f"{shard}.safetensors")
+        if seal and size is not None and size != seal["size"]:
+            problems.append(f"{key}: latent shard {latents}/{shard}.safetensors is {size} bytes, the cache's index "
+                            f"records {seal['size']} (truncated or replaced); re-run `kaleido encode`")
+    if not is_remote(latents):
+        from kaleido.train.latents import NULL_CONTEXT_NAME, check_cache_file
 
-    # a truncated shard fails here, naming the file, not in a rank after every model has loaded
-    present = sorted({s.shard for s in samples} - set(missing))
-    for file in [latents / NULL_CONTEXT_NAME, *(latents / f"{shard}.safetensors" for shard in present)]:
-        if file.is_file():
-            try:
-                check_cache_file(file)
-            except CacheError as exc:
-                problems.append(f"{key}: {exc}")
+        # a truncated shard fails here, naming the file, not in a rank after every model has loaded
+        present = sorted({s.shard for s in samples} - set(missing))
+        for file in [Path(latents) / NULL_CONTEXT_NAME, *(Path(latents) / f"{shard}.safetensors" for shard in present)]:
+            if file.is_file():
+                try:
+                    check_cache_file(file)
+                except CacheError as exc:
+                    problems.append(f"{key}: {exc}")
     train = [s for s in samples if s.split == "train"]
-    batches = micro_batches_per_epoch([s.bucket for s in train], params.train.micro_batch)
-    if batches < dp:
+    batches = steps_per_epoch(samples, params.train.micro_batch, dp)
+    if batches < 1:
         problems.append(
             f"{key}: {len(train)} cached training samples ({len(samples) - len(train)} more are held out for "
-            f"validation) give {batches} full micro-batches of train.micro_batch="
-            f"{params.train.micro_batch} per epoch (one bucket per micro-batch), fewer than the {dp} data-parallel "
-            "ranks; add data or lower train.micro_batch / the world size"
+            f"validation) give no full micro-batch of train.micro_batch={params.train.micro_batch} per epoch on "
+            f"every one of the {dp} data-parallel ranks (one bucket per micro-batch; each rank reads its own shards "
+            "when there are at least as many shards as ranks); add data or lower train.micro_batch / the world size"
         )
     return problems
 

@@ -34,7 +34,7 @@ from kaleido.config import Params, params_hash
 from kaleido.model.flow_matching import flow_matching_loss
 from kaleido.platform.files import is_disk_full, named_os_errors, write_text_atomic
 from kaleido.train.checkpoints import MARKER_NAME, checkpoint_tags, resume_point, tag_name, write_marker
-from kaleido.train.data import BucketBatchSampler, collate, training_sampler
+from kaleido.train.data import BucketBatchSampler, Prefetcher, collate, training_sampler
 from kaleido.train.engine import DistContext
 from kaleido.train.latents import LatentCache
 from kaleido.train.plan import TrainPlan, checkpoint_dir, export_dir, stage_output, stage_preset, tracking_uri
@@ -116,7 +116,7 @@ class Trainer:
         self.ctx = ctx
         self.engine = engine
         self.resume = resume
-        self.cache = LatentCache(plan.latents)
+        self.cache = LatentCache(plan.latents, params)  # a folder or s3://; shards checked against the index
         self.null_context = self.cache.null_context()
         # only the train split is trained on; the val split (whole held-out source videos) is only evaluated
         self.sampler = training_sampler(self.cache, plan.micro_batch, ctx.dp_rank, ctx.dp_size, params.train.seed)
@@ -346,7 +346,7 @@ class Trainer:
         text_len = self.params.model.text_len
         patch = self.engine.module.cfg.patch_size
         sp = self.plan.sequence_parallel
-        batches = iter(self.sampler)
+        loader = Prefetcher(self.cache, self.sampler)  # this rank's shards, read ahead in a background thread
         result = TrainResult(steps=self.plan.steps)
         status = "FAILED"
         try:
@@ -355,8 +355,9 @@ class Trainer:
                 lr = float(self.engine.get_lr()[0])  # the LR this step's update uses
                 loss_sum, tokens, samples = 0.0, 0, 0
                 for _ in range(self.plan.grad_accum):
+                    indices, items = loader.next()
                     micro = collate(
-                        self.cache, next(batches), self.null_context, text_len, patch, self.dtype, self.ctx.device
+                        self.cache, indices, self.null_context, text_len, patch, self.dtype, self.ctx.device, items
                     )
                     loss, _ = flow_matching_loss(self.engine, micro.batch, fm, self.generator)
                     self.engine.backward(loss)
@@ -412,6 +413,7 @@ class Trainer:
             status = "FINISHED"
             return result
         finally:
+            loader.close()
             tracker.finish(status)
 
     def _tracking_lost(self, tracker: Tracker) -> bool:

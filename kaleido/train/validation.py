@@ -187,9 +187,10 @@ def recompute_block(checkpoint: str | Path, block: dict[str, Any], device: str =
     ValueError when the cache is not here or no longer holds the same set (its fingerprint differs).
     """
     from kaleido.model.checkpoint import load_dit
+    from kaleido.platform.storage import is_remote
 
-    latents = Path(block["latents"])
-    if not (latents / "index.json").is_file():
+    latents = str(block["latents"])  # a folder, or an s3:// cache (fetched through the staging folder)
+    if not is_remote(latents) and not (Path(latents) / "index.json").is_file():
         raise ValueError(f"the validation cache {latents} is not on this machine; run the gate where training ran")
     cache = LatentCache(latents)
     validation = ValidationSet(cache, block["sigmas"], len(block["cases"]), block["seed"])

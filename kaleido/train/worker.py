@@ -41,6 +41,8 @@ def _error(line: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     from kaleido.config import ParamsError, load_params
     from kaleido.model.checkpoint import CheckpointError
+    from kaleido.platform.integrity import IntegrityError
+    from kaleido.platform.storage import StorageError
     from kaleido.train.latents import CacheError, LatentCache
     from kaleido.train.plan import plan_training
 
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         # only rank 0 talks to the tracking server
         plan = plan_training(params, args.stage, world, resume=args.resume, check_tracking=rank == 0)
-        LatentCache(plan.latents).null_context()  # a broken cache fails here, before a model is loaded
-    except (ParamsError, CacheError) as exc:
+        LatentCache(plan.latents, params).null_context()  # a broken cache fails here, before a model is loaded
+    except (ParamsError, CacheError, IntegrityError, StorageError) as exc:
         return _error(f"rank {rank}: {exc}")
 
     from kaleido.cli.app import show_library_warnings
@@ -82,8 +84,11 @@ def _operator_error(exc: BaseException, stage: str, rank: int) -> str | None:
     from kaleido.train.trainer import CheckpointWriteError, ResumeError, TrackingStopped
 
     resume = f"`kaleido train --stage {stage} --resume`"
-    if isinstance(exc, TrackingStopped | ResumeError):
-        return str(exc)
+    from kaleido.platform.integrity import IntegrityError
+    from kaleido.platform.storage import StorageError
+
+    if isinstance(exc, TrackingStopped | ResumeError | IntegrityError | StorageError):
+        return str(exc)  # a cache shard differs from its seal, object storage refused: named, with the fix
     if isinstance(exc, TrackingUnavailable):  # at the start: nothing was trained yet
         return f"{exc}; nothing was trained. Start the server (`kaleido platform up`) and run the command again"
     if isinstance(exc, CheckpointWriteError):
