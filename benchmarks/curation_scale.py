@@ -33,8 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +64,7 @@ OVERRIDES: dict[str, Any] = {
     "data.shards": 64,
     "data.dataset_shards": 16,
     "data.grounding.frames_per_clip": 1,
+    "data.models.factory": "kaleido.data.synthetic:stand_in_model",  # the stand-in detector and segmenter
     "data.models.flux_fill": None,
     "data.models.flux_redux": None,
     "data.filters": {"min_area": 0.0, "max_area": 1.0, "clip_min_score": -1.0, "min_sharpness": 0.0,
@@ -76,31 +75,14 @@ OVERRIDES: dict[str, Any] = {
 }
 
 
-@contextmanager
-def _stand_in_models() -> Iterator[None]:
-    import kaleido.data.curate as curate
-    import kaleido.data.pipeline as pipeline
-    from kaleido.data.synthetic import BoxSegmenter, FixedScorer, HalvesDetector
-
-    original = curate.load_curation_models
-    curate.load_curation_models = lambda cfg, params=None: curate.CurationModels(HalvesDetector(), BoxSegmenter(),
-                                                                                  FixedScorer())
-    pipeline._CURATION_MODELS.clear()
-    try:
-        yield
-    finally:
-        curate.load_curation_models = original
-
-
 def _run_stages(params: Any) -> dict[str, Any]:
     from kaleido.data.pipeline import run_caption, run_curation, run_ingest, run_write_dataset
 
     out: dict[str, Any] = {}
-    with _stand_in_models():
-        for stage, run in zip(STAGES, (run_ingest, run_caption, run_curation, run_write_dataset), strict=True):
-            start = _cpu()
-            report = run(params, progress=False)
-            out[stage] = {"cpu_s": _cpu() - start, "report": report}
+    for stage, run in zip(STAGES, (run_ingest, run_caption, run_curation, run_write_dataset), strict=True):
+        start = _cpu()
+        report = run(params, progress=False)
+        out[stage] = {"cpu_s": _cpu() - start, "report": report}
     return out
 
 

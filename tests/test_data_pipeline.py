@@ -213,7 +213,7 @@ def _clip_frames(background: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory, data_params):
     import kaleido.data.curate as curate
-    import kaleido.data.pipeline as pipeline
+    import kaleido.data.curation_stage as stage
     from kaleido.data.pipeline import run_curation
     from kaleido.data.synthetic import FixedScorer
     from kaleido.data.taxonomy import match_subjects
@@ -237,7 +237,8 @@ def curated(tmp_path_factory, data_params):
     write_jsonl(root / "user" / "captions.jsonl", [*rows, escape])  # a user's own manifest: passed by --manifest
     write_jsonl(root / "manifests" / "captions.jsonl", rows)  # clip metadata write-dataset copies into the samples
     # sources a (c0, c1) and b (c2) fall in dataset shards 0 and 1 of 2 (sha256 of the path, mod 2)
-    params = data_params(root, {"data.workers": 1, "data.dataset_shards": 2})
+    params = data_params(root, {"data.workers": 1, "data.dataset_shards": 2, "data.models.flux_fill": None,
+                                "data.models.flux_redux": None})
     loads = []
 
     def load_curation_models(cfg, params_):
@@ -253,7 +254,7 @@ def curated(tmp_path_factory, data_params):
         assert (root / "manifests" / "samples.jsonl").read_bytes() == samples_before
     finally:
         curate.load_curation_models = original
-        pipeline._CURATION_MODELS.clear()  # no stub models left for later runs in this process
+        stage._CURATION_MODELS.clear()  # no stub models left for later runs in this process
     return {"root": root, "params": params, "report": report, "loads": loads}
 
 

@@ -224,6 +224,12 @@ class VisionModelsConfig(_Section):
     flux_base: Path | None = Field(None, description="diffusers FluxPipeline folder (FLUX.1-dev) that redux feeds")
     flux_dtype: DTypeName = Field("bfloat16", description="FLUX weights dtype (float32 on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    factory: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="'module:function' that builds models by pool key (vlm, grounding_dino, sam, clip, face, "
+        "flux_fill, flux_redux) instead of the built-in loaders; returns None for a key it leaves to them "
+        "(kaleido.data.models). Importable on every worker and Ray node",
+    )
 
     @model_validator(mode="after")
     def _redux_needs_base(self) -> VisionModelsConfig:

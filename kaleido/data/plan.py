@@ -64,7 +64,10 @@ CALL_SECONDS: dict[str, CallCost] = {
 }
 SAM_ENCODER_PARAMETERS = {"vit_b": 89.7e6, "vit_l": 308.3e6, "vit_h": 632.2e6, "tiny": 0.15e6}
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-STAGE_OF = {"vlm": "caption"}  # every other pool serves `kaleido curate`; stages run one after the other
+# the stage run each pool serves: pools of one stage share the GPUs, stages run one after the other (`kaleido
+# curate` is two: curate, then pair, where FLUX builds only the references the samples use)
+STAGE_OF = {"vlm": "caption", "flux_fill": "pair", "flux_redux": "pair"}
+STAGES = ("caption", "curate", "pair")
 TITLES = {"vlm": "captioning VLM", "grounding_dino": "Grounding DINO", "sam": "SAM", "clip": "CLIP",
           "face": "face detector", "flux_fill": "FLUX.1 Fill", "flux_redux": "FLUX.1 Redux + dev"}
 
@@ -199,16 +202,23 @@ def seconds_per_call(params: Params, key: str) -> float:
 
 
 def calls_per_clip(params: Params, key: str, work: Workload, only_needed_types: bool) -> float:
-    """Calls of pool `key` per clip entering curation.
+    """Calls of pool `key` per clip entering curation (an expected value over the workload's assumptions).
 
-    only_needed_types: FLUX runs only for the samples whose type needs it (inpaint / redux at the mix's share,
-    background plates for the cross-paired share); otherwise every kept subject gets every type and every clip
-    a plate (what a worker that builds everything does).
+    only_needed_types: what the code does (kaleido.data.generated.FluxBuilder): FLUX Fill paints an inpaint
+    reference per subject of a NON-cross inpaint sample (a cross-paired one is composited on a donor plate instead)
+    and one plate per DISTINCT donor clip that cross pairs draw in a dataset shard; Redux a variation per subject of
+    a redux sample, cross-paired or not. Plates (`donor_share`): the cross-paired subjects of non-redux samples make
+    d = cross ratio x (1 - redux share) x subjects draws per kept clip over the dataset shard's kept clips; a clip
+    drawn at least once costs one plate, so plates per clip = yield x donor_share(d).
+    Otherwise (a worker that builds everything, as before the two phases): every kept subject gets every type and
+    every kept clip a plate.
     """
     frames = params.data.grounding.frames_per_clip
-    subjects = min(work.subjects_per_clip, params.data.references.max_references) * work.yield_share
+    per_kept = min(work.subjects_per_clip, params.data.references.max_references)
+    subjects = per_kept * work.yield_share
     instances = frames * work.instances_per_frame
     shares = mix_shares(params)
+    cross = params.data.references.cross_pair_ratio
     if key == "vlm":
         return 1.0
     if key in ("grounding_dino", "sam"):
@@ -220,10 +230,31 @@ def calls_per_clip(params: Params, key: str, work: Workload, only_needed_types: 
     if key == "flux_fill":
         if not only_needed_types:
             return subjects + work.yield_share  # an inpaint reference per subject + a plate per clip
-        return subjects * shares.get("inpaint", 0.0) + work.yield_share * params.data.references.cross_pair_ratio
+        draws = cross * (1.0 - shares.get("redux", 0.0)) * per_kept
+        return subjects * shares.get("inpaint", 0.0) * (1.0 - cross) + work.yield_share * donor_share(draws)
     if key == "flux_redux":
         return subjects * (shares.get("redux", 0.0) if only_needed_types else 1.0)
     raise KeyError(key)
+
+
+def donor_share(draws_per_clip: float) -> float:
+    """The expected share of a dataset shard's clips that cross pairs draw as donors at least once, for d draws per
+    clip (kaleido.data.pairing.DonorIndex).
+
+    Draws are consistent hashing: a draw takes the first source after it on a ring of the shard's sources, then the
+    first plate after a second draw among that source's clips, so a clip is drawn with probability proportional to
+    the arc before its source's point times the arc before its own point. Arcs between n uniform points on a circle
+    are n-scaled ~ Exp(1); with X, Y ~ Exp(1) a clip is missed by m = d n draws with probability
+    E[exp(-d X Y)] = E_X[1 / (1 + d X)] (large n), so the share drawn is 1 - E_X[1 / (1 + d X)] (about 0.34 at
+    d = 0.72, where uniform draws would give 1 - exp(-d) = 0.51; measured by tests/test_curation_plan.py on the
+    pair stage itself: 0.35 at 2k clips).
+    """
+    import numpy as np
+
+    if draws_per_clip <= 0:
+        return 0.0
+    x = np.linspace(0.0, 60.0, 60_001)  # E_X over Exp(1); the tail past 60 is below 1e-26
+    return float(1.0 - np.trapezoid(np.exp(-x) / (1.0 + draws_per_clip * x), x))
 
 
 # ---- the plan -----------------------------------------------------------------------------------------------
@@ -300,7 +331,7 @@ def _check(plan: CurationPlan, params: Params) -> None:
         return
     # Ray pools: at least one actor per pool of a stage; the rest of the GPUs in proportion to each pool's GPU time
     minimum = max(sum(p.num_gpus for p in plan.pools if p.actors_per_gpu and STAGE_OF.get(p.key, "curate") == stage)
-                  for stage in ("caption", "curate"))
+                  for stage in STAGES)
     if minimum > plan.gpus + 1e-9:
         plan.problems.append(f"one actor of every model pool needs {minimum:.2f} GPUs; the cluster has {plan.gpus}")
         plan.fixes.append(f"data.cluster.gpus: {math.ceil(minimum)} (or more GPU workers in the RayCluster)")
@@ -309,7 +340,8 @@ def _check(plan: CurationPlan, params: Params) -> None:
 
 def _size_pools(plan: CurationPlan) -> None:
     """Actors per pool: each stage's pools share every GPU in proportion to their GPU-seconds per clip (so they
-    finish together), at least one actor each. The caption stage runs before curation: its VLM gets them all."""
+    finish together), at least one actor each. Stages run one after the other (caption, curate, pair): the VLM
+    gets every GPU, then the curate pools, then FLUX."""
     usable = [p for p in plan.pools if p.actors_per_gpu]
     for stage in {STAGE_OF.get(p.key, "curate") for p in usable}:
         pools = [p for p in usable if STAGE_OF.get(p.key, "curate") == stage]

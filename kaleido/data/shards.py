@@ -7,8 +7,9 @@ its own items only; adding an item redoes its shard alone.
 `run_shards(stage, specs, fn, params)` runs `fn(ctx)` once per shard:
 - locally in `data.workers` processes (concurrent.futures, spawn start: forking a process that
   holds torch/Ray threads can deadlock), in-process when one worker suffices, or on Ray when
-  `data.ray_address` is set ('local' starts a local cluster; a remote cluster needs the data root
-  on a shared filesystem and `kaleido` installed on its nodes);
+  `data.ray_address` is set ('local' starts a local cluster; kaleido.data.ray_cluster.run_on_ray: every
+  task checks that it sees the driver's data root (a shared filesystem or object storage) and the driver
+  that it sees each finished shard; `kaleido` must be installed on the nodes);
 - `fn` writes into `ctx.work_dir`, a hidden temp folder. When it returns, the worker hashes every
   file, writes `_SUCCESS` (spec hash, per-file sha256, content hash, the fn's summary; no
   timestamps) and renames the folder to `<root>/<stage>/shard-NNNNN` in one atomic rename;
@@ -146,6 +147,7 @@ class ShardOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     disk_full: bool = False  # the shard failed for want of space (ENOSPC / EDQUOT)
+    node: str | None = None  # the Ray node that ran it (None: this machine)
 
 
 @dataclass
@@ -301,6 +303,7 @@ def run_shards(
     progress: bool = True,
     unit: str = "item",
     gpus: Sequence[str] = (),
+    pools: Mapping[str, Any] | None = None,
 ) -> StageResult:
     """Run `fn` over every shard not already finished; see the module docstring.
 
@@ -308,6 +311,8 @@ def run_shards(
     params, model paths). `fn` must be a module-level function (it is pickled by name).
     `gpus`: GPU ids for a model stage's local workers: one worker per GPU, each seeing only its own through
     CUDA_VISIBLE_DEVICES (at most len(gpus) workers). Empty: CPU work, or Ray (which places its own).
+    `pools`: on Ray, the stage's model pools ({key: kaleido.data.pools.Pool}); each shard task calls its models
+    through them (kaleido.data.models.shard_model).
     """
     root = shard_store.local_root(cfg)
     stage_dir = output_folder(root, stage_name)
@@ -317,14 +322,15 @@ def run_shards(
     with exclusive_output(stage_dir, f"stage {stage_name}"):
         stage_dir.mkdir(parents=True, exist_ok=True)
         for leftover in [*stage_dir.glob(".shard-*.tmp"), *stage_dir.glob(".shard-*.unpack-*"),
-                         *stage_dir.glob(".shard-*.tar.tmp-*")]:
+                         *stage_dir.glob(".shard-*.tar.tmp-*"), *stage_dir.glob(".ray-run-*")]:
             remove_inside(root, leftover)
         for orphan in stage_dir.glob("shard-*"):
             base = orphan.name.removesuffix(shard_store.PACK).removesuffix(shard_store.PACK_MARKER)
             if base not in names:  # a shard no source maps to any more (removed, or another shard count)
                 remove_inside(root, orphan)
         shard_store.drop_remote_orphans(stage_dir, names)
-        return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit, tuple(gpus))
+        return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit, tuple(gpus),
+                            pools)
 
 
 def _run_pending(
@@ -337,6 +343,7 @@ def _run_pending(
     progress: bool,
     unit: str,
     gpus: tuple[str, ...] = (),
+    pools: Mapping[str, Any] | None = None,
 ) -> StageResult:
     """Skip the shards whose marker matches and whose files are intact; run the others."""
     import logging
@@ -378,7 +385,9 @@ def _run_pending(
         if not pending:
             pass
         elif cfg.data.ray_address:
-            _run_ray(stage_name, pending, fn, cfg, stage_dir, finished)
+            from kaleido.data.ray_cluster import run_on_ray
+
+            run_on_ray(stage_name, pending, fn, cfg, stage_dir, finished, pools)
         elif cfg.data.workers == 1 or len(pending) == 1:
             for spec, expected in pending:
                 finished(spec, _execute(stage_name, spec, fn, cfg, stage_dir, expected))
@@ -423,30 +432,6 @@ def _run_pool(
                     finished(spec, ShardOutcome(spec.name, "failed", error=f"worker process died: {exc}"))
                 except Exception as exc:  # e.g. an unpicklable fn: report it, keep going
                     finished(spec, ShardOutcome(spec.name, "failed", error="".join(traceback.format_exception(exc))))
-
-
-def _run_ray(
-    stage: str,
-    pending: Sequence[tuple[ShardSpec, str]],
-    fn: ShardFn,
-    cfg: Params,
-    stage_dir: Path,
-    finished: Callable[[ShardSpec, ShardOutcome], None],
-) -> None:
-    from kaleido.data.ray_cluster import connect
-
-    ray = connect(cfg)
-    remote = ray.remote(num_cpus=1, max_retries=0)(_execute)
-    refs = {remote.remote(stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending}
-    waiting = list(refs)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1)
-        for ref in done:
-            spec = refs[ref]
-            try:
-                finished(spec, ray.get(ref))
-            except Exception as exc:  # a crashed Ray worker fails this shard only
-                finished(spec, ShardOutcome(spec.name, "failed", error=f"{exc.__class__.__name__}: {exc}"))
 
 
 def merge_jsonl(shard_dirs: Iterable[Path], name: str, out: Path, extra: Iterable[dict[str, Any]] = ()) -> int:
