@@ -294,6 +294,10 @@ class FixedScorer:
     def category_score(self, image: ImageLike, category: str) -> float:
         return self.scores.get(category, self.default)
 
+    def category_scores(self, images: Sequence[ImageLike], categories: Sequence[str]) -> list[float]:
+        """The batch form (kaleido.data.pools batches CLIP calls through it)."""
+        return [self.category_score(image, category) for image, category in zip(images, categories, strict=True)]
+
 
 class TextureInpainter:
     """Inpainter stand-in: fills the mask with a procedural texture seeded by `seed` (no generative model).
