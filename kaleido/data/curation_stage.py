@@ -128,7 +128,9 @@ def curate_shard(ctx: ShardContext) -> dict[str, Any]:
         except Exception as exc:  # one clip's failure must not stop the run
             rejections.append(Rejection("curate", clip_id, "curation_error", f"{exc.__class__.__name__}: {exc}"))
             continue
-        result.written_to = str(ctx.root / rel_dir)  # where the files are once the shard folder is renamed
+        # paths are root-relative and every reader resolves them against its own data root: no absolute path of this
+        # machine in the shard (its bytes are the same whichever node, staging folder or executor wrote it)
+        result.written_to = ""
         persist_pixels(ctx.work_dir, ctx.final_rel, result.instances, [])
         results.append(result)
         instances += result.instances

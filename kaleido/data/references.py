@@ -214,7 +214,7 @@ class CurationResult:
     enabled_types: list[str] = field(default_factory=list)  # sample types the configured models can build
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    written_to: str = ""  # absolute folder the files went to (`rel_dir` maps onto it)
+    written_to: str = ""  # absolute folder the files went to (`rel_dir` maps onto it); "" in a stage's shards
     rel_dir: str = ""
 
     @property
