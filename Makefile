@@ -14,7 +14,8 @@ IMAGE ?= kaleido:0.1.0
 # that the platform's environment must not get.
 LINT_VENV ?= .cache/lint-venv
 
-.PHONY: setup browser run stop test test-fast lint lint-env lock bench gpu-check image clean
+.PHONY: setup browser run stop test test-fast lint lint-env lock bench gpu-check image release \
+	deploy-prod clean
 
 setup: $(VENV)/.installed
 	@$(BIN)/kaleido plots-offline >/dev/null  # `dvc plots show` with Vega inlined: no CDN (kaleido/platform/plots.py)
@@ -55,11 +56,16 @@ $(LINT_VENV)/.installed: k8s/lint/requirements.lock
 
 lint-env: $(LINT_VENV)/.installed
 
+# Two pytest workers (pytest-xdist), each test file on one of them (--dist loadfile: a file's module fixtures, e.g.
+# the shared training run or the registered version, are built once, and tests/test_e2e.py keeps its order). Every
+# session fixture (the MLflow and Prefect servers, the tiny models) is per worker. tests/test_threads.py runs the
+# kernel, model and data tests again under 1 and 2 threads. PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 test: setup browser lint lint-env
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: setup lint-env
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .
@@ -81,6 +87,16 @@ gpu-check: setup
 # (train.kubernetes.image) and the work pool's `image` variable.
 image:
 	docker build -t $(IMAGE) --build-arg GIT_REVISION=$$(git rev-parse HEAD) .
+
+# The release step: after pushing the images, pin their digests into the prod overlay (kustomization.yaml, and the
+# kaleido image in params.yaml and work-pool-gpu.json): make release DIGESTS="kaleido=sha256:... postgres=sha256:..."
+release: setup
+	$(BIN)/kaleido release pin $(foreach d,$(DIGESTS),--image $(d))
+
+# Deploy prod only once every image is pinned (`kaleido release check` refuses the all-zero UNRELEASED digests).
+deploy-prod: setup
+	$(BIN)/kaleido release check --overlay k8s/overlays/prod
+	kubectl apply -k k8s/overlays/prod
 
 clean:
 	rm -rf artifacts runs .pytest_cache .platform

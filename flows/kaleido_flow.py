@@ -208,9 +208,13 @@ def register(tracking_uri: str, model_name: str, run_id: str, export: str, data_
     lineage = Lineage(data_version["git_revision"], data_version["dvc_data_hash"], params_hash, run_id,
                       base_model=export_base(Path(export)), kind="lora" if is_adapter(export) else "full")
     params = _params(Path(lock_file).parent)
+    # params a resume applied mid-run (--apply-param-changes): the version says which and from which step
+    info = Path(export).with_name("export.json")
+    changes = json.loads(info.read_text()).get("param_changes") if info.is_file() else None
+    extra = {"lineage.param_changes": json.dumps(changes)} if changes else None
     with tempfile.TemporaryDirectory(prefix="kaleido-model-") as staging:
         model = build_model(Path(export), params, Path(staging) / "model", registry.client)
-        version = registry.register(run_id, model, lineage, lineage_files=(Path(lock_file),))
+        version = registry.register(run_id, model, lineage, extra_tags=extra, lineage_files=(Path(lock_file),))
     create_markdown_artifact(
         f"## Registered {model_name} version {version}\n\n"
         + "\n".join(f"- {key}: `{value}`" for key, value in lineage.tags().items())

@@ -11,9 +11,12 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from kaleido.serving import generate_rows, load_pipeline
+from kaleido.serve_requests import generate_rows, refusal_message
+from kaleido.serving import load_pipeline
 
 
 class KaleidoS2VModel(PythonModel):
@@ -26,7 +29,14 @@ class KaleidoS2VModel(PythonModel):
 
     # pd.DataFrame is MLflow's "no schema from this hint" type: the explicit signature of build_model applies
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return generate_rows(self.pipe, self.config, model_input, params)
+        try:
+            return generate_rows(self.pipe, self.config, model_input, params)
+        except Exception as exc:
+            message = refusal_message(exc)
+            if message is None:
+                raise
+            # MLflow's scoring server answers an MlflowException with its code (400 here) and no stack trace
+            raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE) from None
 
 
 mlflow.models.set_model(KaleidoS2VModel())

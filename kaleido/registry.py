@@ -21,7 +21,11 @@ holder was killed mid-change) is broken with a warning. Rules kept under the loc
   refused when they differ; a version's artifacts sit at `model-<sha256[:16]>` in its run, a path
   that is written once (an existing path is never uploaded to again);
 - no path leaves `champion` on a version whose latest gate decision is not `passed`: a failed
-  re-gate of the champion demotes it (see `record_gate`), and rollback skips versions that failed.
+  re-gate of the champion demotes it (see `record_gate`), and rollback skips versions that failed;
+- no path gives `champion` to a version whose files are not whole in the artifact store: its MLmodel's
+  manifest (kaleido.serving.seal_model_folder: every file's size and sha256) is compared with the store's
+  listing (`stored_problem`), naming the file that is missing or has another size; a download is checked
+  against the sha256s (kaleido.serving.verify_model_folder).
 """
 
 from __future__ import annotations
@@ -435,6 +439,12 @@ class ModelRegistry:
                     f"{self.name} version {version} cannot be promoted: its gate decision is "
                     f"{decision or 'missing'}; run `kaleido gate --candidate models:/{self.name}/{version}` first"
                 )
+            problem = self.stored_problem(version)
+            if problem is not None:
+                raise RegistryError(
+                    f"{self.name} version {version} cannot be promoted: {problem}. Its registered files are damaged "
+                    "or were deleted; register its training run's export again (a new version) and gate that"
+                )
             current = self.alias_version(CHAMPION)
             if current == version:
                 return None
@@ -471,6 +481,8 @@ class ModelRegistry:
                 notes.append(f"version {version}'s gate decision is {self.gate_decision(version) or 'missing'}")
             else:
                 candidates.append(version)
+        while candidates and (problem := self.stored_problem(candidates[-1])) is not None:
+            notes.append(f"version {candidates.pop()}'s files: {problem}")
         if not candidates:
             skipped = f" (skipped: {'; '.join(notes)})" if notes else ""
             raise RegistryError(f"{self.name} has no earlier champion to roll back to{skipped}; v{current} stays")
@@ -490,12 +502,75 @@ class ModelRegistry:
             return False
 
     def download(self, ref: str, dst: Path) -> Path:
-        """Download a version's folder (an MLflow Model; kaleido.serving.model_checkpoint finds its DiT weights)."""
+        """Download a version's folder (an MLflow Model; kaleido.serving.model_checkpoint finds its DiT weights),
+        checked against its MLmodel's manifest: IntegrityError naming a file that is missing or differs."""
         import mlflow.artifacts
 
-        version = self.client.get_model_version(self.name, self.resolve(ref))  # resolve: it exists
-        return Path(
+        from kaleido.serving import verify_model_folder
+
+        number = self.resolve(ref)  # resolve: it exists
+        version = self.client.get_model_version(self.name, number)
+        folder = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=version.source, dst_path=str(dst), tracking_uri=self.client.tracking_uri
             )
         )
+        verify_model_folder(folder, f"{self.name} version {number}")
+        return folder
+
+    def stored_problem(self, version: str) -> str | None:
+        """Why the version's files in the artifact store cannot be whole, or None: its MLmodel is read (one small
+        download) and every file of its manifest must be listed at its size. A version sealed before manifests
+        existed must at least list the artifacts its MLmodel names; a plain checkpoint folder (no MLmodel: not
+        servable, evaluation can still load it) must not be empty."""
+        import tempfile
+
+        import mlflow.artifacts
+        import yaml
+
+        from kaleido.platform.integrity import listing_problem
+
+        record = self.client.get_model_version(self.name, version)
+        sizes = self._listing(record.source)
+        if not sizes:
+            return f"{record.source} holds no files (its artifacts were deleted)"
+        if "MLmodel" not in sizes:
+            return None  # a plain checkpoint folder: nothing sealed to compare
+        with tempfile.TemporaryDirectory(prefix="kaleido-mlmodel-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{record.source}/MLmodel", dst_path=tmp,
+                                                        tracking_uri=self.client.tracking_uri)
+            try:
+                meta = yaml.safe_load(Path(local).read_text()) or {}
+            except yaml.YAMLError as exc:
+                return f"{record.source}/MLmodel is not readable YAML ({str(exc).splitlines()[0]})"
+        flavor = (meta.get("flavors") or {}).get("python_function") or {}
+        manifest = (flavor.get("config") or {}).get("files")
+        if manifest is None:  # sealed before manifests: every named artifact must be there
+            manifest = {}
+            for entry in (flavor.get("artifacts") or {}).values():
+                prefix = str(entry.get("path", "")).rstrip("/")
+                if not any(name == prefix or name.startswith(prefix + "/") for name in sizes):
+                    return f"{record.source}/{prefix} is missing"
+        problem = listing_problem(manifest, sizes)
+        return f"{record.source}/{problem}" if problem else None
+
+    def _listing(self, source: str) -> dict[str, int]:
+        """{name relative to `source`: bytes} of every file the artifact store lists under a version's source."""
+        import mlflow.artifacts
+
+        sizes: dict[str, int] = {}
+        pending = [""]
+        while pending:
+            sub = pending.pop()
+            try:
+                found = mlflow.artifacts.list_artifacts(artifact_uri=f"{source}/{sub}" if sub else source,
+                                                        tracking_uri=self.client.tracking_uri)
+            except MlflowException:
+                found = []
+            for info in found:
+                name = f"{sub}/{Path(info.path).name}" if sub else Path(info.path).name
+                if info.is_dir:
+                    pending.append(name)
+                else:
+                    sizes[name] = int(info.file_size or 0)
+        return sizes

@@ -1,5 +1,6 @@
 """Every registered version is an MLflow Model: `mlflow.pyfunc.load_model("models:/kaleido-s2v@champion")`,
-`mlflow models serve` and `kaleido generate --model models:/...` all load the same folder.
+`kaleido serve` (MLflow's scoring app, bounded: kaleido/serve_app.py), `mlflow models serve` and `kaleido generate
+--model models:/...` all load the same folder.
 
 Layout of a version's MLflow Model (the `model/` artifact of its training run):
   MLmodel                   python_function flavor (kaleido/pyfunc_model.py as code), signature, model_config
@@ -15,19 +16,17 @@ downloads them into a local cache (~/.cache/kaleido/assets/<sha256>). Cost of `c
 (umt5-xxl is ~11 GB in bf16, the Wan VAE ~0.5 GB, next to 2.8 GB / 28 GB of 1.3B / 14B DiT weights); the cost of
 `reference`: the asset run must stay (deleting it breaks every version that names it).
 
-Inputs (one row per video): `prompt` (string) and `references` (a list of images, each base64 PNG/JPEG, raw or as
-a `data:image/...;base64,` URI; http(s) URLs only when the model was registered with serve.allow_remote_references,
-since a served endpoint must not fetch arbitrary addresses for its callers, and never local paths, which a remote
-caller could use to read the server's files). Params: seed, steps, frames, height, width, guidance_scale, shift,
-sampler, negative_prompt, their defaults the `generate` section of params.yaml at registration. Output per row:
+A version takes rows (`prompt`, `references` as base64 images) and params (SETTINGS), and answers one video per row:
 `video` (mp4 bytes; base64 in a served JSON response), `frames`, `fps`, `width`, `height`, `seed` (the one used).
+The requests themselves (references, settings, limits, cancellation) are kaleido/serve_requests.py. Every file of a
+version is checked against the manifest in its MLmodel (`model_config.files`: size and sha256) before it is loaded
+(`verify_model_folder`), naming the file that is missing or differs.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -36,11 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaleido.platform.files import folder_sha256
-from kaleido.platform.integrity import cache_root
+from kaleido.platform.integrity import IntegrityError, cache_root
+from kaleido.request_limits import Limits
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from kaleido.config import Params
 
 # MLflow's download progress bars would fill logs and command output (one per downloaded folder)
@@ -52,6 +50,7 @@ warnings.filterwarnings("ignore", message=r"(?s)(.*type hints?\b.*predict|.*pred
 ASSET_PARTS = ("vae", "text_encoder", "tokenizer")
 ASSETS_EXPERIMENT = "kaleido-assets"
 SETTINGS = ("seed", "steps", "frames", "height", "width", "guidance_scale", "shift", "sampler", "negative_prompt")
+MANIFEST_KEY = "files"  # model_config.files: {path inside the MLflow Model: {"size", "sha256"}}
 # a small PNG (8x8 white) so the input example stays a few hundred bytes
 _EXAMPLE_PNG = (
     "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAEklEQVR4nGP8//8/A27AhEduBEsAHgMECz8qDzUAAAAASUVORK5CYII="
@@ -62,47 +61,9 @@ class ServingError(ValueError):
     """A request or a model folder that cannot be served; the message names the field and the fix."""
 
 
-# ---- references -------------------------------------------------------------------------------------------
-
-
 def encode_image(path: str | Path) -> str:
     """A file as the base64 string the model takes (for callers that hold files)."""
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def reference_bytes(value: Any, what: str, allow_remote: bool = False) -> bytes:
-    """The image file bytes of a reference sent as base64, a data URI or (if `allow_remote`) an http(s) URL.
-
-    Raises ServingError naming `what` (e.g. "references[0]") and the fix."""
-    if not isinstance(value, str) or not value.strip():
-        raise ServingError(f"{what}: expected a base64 image string (or data URI), got {type(value).__name__}")
-    text = value.strip()
-    if text.startswith(("http://", "https://")):
-        if not allow_remote:
-            raise ServingError(f"{what}: URLs are off for this model (serve.allow_remote_references); send base64")
-        import urllib.request
-
-        with urllib.request.urlopen(text, timeout=30) as response:  # http(s) only, checked above
-            return response.read()
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ServingError(f"{what}: not a file, an http(s) URL or valid base64 (send the image file's bytes, "
-                           "base64-encoded)") from None
-
-
-def decode_reference(value: Any, index: int, allow_remote: bool = False, max_pixels: int | None = None) -> Image.Image:
-    """One reference of a request as RGB, through the project's one image loader (orientation, bit depth, ...)."""
-    from kaleido.model.media import load_image
-
-    what = f"references[{index}]"
-    data = reference_bytes(value, what, allow_remote)
-    with tempfile.NamedTemporaryFile(suffix=".img") as handle:
-        handle.write(data)
-        handle.flush()
-        return load_image(Path(handle.name), what, max_pixels)
 
 
 # ---- assets -----------------------------------------------------------------------------------------------
@@ -177,6 +138,9 @@ def load_pipeline(transformer: Path | None, config: dict[str, Any], artifacts: d
     from kaleido.model.vae import WanVAE
 
     artifacts = artifacts or {}
+    root = _model_root(artifacts)
+    if root is not None:
+        verify_model_folder(root, "MLflow Model")
     paths = {}
     for part in ASSET_PARTS:
         if part in artifacts:
@@ -202,58 +166,13 @@ def load_pipeline(transformer: Path | None, config: dict[str, Any], artifacts: d
     return pipe, config
 
 
-def request_settings(config: dict[str, Any], params: dict[str, Any] | None) -> dict[str, Any]:
-    """A request's settings (its params over the model's params.yaml defaults), checked by the same schema as
-    `kaleido generate` (4k+1 frames, sizes divisible by 16, steps <= 1000, finite floats, seed -1 = random) and
-    the R-RoPE size limit of this model. Raises ServingError naming every bad value."""
-    from pydantic import ValidationError
-
-    from kaleido.config.schema import GenerateConfig, rope_size_problem
-
-    given = {key: value for key, value in (params or {}).items() if value is not None}
-    unknown = sorted(set(given) - set(SETTINGS))
-    if unknown:
-        raise ServingError(f"params {unknown}: not settings of this model; it takes {', '.join(SETTINGS)}")
-    try:
-        checked = GenerateConfig.model_validate({**{key: config["defaults"][key] for key in SETTINGS}, **given})
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in error.errors())
-        raise ServingError(f"params: {problems}") from None
-    problem = rope_size_problem(checked.height, checked.width, config["rope_variant"], config["rope_offset"])
-    if problem:
-        raise ServingError(f"params: {problem}")
-    return {key: getattr(checked, key) for key in SETTINGS}
-
-
-def generate_rows(pipe: Any, config: dict[str, Any], model_input: Any, params: dict[str, Any] | None) -> Any:
-    """One video per input row -> a DataFrame (video bytes, frames, fps, width, height, seed)."""
-    import pandas as pd
-
-    from kaleido.model.media import write_video
-
-    rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
-    defaults = config["defaults"]
-    settings = request_settings(config, params)  # before any sampling: a bad number fails the request at once
-    outputs = []
-    for number, row in enumerate(rows):
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ServingError(f"row {number}: `prompt` must be a non-empty string")
-        refs = row.get("references")
-        refs = [] if refs is None or (not isinstance(refs, str) and len(refs) == 0) else refs
-        refs = [refs] if isinstance(refs, str) else list(refs)
-        images = [decode_reference(value, i, bool(config.get("allow_remote_references")),
-                                   config.get("max_image_pixels")) for i, value in enumerate(refs)]
-        frames = pipe(prompt, images, settings["frames"], settings["height"], settings["width"], settings["steps"],
-                      float(settings["guidance_scale"]), float(settings["shift"]), settings["sampler"],
-                      settings["seed"], settings["negative_prompt"], progress=False)
-        with tempfile.TemporaryDirectory(prefix="kaleido-predict-") as tmp:
-            path = write_video(frames, Path(tmp) / "video.mp4", fps=int(defaults["fps"]),
-                               metadata={"comment": json.dumps({"prompt": prompt, "seed": pipe.last_seed})})
-            video = path.read_bytes()
-        outputs.append({"video": video, "frames": int(frames.shape[0]), "fps": int(defaults["fps"]),
-                        "width": int(frames.shape[2]), "height": int(frames.shape[1]), "seed": int(pipe.last_seed)})
-    return pd.DataFrame(outputs, columns=["video", "frames", "fps", "width", "height", "seed"])
+def _model_root(artifacts: dict[str, str]) -> Path | None:
+    """The MLflow Model folder that holds these pyfunc artifacts (MLflow keeps them under <model>/artifacts/)."""
+    for value in artifacts.values():
+        for parent in Path(value).parents[:3]:
+            if (parent / "MLmodel").is_file():
+                return parent
+    return None
 
 
 def signature(params: Params) -> Any:
@@ -272,14 +191,20 @@ def signature(params: Params) -> Any:
     )
 
 
-def model_config(params: Params, dit_config: Any) -> dict[str, Any]:
+def model_config(params: Params, dit_config: Any, settings: Any = None) -> dict[str, Any]:
+    """A version's model_config: its DiT config, the settings it was trained with (kaleido.model.settings; None:
+    params.yaml's), dtypes, limits and generation defaults."""
+    from kaleido.model.settings import ModelSettings
+
     g = params.generate
+    settings = settings or ModelSettings.from_params(params)
     return {
-        "dit": dit_config.to_dict(), "rope_variant": params.model.rope.variant, "rope_offset": params.model.rope.offset,
+        "dit": dit_config.to_dict(), "rope_variant": settings.rope_variant, "rope_offset": settings.rope_offset,
         "dtype": None if params.model.dtype == "float32" else params.model.dtype,  # None: bf16 on GPU, fp32 on CPU
-        "vae_dtype": params.model.vae_dtype, "text_len": params.model.text_len,
-        "max_references": params.model.max_references, "max_image_pixels": params.media.max_image_pixels,
+        "vae_dtype": params.model.vae_dtype, "text_len": settings.text_len,
+        "max_references": settings.max_references, "max_image_pixels": params.media.max_image_pixels,
         "allow_remote_references": params.serve.allow_remote_references,
+        "limits": Limits.from_params(params).to_config(),
         "defaults": {**{key: getattr(g, key) for key in SETTINGS}, "fps": g.fps},
     }
 
@@ -294,17 +219,22 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
     """
     import mlflow.pyfunc
 
-    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint, read_shapes
+    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint, read_settings, read_shapes
     from kaleido.model.lora import LoraError, check_fits
+    from kaleido.model.settings import ModelSettings, resolve_settings
+    from kaleido.train.plan import verify_export
 
     base, lora = model_weights(checkpoint)
     try:
+        verify_export(checkpoint)  # a training export is registered as training sealed it
         info = inspect_checkpoint(base)
         adapter = None
         if lora is not None:
             adapter, _ = _adapter(lora)
             check_fits(adapter, read_shapes(base), f"its base {base}")
-    except (CheckpointError, LoraError) as exc:
+        # the version records what its weights were trained with, whatever the registering params.yaml says
+        settings = resolve_settings(read_settings(base, adapter), ModelSettings.from_params(params), str(checkpoint))
+    except (CheckpointError, LoraError, IntegrityError, ValueError) as exc:
         raise ServingError(f"cannot package {checkpoint}: {exc}") from None
     assets = {}
     for part in ASSET_PARTS:
@@ -313,7 +243,7 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
         if path is None or not path.exists():
             raise ServingError(f"model.{part}: {path} does not exist; a registered version needs it to generate")
         assets[part] = path
-    config = model_config(params, info.config)
+    config = model_config(params, info.config, settings)
     artifacts = {"transformer": str(base)}
     staging = None
     if adapter is not None and lora is not None:
@@ -354,7 +284,48 @@ def build_model(checkpoint: Path, params: Params, dst: Path, client: Any | None 
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+    seal_model_folder(dst)
     return dst
+
+
+def seal_model_folder(folder: Path) -> None:
+    """Record every file of an MLflow Model folder (size, sha256; MLmodel itself aside) in its MLmodel as
+    model_config.files: promotion, serving and loading check a version's files against it."""
+    from mlflow.models import Model
+
+    from kaleido.platform.integrity import folder_manifest
+
+    path = Path(folder) / "MLmodel"
+    model = Model.load(str(path))
+    flavor = model.flavors["python_function"]
+    flavor.setdefault("config", {})[MANIFEST_KEY] = folder_manifest(folder, exclude=("MLmodel",))
+    model.save(str(path))
+
+
+def model_manifest(folder: Path) -> dict[str, Any] | None:
+    """model_config.files of an MLflow Model folder; None for one sealed before manifests existed."""
+    return read_model_config(folder).get(MANIFEST_KEY)
+
+
+def verify_model_folder(folder: Path, label: str = "") -> None:
+    """Check a version's files against its MLmodel's manifest (size and sha256; a verdict is cached per file, so
+    this costs one hash per file). IntegrityError naming the file when one is missing or differs. A folder without
+    a manifest (sealed before manifests existed) must at least hold every artifact its MLmodel names."""
+    from kaleido.platform.integrity import verify_manifest
+
+    folder = Path(folder)
+    if not (folder / "MLmodel").is_file():
+        return  # a plain checkpoint or adapter: checked by its own loader
+    what = f"{label} file" if label else "model file"
+    fix = ("the version's copy is damaged: delete it from the cache ($KALEIDO_CACHE/models) to download it again, "
+           "or re-register the version if the registry's copy is damaged")
+    manifest = model_manifest(folder)
+    if manifest is None:
+        missing = [str(path) for path in model_artifacts(folder).values() if not path.exists()]
+        if missing:
+            raise IntegrityError(f"{what} {missing[0]} is missing; {fix}")
+        return
+    verify_manifest(folder, manifest, what=what, fix=fix)
 
 
 def _dataframe(example: dict[str, Any]) -> Any:
@@ -453,6 +424,7 @@ def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, 
         path = Path(ref).expanduser()
         if not path.exists():
             raise ServingError(f"--model {ref}: no such file or folder; pass a local model or models:/<name>@<alias>")
+        _verified(path.resolve(), str(path))
         return path.resolve(), str(path)
     from kaleido.registry import RegistryError, find_version
 
@@ -485,7 +457,21 @@ def resolve_model(ref: str, tracking_uri: str, echo: Any = None) -> tuple[Path, 
                 shutil.rmtree(target, ignore_errors=True)
                 partial.rename(target)
                 done.write_text(str(target / folder.relative_to(partial)))
-    return Path(done.read_text()), f"models:/{name}/{version}"
+    label = f"models:/{name}/{version}"
+    return _verified(Path(done.read_text()), label), label
+
+
+def _verified(folder: Path, label: str) -> Path:
+    """`folder` after verify_model_folder (a version) or verify_export (a training export); ServingError (one line,
+    naming the file) when a file differs from its seal."""
+    from kaleido.train.plan import verify_export
+
+    try:
+        verify_model_folder(folder, label)
+        verify_export(folder)
+    except IntegrityError as exc:
+        raise ServingError(str(exc)) from None
+    return folder
 
 
 def params_for_model(params: Params, folder: Path) -> Params:

@@ -281,8 +281,9 @@ def test_mlflow_ui_shows_the_champion(e2e: E2E, tmp_path: Path) -> None:
 
 
 def test_generate_deployment_makes_a_video_with_the_champion(e2e: E2E, tmp_path: Path) -> None:
-    """`prefect deployment run kaleido/generate -p prompt=... -p references=[...]`: a file of the checkout and a
-    base64 image, the champion by default; a playable video, its MLflow run and the Prefect artifact."""
+    """`prefect deployment run kaleido/generate -p prompt=... -p references=[...]`: a file under serve.reference_roots
+    of the checkout and a base64 image, the champion by default; a playable video, its MLflow run and the Prefect
+    artifact."""
     from PIL import Image
 
     from kaleido.model.media import read_video, read_video_metadata
@@ -290,10 +291,10 @@ def test_generate_deployment_makes_a_video_with_the_champion(e2e: E2E, tmp_path:
 
     champion = e2e.notes["champion"]
     rng = np.random.default_rng(4)
-    (e2e.repo / "artifacts" / "inputs").mkdir(parents=True, exist_ok=True)  # ignored by git: the tree stays clean
-    Image.fromarray(rng.integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(e2e.repo / "artifacts/inputs/cat.png")
+    (e2e.repo / "artifacts" / "uploads").mkdir(parents=True, exist_ok=True)  # ignored by git: the tree stays clean
+    Image.fromarray(rng.integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(e2e.repo / "artifacts/uploads/cat.png")
     Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(tmp_path / "ball.png")
-    references = json.dumps(["artifacts/inputs/cat.png", encode_image(tmp_path / "ball.png")])
+    references = json.dumps(["artifacts/uploads/cat.png", encode_image(tmp_path / "ball.png")])
     e2e.deployment("generate", "-p", "prompt=A cat plays with a ball", "-p", f"references={references}",
                    "-p", "seed=11")
     run = _prefect_post(e2e.prefect, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]
@@ -311,14 +312,13 @@ def test_generate_deployment_makes_a_video_with_the_champion(e2e: E2E, tmp_path:
     generated = [a for a in _prefect_post(e2e.prefect, "/artifacts/filter", {"limit": 200})
                  if a["key"] == "kaleido-generated" and a["flow_run_id"] == run["id"]]
     assert len(generated) == 1 and f"models:/{MODEL}/{champion}" in generated[0]["data"]
-    # a reference that is neither a file nor an image: the run fails and says which one
-    failed = e2e.deployment("generate", "-p", "prompt=a cat", "-p", 'references=["no/such/file.png"]', check=False)
+    # a reference outside serve.reference_roots: the run fails at once, its state naming which one (one line)
+    failed = e2e.deployment("generate", "-p", "prompt=a cat", "-p", 'references=["/etc/passwd"]', check=False)
     assert failed.returncode != 0
     run = _prefect_post(e2e.prefect, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]
-    logs = _prefect_post(e2e.prefect, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
-    text = "\n".join(entry["message"] for entry in logs)
-    assert run["state_type"] == "FAILED" and "references[0]" in text, text[-3000:]
-    assert "not a file, an http(s) URL or valid base64" in text, text[-3000:]
+    message = run["state"]["message"]
+    assert run["state_type"] == "FAILED" and message.startswith("refused: references[0]: not an upload"), message
+    assert "\n" not in message and "Traceback" not in message
 
 
 def test_a_worse_candidate_is_refused_on_validation_loss(e2e: E2E) -> None:

@@ -242,3 +242,47 @@ def test_without_a_champion_the_candidate_must_beat_its_base_model() -> None:
     assert not ceiling.passed and "ceiling FAILED" in ceiling.reasons()["val_loss"]
     with pytest.raises(ValueError, match=r"gate\.ceilings, not gate\.floors"):
         GateConfig(floors={"val_loss": 0.1})
+
+
+def _relied(doc: dict[str, Any], reliance: list[float], losses: list[float] | None = None,
+            fingerprint: str = "val-fp") -> dict[str, Any]:
+    """A validated candidate whose held-out samples also carry reference_reliance (validation_block's cases)."""
+    losses = losses or [0.2] * len(reliance)
+    doc = _validated(doc, losses, base=[2.0] * len(losses), fingerprint=fingerprint)
+    for case, value in zip(doc["validation"]["cases"], reliance, strict=True):
+        case["metrics"]["reference_reliance"] = value
+    doc["overall"]["reference_reliance"] = float(np.mean(reliance))
+    return doc
+
+
+def test_reference_reliance_needs_evidence_above_its_floor() -> None:
+    scores = {"s2v_consistency": [0.7] * 6}
+    reads = _relied(_doc(scores), _noisy(0.08, 0.03, seed=5))
+    decision = decide(reads, None, GateConfig())
+    assert decision.passed, decision.reasons()
+    assert decision.reasons()["reference_reliance"].startswith("pass: floor ok")
+    # the same low val loss, references ignored: reliance is noise around 0, so its CI reaches below the floor
+    ignores = _relied(_doc(scores), _noisy(0.0, 0.02, seed=6))
+    refused = decide(ignores, None, GateConfig())
+    assert not refused.passed
+    assert refused.reasons()["val_loss"].startswith("pass")  # the loss rule alone would have passed it
+    assert "does NOT show reliance above the floor 0" in refused.reasons()["reference_reliance"]
+    # floor null: the rule is off; a candidate without reliance cases is named in the notes, not passed silently
+    assert decide(ignores, None, GateConfig(reference_reliance={"floor": None})).passed
+    assert any("no reference reliance" in note for note in decide(_validated(_doc(scores), [0.2] * 6, base=[2.0] * 6),
+                                                                  None, GateConfig()).notes)
+    with pytest.raises(ValueError, match=r"gate\.reference_reliance\.floor"):
+        GateConfig(floors={"reference_reliance": 0.1})
+
+
+def test_reference_reliance_must_not_regress_against_the_champion() -> None:
+    scores = {"s2v_consistency": [0.7] * 6}
+    champion = _relied(_doc(scores), _noisy(0.10, 0.01, seed=7))
+    same = _relied(_doc(scores), _noisy(0.10, 0.01, seed=8))
+    assert decide(same, champion, GateConfig()).passed
+    weaker = _relied(_doc(scores), _noisy(0.05, 0.01, seed=9))  # still clearly above the floor, but halved
+    decision = decide(weaker, champion, GateConfig(reference_reliance={"tolerance": 0.01}))
+    assert not decision.passed and "drop beyond tolerance 0.01" in decision.reasons()["reference_reliance"]
+    assert decide(weaker, champion, GateConfig(reference_reliance={"tolerance": 0.1})).passed
+    rule = rule_text(GateConfig())
+    assert "Reference reliance" in rule and "lower bound" in rule

@@ -235,3 +235,68 @@ def test_resume_skips_a_truncated_newest_checkpoint_for_the_newest_intact_one(en
     refused = _train(params, "--resume")
     assert refused.returncode == 2
     assert "--resume: no intact DeepSpeed checkpoint" in refused.stderr and tag_name(4) in refused.stderr
+
+
+# ---- a resume that cannot lie ----------------------------------------------------------------------------------
+
+
+def test_a_resume_with_edited_params_is_refused_or_applied_and_recorded_and_a_corrupted_checkpoint_skipped(
+        env, server_back):
+    """The probe: params.yaml edited during training (lr 0.001 -> 0.5), then --resume: the banner said the new lr,
+    every resumed step ran at the old one, and the run's params kept the old values. Now the resume is refused naming
+    the keys, or with --apply-param-changes the new values are used and recorded (output, loss.csv, MLflow, export).
+    The newest checkpoint is also corrupted in place (same size): its sha256 differs from its marker's, so the resume
+    starts from the one before, and says so."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from kaleido.train.trainer import EXIT_AFTER_STEP_ENV
+
+    uri = server_back["uri"]
+    params = env["params"]("edited", {"platform.mlflow_tracking_uri": uri, "train.checkpoint_every": 2})
+    out = _output(params)
+    killed = _train(params, env={EXIT_AFTER_STEP_ENV: "5"})  # checkpoints at steps 2 and 4, killed after step 5
+    assert killed.returncode != 0 and newest_intact(out) == tag_name(4), (killed.stdout + killed.stderr)[-3000:]
+    marker = json.loads((out / "checkpoints" / tag_name(4) / "complete.json").read_text())
+    assert marker["params"]["train.pretrain.lr"] == 1e-3 and len(marker["sha256"]) == len(marker["files"])
+    shard = out / "checkpoints" / tag_name(4) / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    raw = yaml.safe_load(params.read_text())
+    raw["train"]["pretrain"].update(lr=1e-2, steps=10)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    refused = _train(params, "--resume")
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2, said[-3000:]
+    assert "params changed since this run's checkpoint" in said and "--apply-param-changes" in said
+    assert "train.pretrain.lr 0.001 -> 0.01" in said and "train.pretrain.steps 8 -> 10" in said
+    raw["model"]["rope"]["offset"] = 79  # not a change a run can take mid-way, flag or not
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    fixed = _train(params, "--resume", "--apply-param-changes")
+    assert fixed.returncode == 2 and "model.rope.offset 80 -> 79" in fixed.stderr and "cannot change mid-run" in \
+        fixed.stderr
+    raw["model"]["rope"]["offset"] = 80
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    applied = _train(params, "--resume", "--apply-param-changes")
+    said = applied.stdout + applied.stderr
+    assert applied.returncode == 0, said[-4000:]
+    assert f"resuming from {tag_name(2)}" in said and f"skipped {tag_name(4)} (mp_rank_00_model_states.pt differs " \
+        "from the sha256 its marker recorded" in said
+    assert ("resumed at step 2 with changed params (applied from step 3): train.pretrain.lr 0.001 -> 0.01, "
+            "train.pretrain.steps 8 -> 10") in said
+    rows = read_loss_curve(out / "loss.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert [r["lr"] for r in rows[:2]] == pytest.approx([5e-4, 1e-3])  # warmup at the old lr
+    assert all(r["lr"] == pytest.approx(1e-2) for r in rows[2:])  # every resumed step at the new one
+    change = [{"step": 2, "changes": {"train.pretrain.lr": [1e-3, 1e-2], "train.pretrain.steps": [8, 10]}}]
+    assert json.loads((out / "export.json").read_text())["param_changes"] == change
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["param_changes"] == change and metrics["steps"] == 10
+    assert json.loads((out / "checkpoints" / tag_name(10) / "complete.json").read_text())["changes"] == change
+    run = MlflowClient(uri).get_run(metrics["mlflow_run_id"])
+    assert json.loads(run.data.tags["param_changes"]) == change
+    assert run.data.params["changed_at_step_2.train.pretrain.lr"] == "0.01"
+    assert run.data.params["train.pretrain.lr"] == "0.001"  # what the first steps ran with, kept

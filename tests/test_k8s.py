@@ -310,13 +310,18 @@ def test_overlays_size_the_platform() -> None:
 
 
 def test_prod_serves_the_champion_on_a_gpu() -> None:
-    """mlflow models serve of models:/kaleido-s2v@champion: ready only once loaded, credentials by reference."""
+    """kaleido serve of models:/kaleido-s2v@champion: ready only once loaded, credentials by reference, its limits
+    from the prod params.yaml."""
     deployment = _find("prod", "Deployment", "kaleido-serve")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     command = container["command"]
-    assert command[1:4] == ["models", "serve", "-m"] and command[4] == "models:/kaleido-s2v@champion"
-    assert "--env-manager" in command and command[command.index("--env-manager") + 1] == "local"
+    assert command[0].endswith("/kaleido") and command[1:4] == ["serve", "--model", "models:/kaleido-s2v@champion"]
+    params_path = command[command.index("--params") + 1]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert params_path == f"{mounts['params']}/params.yaml"
+    assert volumes["params"]["configMap"]["name"].startswith("kaleido-params")
     port = command[command.index("--port") + 1]
     assert container["ports"] == [{"name": "http", "containerPort": int(port)}]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):

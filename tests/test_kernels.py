@@ -375,16 +375,57 @@ def _train_step(model, inputs, lr):
     return out.detach(), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _fa3_rule(name, got, ref32, ref64):
-    """FlashAttention-3's acceptance rule, normwise: |got - ref64| <= 2 |ref32 - ref64| + noise, where
-    ref32 is the plain PyTorch reference in fp32 (the error any fp32 implementation of the same
-    network has) and noise is a few fp32 roundings of the value."""
+def gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of a sum of n fp32 terms in ANY order."""
+    return n * U / (1 - n * U)
+
+
+def _record_terms(model: torch.nn.Module) -> tuple[dict[str, tuple[torch.Tensor, int]], list]:
+    """Hooks on the float64 reference that record, per parameter, the magnitude of the terms its gradient sums and
+    how many there are: a Linear's weight gradient is sum_t dy_t x_t^T over the n tokens t (terms |dy|^T |x|), its
+    bias gradient sum_t dy_t (terms sum |dy|); an affine LayerNorm's weight sums dy_t * xhat_t, its bias dy_t. The
+    forward output's last reduction (head.head: in_features products and the bias) is recorded as "output"."""
+    terms: dict[str, tuple[torch.Tensor, int]] = {}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.LayerNorm) and getattr(module, "weight", None) is not None:
+
+            def forward(mod, args, out, name=name):
+                seen[name] = args[0].detach().abs().reshape(-1, args[0].shape[-1])
+                if name == "head.head":
+                    terms["output"] = (seen[name] @ mod.weight.detach().abs().T + mod.bias.detach().abs(),
+                                       mod.in_features + 1)
+                if isinstance(mod, torch.nn.LayerNorm):  # the normalised input, from the output
+                    seen[name] = ((out.detach() - mod.bias.detach()) / mod.weight.detach()).abs().reshape(
+                        seen[name].shape)
+
+            def backward(mod, grad_in, grad_out, name=name):
+                dy = grad_out[0].detach().abs().reshape(-1, grad_out[0].shape[-1])
+                x = seen[name]
+                terms[f"{name}.weight"] = ((dy.T @ x) if isinstance(mod, torch.nn.Linear) else (dy * x).sum(0),
+                                           dy.shape[0])
+                if mod.bias is not None:
+                    terms[f"{name}.bias"] = (dy.sum(0), dy.shape[0])
+
+            hooks += [module.register_forward_hook(forward), module.register_full_backward_hook(backward)]
+    return terms, hooks
+
+
+def _fa3_rule(name, got, ref32, ref64, noise):
+    """FlashAttention-3's acceptance rule, normwise: |got - ref64| <= 2 |ref32 - ref64| + noise (their tests:
+    hopper/test_flash_attn.py). ref32 is the plain PyTorch reference in fp32: the error any fp32 implementation of
+    the same network has. FA3's own noise term is two roundings of the value at magnitude >= 0.3 (`ref + 0.3 - 0.3 -
+    ref`); here the noise is what a reduction in another summation order may add: gamma_n times the sum of the
+    magnitudes of the n terms it adds up (_record_terms), which a result near zero (the key bias's gradient, zero up
+    to rounding by softmax's shift invariance) does not bound."""
     ref64 = ref64.double()
     err = (got.double() - ref64).abs().max().item()
-    budget = 2 * (ref32.double() - ref64).abs().max().item() + C_OPS * U * ref64.abs().max().item()
+    budget = 2 * (ref32.double() - ref64).abs().max().item() + noise
     assert err <= budget, f"{name}: {err:.3g} > {budget:.3g}"
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the first layer's input needs no gradient
 @pytest.mark.parametrize("variant", ["shift_wh", "time_staggered_neg"])
 def test_dit_triton_backend_equals_reference(variant):
     cfg = dit_config("tiny")
@@ -396,16 +437,31 @@ def test_dit_triton_backend_equals_reference(variant):
     state = base.state_dict()
     inputs = _dit_inputs(cfg, torch.Generator().manual_seed(1))
     runs = {}
+    lr = 0.1
     for key, backend, dtype in [("triton", "triton", torch.float32), ("ref32", "reference", torch.float32),
                                 ("ref64", "reference", torch.float64)]:
         model = KaleidoDiT(cfg, attention_backend=backend, rope_variant=variant).to(dtype)
         model.load_state_dict(state)
         assert model.backend.name == backend
-        runs[key] = _train_step(model, [t.to(dtype) for t in inputs], lr=0.1)
+        terms, hooks = _record_terms(model) if key == "ref64" else ({}, [])
+        runs[key] = _train_step(model, [t.to(dtype) for t in inputs], lr=lr)
+        for hook in hooks:
+            hook.remove()
     (out_t, grads_t, new_t), (out_32, grads_32, new_32), (out_64, grads_64, new_64) = (
         runs["triton"], runs["ref32"], runs["ref64"]
     )
-    _fa3_rule("output", out_t, out_32, out_64)
+    tokens = 3 * 3 * 5 + 2 * 3 * 5  # the longest sequence (_dit_inputs): 45 video + 30 reference tokens
+
+    def noise(name: str, exact: torch.Tensor) -> float:
+        # a gradient with no recorded terms (norm weights inside the fused kernels, modulation, the patch
+        # embedding) sums over the tokens too; no cancellation known there: its own magnitude bounds the terms
+        magnitude, n = terms.get(name, (exact.abs(), tokens))
+        return gamma(n) * magnitude.max().item() + C_OPS * U * exact.abs().max().item()
+
+    assert {name for name in grads_64 if name in terms} >= {"blocks.0.cross_attn.k.bias", "head.head.weight"}
+    _fa3_rule("output", out_t, out_32, out_64, noise("output", out_64))
     for name in grads_64:
-        _fa3_rule(f"grad {name}", grads_t[name], grads_32[name], grads_64[name])
-        _fa3_rule(f"updated {name}", new_t[name], new_32[name], new_64[name])
+        grad_noise = noise(name, grads_64[name])
+        _fa3_rule(f"grad {name}", grads_t[name], grads_32[name], grads_64[name], grad_noise)
+        _fa3_rule(f"updated {name}", new_t[name], new_32[name], new_64[name],
+                  lr * grad_noise + C_OPS * U * new_64[name].abs().max().item())

@@ -261,6 +261,7 @@ def test_platform_run_stops_only_the_services_it_started(tmp_path: Path, monkeyp
         platform = Platform(tmp_path, state, "http://127.0.0.1:1", "http://127.0.0.1:1/api", "local")
         monkeypatch.setattr(platform, "services", lambda: [users, server, worker])
         monkeypatch.setattr(platform, "prefect", lambda *args, **kw: subprocess.CompletedProcess(args, 0, "", ""))
+        monkeypatch.setattr(platform, "mark_crashed_runs", lambda: [])  # no Prefect API behind these stand-ins
 
         def deploy() -> None:
             assert server.pid() and worker.pid()  # started by the run
@@ -347,3 +348,60 @@ def test_run_summary_rows_from_a_flow_result(tmp_path: Path) -> None:
     assert table["contact sheet"].endswith("sample.png") and table["MLflow UI"] == "http://127.0.0.1:5000"
     assert markdown_rows(to_markdown(rows)) == rows  # the Prefect artifact prints back as the same table
     assert to_text(rows).splitlines()[0].startswith("data version")
+
+
+def _prefect_call(api: str, path: str, body: dict | None = None, method: str | None = None):
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{api}{path}", data=data, method=method or ("POST" if data else "GET"),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+def test_platform_up_marks_runs_whose_process_is_gone_crashed(prefect_server, tmp_path: Path) -> None:
+    """The probe: after the main job was SIGKILLed mid-run, its Prefect flow runs stayed RUNNING forever. `kaleido
+    platform up` (and `run`) now sets CRASHED on this platform's runs whose process is gone, and says so; a run whose
+    process lives, one with no known process and another pool's are left alone."""
+    import subprocess
+    import sys
+    import uuid
+
+    from kaleido.platform.services import Platform
+
+    pool, other = f"crash-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+    platform = Platform(tmp_path, tmp_path / "state", "http://127.0.0.1:9", prefect_server, pool)
+    flow = _prefect_call(prefect_server, "/flows/", {"name": f"kaleido-{pool}"})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "prefect.engine"])
+    runs = {}
+    for work_pool in (pool, other):
+        _prefect_call(prefect_server, "/work_pools/", {"name": work_pool, "type": "process"})
+    try:
+        for name, work_pool, pid in [("gone", pool, gone.pid), ("alive", pool, alive.pid), ("unknown", pool, None),
+                                     ("other pool", other, gone.pid)]:
+            deployment = _prefect_call(prefect_server, "/deployments/", {
+                "name": f"{name}-{uuid.uuid4().hex[:6]}", "flow_id": flow["id"], "work_pool_name": work_pool})
+            run = _prefect_call(prefect_server, f"/deployments/{deployment['id']}/create_flow_run", {})
+            _prefect_call(prefect_server, f"/flow_runs/{run['id']}/set_state",
+                          {"state": {"type": "RUNNING", "name": "Running"}, "force": True})
+            if pid is not None:
+                _prefect_call(prefect_server, f"/flow_runs/{run['id']}", {"infrastructure_pid": str(pid)}, "PATCH")
+            runs[name] = run
+        task = _prefect_call(prefect_server, "/task_runs/", {
+            "flow_run_id": runs["gone"]["id"], "task_key": "curate", "dynamic_key": "0", "name": "curate",
+            "state": {"type": "RUNNING", "name": "Running"}})
+        marked = platform.mark_crashed_runs()
+        state = {name: _prefect_call(prefect_server, f"/flow_runs/{run['id']}")["state"]
+                 for name, run in runs.items()}  # fmt: skip
+    finally:
+        alive.kill()
+        alive.wait()
+    assert marked == [f"{runs['gone']['name']} ({runs['gone']['id']})"]
+    assert state["gone"]["type"] == "CRASHED" and f"pid {gone.pid}) is gone" in state["gone"]["message"]
+    assert {state[name]["type"] for name in ("alive", "unknown", "other pool")} == {"RUNNING"}
+    assert _prefect_call(prefect_server, f"/task_runs/{task['id']}")["state"]["type"] == "CRASHED"
+    assert "now CRASHED: " + marked[0] in platform.describe_crashed(marked)

@@ -78,6 +78,27 @@ def test_only_a_passed_gate_can_be_promoted(registry, tmp_path):
     assert "| git revision | `abc123` |" in page and "/lineage/dvc.lock` |" in page
 
 
+def test_a_version_whose_artifacts_were_deleted_cannot_be_promoted_or_rolled_back_to(registry, tmp_path,
+                                                                                       mlflow_server, monkeypatch):
+    """The probe: a registered version whose artifacts were deleted was promoted (exit 0)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # resolves the mlflow-artifacts: source
+
+    kept, emptied = _version(registry, tmp_path, "a"), _version(registry, tmp_path, "b")
+    for version in (kept, emptied):
+        registry.record_gate(version, passed=True, reasons={})
+    registry.promote(emptied)
+    registry.promote(kept)
+    source = registry.client.get_model_version(registry.name, emptied).source
+    get_artifact_repository(source).delete_artifacts()
+    with pytest.raises(RegistryError, match=f"version {emptied} cannot be promoted: .* holds no files"):
+        registry.promote(emptied)
+    with pytest.raises(RegistryError, match=f"no earlier champion to roll back to .*version {emptied}'s files"):
+        registry.rollback()
+    assert registry.alias_version("champion") == kept
+
+
 def test_promote_keeps_previous_and_rollback_restores(registry, tmp_path):
     first, second = _version(registry, tmp_path, "a"), _version(registry, tmp_path, "b")
     for version in (first, second):

@@ -1,5 +1,6 @@
-"""Every registered version is an MLflow Model: pyfunc load and predict, `mlflow models serve` answering a real
-HTTP request, `kaleido generate --model models:/...`, all against the session's MLflow server (tiny model)."""
+"""Every registered version is an MLflow Model: pyfunc load and predict, `kaleido serve` (MLflow's scoring app,
+bounded) answering real HTTP requests, `kaleido generate --model models:/...`, all against the session's MLflow server
+(tiny model); a version whose files differ or are gone is refused where it is promoted or loaded."""
 
 from __future__ import annotations
 
@@ -155,17 +156,47 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_mlflow_models_serve_answers_invocations_with_a_video(registered, tmp_path):
+def _post(port: int, body: bytes | dict, content_type: str = "application/json", timeout: float = 120):
+    """(status, parsed JSON or text, headers) of POST /invocations."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
+                                     headers={"Content-Type": content_type})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as error:
+        text = error.read().decode()
+        try:
+            return error.code, json.loads(text), error.headers
+        except ValueError:
+            return error.code, text, error.headers
+
+
+def _one_line_reason(answer) -> str:
+    """A refusal's body: {"error_code", "message"}, the message one line of ours, no trace or server path."""
+    assert isinstance(answer, dict) and set(answer) == {"error_code", "message"}, answer
+    message = answer["message"]
+    for leak in ("\n", "Traceback", 'File "', "/tmp/", "site-packages", "Failed to predict"):
+        assert leak not in message, (leak, message)
+    return message
+
+
+def test_kaleido_serve_answers_with_a_video_and_refuses_every_bad_request_in_one_line(registered, tmp_path):
+    """`kaleido serve` (prod's command): MLflow's scoring app behind our bounds. The probe's faults: frames=1000001
+    accepted and generating after the client's 504 (13 GB), params MLflow dropped silently, refusals with MLflow's text
+    and a stack trace, numbers as strings."""
     from kaleido.serving import encode_image
 
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "KALEIDO_CACHE": str(tmp_path / "cache"),
-           # `mlflow models serve` starts uvicorn by name: this environment's scripts come first, as in the image
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    raw = yaml.safe_load(registered["params"].read_text())
+    raw["serve"] = {**raw.get("serve", {}), "timeout_s": 4, "concurrency": 1, "retry_after_s": 7,
+                    "max_request_bytes": 300_000}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "KALEIDO_CACHE": str(tmp_path / "cache")}
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([mlflow, "models", "serve", "-m", f"models:/{registered['name']}@champion",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+    server = subprocess.Popen([str(Path(sys.executable).with_name("kaleido")), "serve", "--model",
+                               f"models:/{registered['name']}@champion", "--params", str(params), "--port", str(port)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -175,24 +206,77 @@ def test_mlflow_models_serve_answers_invocations_with_a_video(registered, tmp_pa
                     if response.status == 200:
                         break
             except OSError:
-                time.sleep(1)
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
         else:
             raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
-        body = {"dataframe_records": [{"prompt": "a cat walks", "references": [encode_image(registered["ref"])]}],
-                "params": {"seed": 5, "steps": 2}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(request, timeout=300) as response:
-            predictions = json.loads(response.read())["predictions"]
-        video = base64.b64decode(predictions[0]["video"])
-        assert _frames_of(video, tmp_path).shape == (5, 32, 48, 3) and predictions[0]["seed"] == 5
-        # a bad request is a 400 whose body names the field and the fix
-        body["params"] = {"frames": 6}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=60)
-        assert refused.value.code == 400 and "frames=6: the Wan VAE needs 4k+1 frames" in refused.value.read().decode()
+        ref = encode_image(registered["ref"])
+        row = {"prompt": "a cat walks", "references": [ref]}
+        status, answer, _ = _post(port, {"dataframe_records": [row], "params": {"seed": 5, "steps": 2}})
+        assert status == 200, answer
+        prediction = answer["predictions"][0]
+        assert _frames_of(base64.b64decode(prediction["video"]), tmp_path).shape == (5, 32, 48, 3)
+        numbers = {key: prediction[key] for key in ("frames", "fps", "width", "height", "seed")}
+        assert numbers == {"frames": 5, "fps": 16, "width": 48, "height": 32, "seed": 5}
+        assert all(type(value) is int for value in numbers.values())  # numbers, not strings
+
+        # every refusal class: its status and our one-line reason, before any model work
+        not_png = base64.b64encode(b"hello, not an image").decode()
+        refusals = [
+            ({"dataframe_records": [row], "params": {"frames": 1000001}}, 400, "serve.max_tokens"),
+            ({"dataframe_records": [row], "params": {"num_inference_steps": 30, "num_frames": 9}}, 400,
+             "num_inference_steps is called steps here"),
+            ({"dataframe_records": [row], "params": {"frames": 6}}, 400, "frames=6: the Wan VAE needs 4k+1 frames"),
+            ({"dataframe_records": [row], "params": {"steps": True}}, 400, "holds true/false where a number belongs"),
+            ({"dataframe_records": [{**row, "prompt": "a\u0000cat"}]}, 400, "prompt: control character U+0000"),
+            ({"dataframe_records": [{**row, "references": ["not an image!"]}]}, 400, "not a file, an http(s) URL or"),
+            ({"dataframe_records": [{**row, "references": [not_png]}]}, 400, "references[0]: not a readable image"),
+            ({"dataframe_records": [{**row, "references": ["https://example.invalid/x.png"]}]}, 400,
+             "URLs are off for this model"),
+            ({"rows": [row]}, 400, "exactly one of the input fields"),
+            (b"{not json", 400, "not valid UTF-8 JSON"),
+            ({"dataframe_records": [{**row, "references": [ref + "A" * 320_000]}]}, 413, "serve.max_request_bytes"),
+        ]
+        for body, code, words in refusals:
+            started = time.monotonic()
+            status, answer, _ = _post(port, body)
+            assert status == code and words in _one_line_reason(answer), (body if isinstance(body, bytes) else
+                                                                          body.get("params"), status, answer)
+            assert time.monotonic() - started < 5  # refused at once, nothing generated
+        status, answer, _ = _post(port, b"prompt\na cat", content_type="text/csv")
+        assert status == 415 and "application/json" in _one_line_reason(answer)
+
+        # one generation at a time: the next request is refused with Retry-After, never queued; past
+        # serve.timeout_s the request gets 504 and its generation stops within a step (the slot frees at once)
+        import threading
+
+        long_answer: list = []
+        slow = threading.Thread(target=lambda: long_answer.append(
+            _post(port, {"dataframe_records": [row], "params": {"steps": 1000, "frames": 9}})))
+        slow.start()
+        time.sleep(1.0)
+        status, answer, headers = _post(port, {"dataframe_records": [row]})
+        assert status == 503 and headers.get("Retry-After") == "7" and "serve.concurrency" in _one_line_reason(answer)
+        slow.join(60)
+        status, answer, _ = long_answer[0]
+        assert status == 504 and "serve.timeout_s" in _one_line_reason(answer)
+        # the slot frees once the generation has stopped, within a step, not after its 1000 steps
+        freed = time.monotonic() + 10
+        while (status := _post(port, {"dataframe_records": [row]})[0]) == 503 and time.monotonic() < freed:
+            time.sleep(0.2)
+        assert status == 200
+        # a client that goes away: its generation stops too
+        body = json.dumps({"dataframe_records": [row], "params": {"steps": 1000, "frames": 9}}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while (tmp_path / "serve.log").read_text().count("the generation stopped") < 2:
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.2)
+        said = (tmp_path / "serve.log").read_text()
+        assert said.count("the generation stopped") == 2 and "the client left" in said and "Traceback" not in said
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
@@ -338,3 +422,56 @@ def test_a_lora_version_references_its_base_and_generates_merged(registered, tin
     plan_params.train.pretrain.init = Path(f"models:/{registered['name']}@champion")
     weights, resolved = resolve_registry_init(plan_params, "pretrain")
     assert resolved.endswith(f"/{registered['version']}") and read_config(weights).dim == 64
+
+
+def test_a_version_whose_files_differ_or_are_gone_is_refused_by_load_serve_and_promote(registered, tmp_path,
+                                                                                          monkeypatch):
+    """Every file of a version is sealed in its MLmodel (size + sha256). The probe: a version whose artifacts were
+    deleted was promoted (exit 0) and loading it gave a raw traceback. Now a corrupted local copy is refused where it
+    is loaded (CLI, pyfunc), and promotion refuses a version whose stored files are gone, naming the file."""
+    import mlflow.pyfunc
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from kaleido.platform.integrity import IntegrityError
+    from kaleido.registry import Lineage, RegistryError
+    from kaleido.serving import ServingError, build_model, resolve_model, verify_model_folder
+
+    monkeypatch.setenv("KALEIDO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    registry = registered["registry"]
+    client = registry.client
+    run = client.create_run(client.get_experiment_by_name("serving-tests").experiment_id)
+    export = tmp_path / "export"
+    shutil.copytree(registered["folder"] / "export", export)
+    model = build_model(export, load_params(registered["params"]), tmp_path / "model", client)
+    sealed = yaml.safe_load((model / "MLmodel").read_text())["flavors"]["python_function"]["config"]["files"]
+    weights = "artifacts/export/diffusion_pytorch_model.safetensors"
+    assert weights in sealed and len(sealed[weights]["sha256"]) == 64 and "MLmodel" not in sealed
+    version = registry.register(run.info.run_id, model, Lineage("g", "d", "p", run.info.run_id))
+    registry.record_gate(version, passed=True, reasons={})
+
+    # a copy whose bytes changed after download (same size: a bad disk, a tampered cache)
+    folder, _ = resolve_model(f"models:/{registered['name']}/{version}", registered["uri"])
+    target = folder / weights
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ServingError, match=f"{weights} has sha256 .*its seal records"):
+        resolve_model(f"models:/{registered['name']}/{version}", registered["uri"])
+    with pytest.raises(IntegrityError, match=r"diffusion_pytorch_model\.safetensors has sha256"):
+        mlflow.pyfunc.load_model(str(folder))
+    result = CliRunner().invoke(app, ["generate", "--model", f"models:/{registered['name']}/{version}", "--prompt",
+                                      "a cat", "--out", str(tmp_path / "v.mp4"), "--params", str(registered["params"])])
+    assert result.exit_code == 2 and "its seal records" in result.output and "Traceback" not in result.output
+
+    # the registry's copy loses its weights: promotion is refused naming the file, a download names it too
+    source = client.get_model_version(registry.name, version).source
+    get_artifact_repository(source).delete_artifacts(weights)
+    with pytest.raises(RegistryError, match=f"cannot be promoted: .*/{weights} is missing"):
+        registry.promote(version)
+    assert registry.alias_version("champion") == registered["version"]
+    promote = CliRunner().invoke(app, ["registry", "promote", version, "--params", str(registered["params"])])
+    assert promote.exit_code == 1 and f"{weights} is missing" in promote.output, promote.output
+    with pytest.raises(IntegrityError, match=f"{weights} is missing"):
+        registry.download(version, tmp_path / "dl")
+    verify_model_folder(registry.download(registered["version"], tmp_path / "champion"))  # the champion is whole

@@ -15,7 +15,6 @@ from kaleido.cli import app
 from kaleido.config import load_params
 from kaleido.train.data import BucketBatchSampler, micro_batches_per_epoch, pad_text
 from kaleido.train.encode import nearest_bucket, resize_cover, select_frames
-from kaleido.train.engine import warmup_constant
 from kaleido.train.launch_local import summarize_failure
 from kaleido.train.plan import TrainPlanError, plan_training
 from kaleido.train.tracking import LossCurve, flatten, read_loss_curve
@@ -74,12 +73,6 @@ def test_encode_helpers():
     assert pixels.shape == (3, 5, 32, 48) and pixels.min() >= -1 and pixels.max() <= 1
     padded = pad_text(torch.ones(3, 4), 6)
     assert padded.shape == (6, 4) and padded[:3].eq(1).all() and padded[3:].eq(0).all()
-
-
-def test_warmup_then_constant():
-    factor = warmup_constant(4)
-    assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_constant(0)(0) == 1.0
 
 
 def test_records(tmp_path: Path):

@@ -11,7 +11,9 @@ from kaleido.cli import (  # noqa: F401  (registration)
     params_commands,
     platform_commands,
     registry_commands,
+    release_commands,
     samples_commands,
+    serve_commands,
     train_commands,
 )
 from kaleido.cli.app import app

@@ -100,7 +100,7 @@ def inspect_checkpoint_command(
 ) -> None:
     """Print a DiT checkpoint's format, config and parameter count (reads headers only), or a LoRA adapter's
     layout, rank, alpha and targets."""
-    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint
+    from kaleido.model.checkpoint import CheckpointError, inspect_checkpoint, read_settings
     from kaleido.model.lora import LoraError, adapter_file, adapter_summary, is_adapter, load_adapter
 
     if is_adapter(path):
@@ -129,6 +129,15 @@ def inspect_checkpoint_command(
     typer.echo(f"config ({info.config_source}):")
     for key, value in info.config.to_dict().items():
         typer.echo(f"  {key}: {value}")
+    try:
+        settings = read_settings(path)
+    except ValueError as exc:
+        fail(str(exc))
+        raise  # unreachable, for type checkers
+    if settings is None:
+        typer.echo("trained with: not recorded (params.yaml's model.rope / model.text_len apply)")
+    else:
+        typer.echo("trained with: " + ", ".join(f"{k} {v}" for k, v in settings.to_dict().items()))
     typer.echo(f"parameters: {info.num_parameters} ({_human(info.num_parameters)})")
     typer.echo("dtypes: " + ", ".join(f"{name} ({count} tensors)" for name, count in info.dtypes.items()))
     if info.extras:
@@ -146,7 +155,15 @@ def merge_lora_command(
 ) -> None:
     """Fold a LoRA adapter into its base: a full checkpoint in any of the three DiT formats (W += scale *
     alpha / rank * B @ A, by peft)."""
-    from kaleido.model.checkpoint import FORMATS, CheckpointError, inspect_checkpoint, load_dit, read_shapes, save_dit
+    from kaleido.model.checkpoint import (
+        FORMATS,
+        CheckpointError,
+        inspect_checkpoint,
+        load_dit,
+        read_settings,
+        read_shapes,
+        save_dit,
+    )
     from kaleido.model.lora import LoraError, adapter_summary, check_fits, load_adapter
 
     if to not in FORMATS:
@@ -160,8 +177,9 @@ def merge_lora_command(
             fail(f"{dst}: the destination holds the base checkpoint; write to another path")
         typer.echo(adapter_summary(lora, layout))
         model = load_dit(base, config=info.config, lora=lora, lora_scale=scale)  # the base's own dtypes
-        written = save_dit(model.state_dict(), dst, to, model.cfg)
-    except (CheckpointError, LoraError, OSError) as exc:
+        # the merged weights keep the record of what they were trained with (the adapter's, else the base's)
+        written = save_dit(model.state_dict(), dst, to, model.cfg, settings=read_settings(base, lora))
+    except (CheckpointError, LoraError, OSError, ValueError) as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers
     typer.echo(f"merged {adapter} (scale {scale:g}) into {base} -> {dst} ({to}): {len(written)} files")

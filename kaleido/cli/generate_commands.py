@@ -82,8 +82,18 @@ def generate(
 
     # Validate everything cheap (sizes, reference files, prompt length) BEFORE loading any model.
     from kaleido.model.generate import GenerationSettings, check_prompts, validate_request
+    from kaleido.request_limits import LimitError, Limits, check_image_bytes, check_request
 
     request = GenerationSettings.from_params(loaded)
+    limits = Limits.from_params(loaded)  # the same cost model and limits as `kaleido serve` (serve.* in params.yaml)
+    try:
+        check_request(limits, prompt, request.negative_prompt, request.frames, request.height, request.width,
+                      request.steps, request.guidance_scale, len(ref or []))
+        for path in ref or []:
+            if path.is_file():
+                check_image_bytes(f"--ref {path}", path.stat().st_size, limits)
+    except LimitError as exc:
+        fail(str(exc))
     try:
         images = validate_request(
             ref or [], request.frames, request.height, request.width,

@@ -52,10 +52,13 @@ def up(params: ParamsOption = None) -> None:
 
     platform = _services(params)
     try:
-        platform.up()
+        _, crashed = platform.up()
     except ServiceError as exc:
         fail(str(exc), code=1)
+        raise  # unreachable, for type checkers
     typer.echo(platform.describe())
+    if crashed:
+        typer.echo(platform.describe_crashed(crashed))
 
 
 @platform_app.command("down")

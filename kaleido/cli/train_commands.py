@@ -79,6 +79,11 @@ def train(
     stage: StageOption,
     params: ParamsOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the stage's latest checkpoint")] = False,
+    apply_param_changes: Annotated[
+        bool, typer.Option("--apply-param-changes", help="with --resume: continue with params.yaml's changed lr, "
+                           "steps or checkpoint/validation cadence from the resumed step on (recorded in the run); "
+                           "without it a changed params.yaml is refused, naming the keys"),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="check everything and print the plan (local) or manifests (kubernetes)")
     ] = False,
@@ -126,7 +131,7 @@ def train(
             fail(str(exc))
         from kaleido.train.launch_kubernetes import launch_kubernetes
 
-        raise typer.Exit(launch_kubernetes(loaded, stage, resume, dry_run, path))
+        raise typer.Exit(launch_kubernetes(loaded, stage, resume, dry_run, path, apply_changes=apply_param_changes))
 
     from kaleido.platform.services import is_embedded_tracking
     from kaleido.train.plan import tracking_uri
@@ -135,7 +140,8 @@ def train(
     # nothing); any other server must answer now, and the plan lists it with every other problem.
     startable = is_embedded_tracking(loaded, tracking_uri(loaded))
     try:
-        plan = plan_training(loaded, stage, world_size(loaded), resume=resume, check_tracking=not startable)
+        plan = plan_training(loaded, stage, world_size(loaded), resume=resume, check_tracking=not startable,
+                             apply_changes=apply_param_changes)
     except TrainPlanError as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers
@@ -145,13 +151,14 @@ def train(
 
     if dry_run:  # stdout: the plan and DeepSpeed config as JSON (YAML too); the prose to stderr
         typer.echo(plan.describe(), err=True)
-        typer.echo("command: " + " ".join(torchrun_command(path.resolve(), stage, plan.world_size, resume)), err=True)
+        typer.echo("command: " + " ".join(torchrun_command(path.resolve(), stage, plan.world_size, resume,
+                                                           apply_changes=apply_param_changes)), err=True)
         typer.echo(dump_plan(plan, deepspeed_config(plan, loaded, bf16=_has_gpu())))
         return
     from kaleido.platform.files import exclusive_output
 
     with exclusive_output(Path(plan.output), "kaleido train"):  # two runs into one stage folder mix checkpoints
-        result = launch_local(path, stage, plan.world_size, resume)
+        result = launch_local(path, stage, plan.world_size, resume, apply_changes=apply_param_changes)
     if result.operator_error:  # a full disk, the MLflow server gone, a truncated file: the rank's own line, exit 2
         fail(result.operator_error)
     if result.returncode:
@@ -211,13 +218,22 @@ def _has_gpu() -> bool:
 def learnable_task(
     out: Annotated[Path, typer.Option("--out", help="work folder: data, latents, runs, report.json")] = Path(
         "artifacts/learnable"),
-    steps: Annotated[int, typer.Option(help="optimizer steps of each training (batch 8)", min=1)] = 600,
-    ablations: Annotated[bool, typer.Option("--ablations", help="also train with R-RoPE `none`")] = False,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps of each training (batch 8); default 600 "
+                                                   "(colour), 1200 (slots)", min=1)] = None,
+    ablations: Annotated[bool, typer.Option("--ablations", help="colour task: also train with R-RoPE `none`")] = False,
+    task: Annotated[str, typer.Option(help="colour: one reference decides the subject's colour; slots: three "
+                                           "references decide the colour of each slot (Tables 2/3 in miniature)")
+                    ] = "colour",
+    variants: Annotated[str, typer.Option(help="slots: R-RoPE variants to train, comma-separated")] = (
+        "none,shift_w,shift_h,shift_wh,time_fixed_neg"),
+    seeds: Annotated[str, typer.Option(help="slots: training seeds, comma-separated")] = "0,1",
+    pretrain_steps: Annotated[int, typer.Option(help="slots: text-to-video steps first (0: none)", min=0)] = 0,
+    cross_pairing: Annotated[bool, typer.Option("--cross-pairing", help="slots: also Table 3 (backgrounds, "
+                                                                         "with / without cross-paired references)")
+                             ] = False,
     params: ParamsOption = None,
 ) -> None:
-    """Show that training makes the tiny model follow its references (a CPU task with held-out samples)."""
-    from kaleido.train.learnable_task import run_learnable_task
-
+    """Show that training makes the tiny model follow its references (CPU tasks with held-out samples)."""
     loaded = read_params(params)
     assets = {}
     for key in ("checkpoint", "vae", "text_encoder", "tokenizer"):
@@ -225,8 +241,26 @@ def learnable_task(
         if path is None or not path.exists():
             fail(f"model.{key}: {path} does not exist; run `kaleido init-tiny` first (the task uses the tiny assets)")
         assets[key] = str(path)
+    if task not in ("colour", "slots"):
+        fail(f"--task {task}: use colour or slots")
     try:
-        report = run_learnable_task(out, assets, steps, ablations, echo=typer.echo)
+        if task == "slots":
+            from kaleido.model.rope import ROPE_VARIANTS
+            from kaleido.train.multi_subject import TrainSettings, run_table
+
+            chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+            unknown = [v for v in chosen if v not in ROPE_VARIANTS]
+            if unknown or not chosen:
+                fail(f"--variants {variants}: unknown {unknown}; choose from {', '.join(ROPE_VARIANTS)}")
+            table = run_table(out, assets, chosen, tuple(int(s) for s in seeds.split(",")),
+                              TrainSettings(steps=steps or 1200),
+                              pretrain_steps, cross_pairing=cross_pairing, echo=typer.echo)
+            typer.echo(table.markdown())
+            typer.echo(f"report: {out / 'report.json'}")
+            return
+        from kaleido.train.learnable_task import run_learnable_task
+
+        report = run_learnable_task(out, assets, steps or 600, ablations, echo=typer.echo)
     except (RuntimeError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 RopeVariant = Literal[
     "none",
@@ -44,9 +44,38 @@ class ParamsError(ValueError):
     """params.yaml is missing or invalid; the message names the key, the value and what is allowed."""
 
 
+def _mentions(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's type (with its Optional / list / tuple / dict arguments) names one of `kinds`."""
+    if annotation in kinds:
+        return True
+    return any(_mentions(arg, kinds) for arg in getattr(annotation, "__args__", ()) if arg is not Ellipsis)
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_holds_bool(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_bool(item) for item in value.values())
+    return False
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: a `.nan` or `.inf` in params.yaml (or an override) is an error, not a silent value
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Strict numbers: pydantic's lax mode reads `true` as 1 (bool is an int in Python), so `micro_batch: true`
+        would train with micro-batch 1. A bool is refused wherever the field is a number and not also a bool."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None or not _holds_bool(value):
+            return value
+        if _mentions(field.annotation, (int, float)) and not _mentions(field.annotation, (bool,)):
+            raise ValueError(f"{value!r} holds true/false where a number belongs (true is not 1 here); write a number")
+        return value
 
 
 # A noise seed: 0 .. 2^63 - 1 (what torch.Generator.manual_seed takes); generate.seed may also be -1 = random.
@@ -144,6 +173,9 @@ class FlowMatchingConfig(_Section):
     base_seq_len: int = Field(256, ge=1)
     max_seq_len: int = Field(4096, ge=2)
     text_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    reference_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="probability that a micro-batch trains without its references (official "
+        "subject_cond_dropout, shipped 0); 1.0 trains text-to-video")
 
     @model_validator(mode="after")
     def _ordered(self) -> FlowMatchingConfig:
@@ -418,6 +450,13 @@ def lora_target_problem(targets: list[str] | tuple[str, ...]) -> str | None:
     return None
 
 
+class TrainSamplesConfig(_Section):
+    # Held-out samples generated while training (kaleido/train/samples.py): videos and a contact sheet in MLflow.
+    every: int = Field(0, ge=0, description="optimizer steps between sample sets; 0: none (CI-sized runs)")
+    count: int = Field(2, ge=1, le=16, description="samples per set: the first ones of the val split")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="sample i's noise seed is seed + i, the same at every step")
+
+
 class LoraSettings(_Section):
     """LoRA fine-tuning of a stage (peft). Every base weight stays frozen; targets are Wan module names."""
 
@@ -438,6 +477,31 @@ class LoraSettings(_Section):
         return self
 
 
+class LRSchedule(_Section):
+    """SwissArmyTransformer's learning-rate schedule as the official Kaleido trainer builds it
+    (sat/training/deepspeed_training.py `get_learning_rate_scheduler`, sat/training/learning_rates.py `AnnealingLR`);
+    kaleido/train/optim.py states the rule. Defaults: the shipped SFT config
+    (configs/training/video_wanx_14B_concat.yaml: mode finetune, lr_decay_style constant, SAT's --warmup 0.01)."""
+
+    mode: Literal["pretrain", "finetune"] = Field(
+        "finetune", description="SAT --mode: finetune adds the automatic warmup (auto_warmup_steps, auto_warmup_rate)")
+    warmup: float = Field(0.01, ge=0.0, le=1.0, description="SAT --warmup: linear warmup over this share of N")
+    decay_style: Literal["constant", "linear", "cosine", "exponential"] = Field(
+        "constant", description="SAT --lr-decay-style after the warmup (SAT's `exponential` is constant too)")
+    decay_ratio: float = Field(0.1, gt=0.0, le=1.0, description="SAT --lr-decay-ratio: cosine ends at lr * ratio")
+    decay_iters: int | None = Field(None, ge=1, description="SAT --lr-decay-iters; None: the stage's steps")
+    auto_warmup_steps: int = Field(100, ge=0, description="finetune: the first steps run at most auto_warmup_rate*lr")
+    auto_warmup_rate: float = Field(0.05, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _finite_warmup(self) -> LRSchedule:
+        if self.mode == "finetune" and self.auto_warmup_steps > 0 and self.warmup == 0:
+            # SAT divides by the warmup length inside the automatic warmup (ZeroDivisionError there)
+            raise ValueError("mode finetune with warmup 0: SAT's automatic warmup divides by the warmup length; "
+                             "give warmup > 0 (shipped 0.01) or auto_warmup_steps 0")
+        return self
+
+
 class StagePreset(_Section):
     lr: float = Field(gt=0.0)
     steps: int = Field(ge=1, description="optimizer steps")
@@ -448,6 +512,7 @@ class StagePreset(_Section):
     dataset: str | None = Field(None, description="this stage's tar shards (folder or s3://); None: train.dataset")
     latents: str | None = Field(None, description="this stage's latent cache (folder or s3://); None: train.latents")
     lora: LoraSettings = LoraSettings()
+    schedule: LRSchedule = LRSchedule()
 
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"  # a Kubernetes resource quantity
@@ -508,8 +573,8 @@ class TrainConfig(_Section):
     micro_batch: int = Field(1, ge=1)
     grad_clip: float = Field(0.1, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the decayed group (the official "
+                                "groups: biases and LayerNorm affine weights get none; kaleido/train/optim.py)")
     sequence_parallel: int = Field(1, ge=1, description="DeepSpeed-Ulysses degree: ranks sharing one sequence")
     activation_checkpointing: bool = True
     offload_optimizer: bool = Field(
@@ -520,6 +585,7 @@ class TrainConfig(_Section):
     gpu_memory_gb: float | None = Field(
         80.0, gt=0.0, description="memory of one GPU; every launch refuses a plan estimated above it (null: no check)")
     validation: TrainValidationConfig = TrainValidationConfig()
+    samples: TrainSamplesConfig = TrainSamplesConfig()
     nproc_per_node: int = Field(8, ge=1, description="processes (GPUs) the local launcher starts")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     dataset: str = Field("data/dataset", min_length=1,
@@ -639,6 +705,17 @@ class EvalConfig(_Section):
         return self
 
 
+class RelianceRule(_Section):
+    """The gate's reference-reliance rule (kaleido.eval.gate): held-out val loss with shuffled references minus
+    with the sample's own (kaleido.train.validation), per held-out sample."""
+
+    floor: float | None = Field(
+        0.0, description="the candidate must SHOW reliance: the lower bound of the bootstrap CI of its mean must "
+        "exceed this (null: no floor)")
+    tolerance: float = Field(0.01, ge=0.0, description="versus the champion: fails on a clear drop (the upper bound "
+                             "of the paired CI of candidate - champion below -tolerance)")
+
+
 class GateConfig(_Section):
     """Promotion gate (kaleido gate). Scores are per-case means; the rule is stated in kaleido.eval.gate."""
 
@@ -652,16 +729,22 @@ class GateConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided bootstrap confidence level")
     bootstrap_samples: int = Field(2000, ge=100)
     seed: int = Field(0, ge=0, description="bootstrap resampling seed (decisions are reproducible)")
+    reference_reliance: RelianceRule = RelianceRule()
 
     @model_validator(mode="after")
     def _known_metrics(self) -> GateConfig:
-        known = (*_metric_names()[1], "val_loss")  # val_loss: training's held-out loss, lower is better
+        # val_loss: training's held-out loss, lower is better; reference_reliance: its shuffled-references gap
+        known = (*_metric_names()[1], "val_loss", "reference_reliance")
         named = [*(self.metrics or []), *self.floors, *self.tolerances, *self.ceilings]
         unknown = sorted({name for name in named if name not in known})
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(known)}")
         if "val_loss" in self.floors:
             raise ValueError("val_loss is lower-is-better: bound it with gate.ceilings, not gate.floors")
+        for where in ("floors", "ceilings", "tolerances"):
+            if "reference_reliance" in getattr(self, where):
+                raise ValueError(f"gate.{where}.reference_reliance: set gate.reference_reliance.floor / tolerance "
+                                 "(its floor asks for evidence of reliance, unlike gate.floors)")
         negative = sorted(name for name, value in self.tolerances.items() if value < 0)
         if negative:
             raise ValueError(f"tolerances must be >= 0: {negative}")
@@ -669,9 +752,38 @@ class GateConfig(_Section):
 
 
 class ServeConfig(_Section):
-    # How registered versions are served (kaleido/serving.py): `mlflow models serve`, pyfunc, kaleido generate.
+    # How registered versions are served (kaleido/serving.py, kaleido/serve_app.py): `kaleido serve`, pyfunc,
+    # `kaleido generate`, the `kaleido/generate` deployment. The request limits (kaleido/request_limits.py) are one
+    # cost model for all of them, checked before any model work.
     allow_remote_references: bool = Field(
         False, description="let requests name references by http(s) URL (the server fetches them); off: base64 only",
+    )
+    max_tokens: int = Field(
+        90_000, ge=1, description="latent tokens per denoising step (video + references; one token = 4 frames x "
+        "16 x 16 pixels): bounds memory. Shipped 720x1280x81 with 3 references: 86,400",
+    )
+    max_token_steps: int = Field(
+        10_000_000, ge=1, description="tokens x steps x CFG branches (2 when guidance_scale != 1): bounds time. "
+        "Shipped 720x1280x81, 3 references, 50 steps, CFG: 8,640,000",
+    )
+    max_prompt_chars: int = Field(
+        10_000, ge=1, description="characters of the prompt and of the negative prompt (past model.text_len tokens "
+        "the text encoder cuts them, with a warning)")
+    max_image_bytes: int = Field(20_000_000, ge=1, description="bytes of one reference image file, as sent")
+    max_request_bytes: int = Field(100_000_000, ge=1024, description="bytes of one HTTP request body (kaleido serve)")
+    concurrency: int = Field(
+        1, ge=1, le=64, description="generations one server runs at once; more are refused (503 + Retry-After), "
+        "never queued",
+    )
+    retry_after_s: int = Field(30, ge=1, description="the Retry-After a busy server answers with")
+    timeout_s: float = Field(
+        900.0, gt=0, description="seconds a served request may run; then it is answered 504 and its generation stops "
+        "at the next denoising step (so does one whose client went away)",
+    )
+    reference_roots: list[Path] = Field(
+        default_factory=lambda: [Path("artifacts/samples"), Path("artifacts/uploads")],
+        description="folders (relative to the checkout) whose files the kaleido/generate deployment may read as "
+        "references; anything else is sent as base64 / a data URI",
     )
 
 
@@ -775,7 +887,7 @@ def _describe_error(error: dict[str, Any], source: str) -> str:
         return f"{source}: unknown key '{key}' (value {error['input']!r}); remove it or fix its spelling"
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
-    return f"{source}: {key}{shown}: {error['msg']}"
+    return f"{source}: {key}{shown}: {str(error['msg']).removeprefix('Value error, ')}"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

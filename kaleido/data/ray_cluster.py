@@ -88,14 +88,14 @@ def run_shard_task(stage: str, spec: Any, fn: Any, params: Params, stage_dir: Pa
     """One shard as a Ray task: check the data root (`root_problem`), then run it with the stage's model pools
     installed (kaleido.data.models.shard_model answers with their proxies). Returns a ShardOutcome naming the node."""
     from kaleido.data.models import installed_pools
-    from kaleido.data.shards import ShardOutcome, _execute
+    from kaleido.data.shards import ShardOutcome, _execute_pinned
 
     node = node_label()
     problem = root_problem(stage_dir, params, marker, nonce)
     if problem is not None:
         return ShardOutcome(spec.name, "failed", error=f"node {node} {problem}", node=node)
     with installed_pools(proxies):
-        outcome = _execute(stage, spec, fn, params, stage_dir, expected)
+        outcome = _execute_pinned(stage, spec, fn, params, stage_dir, expected)
     outcome.node = node
     return outcome
 

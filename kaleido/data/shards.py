@@ -279,10 +279,17 @@ def _execute(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir
     return ShardOutcome(spec.name, "done", content_hash=content, summary=summary)
 
 
-def _worker_init(threads: int, gpus: Any = None) -> None:
-    # N workers on N cores: one intra-op thread each, unless the user set the thread count.
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, str(threads))
+def _execute_pinned(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, stage_dir: Path,
+                    expected: str) -> ShardOutcome:
+    """`_execute` with the one thread set-up of every executor (kaleido.platform.workers.pinned_threads): the
+    local pool, this process and Ray run a shard alike, so its bytes do not depend on which one ran it."""
+    from kaleido.platform.workers import pinned_threads
+
+    with pinned_threads():
+        return _execute(stage, spec, fn, params, stage_dir, expected)
+
+
+def _worker_init(gpus: Any = None) -> None:
     if gpus is not None:  # one GPU per worker: it sees only its own (before anything initialises CUDA)
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get(timeout=60)
 
@@ -390,7 +397,7 @@ def _run_pending(
             run_on_ray(stage_name, pending, fn, cfg, stage_dir, finished, pools)
         elif cfg.data.workers == 1 or len(pending) == 1:
             for spec, expected in pending:
-                finished(spec, _execute(stage_name, spec, fn, cfg, stage_dir, expected))
+                finished(spec, _execute_pinned(stage_name, spec, fn, cfg, stage_dir, expected))
         else:
             _run_pool(stage_name, pending, fn, cfg, stage_dir, finished, gpus)
     finally:
@@ -408,17 +415,16 @@ def _run_pool(
     gpus: tuple[str, ...] = (),
 ) -> None:
     workers = min(cfg.data.workers, len(pending), len(gpus) or cfg.data.workers)
-    threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     devices = None
     if gpus:
         devices = context.Queue()
         for gpu in gpus[:workers]:
             devices.put(gpu)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                             initargs=(threads, devices)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(devices,)) as pool:
         futures: dict[Future[ShardOutcome], ShardSpec] = {
-            pool.submit(_execute, stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending
+            pool.submit(_execute_pinned, stage, spec, fn, cfg, stage_dir, expected): spec
+            for spec, expected in pending
         }
         waiting: Iterable[Future[ShardOutcome]] = set(futures)
         while waiting:

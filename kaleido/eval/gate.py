@@ -14,8 +14,14 @@ The rule (also printed in every report and decision):
   (candidate - baseline) is above +tolerance (a clear rise). With no baseline the candidate must beat the model
   it started from: it fails unless the UPPER bound of the CI of mean(candidate - base) is below 0.
   `gate.ceilings` are the floors of lower-is-better metrics.
-So a candidate fails only on evidence: noise alone cannot fail it. The price is that with few cases a
-slightly worse candidate can pass; more cases shrink the intervals and sharpen the gate. With one case
+- Reference reliance (`reference_reliance`: held-out val loss with shuffled references minus with the sample's own,
+  one case per held-out sample with references; kaleido/train/validation.py): a low val loss does not show that a
+  model reads its references, so the candidate must SHOW reliance: it fails unless the LOWER bound of the CI of its
+  mean is above `gate.reference_reliance.floor` (the one rule besides beating the base model where the burden of
+  proof is on the candidate: a model that ignores its references scores ~0 and cannot show it). Versus the
+  baseline it is checked like any higher-is-better metric, with `gate.reference_reliance.tolerance`.
+So apart from those two, a candidate fails only on evidence: noise alone cannot fail it. The price is that with few
+cases a slightly worse candidate can pass; more cases shrink the intervals and sharpen the gate. With one case
 the interval is the point itself. No champion: the floors alone decide. Evaluations made with other
 generation settings or other metric backbones are not comparable: the gate refuses (GateError) rather
 than guess.
@@ -35,8 +41,10 @@ from kaleido.eval.metrics import METRICS, bootstrap_mean
 
 # Metrics the gate reads: the evaluation's (higher is better) and training's held-out loss (lower is better).
 VAL_LOSS = "val_loss"
+RELIANCE = "reference_reliance"  # held-out val loss with shuffled references - with own; higher is better
 LOWER_IS_BETTER = frozenset({VAL_LOSS})
-GATE_METRICS = (*METRICS, VAL_LOSS)
+VALIDATION_METRICS = (VAL_LOSS, RELIANCE)  # per held-out sample, from training's validation (not generated cases)
+GATE_METRICS = (*METRICS, VAL_LOSS, RELIANCE)
 
 if TYPE_CHECKING:
     from kaleido.config import Params
@@ -52,12 +60,17 @@ def rule_text(config: GateConfig) -> str:
     floors = ", ".join(f"{k} >= {v:g}" for k, v in config.floors.items()) or "none"
     tolerances = ", ".join(f"{k}: {v:g}" for k, v in config.tolerances.items())
     level = f"{config.confidence:.0%}"
+    rule = config.reference_reliance
+    reliance = ("Reference reliance (held-out val loss with shuffled references - with own): "
+                + ("no floor" if rule.floor is None else
+                   f"fails unless the lower bound of the {level} CI of the candidate's mean is above {rule.floor:g}")
+                + f"; regression tolerance {rule.tolerance:g}. ")
     return (
         f"Floors ({floors}): a metric fails its floor only if the upper bound of the {level} bootstrap CI of the "
         f"candidate's mean over cases is below the floor. Regression versus the baseline (the champion by "
         f"default): over the cases both evaluated, a metric fails only if the upper bound of the {level} "
         f"bootstrap CI of the mean per-case difference (candidate - baseline) is below -tolerance "
-        f"(tolerance {config.regression_tolerance:g}{'; ' + tolerances if tolerances else ''}). "
+        f"(tolerance {config.regression_tolerance:g}{'; ' + tolerances if tolerances else ''}). {reliance}"
         f"{config.bootstrap_samples} resamples, seed {config.seed}. No baseline: the floors alone decide."
     )
 
@@ -113,8 +126,8 @@ class GateDecision:
 
 def _case_scores(document: dict[str, Any], metric: str) -> dict[tuple[str, str], float]:
     """(case id, fingerprint) -> score; validation-loss metrics come from the held-out samples' cases."""
-    cases = document.get("validation", {}).get("cases", []) if metric.startswith(VAL_LOSS) else document.get(
-        "cases", [])
+    from_validation = metric.startswith(VALIDATION_METRICS)
+    cases = document.get("validation", {}).get("cases", []) if from_validation else document.get("cases", [])
     return {
         (case["id"], case.get("fingerprint", "")): float(case["metrics"][metric])
         for case in cases
@@ -132,14 +145,14 @@ def portable(description: str | None) -> str | None:
 
 
 def _comparable(candidate: dict[str, Any], baseline: dict[str, Any], metrics: list[str]) -> None:
-    if VAL_LOSS in metrics:
+    if set(VALIDATION_METRICS) & set(metrics):
         ours, theirs = (doc.get("validation", {}).get("fingerprint") for doc in (candidate, baseline))
         if ours != theirs:
             raise GateError(
                 f"val_loss: candidate and baseline were validated on different held-out sets ({ours} vs {theirs}); "
                 "the gate recomputes the baseline's loss when the validation cache is on this machine"
             )
-    if not [m for m in metrics if m not in LOWER_IS_BETTER]:
+    if not [m for m in metrics if m not in VALIDATION_METRICS]:
         return
     if candidate.get("settings") != baseline.get("settings"):
         raise GateError(
@@ -203,6 +216,18 @@ def decide(
         reason = f"mean {ci.mean:.4f}, CI [{ci.low:.4f}, {ci.high:.4f}] lower {relation} ceiling {ceiling:g}"
         checks.append(Check(metric, "ceiling", passed, reason, ci.mean, ci.low, ci.high, ci.n, ceiling))
 
+    rule = config.reference_reliance
+    if rule.floor is not None and _case_scores(candidate, RELIANCE):
+        ci = bootstrap_mean(list(_case_scores(candidate, RELIANCE).values()), **boot)
+        passed = ci.low > rule.floor
+        verdict = "shows reliance above" if passed else "does NOT show reliance above"
+        checks.append(Check(RELIANCE, "floor", passed,
+                            f"mean {ci.mean:+.4f}, CI [{ci.low:+.4f}, {ci.high:+.4f}] over {ci.n} held-out sample(s): "
+                            f"lower bound {verdict} the floor {rule.floor:g}", ci.mean, ci.low, ci.high, ci.n,
+                            rule.floor))
+    elif rule.floor is not None and candidate.get("validation"):
+        notes.append(f"{RELIANCE}: the candidate's validation has no reference reliance (no held-out sample with "
+                     "references, or trained before it was measured): its floor is not checked")
     if baseline is None and VAL_LOSS in gated:
         checks.append(_beats_base(candidate, boot, notes))
     if baseline is not None:
@@ -222,7 +247,8 @@ def decide(
             dropped = len(set(ours) ^ set(theirs))
             if dropped:
                 notes.append(f"{metric}: {dropped} case(s) evaluated by only one side are left out of the pairing")
-            tolerance = config.tolerances.get(metric, config.regression_tolerance)
+            tolerance = rule.tolerance if metric == RELIANCE else config.tolerances.get(metric,
+                                                                                         config.regression_tolerance)
             ci = bootstrap_mean([ours[k] - theirs[k] for k in common], **boot)
             if metric in LOWER_IS_BETTER:
                 passed = ci.low <= tolerance
@@ -388,7 +414,7 @@ def run_gate(
     ):
         notes.append(f"the candidate is the baseline ({base.ref}): no regression check")
         base = None
-    if base is not None and VAL_LOSS in found.document.get("overall", {}):
+    if base is not None and set(VALIDATION_METRICS) & set(found.document.get("overall", {})):
         notes += _align_validation(found, base, params)
     decision = decide(found.document, base.document if base else None, params.gate, found.ref,
                       base.ref if base else None)

@@ -604,6 +604,11 @@ def _evaluate(
         document["overall"]["val_loss"] = validation["loss"]
         echo(f"validation loss: {validation['base_loss']:.4f} (base model) -> {validation['loss']:.4f} over "
              f"{len(validation['cases'])} held-out samples")
+        if validation.get("reference_reliance") is not None:  # the gate's reference_reliance (higher is better)
+            document["overall"]["reference_reliance"] = validation["reference_reliance"]
+            base = validation.get("base_reference_reliance")
+            echo(f"reference reliance (val loss with shuffled references - with own): "
+                 f"{'n/a' if base is None else f'{base:.4f}'} (base model) -> {validation['reference_reliance']:.4f}")
     metrics_path = out_dir / "metrics.json"
     report_path = out_dir / "report.html"
     # Everything local first: an MLflow outage (or a crash while logging) never costs the results.

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from kaleido.model.dit import DiTConfig, KaleidoDiT
 from kaleido.model.keymaps import diffusers_key_to_wan, sat_to_wan, wan_key_to_diffusers, wan_to_sat
+from kaleido.model.settings import SETTINGS_KEY, ModelSettings, settings_from_config, settings_from_metadata
 
 if TYPE_CHECKING:
     from kaleido.model.lora import Adapter
@@ -361,16 +362,42 @@ def read_config(path: str | Path) -> DiTConfig | None:
 
     None when there is no config, or the config.json is not a Wan2.1 / diffusers Wan one.
     """
+    data, source = _config_data(path)
+    return None if data is None else _config_from_json(data, Path(source))
+
+
+def _config_data(path: str | Path) -> tuple[dict | None, str]:
+    """The parsed Wan / diffusers config a checkpoint carries (config.json, else the metadata of one .safetensors
+    file) and where it was read; (None, path) when there is none."""
     files, config_file = _tensor_files(Path(path))
     if config_file is not None:
-        config = _config_from_json(json.loads(config_file.read_text()), config_file)
-        if config is not None:
-            return config
+        data = json.loads(config_file.read_text())
+        if _config_from_json(data, config_file) is not None:
+            return data, str(config_file)
     if len(files) == 1 and files[0].suffix == ".safetensors":
         embedded = safetensors_header(files[0])[1].get("config")
         if embedded:
-            return _config_from_json(json.loads(embedded), files[0])
-    return None
+            return json.loads(embedded), str(files[0])
+    return None, str(path)
+
+
+def read_settings(path: str | Path, lora: str | Path | Adapter | None = None) -> ModelSettings | None:
+    """The ModelSettings (R-RoPE variant and offset, text_len, max_references) the model at `path` was trained with,
+    None when its files do not say (Wan2.1 releases, the official Kaleido checkpoint). With a LoRA adapter that
+    records its own (a LoRA training export), the adapter's win: it was trained with them. ValueError for a damaged
+    record."""
+    if lora is not None:
+        from kaleido.model.lora import Adapter, adapter_file
+
+        if isinstance(lora, Adapter):
+            found = settings_from_metadata({"kaleido_lora": json.dumps(lora.meta)}, "the LoRA adapter")
+        else:
+            file = adapter_file(lora)
+            found = settings_from_metadata(safetensors_header(file)[1], str(file))
+        if found is not None:
+            return found
+    data, source = _config_data(path)
+    return None if data is None else settings_from_config(data, source)
 
 
 def infer_config(shapes: Mapping[str, torch.Size]) -> DiTConfig:
@@ -403,18 +430,19 @@ def infer_config(shapes: Mapping[str, torch.Size]) -> DiTConfig:
     )
 
 
-def _wan_config_json(config: DiTConfig) -> dict:
+def _wan_config_json(config: DiTConfig, settings: ModelSettings | None = None) -> dict:
+    text_len = settings.text_len if settings is not None else 512
     data = {
-        "_class_name": "WanModel", "model_type": "t2v", "patch_size": list(config.patch_size), "text_len": 512,
+        "_class_name": "WanModel", "model_type": "t2v", "patch_size": list(config.patch_size), "text_len": text_len,
         "in_dim": config.in_dim, "dim": config.dim, "ffn_dim": config.ffn_dim, "freq_dim": config.freq_dim,
         "text_dim": config.text_dim, "out_dim": config.out_dim, "num_heads": config.num_heads,
         "num_layers": config.num_layers, "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True,
         "eps": config.eps,
     }
-    return _with_theta(data, config)
+    return _with_settings(_with_theta(data, config), settings)
 
 
-def _diffusers_config_json(config: DiTConfig) -> dict:
+def _diffusers_config_json(config: DiTConfig, settings: ModelSettings | None = None) -> dict:
     try:
         version = importlib_metadata.version("diffusers")
     except importlib_metadata.PackageNotFoundError:
@@ -428,7 +456,14 @@ def _diffusers_config_json(config: DiTConfig) -> dict:
         "eps": config.eps, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
         "pos_embed_seq_len": None,
     }
-    return _with_theta(data, config)
+    return _with_settings(_with_theta(data, config), settings)
+
+
+def _with_settings(data: dict, settings: ModelSettings | None) -> dict:
+    # `_`-prefixed: diffusers' and Wan's config loaders drop such keys silently
+    if settings is not None:
+        data[SETTINGS_KEY] = settings.to_dict()
+    return data
 
 
 def _with_theta(data: dict, config: DiTConfig) -> dict:
@@ -562,8 +597,8 @@ def load_dit(
     path: str | Path,
     config: DiTConfig | None = None,
     attention_backend: str = "sdpa",
-    rope_variant: str = "shift_wh",
-    rope_offset: int = 80,
+    rope_variant: str | None = None,
+    rope_offset: int | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     lora: str | Path | Adapter | None = None,
@@ -578,12 +613,22 @@ def load_dit(
     The model is created on the meta device (no memory, no random init) and every tensor read is assigned
     as the parameter itself, so peak memory stays near one model size. Missing, unexpected and wrong-shaped
     tensors are all reported together in one CheckpointError. dtype=None keeps the checkpoint's dtypes.
+    rope_variant / rope_offset None: what the checkpoint (or its LoRA adapter) records it was trained with
+    (read_settings), else the shipped shift_wh / 80; callers holding params.yaml values resolve them first
+    (kaleido.model.settings.resolve_settings) and pass them.
     device="meta" checks every name and shape at full size without memory (a dry run of the load).
     On the CPU without a dtype change the parameters stay memory-mapped views of the files (copy-on-write):
     replace checkpoint files (as save_dit does), never rewrite them in place while such a model lives.
     """
     layout = _locate(path)
     config, config_source = _resolve_config(layout, config)
+    if rope_variant is None or rope_offset is None:
+        try:
+            recorded = read_settings(path, lora) or ModelSettings()
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        rope_variant = recorded.rope_variant if rope_variant is None else rope_variant
+        rope_offset = recorded.rope_offset if rope_offset is None else rope_offset
     with torch.device("meta"):
         model = KaleidoDiT(config, attention_backend, rope_variant, rope_offset)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -706,28 +751,32 @@ def _write_json(path: Path, data: dict) -> Path:
 
 
 def _write_sharded(
-    tensors: Iterable[tuple[str, torch.Tensor]], dst: Path, fmt: str, config: DiTConfig, max_shard_bytes: int
+    tensors: Iterable[tuple[str, torch.Tensor]], dst: Path, fmt: str, config: DiTConfig, max_shard_bytes: int,
+    settings: ModelSettings | None = None,
 ) -> list[Path]:
     """wan / diffusers folder: shards (renamed to the format's keys) + index + config.json."""
     writer = _ShardWriter(dst, max_shard_bytes)
     for key, tensor in tensors:
         writer.add(wan_key_to_diffusers(key) if fmt == "diffusers" else key, tensor)
     written = writer.close()
-    config_data = _diffusers_config_json(config) if fmt == "diffusers" else _wan_config_json(config)
+    config_data = (_diffusers_config_json(config, settings) if fmt == "diffusers"
+                   else _wan_config_json(config, settings))
     return [*written, _write_json(dst / CONFIG_NAME, config_data)]
 
 
-def _write_wan_file(state: Mapping[str, torch.Tensor], dst: Path, config: DiTConfig) -> list[Path]:
+def _write_wan_file(state: Mapping[str, torch.Tensor], dst: Path, config: DiTConfig,
+                    settings: ModelSettings | None = None) -> list[Path]:
     """One .safetensors file; the config travels in its metadata since no config.json sits beside it."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "config": json.dumps(_wan_config_json(config))}
+    meta = {"format": "pt", "config": json.dumps(_wan_config_json(config, settings))}
     partial = dst.with_name(dst.name + ".partial")
     save_file({k: _compact(v) for k, v in state.items()}, partial, metadata=meta)
     partial.replace(dst)  # never truncate a file that a loaded model may still have memory-mapped
     return [dst]
 
 
-def _write_sat(state: Mapping[str, torch.Tensor], dst: Path, config: DiTConfig) -> list[Path]:
+def _write_sat(state: Mapping[str, torch.Tensor], dst: Path, config: DiTConfig,
+               settings: ModelSettings | None = None) -> list[Path]:
     """<dst>/1/mp_rank_00_model_states.pt = {"module": SAT state dict}, <dst>/latest = "1", plus config.json."""
     model_file = dst / SAT_TAG / SAT_MODEL_FILE
     model_file.parent.mkdir(parents=True, exist_ok=True)
@@ -737,7 +786,7 @@ def _write_sat(state: Mapping[str, torch.Tensor], dst: Path, config: DiTConfig) 
     partial.replace(model_file)  # as in _write_wan_file: the old file may still be memory-mapped
     (dst / "latest").write_text(SAT_TAG + "\n")
     # Not part of the official layout; it makes the folder self-describing (the head count is not in any shape).
-    return [model_file, dst / "latest", _write_json(dst / CONFIG_NAME, _wan_config_json(config))]
+    return [model_file, dst / "latest", _write_json(dst / CONFIG_NAME, _wan_config_json(config, settings))]
 
 
 def _check_format(fmt: str) -> None:
@@ -751,12 +800,15 @@ def save_dit(
     format: str,
     config: DiTConfig,
     max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
+    settings: ModelSettings | None = None,
 ) -> list[Path]:
     """Write Wan-keyed weights in `format`; returns the files written.
 
     wan: `path` ending in .safetensors -> one file; otherwise a folder (shards + index when larger than
     max_shard_bytes, Wan config.json). diffusers: a folder diffusers' from_pretrained reads. sat: the official
-    Kaleido DeepSpeed layout. The tensors are checked against `config` first.
+    Kaleido DeepSpeed layout. The tensors are checked against `config` first. `settings` (what the model was
+    trained with: R-RoPE, text_len, max_references) are written with the config in every layout; None writes no
+    record (a random init, or weights whose training is unknown), and loaders then use params.yaml's.
     """
     _check_format(format)
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
@@ -765,10 +817,10 @@ def save_dit(
         raise problems.error("state dict to save", "wan", config, "the caller")
     dst = Path(path)
     if format == "sat":
-        return _write_sat(state, dst, config)
+        return _write_sat(state, dst, config, settings)
     if format == "wan" and dst.suffix == ".safetensors":
-        return _write_wan_file(state, dst, config)
-    return _write_sharded(state.items(), dst, format, config, parse_size(max_shard_bytes))
+        return _write_wan_file(state, dst, config, settings)
+    return _write_sharded(state.items(), dst, format, config, parse_size(max_shard_bytes), settings)
 
 
 def convert_checkpoint(
@@ -782,6 +834,7 @@ def convert_checkpoint(
 
     The source is checked against its config (from `config`, its config.json, or its shapes) from the file
     headers before anything is written. sat output is one file, so it gathers (memory-mapped) tensors first.
+    The source's model settings (read_settings) travel to the destination.
     """
     _check_format(to_format)
     layout = _locate(src)
@@ -799,12 +852,16 @@ def convert_checkpoint(
     problems = _compare(read_shapes(src), expected_shapes(config))
     if problems:
         raise problems.error(f"checkpoint {layout.path}", layout.format, config, config_source)
+    settings = read_settings(src)
     shards = _iter_wan(layout)
     if to_format == "sat" or (to_format == "wan" and dst.suffix == ".safetensors"):
         gathered = {k: v for shard in shards for k, v in shard.items()}
-        return _write_sat(gathered, dst, config) if to_format == "sat" else _write_wan_file(gathered, dst, config)
+        if to_format == "sat":
+            return _write_sat(gathered, dst, config, settings)
+        return _write_wan_file(gathered, dst, config, settings)
     tensors = ((k, v) for shard in shards for k, v in shard.items())
-    return _write_sharded(tensors, dst, to_format, config, parse_size(max_shard_bytes or DEFAULT_SHARD_BYTES))
+    return _write_sharded(tensors, dst, to_format, config, parse_size(max_shard_bytes or DEFAULT_SHARD_BYTES),
+                          settings)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ frame) mu = 0.7207 and the median sigma is sigmoid(mu) = 0.673 for 81 frames as 
 official rule (`zai-org/Kaleido`, sgm/modules/diffusionmodules/loss.py, RFLoss with schedule_shift: True:
 image_seq_len = W*H // pw // ph of the video latent, get_lin_function(x1=256, y1=0.5, x2=4096, y2=1.15),
 time_shift(mode="normal")). Text is dropped (replaced by the empty-prompt embedding) with probability `text_dropout` so
-that classifier-free guidance on text works at sampling. References are never noised and never
-dropped; the loss covers video tokens only (the DiT's head already drops reference tokens).
+that classifier-free guidance on text works at sampling. References are never noised; with probability
+`reference_dropout` (default 0, as shipped) a micro-batch trains without them (1.0: text-to-video training). The
+loss covers video tokens only (the DiT's head already drops reference tokens).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def flow_matching_loss(
         null = batch.null_context.expand_as(context).to(context.dtype)
         context = torch.where(drop.view(bsz, 1, 1).to(context.device), null, context)
 
-    prediction = model(noisy, sigma * 1000.0, context, batch.reference_latents)
+    references = batch.reference_latents
+    # drawn only when enabled: a run without reference dropout keeps the random stream it always had
+    if cfg.reference_dropout > 0 and float(torch.rand(1, generator=generator)) < cfg.reference_dropout:
+        references = None
+    prediction = model(noisy, sigma * 1000.0, context, references)
     loss = F.mse_loss(prediction.float(), target.float())
     return loss, {"sigma": sigma.detach(), "text_dropped": drop}

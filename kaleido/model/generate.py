@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +78,11 @@ def validate_request(
 
 class NumericalError(RuntimeError):
     """Generation produced NaN or Inf values; the message names where, the dtype and the fix."""
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller's `cancel` check said stop (a served request timed out or its client left); the message says
+    after how many denoising steps."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,8 @@ class S2VPipeline:
         # One forward for both CFG branches (batch 2) is faster; False halves activation memory.
         self.batch_cfg = batch_cfg
         text_dim = getattr(getattr(dit, "cfg", None), "text_dim", None)
-        if text_dim is not None and text_dim != text_encoder.dim:
+        # text_encoder None: a pipeline that samples from given text embeddings only (`sample`), as training does
+        if text_encoder is not None and text_dim is not None and text_dim != text_encoder.dim:
             raise ValueError(
                 f"text encoder width {text_encoder.dim} does not match the DiT's text_dim {text_dim}; "
                 "model.text_encoder and model.checkpoint must belong to the same model"
@@ -335,8 +341,9 @@ class S2VPipeline:
     @classmethod
     def from_params(cls, params: Params, device: str | torch.device | None = None) -> S2VPipeline:
         """Load every model from the local paths of `params.model` (no hub access)."""
-        from kaleido.model.checkpoint import load_dit, read_config
+        from kaleido.model.checkpoint import load_dit, read_config, read_settings
         from kaleido.model.dit import dit_config
+        from kaleido.model.settings import ModelSettings, resolve_settings
         from kaleido.model.text_encoder import TextEncoder
         from kaleido.model.vae import WanVAE
 
@@ -353,12 +360,15 @@ class S2VPipeline:
         lora = check_lora(params)  # a bad adapter fails here, before any model loads
         # A checkpoint with a config (config.json or embedded) describes itself; a bare Wan .pth gets the arch's.
         config = None if read_config(checkpoint) is not None else dit_config(model.arch)
+        # the weights run as they were trained (R-RoPE, text length): a disagreeing params.yaml is named, not used
+        where = f"{checkpoint}" + (f" with the LoRA adapter {model.lora}" if lora is not None else "")
+        settings = resolve_settings(read_settings(checkpoint, lora), ModelSettings.from_params(params), where)
         dit = load_dit(
             checkpoint,
             config=config,
             attention_backend=model.attention_backend,
-            rope_variant=model.rope.variant,
-            rope_offset=model.rope.offset,
+            rope_variant=settings.rope_variant,
+            rope_offset=settings.rope_offset,
             dtype=dtype,
             device=dit_device,
             lora=lora,
@@ -370,8 +380,8 @@ class S2VPipeline:
             dit,
             vae,
             text_encoder,
-            text_len=model.text_len,
-            max_references=model.max_references,
+            text_len=settings.text_len,
+            max_references=settings.max_references,
             device=device,
             dtype=dtype,
             release_encoders=options.release_encoders,
@@ -394,7 +404,7 @@ class S2VPipeline:
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, refs: torch.Tensor | None
     ) -> torch.Tensor:
         # Low-precision weights run under autocast as Wan does: the DiT keeps its time embedding in fp32.
-        low_precision = self.dtype != torch.float32
+        low_precision = self.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
             return self.dit(x, t, context, refs).float()
 
@@ -433,6 +443,7 @@ class S2VPipeline:
         progress: bool = True,
         warn_truncation: bool = True,
         output_type: str = "frames",
+        cancel: Callable[[], bool] | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Generate a video; returns uint8 frames [frames, height, width, 3].
 
@@ -440,11 +451,11 @@ class S2VPipeline:
         than `text_len` tokens is truncated with a warning (unless the caller checked it: warn_truncation=False).
         NumericalError when the latents or the decoded frames hold NaN/Inf (e.g. a float16 model overflowing).
         output_type "latents" returns the final normalised latents [1, 16, F, h, w] (float32) without decoding.
+        `cancel` is asked before the encoders, before every denoising step and before the decode; when it returns
+        True the generation stops there (GenerationCancelled): a timed-out request frees its memory within a step.
         """
         if output_type not in ("frames", "latents"):
             raise ValueError(f"output_type={output_type!r}: use 'frames' or 'latents'")
-        from kaleido.platform.progress import track
-
         images = validate_request(reference_images, frames, height, width, self.max_references, steps, sampler)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -460,6 +471,11 @@ class S2VPipeline:
                 if truncation is not None:
                     log.warning(truncation.message(what))
 
+        def stop_if_asked(done: int) -> None:
+            if cancel is not None and cancel():
+                raise GenerationCancelled(f"generation stopped after {done} of {steps} denoising steps (cancelled)")
+
+        stop_if_asked(0)
         inputs = _Branches(
             context=self.encode_prompts(prompt, negative_prompt, cfg),
             reference_latents=self.encode_references(images, height, width),
@@ -467,25 +483,87 @@ class S2VPipeline:
         if self.release_encoders:  # the DiT gets the GPU to itself while it samples
             self._park(self.text_encoder, self.vae)
 
+        latents = self._denoise(inputs, (frames, height, width), steps, guidance_scale, cfg, shift, sampler, seed,
+                                progress, stop_if_asked)
+        if output_type == "latents":
+            return latents.float()
+        stop_if_asked(steps)
+        if self.release_encoders:
+            self.vae.to_device(self.device)
+        return self._decode(latents)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        context: torch.Tensor,
+        null_context: torch.Tensor | None,
+        reference_latents: torch.Tensor | None,
+        frames: int,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        shift: float,
+        sampler: str,
+        seed: int,
+    ) -> np.ndarray:
+        """uint8 frames [frames, height, width, 3] from ENCODED inputs: context [text_len, text_dim] (the prompt's
+        padded embeddings), null_context [text_len, text_dim] (the negative / empty prompt's, for CFG; None: no
+        CFG), reference_latents [n, 16, h, w] or None. The same sampling loop as a prompt's; used for the samples
+        training draws from its latent cache (kaleido.train.samples), which has no text encoder loaded."""
+        latents = self.sample_latents(context, null_context, reference_latents, frames, height, width, steps,
+                                      guidance_scale, shift, sampler, seed)
+        return self._decode(latents)
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        context: torch.Tensor,
+        null_context: torch.Tensor | None,
+        reference_latents: torch.Tensor | None,
+        frames: int,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        shift: float,
+        sampler: str,
+        seed: int,
+    ) -> torch.Tensor:
+        """`sample` without the decode: the final normalised latents [1, 16, F, h, w] (float32)."""
+        cfg = guidance_scale != 1.0 and null_context is not None
+        stacked = torch.stack([context, null_context]) if cfg and null_context is not None else context[None]
+        refs = None if reference_latents is None or not len(reference_latents) else reference_latents[None]
+        inputs = _Branches(context=stacked.to(device=self.device, dtype=self.dtype),
+                           reference_latents=None if refs is None else refs.to(device=self.device, dtype=self.dtype))
+        return self._denoise(inputs, (frames, height, width), steps, guidance_scale, cfg, shift, sampler, seed,
+                             False).float()
+
+    def _denoise(self, inputs: _Branches, size: tuple[int, int, int], steps: int, guidance_scale: float, cfg: bool,
+                 shift: float, sampler: str, seed: int, progress: bool,
+                 stop_if_asked: Callable[[int], None] = lambda done: None) -> torch.Tensor:
+        """The sampling loop: seeded noise [1, 16, F, h, w] -> final latents. `stop_if_asked(steps done)` runs
+        before every step (a cancelled request raises there)."""
+        from kaleido.platform.progress import track
+
         scheduler = make_scheduler(sampler, shift, steps, self.device)
         # Noise from a CPU generator: the same seed gives the same video on any device.
-        shape = (1, *self.vae.latent_shape(frames, height, width))
+        shape = (1, *self.vae.latent_shape(*size))
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
         for step, t in enumerate(
             track(scheduler.timesteps, "generate: sampling", unit="step", enabled=progress), start=1
         ):
+            stop_if_asked(step - 1)
             # timesteps are sigma * 1000 (UniPC rounds them to integers); the DiT takes that scale
             timestep = t.to(device=self.device, dtype=torch.float32).reshape(1)
             velocity = self._velocity(latents, timestep, inputs, guidance_scale, cfg)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             self._check_finite(latents, f"the latents after sampling step {step} of {steps}", self.dtype, "model.dtype")
-        if output_type == "latents":
-            return latents.float()
+        return latents
 
-        if self.release_encoders:
-            self.vae.to_device(self.device)
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
         decoded = self.vae.decode(latents, clamp=False)
         self._check_finite(decoded, "the frames the VAE decoded", self.vae.dtype, "model.vae_dtype")
         video = decoded.clamp(-1.0, 1.0)[0]  # [3, T, H, W] in [-1, 1]

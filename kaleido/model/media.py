@@ -337,8 +337,11 @@ def write_video(
         stream.pix_fmt = "yuv420p"
         # One encoder thread: x264's output depends on its thread count (auto = the cores it sees), so pinning it
         # makes the bytes the same on every machine and executor (a Ray worker sees other cores than a local
-        # process). Ingest runs one encoder per worker process, so the cores are used anyway.
-        stream.options = {"crf": str(crf), "threads": "1"}
+        # process). Ingest runs one encoder per worker process, so the cores are used anyway. No macroblock-tree
+        # rate control: with it, the same frames at small sizes (the embedded 96x64 clips) gave a different
+        # bitstream in 6 of 8 encodes in one process (measured; x264 reads lookahead data it has not written
+        # there), which made a shard's content hash depend on the run. It costs some bitrate at equal quality.
+        stream.options = {"crf": str(crf), "threads": "1", "x264-params": "mbtree=0"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())  # flush the encoder's delayed frames

@@ -6,7 +6,8 @@ cache. Three rules, one function each, used by every stage:
 - `exclusive_output(folder, what)`: an exclusive lock per output folder, held for the whole run
   (filelock: an OS `flock`, released by the kernel when the holder dies, so a SIGKILLed runner
   never leaves a stale lock). A second runner is refused at once with the holder's pid, host and
-  start time (`OutputBusy`); the CLI turns that into `error: ...` and exit 2.
+  start time (`OutputBusy`); the CLI turns that into `error: ...` and exit 2. The `.locks` folder
+  and its files are never used through a symbolic link (`LockFolderLinked`).
 - `atomic_path(path)` / `write_text_atomic` / `write_json_atomic`: write to a temporary name in the
   same folder, then `os.replace` (atomic on POSIX): a reader sees the old file or the new one,
   never half of one. The temporary name keeps the suffix (PyAV and Pillow pick the format from it).
@@ -31,6 +32,19 @@ from typing import Any
 
 class OutputBusy(RuntimeError):
     """Another process holds the output folder's lock; the message names it and says what to do."""
+
+
+class LockFolderLinked(OutputBusy):
+    """The lock folder (or a lock file) is a symbolic link: locks are made only in a real folder beside the output,
+    never wherever a link points (outside the data root, in another user's folder)."""
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise LockFolderLinked(
+            f"{path} is a symbolic link (to {os.readlink(path)}); lock files are created only in a real folder, never "
+            f"through a link. Remove the link (`rm {path}`); the folder is made again on the next run"
+        )
 
 
 LOCKS = ".locks"  # beside the output folders; ignored by git (.gitignore) and outside every DVC out
@@ -63,8 +77,11 @@ def exclusive_output(folder: str | Path, what: str, *, wait_s: float = 0.0) -> I
     from filelock import FileLock, Timeout
 
     path = lock_path(folder)
+    _refuse_link(path.parent)  # mkdir(exist_ok=True) would follow it silently
     path.parent.mkdir(parents=True, exist_ok=True)
     holder_file = path.with_name(path.name + ".holder")
+    for file in (path, holder_file):
+        _refuse_link(file)  # filelock opens with O_CREAT|O_TRUNC: it would truncate the link's target
     lock = FileLock(str(path), is_singleton=True)  # one object per path in a process: re-entrant
     try:
         lock.acquire(timeout=wait_s)

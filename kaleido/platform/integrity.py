@@ -108,8 +108,52 @@ def verify_file(
     _db_store(key)
 
 
+def record_verified(path: str | Path, sha256: str) -> None:
+    """Remember that `path`, as it is now, holds `sha256` (its writer just hashed it): a later verify_file of the
+    unchanged file costs no read."""
+    info = Path(path).stat()
+    key = (str(Path(path).resolve()), info.st_size, info.st_mtime_ns, info.st_ino, sha256)
+    with _memo_lock:
+        _memo.add(key)
+    _db_store(key)
+
+
 def verify_files(folder: str | Path, hashes: Mapping[str, str], sizes: Mapping[str, int] | None = None, *,
                  what: str = "", fix: str = "") -> None:
     """`verify_file` for every `relative name -> sha256` of `hashes` under `folder` (sizes when given)."""
     for name, digest in sorted(hashes.items()):
         verify_file(Path(folder) / name, sha256=digest, size=(sizes or {}).get(name), what=what, fix=fix)
+
+
+def folder_manifest(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, int | str]]:
+    """{relative POSIX name: {"size", "sha256"}} of every file under `folder` (names in `exclude` left out): the
+    seal a later reader checks with `verify_manifest` (a registered version keeps it in its MLmodel). The writer's
+    own hashes count as verdicts: a reader on this machine does not read the files again."""
+    folder = Path(folder)
+    manifest: dict[str, dict[str, int | str]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name not in exclude:
+            digest = file_sha256(path)
+            record_verified(path, digest)
+            manifest[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": digest}
+    return manifest
+
+
+def verify_manifest(folder: str | Path, manifest: Mapping[str, Mapping[str, int | str]], *, what: str = "",
+                    fix: str = "") -> None:
+    """`verify_file` for every entry of a `folder_manifest` (missing, other size or other bytes: IntegrityError
+    naming the file)."""
+    for name, entry in sorted(manifest.items()):
+        verify_file(Path(folder) / name, sha256=str(entry["sha256"]), size=int(entry["size"]), what=what, fix=fix)
+
+
+def listing_problem(manifest: Mapping[str, Mapping[str, int | str]], sizes: Mapping[str, int]) -> str | None:
+    """Why a remote copy (`sizes`: name -> bytes, as a store lists them) cannot hold the sealed files, or None.
+
+    Sizes only: a store's listing has no sha256; the bytes are checked where they are downloaded."""
+    for name, entry in sorted(manifest.items()):
+        if name not in sizes:
+            return f"{name} is missing"
+        if int(sizes[name]) != int(entry["size"]):
+            return f"{name} is {sizes[name]} bytes, its seal records {entry['size']}"
+    return None

@@ -57,6 +57,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def flow_process_alive(pid: int) -> bool:
+    """Whether `pid` is still a Prefect flow-run process (a process worker runs `python -m prefect.engine`); a pid
+    the system gave to another program since counts as gone."""
+    if not _alive(pid):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return True  # no /proc (not Linux): trust the pid
+    return b"prefect" in command
+
+
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -285,17 +297,48 @@ class Platform:
             raise ServiceError(f"prefect {' '.join(args)} failed ({result.returncode}):\n{output}")
         return result
 
-    def up(self) -> list[str]:
-        """Start the services that are not up yet; returns the names of those it started (the others were running:
-        `kaleido platform run` leaves them running)."""
+    def up(self) -> tuple[list[str], list[str]]:
+        """Start the services that are not up yet. Returns (the names of those it started: the others were running
+        and `kaleido platform run` leaves them running; the flow runs found RUNNING whose process is gone, now
+        CRASHED)."""
         mlflow, server, worker = self.services()
         running = {service.name for service in (mlflow, server, worker) if service.healthy()}
         mlflow.start()
         server.start()
+        crashed = self.mark_crashed_runs()
         # the pool must exist before its worker polls it; `create` fails harmlessly when it does
         self.prefect("--no-prompt", "work-pool", "create", self.work_pool, "--type", "process", check=False)
         worker.start()
-        return [service.name for service in (mlflow, server, worker) if service.name not in running]
+        return [service.name for service in (mlflow, server, worker) if service.name not in running], crashed
+
+    def mark_crashed_runs(self) -> list[str]:
+        """Set Prefect's CRASHED state on this platform's flow runs (and their task runs) that are RUNNING,
+        PENDING or CANCELLING although their process is gone (a killed `make run`, a killed worker): Prefect itself
+        only learns of a crash from the process that crashed. Runs of other work pools, and runs whose process is
+        not known (no infrastructure pid), are left alone. Returns `name (id)` of each run marked."""
+        active = {"type": {"any_": ["RUNNING", "PENDING", "CANCELLING"]}}
+        runs = self._api("/flow_runs/filter", {"flow_runs": {"state": active},
+                                               "work_pools": {"name": {"any_": [self.work_pool]}}})
+        marked = []
+        for run in runs:
+            pid = str(run.get("infrastructure_pid") or "")
+            if not pid.isdigit() or flow_process_alive(int(pid)):
+                continue
+            why = f"its process (pid {pid}) is gone; marked CRASHED by `kaleido platform up`"
+            state = {"type": "CRASHED", "name": "Crashed", "message": why}
+            self._api(f"/flow_runs/{run['id']}/set_state", {"state": state, "force": True})
+            tasks = self._api("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}},
+                                                    "task_runs": {"state": active}})
+            for task in tasks:
+                self._api(f"/task_runs/{task['id']}/set_state", {"state": state, "force": True})
+            marked.append(f"{run['name']} ({run['id']})")
+        return marked
+
+    def describe_crashed(self, crashed: list[str]) -> str:
+        if not crashed:
+            return ""
+        return (f"{len(crashed)} flow run(s) left RUNNING by a process that is gone, now CRASHED: "
+                + ", ".join(crashed))
 
     def deploy(self) -> None:
         self.prefect("--no-prompt", "deploy", "--all")
@@ -329,8 +372,10 @@ class Platform:
             drift = drift_warning(self.repo)
             if drift:
                 echo(f"WARNING: {drift}")
-            ours = self.up()
+            ours, crashed = self.up()
             echo(f"services up in {time.monotonic() - started:.0f} s\n{self.describe()}")
+            if crashed:
+                echo(self.describe_crashed(crashed))
             self.deploy()
             log = self.state_dir / "logs" / f"run-{deployment}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -347,6 +392,8 @@ class Platform:
             summary = self._artifact(flow_run, SUMMARY_KEY)
             echo("")
             echo(to_text(markdown_rows(summary)) if summary else f"(no summary: the flow run ended {state})")
+            if crashed:  # the summary says what this run found left behind
+                echo(self.describe_crashed(crashed))
             echo(f"\nkaleido/{deployment}: {state} after {time.monotonic() - started:.0f} s (log: {log})")
             echo(self.closing_note(ours, keep))
             return 0 if state == "COMPLETED" else 1

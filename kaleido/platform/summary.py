@@ -56,6 +56,10 @@ def run_summary(
         if train.get("val_loss") is not None:
             rows.append(("validation loss", f"{_fmt(train.get('val_loss_base'))} (base model) -> "
                                             f"{_fmt(train.get('val_loss'))} (trained), held-out samples"))
+        if train.get("reference_reliance") is not None:
+            rows.append(("reference reliance", f"{_fmt(train.get('reference_reliance_base'))} (base model) -> "
+                                               f"{_fmt(train.get('reference_reliance'))} (trained): val loss with "
+                                               "shuffled references - with own"))
     evaluation = result.get("evaluation") or {}
     reasons = (result.get("gate") or {}).get("reasons") or {}
     for metric, value in (evaluation.get("overall") or {}).items():

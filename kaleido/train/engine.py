@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +53,14 @@ def load_model(params: Params, stage: str, device: torch.device) -> torch.nn.Mod
 
     With train.<stage>.lora.enabled, peft LoRA layers are injected and every base weight is frozen.
     """
-    from kaleido.model.checkpoint import load_dit, read_config
+    from kaleido.model.checkpoint import load_dit, read_config, read_settings
     from kaleido.model.dit import dit_config
+    from kaleido.model.settings import ModelSettings, resolve_settings
 
     path, _ = stage_init(params, stage)
     config = None if read_config(path) is not None else dit_config(params.model.arch)
+    # params.yaml says what is trained; a change from what the init was trained with is logged
+    resolve_settings(read_settings(path), ModelSettings.from_params(params), str(path), purpose="train")
     model = load_dit(
         path,
         config=config,
@@ -81,31 +83,25 @@ def load_model(params: Params, stage: str, device: torch.device) -> torch.nn.Mod
     return model
 
 
-def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
-    """LR factor: linear warmup over `warmup_steps` optimizer steps, then constant (the shipped schedule)."""
-
-    def factor(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-
-    return factor
-
-
 def build_engine(
     model: torch.nn.Module, params: Params, plan: TrainPlan, ctx: DistContext
 ) -> tuple[Any, dict[str, Any]]:
-    """deepspeed.initialize with a client AdamW and a LambdaLR; returns (engine, DeepSpeed config)."""
+    """deepspeed.initialize with a client AdamW (the official weight-decay groups) and SAT's LR schedule as a
+    LambdaLR (kaleido/train/optim.py); returns (engine, DeepSpeed config)."""
     import deepspeed
+
+    from kaleido.train.optim import lr_factor, weight_decay_groups
 
     train = params.train
     preset = stage_preset(params, plan.stage)
     # A torch AdamW instance, not a DeepSpeed "optimizer" config block: that would JIT-build FusedAdam
     # (minutes, and a CUDA toolchain); ZeRO partitions the client optimizer's state just the same.
     # LoRA: only the adapter is trainable, so only it has gradients and optimizer state
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        trainable, lr=preset.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+        weight_decay_groups(model, train.weight_decay), lr=preset.lr, betas=tuple(train.betas)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(train.warmup_steps))
+    # stepped by DeepSpeed once per optimizer step (at the gradient-accumulation boundary), as SAT steps it
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(preset.lr, plan.steps, preset.schedule))
     config = deepspeed_config(plan, params, bf16=ctx.device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False

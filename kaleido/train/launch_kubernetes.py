@@ -70,6 +70,7 @@ def _pod_path(path: Path) -> str:
 def render_training_manifests(
     params: Params, stage: str, resume: bool, params_path: Path, *, run_id: str | None = None,
     module: str = "kaleido.train.worker",
+    apply_changes: bool = False,
 ) -> list[dict[str, Any]]:
     """The ConfigMap (params.yaml), headless Service and Indexed Job of one training run, in apply order.
 
@@ -126,7 +127,7 @@ def render_training_manifests(
                 "kaleido/resume": str(resume).lower(),
             },
         },
-        "spec": _job_spec(k8s, name, stage, resume, labels, data_path, module),
+        "spec": _job_spec(k8s, name, stage, resume, labels, data_path, module, apply_changes),
     }
     return [config_map, service, job]
 
@@ -134,6 +135,7 @@ def render_training_manifests(
 def _job_spec(
     k8s: KubernetesConfig, name: str, stage: str, resume: bool, labels: dict[str, str], data_path: str,
     module: str = "kaleido.train.worker",
+    apply_changes: bool = False,
 ) -> dict[str, Any]:
     master_addr = f"{name}-0.{name}"
     nproc = max(k8s.gpus_per_node, 1)
@@ -149,6 +151,8 @@ def _job_spec(
     ]  # fmt: skip
     if resume:
         args.append("--resume")
+        if apply_changes:
+            args.append("--apply-param-changes")
 
     def secret(key: str) -> dict[str, Any]:
         return {"name": key, "valueFrom": {"secretKeyRef": {"name": k8s.mlflow_secret, "key": key}}}
@@ -262,6 +266,7 @@ def launch_kubernetes(
     poll_seconds: float = 5.0,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    apply_changes: bool = False,
 ) -> int:
     """Run one training stage on the cluster and return its exit code (0: the Job succeeded).
 
@@ -272,7 +277,7 @@ def launch_kubernetes(
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    manifests = render_training_manifests(params, stage, resume, params_path)
+    manifests = render_training_manifests(params, stage, resume, params_path, apply_changes=apply_changes)
     if dry_run:
         out.write(yaml.dump_all(manifests, Dumper=_BlockDumper, sort_keys=False))
         return 0

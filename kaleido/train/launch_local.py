@@ -20,9 +20,11 @@ from pathlib import Path
 
 
 def torchrun_command(
-    params_path: Path, stage: str, nproc: int, resume: bool, progress: bool = True, module: str = "kaleido.train.worker"
+    params_path: Path, stage: str, nproc: int, resume: bool, progress: bool = True,
+    module: str = "kaleido.train.worker", apply_changes: bool = False,
 ) -> list[str]:
-    """torchrun with `nproc` processes of `module` (the training worker; `kaleido.train.encode_worker` for encode)."""
+    """torchrun with `nproc` processes of `module` (the training worker; `kaleido.train.encode_worker` for encode);
+    apply_changes: a resume applies the edited params (--apply-param-changes)."""
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc),
@@ -30,6 +32,8 @@ def torchrun_command(
     ]  # fmt: skip
     if resume:
         command.append("--resume")
+        if apply_changes:
+            command.append("--apply-param-changes")
     if not progress:
         command.append("--no-progress")
     return command
@@ -92,6 +96,7 @@ def launch_local(
     env: dict[str, str] | None = None,
     progress: bool = True,
     module: str = "kaleido.train.worker",
+    apply_changes: bool = False,
 ) -> LaunchResult:
     """Run torchrun with `nproc` workers; stream its output through `echo`; return code and failure line."""
     echo = echo or (lambda line: print(line, end="", flush=True))
@@ -99,7 +104,7 @@ def launch_local(
     environment.setdefault("PYTHONUNBUFFERED", "1")
     # one thread per rank unless told otherwise: N ranks share this machine's cores
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = torchrun_command(params_path.resolve(), stage, nproc, resume, progress, module)
+    command = torchrun_command(params_path.resolve(), stage, nproc, resume, progress, module, apply_changes)
     tail: deque[str] = deque(maxlen=400)
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=environment

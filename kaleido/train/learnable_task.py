@@ -127,9 +127,10 @@ def task_params(out: Path, assets: dict[str, str], steps: int, variant: str = "s
         "train": {
             "dataset": str(out.parent / "data" / "dataset"), "latents": str(out.parent / "latents"),
             "output_dir": str(out / "runs"), "frames": FRAMES, "buckets": [[HEIGHT, WIDTH]], "nproc_per_node": 1,
-            "micro_batch": 8, "activation_checkpointing": False, "warmup_steps": 10, "checkpoint_every": steps,
+            "micro_batch": 8, "activation_checkpointing": False, "checkpoint_every": steps,
             "cache_dtype": "float32", "validation": {"every": max(1, steps // 4), "max_samples": 64},
-            "pretrain": {"lr": 2e-3, "steps": steps, "global_batch": 8, "init": assets["checkpoint"]},
+            "pretrain": {"lr": 2e-3, "steps": steps, "global_batch": 8, "init": assets["checkpoint"],
+                         "schedule": {"mode": "pretrain", "warmup": min(1.0, 10 / steps)}},
         },
         "platform": {"mlflow_tracking_uri": tracking_uri},
     }

@@ -160,6 +160,22 @@ def export_base(export: Path) -> str:
     return str(info.get("base_model") or info.get("base") or "")
 
 
+def verify_export(export: Path) -> None:
+    """Check a training export against the seal its export.json recorded (every file's size and sha256; a verdict
+    is cached per file). IntegrityError naming the file; nothing to check for an export without a seal."""
+    from kaleido.platform.integrity import verify_manifest
+
+    info_path = Path(export).parent / "export.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if Path(info.get("path", "")).resolve() != Path(export).resolve() or not info.get("files"):
+        return  # not this export's record, or written before exports were sealed
+    verify_manifest(export, info["files"], what="training export file",
+                    fix=f"it changed after training wrote it ({info_path} records the bytes): train the stage again")
+
+
 def tracking_uri(params: Params, environ: dict[str, str] | None = None) -> str:
     """MLFLOW_TRACKING_URI from the environment (pods get the in-cluster address), else platform.mlflow_tracking_uri.
 
@@ -263,12 +279,15 @@ def plan_training(
     check_files: bool = True,
     check_tracking: bool = True,
     precision: str | None = None,
+    apply_changes: bool = False,
 ) -> TrainPlan:
     """Derive the batch geometry of a stage on `world_size` ranks; raise TrainPlanError listing EVERY problem.
 
     check_files: the latent cache, init weights and (with resume) a checkpoint must exist here; False
     when they live on storage only the training pods see (Kubernetes). precision: the target's bf16 | fp32 for
     the memory check (default: the launcher's; `kaleido train --plan --device gpu` plans GPUs from a CPU machine).
+    With resume, the run's recorded params must equal these (kaleido.train.checkpoints.resume_problem), or differ
+    only in keys `apply_changes` may apply.
     """
     train = params.train
     preset = stage_preset(params, stage)
@@ -289,6 +308,12 @@ def plan_training(
         problems.append(
             f"train.sequence_parallel={sp} does not divide the world size {world_size} "
             f"({world_size_keys(params)}): every rank must belong to exactly one sequence-parallel group"
+        )
+    if train.samples.every and (train.zero_stage == 3 or sp > 1):
+        problems.append(
+            f"train.samples.every={train.samples.every}: samples are drawn by rank 0 alone, which cannot run a model "
+            f"partitioned by ZeRO-3 (train.zero_stage={train.zero_stage}) or split by sequence parallelism "
+            f"(train.sequence_parallel={sp}); set train.samples.every: 0 for this run"
         )
     if train.zero_stage not in (1, 2, 3):
         problems.append(f"train.zero_stage={train.zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
@@ -314,8 +339,11 @@ def plan_training(
         else:
             problems += _check_weights(init_path, init_key)
         if resume:
-            from kaleido.train.checkpoints import resume_point
+            from kaleido.train.checkpoints import resume_point, resume_problem
 
+            changed = resume_problem(checkpoint_dir(params, stage), params, stage, apply_changes)
+            if changed:
+                problems.append(changed)
             point = resume_point(checkpoint_dir(params, stage))
             if point.tag is None:
                 what = "no DeepSpeed checkpoint"
@@ -360,10 +388,12 @@ def _check_weights(path: Path, key: str) -> list[str]:
     """The init weights' safetensors files are whole (headers against sizes): a truncated download fails here,
     naming the file, not in every rank after the launch."""
     from kaleido.model.checkpoint import CheckpointError, check_weight_files
+    from kaleido.platform.integrity import IntegrityError
 
     try:
         check_weight_files(path)
-    except CheckpointError as exc:
+        verify_export(path)  # an earlier stage's export (sft's init): its sealed bytes
+    except (CheckpointError, IntegrityError) as exc:
         return [f"{key}: {exc}"]
     return []
 

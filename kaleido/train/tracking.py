@@ -339,6 +339,28 @@ class Tracker:
         if self.bar is not None:
             self.bar.write(f"step {step}: val/loss {metrics['val/loss']:.4f}")
 
+    def log_samples(self, step: int, folder: Path) -> None:
+        """A step's training samples (videos, contact sheet) as MLflow artifacts under samples/<folder name>."""
+        if not self.active:
+            return
+        self._call(f"uploading the samples of step {step}",
+                   lambda: self._mlflow.log_artifacts(str(folder), artifact_path=f"samples/{folder.name}"))
+
+    def record_param_changes(self, history: list[dict[str, Any]]) -> None:
+        """A resume that applied changed params: the run's `param_changes` tag (every change, with its step) and the
+        new values as `changed_at_step_<N>.<key>` params (MLflow never overwrites a logged param)."""
+        if not history:
+            return
+        latest = history[-1]
+
+        def record() -> None:
+            assert self._mlflow is not None
+            self._mlflow.set_tag("param_changes", json.dumps(history)[:MLFLOW_PARAM_CHARS])
+            self._mlflow.log_params({f"changed_at_step_{latest['step']}.{key}": json.dumps(new)
+                                     for key, (_, new) in latest["changes"].items()})
+
+        self._call("recording the changed params", record)
+
     def log_artifacts(self, paths: list[Path], tags: dict[str, str]) -> None:
         def upload() -> None:
             for path in paths:

@@ -12,7 +12,14 @@ Failures an operator fixes (docs/operations.md, "When things fail"):
   anyway, and a checkpoint at the failing step makes stopping cost only the restart;
 - a checkpoint that cannot be written (full disk): CheckpointWriteError naming the tag folder; the previous
   checkpoint stays intact (its completeness marker, kaleido/train/checkpoints.py);
-- a newest checkpoint that is not intact: the resume starts from the newest intact one and says so.
+- a newest checkpoint that is not intact (a file cut short, or bytes that differ from the sha256 its marker
+  recorded): the resume starts from the newest intact one and says so.
+
+A resume is honest about params (kaleido.train.checkpoints.resume_problem): a params.yaml edited since the
+checkpoint is refused naming the keys; with --apply-param-changes the stage's lr and steps and the cadence keys
+take effect from the resumed step (the optimizer's learning rates are rescaled, the schedule keeps its shape), and
+the change is printed, recorded in every later checkpoint marker, the MLflow run (a tag and `changed_at_step_N.*`
+params: MLflow params cannot be overwritten), export.json and metrics.json, which the registry's lineage reads.
 """
 
 from __future__ import annotations
@@ -33,7 +40,19 @@ import torch
 from kaleido.config import Params, params_hash
 from kaleido.model.flow_matching import flow_matching_loss
 from kaleido.platform.files import is_disk_full, named_os_errors, write_text_atomic
-from kaleido.train.checkpoints import MARKER_NAME, checkpoint_tags, resume_point, tag_name, write_marker
+from kaleido.train.checkpoints import (
+    MARKER_NAME,
+    checkpoint_tags,
+    describe_changes,
+    hash_share,
+    read_marker,
+    resume_changes,
+    resume_point,
+    run_params,
+    tag_name,
+    verify_share,
+    write_marker,
+)
 from kaleido.train.data import BucketBatchSampler, Prefetcher, collate, training_sampler
 from kaleido.train.engine import DistContext
 from kaleido.train.latents import LatentCache
@@ -110,8 +129,11 @@ def _prune_checkpoints(folder: Path, keep: int, newest: str) -> None:
 
 
 class Trainer:
-    def __init__(self, params: Params, plan: TrainPlan, ctx: DistContext, engine: Any, resume: bool):
+    def __init__(self, params: Params, plan: TrainPlan, ctx: DistContext, engine: Any, resume: bool,
+                 apply_changes: bool = False):
         self.params = params
+        self.apply_changes = apply_changes
+        self.param_changes: list[dict[str, Any]] = []  # [{"step", "changes": {key: [old, new]}}], oldest first
         self.plan = plan
         self.ctx = ctx
         self.engine = engine
@@ -131,6 +153,11 @@ class Trainer:
         self.run_id: str | None = None
         lora = stage_preset(params, plan.stage).lora
         self.lora = lora if lora.enabled else None  # LoRA fine-tuning: the base stays frozen
+        self.samples = None  # held-out samples while training (train.samples.every), drawn by rank 0
+        if params.train.samples.every and ctx.is_main:
+            from kaleido.train.samples import TrainingSamples
+
+            self.samples = TrainingSamples(params, self.cache, self.output, ctx.device)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
@@ -170,14 +197,35 @@ class Trainer:
             raise CheckpointWriteError(errno.ENOSPC, os.strerror(errno.ENOSPC), tag_dir,
                                        resume_point(self.ckpt_dir).tag) from exc
         dist.barrier()  # every rank's shard is on disk before the marker vouches for them and an old checkpoint goes
+        hashes = self._hash_share(tag_dir)
         if self.ctx.is_main:
             with named_os_errors(tag_dir / MARKER_NAME):
-                write_marker(tag_dir, step)
+                write_marker(tag_dir, step, hashes, run_params(self.params), self.param_changes)
             _prune_checkpoints(self.ckpt_dir, self.params.train.keep_checkpoints, tag)
+
+    def _hash_share(self, tag_dir: Path) -> dict[str, str]:
+        """{relative name: sha256} of every file of a just-written tag, hashed by the ranks in parallel."""
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(parts, hash_share(tag_dir, self.ctx.rank, self.ctx.world_size))
+        return {name: digest for part in parts for name, digest in part.items()}
+
+    def _verify_tag(self, tag: str) -> str | None:
+        """Why the tag's files differ from their recorded sha256s (the ranks check a share each), or None."""
+        import torch.distributed as dist
+
+        found: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(found, verify_share(self.ckpt_dir / tag, self.ctx.rank, self.ctx.world_size))
+        return next((item for item in found if item), None)
 
     def load_checkpoint(self) -> None:
         """Restore the newest intact checkpoint (a newer one that is not intact is skipped, with a warning)."""
+        corrupted: dict[str, str] = {}
         point = resume_point(self.ckpt_dir)
+        while point.tag is not None and (problem := self._verify_tag(point.tag)) is not None:
+            corrupted[point.tag] = problem
+            point = resume_point(self.ckpt_dir, corrupted)
         if point.tag is None:
             raise ResumeError(f"--resume: no intact DeepSpeed checkpoint in {self.ckpt_dir}"
                               + (f" ({point.describe_skipped()})" if point.skipped else "")
@@ -200,6 +248,39 @@ class Trainer:
         _restore_rank_state(client["ranks"][self.ctx.rank], self.sampler, self.generator)
         self.start_step = int(client["step"])
         self.run_id = client.get("mlflow_run_id")
+        self._apply_param_changes(read_marker(self.ckpt_dir / point.tag))
+
+    def _apply_param_changes(self, marker: dict[str, Any]) -> None:
+        """Carry the run's change history on; apply this resume's changes (the plan refused any that may not be
+        applied, or any at all without --apply-param-changes)."""
+        self.param_changes = list(marker.get("changes") or [])
+        recorded = marker.get("params")
+        if recorded is None:
+            return  # a checkpoint written before params were recorded: nothing to compare
+        changes = resume_changes(recorded, run_params(self.params), self.plan.stage)
+        if not changes:
+            return
+        if not self.apply_changes:  # the plan checks this first; a worker started by hand must not slip past
+            raise ResumeError(f"--resume: params changed since the checkpoint: {describe_changes(changes)}; pass "
+                              "--apply-param-changes to apply them, or put them back")
+        lr_key = f"train.{self.plan.stage}.lr"
+        if lr_key in changes:
+            old, new = changes[lr_key]
+            scale = float(new) / float(old)
+            scheduler = self.engine.lr_scheduler
+            # every group keeps its ratio to the base lr, and the schedule its shape: only the base moves
+            for group in scheduler.optimizer.param_groups:
+                group["lr"] *= scale
+                if "initial_lr" in group:
+                    group["initial_lr"] *= scale
+            scheduler.base_lrs = [base * scale for base in scheduler.base_lrs]
+            if hasattr(scheduler, "_last_lr"):
+                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        self.param_changes.append({"step": self.start_step,
+                                   "changes": {key: [old, new] for key, (old, new) in changes.items()}})
+        if self.ctx.is_main:
+            print(f"resumed at step {self.start_step} with changed params (applied from step {self.start_step + 1}): "
+                  f"{describe_changes(changes)}", flush=True)
 
     # -- export ------------------------------------------------------------------------------------------
 
@@ -211,8 +292,10 @@ class Trainer:
         import torch.distributed as dist
 
         from kaleido.model.checkpoint import save_dit
+        from kaleido.model.settings import ModelSettings
 
         module = self.engine.module
+        settings = ModelSettings.from_params(self.params)  # what this model was trained with, carried with it
         lora = self.lora
         # LoRA: gather the adapter only; the base is the init file, unchanged
         wanted = [p for p in module.parameters() if p.requires_grad] if lora else list(module.parameters())
@@ -242,19 +325,20 @@ class Trainer:
                 "stage": self.plan.stage, "step": step, "format": "wan",
                 "path": os.path.relpath(target, self.output),
                 "params_hash": params_hash(self.params), "mlflow_run_id": self.run_id, "config": module.cfg.to_dict(),
-                **base,
+                "model_settings": settings.to_dict(), "param_changes": self.param_changes, **base,
             }  # fmt: skip
             try:
                 if lora:
                     from kaleido.model.lora import Adapter, save_adapter_layouts
 
-                    adapter = Adapter(state, lora.rank, lora.alpha, base)
+                    adapter = Adapter(state, lora.rank, lora.alpha,
+                                      {**base, "model_settings": json.dumps(settings.to_dict())})
                     save_adapter_layouts(adapter, partial)
                     info.update(format="lora", lora={"rank": lora.rank, "alpha": lora.alpha,
                                                      "targets": adapter.targets,
                                                      "parameters": adapter.num_parameters()})
                 else:
-                    save_dit(state, partial, "wan", module.cfg)
+                    save_dit(state, partial, "wan", module.cfg, settings=settings)
             except Exception as exc:  # safetensors' writer reports a full disk as its own error, naming no path
                 if not is_disk_full(exc) and "No space left on device" not in str(exc):
                     raise
@@ -262,6 +346,9 @@ class Trainer:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial)) from exc
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)  # the registry never sees half an export
+            from kaleido.platform.integrity import folder_manifest
+
+            info["files"] = folder_manifest(target)  # the seal its readers check (kaleido.train.plan.verify_export)
             write_text_atomic(self.output / "export.json", json.dumps(info, indent=2) + "\n")
         dist.barrier()
         return target if self.ctx.is_main else None
@@ -314,6 +401,8 @@ class Trainer:
             run = os.environ.get("KALEIDO_RUN", f"{self.plan.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
             tags["kaleido_run"] = run
             self.run_id = tracker.start_mlflow(uri, self.params.train.experiment, run, flat, tags, self.run_id)
+            if self.resume and self.param_changes and self.param_changes[-1]["step"] == self.start_step:
+                tracker.record_param_changes(self.param_changes)
         shared = [self.run_id]
         dist.broadcast_object_list(shared, src=0)  # every rank's checkpoint carries the run id
         self.run_id = shared[0]
@@ -392,6 +481,8 @@ class Trainer:
                 tracker.log_step(step, metrics)
                 if step == self.plan.steps or (every and step % every == 0):
                     last_validation = self.validate(step, tracker)
+                if self.samples is not None and self.samples.due(step):
+                    tracker.log_samples(step, self.samples.generate(self.engine.module, step))
                 if self._tracking_lost(tracker):
                     if not saved:
                         self.save_checkpoint(step)  # nothing trained so far is lost
@@ -457,13 +548,16 @@ class Trainer:
             "mean_tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows) if rows else None,
             "export": str(result.export),
             "mlflow_run_id": self.run_id,
+            "param_changes": self.param_changes,  # params applied mid-run by a resume, with their step
             "plan": self.plan.to_dict(),
         }
         base_path = self.output / "val_base.json"
         if validation is not None and base_path.is_file():
             base = json.loads(base_path.read_text())
             summary.update({"val_loss_base": base["loss"], "val_loss": validation.loss,
-                            "val_loss_change": validation.loss - base["loss"]})
+                            "val_loss_change": validation.loss - base["loss"],
+                            "reference_reliance_base": base.get("reference_reliance"),
+                            "reference_reliance": validation.reference_reliance if validation.shuffled else None})
             record = {
                 "fingerprint": validation.fingerprint, "sigmas": self.params.train.validation.sigmas,
                 "seed": self.params.train.validation.seed, "latents": self.plan.latents, "base": base,

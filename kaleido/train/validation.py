@@ -12,6 +12,13 @@ The number is therefore comparable across steps, runs and models that read the s
 `fingerprint` names (cache settings, sample keys, levels, seed). Per sample, the loss is the mean over levels;
 `val/loss` is the mean over samples, and `val/loss_sigma_<s>` the mean over samples at each level.
 
+Reference reliance (`val/reference_reliance`): the same triples once more with SHUFFLED references (each sample gets
+the references of its partner: the next validation sample, cyclically, with the same bucket, i.e. as many
+references of the same size), minus the loss with its own; per sample, averaged over levels and samples. A model
+that reads its references loses when handed another sample's (reliance > 0); one that ignores them scores ~0,
+however low its loss (issue 23: a model whose val loss is fine may still ignore its references). Samples without
+references, or without a partner, have no reliance.
+
 Distributed: samples are dealt round-robin to the data-parallel ranks; the ranks of one sequence-parallel group
 evaluate the same sample (their hooks split its tokens); every rank runs the same number of forwards (the short
 ones repeat a sample at weight 0), which ZeRO-3's parameter gathering requires; results are all-gathered.
@@ -41,18 +48,33 @@ class ValidationResult:
     per_level: dict[str, float]  # "0.10" -> loss
     fingerprint: str
     raw: dict[str, list[float]] = field(default_factory=dict)  # sample key -> loss per level
+    shuffled: dict[str, float] = field(default_factory=dict)  # sample key -> loss with its partner's references
 
     @property
     def loss(self) -> float:
         return sum(self.per_sample.values()) / len(self.per_sample) if self.per_sample else float("nan")
 
+    @property
+    def per_sample_reliance(self) -> dict[str, float]:
+        """sample key -> loss with shuffled references - loss with its own (samples that have a partner)."""
+        return {key: value - self.per_sample[key] for key, value in self.shuffled.items() if key in self.per_sample}
+
+    @property
+    def reference_reliance(self) -> float:
+        values = list(self.per_sample_reliance.values())
+        return sum(values) / len(values) if values else float("nan")
+
     def metrics(self) -> dict[str, float]:
-        """MLflow metric names: val/loss and val/loss_sigma_<level>."""
-        return {"val/loss": self.loss, **{f"val/loss_sigma_{level}": v for level, v in self.per_level.items()}}
+        """MLflow metric names: val/loss, val/loss_sigma_<level> and val/reference_reliance (when it exists)."""
+        metrics = {"val/loss": self.loss, **{f"val/loss_sigma_{level}": v for level, v in self.per_level.items()}}
+        if self.shuffled:
+            metrics["val/reference_reliance"] = self.reference_reliance
+        return metrics
 
     def to_json(self) -> dict[str, Any]:
         return {"loss": self.loss, "per_level": self.per_level, "per_sample": self.per_sample,
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, "reference_reliance": self.reference_reliance if self.shuffled
+                else None, "per_sample_shuffled": self.shuffled}
 
 
 def level_name(sigma: float) -> str:
@@ -77,6 +99,24 @@ class ValidationSet:
         return len(self.indices)
 
     @property
+    def partners(self) -> dict[int, int]:
+        """Cache index -> the cache index whose references it gets shuffled: the next validation sample (cyclically,
+        in validation order) with the same bucket (frames, size, number of references); samples without references
+        or without such a partner are left out."""
+        found: dict[int, int] = {}
+        count = len(self.indices)
+        for position, index in enumerate(self.indices):
+            bucket = self.cache.samples[index].bucket
+            if bucket[3] == 0:
+                continue
+            for step in range(1, count):
+                other = self.indices[(position + step) % count]
+                if self.cache.samples[other].bucket == bucket:
+                    found[index] = other
+                    break
+        return found
+
+    @property
     def fingerprint(self) -> str:
         """Names everything that makes two validation losses comparable."""
         blob = json.dumps({
@@ -92,8 +132,10 @@ class ValidationSet:
         text_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        references_of: int | None = None,
     ) -> list[float]:
-        """The loss of sample `index` at every level: one forward, the levels stacked as the batch."""
+        """The loss of sample `index` at every level: one forward, the levels stacked as the batch. references_of: the
+        cache index whose references replace the sample's own (the same noise, levels and text otherwise)."""
         item = self.cache.load(index)
         key = self.cache.samples[index].key
         levels = len(self.sigmas)
@@ -107,7 +149,7 @@ class ValidationSet:
         noisy = ((1 - s) * x0 + s * noise).to(device=device, dtype=dtype)
         target = (noise - x0).to(device)
         context = pad_text(item["text"], text_len)[None].expand(levels, -1, -1).to(device=device, dtype=dtype)
-        refs = item["refs"]
+        refs = item["refs"] if references_of is None else self.cache.load(references_of)["refs"]
         references = refs[None].expand(levels, *refs.shape).to(device=device, dtype=dtype) if refs.shape[0] else None
         with torch.no_grad():
             prediction = model(noisy, sigma.to(device) * 1000.0, context, references).float()
@@ -127,25 +169,37 @@ class ValidationSet:
         """Every rank calls this together; `gather` all-gathers a picklable object across ranks (None: one rank)."""
         mine = self.indices[dp_rank::dp_size]
         rounds = -(-len(self.indices) // dp_size) if self.indices else 0
+        partners = self.partners
         raw: dict[str, list[float]] = {}
+        shuffled: dict[str, float] = {}
         for turn in range(rounds):
             # short ranks repeat a sample (results dropped) so every rank runs as many forwards
             index = mine[turn] if turn < len(mine) else (mine[-1] if mine else self.indices[0])
             losses = self.sample_losses(model, index, text_len, dtype, device)
+            # every rank runs the shuffled forward too (a sample without a partner: its own references, dropped),
+            # so ZeRO-3's gathers stay in step
+            partner = partners.get(index)
+            other = self.sample_losses(model, index, text_len, dtype, device, partner if partner is not None else index)
             if turn < len(mine):
-                raw[self.cache.samples[index].key] = losses
+                key = self.cache.samples[index].key
+                raw[key] = losses
+                if partner is not None:
+                    shuffled[key] = sum(other) / len(other)
         if gather is not None:
             merged: dict[str, list[float]] = {}
-            for part in gather(raw):
+            merged_shuffled: dict[str, float] = {}
+            for part, part_shuffled in gather((raw, shuffled)):
                 merged.update(part)
-            raw = merged
+                merged_shuffled.update(part_shuffled)
+            raw, shuffled = merged, merged_shuffled
         keys = [self.cache.samples[i].key for i in self.indices if self.cache.samples[i].key in raw]
         per_sample = {key: sum(raw[key]) / len(raw[key]) for key in keys}
         per_level = {
             level_name(s): sum(raw[key][j] for key in keys) / len(keys) if keys else float("nan")
             for j, s in enumerate(self.sigmas)
         }
-        return ValidationResult(per_sample, per_level, self.fingerprint, {key: raw[key] for key in keys})
+        return ValidationResult(per_sample, per_level, self.fingerprint, {key: raw[key] for key in keys},
+                                {key: shuffled[key] for key in keys if key in shuffled})
 
 
 # ---- the record a training leaves, and what evaluation and the gate read from it ------------------------------
@@ -162,21 +216,36 @@ def validation_block(record: dict[str, Any]) -> dict[str, Any]:
     """The `validation` block of an evaluation document from a training's val_loss.json.
 
     cases: one per held-out sample, metrics val_loss (the trained model) and val_loss_base (the model it started
-    from), paired by the gate through (id, fingerprint).
+    from), and where the sample has a shuffling partner reference_reliance (loss with shuffled references - with its
+    own) and reference_reliance_base; paired by the gate through (id, fingerprint). A record written before reliance
+    was measured simply has none.
     """
     fingerprint = record["fingerprint"]
     final, base = record["final"]["per_sample"], record["base"]["per_sample"]
-    cases = [
-        {"id": key, "fingerprint": case_fingerprint(fingerprint, key),
-         "metrics": {"val_loss": value, **({"val_loss_base": base[key]} if key in base else {})}}
-        for key, value in final.items()
-    ]
+    reliance = _reliance(record["final"])
+    reliance_base = _reliance(record["base"])
+    cases = []
+    for key, value in final.items():
+        metrics = {"val_loss": value, **({"val_loss_base": base[key]} if key in base else {})}
+        if key in reliance:
+            metrics["reference_reliance"] = reliance[key]
+        if key in reliance_base:
+            metrics["reference_reliance_base"] = reliance_base[key]
+        cases.append({"id": key, "fingerprint": case_fingerprint(fingerprint, key), "metrics": metrics})
     return {
         "fingerprint": fingerprint, "sigmas": record["sigmas"], "seed": record["seed"], "latents": record["latents"],
         "text_len": record["text_len"],
         "loss": record["final"]["loss"], "base_loss": record["base"]["loss"], "init": record.get("init"),
+        "reference_reliance": record["final"].get("reference_reliance"),
+        "base_reference_reliance": record["base"].get("reference_reliance"),
         "cases": cases,
     }
+
+
+def _reliance(result: dict[str, Any]) -> dict[str, float]:
+    """sample key -> reference reliance of one ValidationResult.to_json()."""
+    own, shuffled = result["per_sample"], result.get("per_sample_shuffled") or {}
+    return {key: value - own[key] for key, value in shuffled.items() if key in own}
 
 
 def recompute_block(checkpoint: str | Path, block: dict[str, Any], device: str = "cpu",
@@ -201,10 +270,14 @@ def recompute_block(checkpoint: str | Path, block: dict[str, Any], device: str =
     dtype = next(model.parameters()).dtype
     result = validation.evaluate(model, int(block["text_len"]), dtype, torch.device(device))
     fingerprint = result.fingerprint
+    reliance = result.per_sample_reliance
     return {
-        **{k: v for k, v in block.items() if k not in ("cases", "loss", "base_loss")},
+        **{k: v for k, v in block.items()
+           if k not in ("cases", "loss", "base_loss", "reference_reliance", "base_reference_reliance")},
         "loss": result.loss,
-        "cases": [{"id": key, "fingerprint": case_fingerprint(fingerprint, key), "metrics": {"val_loss": value}}
+        "reference_reliance": result.reference_reliance if reliance else None,
+        "cases": [{"id": key, "fingerprint": case_fingerprint(fingerprint, key),
+                   "metrics": {"val_loss": value, **({"reference_reliance": reliance[key]} if key in reliance else {})}}
                   for key, value in result.per_sample.items()],
         "recomputed_for": str(checkpoint),
     }

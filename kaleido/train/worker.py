@@ -25,7 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: $KALEIDO_PARAMS or nearest)")
     parser.add_argument("--stage", choices=STAGES, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (rank 0 draws it by default)")
+    parser.add_argument("--apply-param-changes", action="store_true",
+                        help="with --resume: apply changed lr / steps / cadence from the resumed step on (recorded)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display (rank 0 shows it by default)")
     return parser.parse_args(argv)
 
 
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         # only rank 0 talks to the tracking server
-        plan = plan_training(params, args.stage, world, resume=args.resume, check_tracking=rank == 0)
+        plan = plan_training(params, args.stage, world, resume=args.resume, check_tracking=rank == 0,
+                             apply_changes=args.apply_param_changes)
         LatentCache(plan.latents, params).null_context()  # a broken cache fails here, before a model is loaded
     except (ParamsError, CacheError, IntegrityError, StorageError) as exc:
         return _error(f"rank {rank}: {exc}")
@@ -112,7 +115,7 @@ def _train(args: argparse.Namespace, params: Any, plan: Any) -> int:
     if plan.sequence_parallel > 1:
         UlyssesSequenceParallel(ctx.sp_group).attach(model)
     engine, _ = build_engine(model, params, plan, ctx)
-    trainer = Trainer(params, plan, ctx, engine, resume=args.resume)
+    trainer = Trainer(params, plan, ctx, engine, resume=args.resume, apply_changes=args.apply_param_changes)
     result = trainer.train(progress=not args.no_progress)
     if ctx.is_main:
         final = result.losses[-1] if result.losses else float("nan")
