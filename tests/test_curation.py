@@ -24,11 +24,10 @@ from kaleido.data.pairing import (
     cross_source_summary,
     effective_mix,
     pair_samples,
-    validation_sources,
-    validation_summary,
 )
 from kaleido.data.records import Instance, TrainingSample
 from kaleido.data.references import CurationResult, composite, load_image, load_mask
+from kaleido.data.split import validation_sources, validation_summary
 from kaleido.data.synthetic import (
     FixedScorer,
     MirrorVariator,

@@ -223,8 +223,8 @@ def run_curation(
 ) -> StageReport:
     """Curate every captioned clip with subject candidates (per work shard), then pair the results into samples
     (per dataset shard)."""
-    from kaleido.data.pairing import validation_sources
     from kaleido.data.pools import model_pools
+    from kaleido.data.split import validation_sources
 
     layout = DataLayout(data_root(params))
     outputs = [layout.instances_manifest, layout.samples_manifest, layout.rejections("curate")]

@@ -11,9 +11,10 @@ How a plan is made (each figure says where it comes from):
   MAX_ACTORS_PER_GPU; a Ray actor asks for `num_gpus` = 1 / that.
 - Seconds per call on one H100: PUBLIC figures where there are some (FLUX, SAM-H), estimates otherwise; each row
   of CALL_SECONDS says which. Calls per clip follow the params (frames grounded, subjects, the sample mix).
-- Two layouts are compared: `pools` (Ray: one actor pool per model, streaming, only the reference types the mix
-  uses) and `worker per GPU` (the whole model set in each worker, every type built, the GPU idle while the worker
-  decodes and filters on the CPU).
+- Two layouts are compared: `pools` (Ray: one actor pool per model, each stage's pools sharing the GPUs, FLUX only
+  for the reference types the samples use: what the code does since two-phase curation, kaleido.data.generated) and
+  `worker per GPU` as the issue measured it (the whole model set in each worker, every type built for every subject
+  and a plate for every clip, the GPU idle while the worker decodes and filters on the CPU).
 """
 
 from __future__ import annotations
@@ -374,7 +375,7 @@ def describe(plan: CurationPlan) -> str:
     lines.append(f"  CPU stages: {cpu:.2f} CPU-s per clip (measured, kaleido/data/cpu_costs.json)" if cpu is not None
                  else "  CPU stages: not measured (run benchmarks/curation_scale.py --write-costs)")
     for layout, name in (("pools", "ray pools, only the types the mix uses"),
-                         ("worker", "a worker per GPU, every type built")):
+                         ("worker", "a worker per GPU building every type (the issue's baseline)")):
         hours = plan.gpu_hours(layout)
         wall = plan.wall_hours(layout)
         when = f", {wall:,.1f} h wall ({wall / 24:,.1f} days) on {plan.gpus} GPUs" if wall is not None else ""

@@ -189,12 +189,10 @@ class ModelActor:
 
 
 def _pin_threads() -> Any:
-    """The shard workers' thread set-up for the actor's whole life (kaleido.platform.workers.pinned_threads, when
-    this checkout has it): model floats on the CPU then match a local worker's."""
-    try:
-        from kaleido.platform.workers import pinned_threads  # type: ignore[import-not-found]
-    except ImportError:
-        return None
+    """The shard workers' thread set-up (kaleido.platform.workers.pinned_threads) for the actor's whole life: model
+    floats on the CPU then match a local worker's."""
+    from kaleido.platform.workers import pinned_threads
+
     threads = pinned_threads()
     threads.__enter__()
     return threads

@@ -345,8 +345,9 @@ def source_frames(seed: int, shots: int = 1, frames_per_shot: int = 20) -> np.nd
         patches = rng.integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
         video = np.full((frames_per_shot, 96, 144, 3), level, dtype=np.uint8)
         for t in range(frames_per_shot):
-            video[t, 20:60, 8 + t : 58 + t] = patches[0]
-            video[t, 30:70, 80 + t // 2 : 130 + t // 2] = patches[1]
+            x = t if frames_per_shot <= 29 else t * 28 // (frames_per_shot - 1)  # long shots drift as far, slower
+            video[t, 20:60, 8 + x : 58 + x] = patches[0]
+            video[t, 30:70, 80 + x // 2 : 130 + x // 2] = patches[1]
         out.append(video)
     return np.concatenate(out)
 
