@@ -202,10 +202,9 @@ class PoolRecorder:
     are recorded (proof that the shard tasks called the models through the pools)."""
 
     def __init__(self) -> None:
-        import kaleido.data.pipeline as pipeline
         import kaleido.data.pools as pools
 
-        self.modules, self.original, self.calls = (pipeline, pools), pools.model_pools, []
+        self.modules, self.original, self.calls = (pools,), pools.model_pools, []
 
     def __enter__(self) -> list[dict[str, Any]]:
         from contextlib import contextmanager
@@ -247,7 +246,10 @@ def scenario_equal(ctx: dict[str, Any]) -> dict[str, Any]:
     with PoolRecorder() as pools:
         on_ray = run_stages(params_of(ray_raw, workdir))
     log(f"a: on Ray {time.monotonic() - started:.0f} s")
-    return {"local": local, "ray": on_ray, "pools": pools}
+    with PoolRecorder() as again:  # every shard finished: skipped, and no pool is started (no model loaded)
+        rerun = run_stages(params_of(ray_raw, workdir))
+    return {"local": local, "ray": on_ray, "pools": pools, "rerun_pools": again,
+            "rerun_same": rerun["hashes"] == on_ray["hashes"] and rerun["manifests"] == on_ray["manifests"]}
 
 
 def _killer(stage_dir: Path, found: dict[str, Any], stop: threading.Event) -> None:

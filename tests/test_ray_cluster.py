@@ -93,6 +93,8 @@ def test_stages_on_two_nodes_equal_the_local_executor_with_the_root_on_s3(cluste
     assert served["flux_fill"] == flux["inpaint"] + flux["plate"] > 0 and served["flux_redux"] == flux["redux"]
     assert served["vlm"] == len(local["manifests"]["captions"].splitlines())
     assert served["grounding_dino"] == served["sam"] > 0 and served["clip"] > 0
+    # a re-run: every shard skipped, no pool started (no model loaded for nothing), the same bytes
+    assert found["rerun_pools"] == [] and found["rerun_same"]
 
 
 def test_a_data_command_runs_as_a_ray_job_with_its_log_and_exit_status(cluster: dict[str, Any]) -> None:

@@ -223,7 +223,6 @@ def run_curation(
 ) -> StageReport:
     """Curate every captioned clip with subject candidates (per work shard), then pair the results into samples
     (per dataset shard)."""
-    from kaleido.data.pools import model_pools
     from kaleido.data.split import validation_sources
 
     layout = DataLayout(data_root(params))
@@ -244,11 +243,10 @@ def run_curation(
         gpus = launch_devices(params, "kaleido curate")  # refused here when the plan does not fit its GPUs
         begin()
         specs = clip_shards(usable, data.shards, payload, fetch_clips=True)
-        with model_pools(params, [key for key in CURATE_KEYS if configured(key, params)], specs) as pools:
-            result = run_shards(
-                "curate", specs, curate_shard, params, fingerprint=fingerprint, progress=progress, unit="clip",
-                gpus=gpus, pools=pools,
-            )
+        result = run_shards(
+            "curate", specs, curate_shard, params, fingerprint=fingerprint, progress=progress, unit="clip",
+            gpus=gpus, models=[key for key in CURATE_KEYS if configured(key, params)],
+        )
         result.raise_for_failures()
         dirs = result.shard_dirs()
         # the split is decided per source video over the whole data; changing data.validation redoes the pairing
@@ -256,12 +254,10 @@ def run_curation(
         splits = {clip.source: "val" if clip.source in held else "train" for clip in usable}
         pair_fingerprint = {**fingerprint, "validation": data.validation.model_dump(mode="json"),
                             "dataset_shards": data.dataset_shards}
-        pairs = pair_specs(result, splits, data, usable)
-        with model_pools(params, [key for key in FLUX_KEYS if configured(key, params)], pairs) as pools:
-            paired = run_shards(
-                "pair", pairs, pair_shard, params, fingerprint=pair_fingerprint, progress=progress, unit="shard",
-                gpus=gpus, pools=pools,
-            )
+        paired = run_shards(
+            "pair", pair_specs(result, splits, data, usable), pair_shard, params, fingerprint=pair_fingerprint,
+            progress=progress, unit="shard", gpus=gpus, models=[key for key in FLUX_KEYS if configured(key, params)],
+        )
         paired.raise_for_failures()
         instances = merge_jsonl(dirs, "instances.jsonl", layout.instances_manifest)
         samples = merge_jsonl(paired.shard_dirs(), "samples.jsonl", layout.samples_manifest)

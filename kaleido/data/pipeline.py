@@ -38,7 +38,6 @@ from kaleido.data.paths import (
     resolve_inside,
 )
 from kaleido.data.plan import launch_devices
-from kaleido.data.pools import model_pools
 from kaleido.data.records import (
     ClipRecord,
     Rejection,
@@ -325,11 +324,10 @@ def run_caption(
         gpus = launch_devices(params, "kaleido caption") if cfg.captioner == "vlm" else ()
         begin()
         specs = clip_shards(clips, params.data.shards, payload, fetch_clips=cfg.captioner == "vlm")
-        with model_pools(params, ["vlm"] if cfg.captioner == "vlm" else [], specs) as pools:  # Ray: the VLM's pool
-            result = run_shards(
-                "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip",
-                gpus=gpus, pools=pools,
-            )
+        result = run_shards(
+            "caption", specs, caption_shard, params, fingerprint=fingerprint, progress=progress, unit="clip",
+            gpus=gpus, models=["vlm"] if cfg.captioner == "vlm" else [],  # Ray: the VLM's pool
+        )
         _, captioned, rejected = _merge_and_seal(root, layout, "caption", result, "clips.jsonl",
                                                  layout.captions_manifest, rejections)
         with_subjects = sum(1 for row in read_jsonl(layout.captions_manifest) if row.get("subjects"))

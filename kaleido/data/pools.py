@@ -162,6 +162,9 @@ class ModelActor:
         self.key, self.max_batch, self.wait_s = key, max_batch, wait_s
         self._threads = _pin_threads()
         self.model = build_model(key, params.data, params)
+        load = getattr(self.model, "load", None)  # a lazy model (the VLM) loads now: a failure shows at pool start
+        if callable(load):
+            load()
         self.batchers: dict[str, Batcher] = {}
 
     def ready(self) -> dict[str, Any]:
@@ -212,7 +215,7 @@ class PoolProxy:
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayError, RayTaskError
 
         errors = []
         start = self._next
@@ -221,13 +224,17 @@ class PoolProxy:
             actor = self.actors[(start + attempt) % len(self.actors)]
             try:
                 return ray.get(actor.call.remote(method, args, kwargs))
-            except RayActorError as exc:  # dead past its restarts (Ray retried the call already): try another
-                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             except RayTaskError as exc:  # the model raised: the same exception the local model would
                 cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
                 if cause is not None:
                     raise cause from None
                 raise
+            except RayActorError as exc:  # dead past its restarts (Ray retried the call already): try another
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            except RayError as exc:  # lost objects, Ray's own OOM killer...: not a model answer, never a rejection
+                raise ModelUnavailable(f"the {self.key} pool's call failed in Ray ({type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0] if str(exc) else ''}); the shard fails and a "
+                                       "re-run redoes it") from None
         raise ModelUnavailable(f"the {self.key} pool has no live actor ({len(self.actors)} tried: "
                                f"{'; '.join(errors)}); the shard fails and a re-run redoes it")
 

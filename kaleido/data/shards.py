@@ -310,7 +310,7 @@ def run_shards(
     progress: bool = True,
     unit: str = "item",
     gpus: Sequence[str] = (),
-    pools: Mapping[str, Any] | None = None,
+    models: Sequence[str] = (),
 ) -> StageResult:
     """Run `fn` over every shard not already finished; see the module docstring.
 
@@ -318,8 +318,9 @@ def run_shards(
     params, model paths). `fn` must be a module-level function (it is pickled by name).
     `gpus`: GPU ids for a model stage's local workers: one worker per GPU, each seeing only its own through
     CUDA_VISIBLE_DEVICES (at most len(gpus) workers). Empty: CPU work, or Ray (which places its own).
-    `pools`: on Ray, the stage's model pools ({key: kaleido.data.pools.Pool}); each shard task calls its models
-    through them (kaleido.data.models.shard_model).
+    `models`: the model pools the shard fn calls (kaleido.data.models keys). On Ray they are started for the shards
+    that are not finished (none: no pool), the shard tasks call their models through them
+    (kaleido.data.models.shard_model), and they are torn down when the shards are done (kaleido.data.pools).
     """
     root = shard_store.local_root(cfg)
     stage_dir = output_folder(root, stage_name)
@@ -337,7 +338,7 @@ def run_shards(
                 remove_inside(root, orphan)
         shard_store.drop_remote_orphans(stage_dir, names)
         return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit, tuple(gpus),
-                            pools)
+                            tuple(models))
 
 
 def _run_pending(
@@ -350,7 +351,7 @@ def _run_pending(
     progress: bool,
     unit: str,
     gpus: tuple[str, ...] = (),
-    pools: Mapping[str, Any] | None = None,
+    models: tuple[str, ...] = (),
 ) -> StageResult:
     """Skip the shards whose marker matches and whose files are intact; run the others."""
     import logging
@@ -392,9 +393,11 @@ def _run_pending(
         if not pending:
             pass
         elif cfg.data.ray_address:
+            from kaleido.data.pools import model_pools
             from kaleido.data.ray_cluster import run_on_ray
 
-            run_on_ray(stage_name, pending, fn, cfg, stage_dir, finished, pools)
+            with model_pools(cfg, models, [spec for spec, _ in pending]) as pools:
+                run_on_ray(stage_name, pending, fn, cfg, stage_dir, finished, pools)
         elif cfg.data.workers == 1 or len(pending) == 1:
             for spec, expected in pending:
                 finished(spec, _execute_pinned(stage_name, spec, fn, cfg, stage_dir, expected))
