@@ -359,12 +359,13 @@ def describe(plan: CurationPlan) -> str:
              f"{plan.layout}",
              f"  assumptions: {work.subjects_per_clip:g} subjects/clip, {work.instances_per_frame:g} instances/frame, "
              f"{work.human_share:.0%} humans, {work.yield_share:.0%} of clips keep a subject",
-             f"  {'model':<20}{'params':>9}{'dtype':>10}{'GB/actor':>10}{'per GPU':>9}{'num_gpus':>9}{'actors':>8}"
-             f"{'calls/clip':>11}{'s/call':>8}  throughput source"]
+             f"  {'model':<20}{'stage':>8}{'params':>9}{'dtype':>10}{'GB/actor':>10}{'per GPU':>9}{'num_gpus':>9}"
+             f"{'actors':>8}{'calls/clip':>11}{'s/call':>8}  throughput source"]
     for pool in plan.pools:
         params_b = sum(c.parameters for c in pool.components) / 1e9
         dtypes = "/".join(sorted({SHORT_DTYPES[c.dtype] for c in pool.components}))
-        lines.append(f"  {TITLES[pool.key]:<20}{params_b:>8.2f}B{dtypes:>10}{pool.memory_gb:>10.1f}"
+        lines.append(f"  {TITLES[pool.key]:<20}{STAGE_OF.get(pool.key, 'curate'):>8}{params_b:>8.2f}B{dtypes:>10}"
+                     f"{pool.memory_gb:>10.1f}"
                      f"{pool.actors_per_gpu:>9}{pool.num_gpus:>9.3f}{pool.actors or '-':>8}"
                      f"{pool.calls_per_clip_pools:>11.2f}{pool.seconds_per_call:>8.3f}  {pool.cost.source}")
     lines.append("  parameter counts:")
@@ -374,6 +375,7 @@ def describe(plan: CurationPlan) -> str:
     cpu = work.cpu_seconds_per_clip
     lines.append(f"  CPU stages: {cpu:.2f} CPU-s per clip (measured, kaleido/data/cpu_costs.json)" if cpu is not None
                  else "  CPU stages: not measured (run benchmarks/curation_scale.py --write-costs)")
+    lines.append("  stages run one after the other (caption, curate, then pair: FLUX); a stage's pools share the GPUs")
     for layout, name in (("pools", "ray pools, only the types the mix uses"),
                          ("worker", "a worker per GPU building every type (the issue's baseline)")):
         hours = plan.gpu_hours(layout)
