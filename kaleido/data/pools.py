@@ -211,13 +211,15 @@ class PoolProxy:
         self.key, self.actors = key, list(actors)
         self.name = str(info.get("name") or key)
         self.source = info.get("source")
-        self._next = 0
+        self._next: int | None = None
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         import ray
         from ray.exceptions import RayActorError, RayError, RayTaskError
 
         errors = []
+        if self._next is None:  # each task process starts at its own actor, then goes round
+            self._next = os.getpid() % max(1, len(self.actors))
         start = self._next
         self._next += 1
         for attempt in range(len(self.actors)):
