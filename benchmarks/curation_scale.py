@@ -2,7 +2,7 @@
 adding one source redoes, and pairing from 2k to 16k clips.
 
     nice -n 10 .venv/bin/python benchmarks/curation_scale.py [--sources 4 8 16 32] [--pairing 2000 4000 8000 16000]
-                                                             [--json out.json]
+                                                             [--json out.json] [--write-costs]
 
 Stages: ingest (PyAV decode, PySceneDetect, resample, H.264 encode), caption (sidecar), curate (per clip: decode,
 ground, segment, filters, references; the detector and segmenter are the stand-ins of kaleido.data.synthetic, so
@@ -33,8 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +64,7 @@ OVERRIDES: dict[str, Any] = {
     "data.shards": 64,
     "data.dataset_shards": 16,
     "data.grounding.frames_per_clip": 1,
+    "data.models.factory": "kaleido.data.synthetic:stand_in_model",  # the stand-in detector and segmenter
     "data.models.flux_fill": None,
     "data.models.flux_redux": None,
     "data.filters": {"min_area": 0.0, "max_area": 1.0, "clip_min_score": -1.0, "min_sharpness": 0.0,
@@ -76,36 +75,24 @@ OVERRIDES: dict[str, Any] = {
 }
 
 
-@contextmanager
-def _stand_in_models() -> Iterator[None]:
-    import kaleido.data.curate as curate
-    import kaleido.data.pipeline as pipeline
-    from kaleido.data.synthetic import BoxSegmenter, FixedScorer, HalvesDetector
-
-    original = curate.load_curation_models
-    curate.load_curation_models = lambda cfg, params=None: curate.CurationModels(HalvesDetector(), BoxSegmenter(),
-                                                                                  FixedScorer())
-    pipeline._CURATION_MODELS.clear()
-    try:
-        yield
-    finally:
-        curate.load_curation_models = original
-
-
 def _run_stages(params: Any) -> dict[str, Any]:
     from kaleido.data.pipeline import run_caption, run_curation, run_ingest, run_write_dataset
 
     out: dict[str, Any] = {}
-    with _stand_in_models():
-        for stage, run in zip(STAGES, (run_ingest, run_caption, run_curation, run_write_dataset), strict=True):
-            start = _cpu()
-            report = run(params, progress=False)
-            out[stage] = {"cpu_s": _cpu() - start, "report": report}
+    for stage, run in zip(STAGES, (run_ingest, run_caption, run_curation, run_write_dataset), strict=True):
+        start = _cpu()
+        report = run(params, progress=False)
+        out[stage] = {"cpu_s": _cpu() - start, "report": report}
     return out
 
 
 def _names(count: int, offset: int = 0) -> list[str]:
     return [f"raw/src-{offset + i:06d}.mp4" for i in range(count)]
+
+
+SHOT_FRAMES = 24  # frames per shot of the synthetic sources (1.5 s at 16 fps); --prod-clips: 136 (8.5 s)
+# --prod-clips: clips at the prod overlay's size and the middle of the paper's 2-15 s, for the planner's CPU costs
+PROD_CLIPS = {"data.ingest.height": 480, "data.ingest.width": 832, "data.ingest.clip_max_seconds": 15.0}
 
 
 def bench_stages(work: Path, sizes: list[int]) -> list[dict[str, Any]]:
@@ -114,7 +101,7 @@ def bench_stages(work: Path, sizes: list[int]) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         root = work / f"n{n}" / "data"
-        write_sources(root, _names(n), shots=3, frames_per_shot=24)
+        write_sources(root, _names(n), shots=3, frames_per_shot=SHOT_FRAMES)
         result = _run_stages(_params(root, OVERRIDES))
         clips = result["ingest"]["report"].counts["clips"]
         row = {"sources": n, "clips": clips, "samples": result["write"]["report"].counts["samples"]}
@@ -125,6 +112,29 @@ def bench_stages(work: Path, sizes: list[int]) -> list[dict[str, Any]]:
         print(f"N={n:4d} sources, {clips:5d} clips: " + ", ".join(
             f"{stage} {row[f'{stage}_ms_per_clip']:7.1f} ms/clip" for stage in STAGES), flush=True)
     return rows
+
+
+COSTS = REPO / "kaleido" / "data" / "cpu_costs.json"
+
+
+def write_costs(results: dict[str, Any]) -> None:
+    """kaleido/data/cpu_costs.json: CPU s per clip of each stage at the largest N (one core, the models stand-ins:
+    the pipeline around the models), with the machine, date, commit and command that measured them."""
+    largest = max(results["stages"], key=lambda row: row["clips"])
+    costs = {
+        "what": "CPU seconds per clip of each data stage on one core, the curation models replaced by stand-ins (the "
+                "work around the models: decode, shot detection, resample and encode, filters, references, pairing "
+                "and its composites, the tar writer); read by kaleido.data.plan.measured_cpu_seconds",
+        "machine": results["machine"], "date": results["date"], "commit": results["commit"],
+        "command": results["command"], "sources": largest["sources"], "clips": largest["clips"],
+        "clip": {"height": OVERRIDES.get("data.ingest.height", 64), "width": OVERRIDES.get("data.ingest.width", 96),
+                 "frames": SHOT_FRAMES, "fps": 16, "source_size": "144x96 synthetic (upscaled by ingest)"},
+        "stages": {stage: {"cpu_s_per_clip": round(largest[f"{stage}_ms_per_clip"] / 1000, 5)} for stage in STAGES},
+        "exponents": results["exponents"],
+    }
+    COSTS.write_text(json.dumps(costs, indent=1) + "\n")
+    print(f"wrote {COSTS.relative_to(REPO)}: " + ", ".join(
+        f"{stage} {row['cpu_s_per_clip']:.3f} s" for stage, row in costs["stages"].items()) + " per clip", flush=True)
 
 
 def exponent(xs: list[float], ys: list[float]) -> float:
@@ -144,7 +154,7 @@ def bench_add_one(work: Path, n: int) -> dict[str, Any]:
                       for line in (root / "manifests" / "samples.jsonl").read_text().splitlines()}
     tars_before = {p.relative_to(root).as_posix(): p.read_bytes() for p in (root / "dataset").rglob("*.tar")}
     added = "raw/0000-first.mp4"  # sorts before every other source
-    write_sources(root, [added], shots=3, frames_per_shot=24)
+    write_sources(root, [added], shots=3, frames_per_shot=SHOT_FRAMES)
     result = _run_stages(_params(root, OVERRIDES))
     samples_after = {json.loads(line)["sample_id"]: json.loads(line)
                      for line in (root / "manifests" / "samples.jsonl").read_text().splitlines()}
@@ -240,7 +250,17 @@ def main() -> None:
     parser.add_argument("--pairing", type=int, nargs="+", default=[2000, 4000, 8000, 16000])
     parser.add_argument("--skip-stages", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--prod-clips", action="store_true",
+                        help="clips of 480x832 and 8.5 s (136 frames at 16 fps) instead of 96x64 and 1.5 s: the CPU "
+                        "costs the planner should use (slower: run with --sources 4 8)")
+    parser.add_argument("--write-costs", action="store_true",
+                        help=f"write the CPU s per clip of each stage at the largest N to {COSTS.relative_to(REPO)} "
+                        "(what `kaleido curate --plan` reads: kaleido.data.plan.measured_cpu_seconds)")
     args = parser.parse_args()
+    global SHOT_FRAMES
+    if args.prod_clips:
+        SHOT_FRAMES = 136
+        OVERRIDES.update(PROD_CLIPS)
 
     import torch
 
@@ -265,6 +285,8 @@ def main() -> None:
             print("growth exponents (CPU s over clips): " + ", ".join(
                 f"{stage} {value:.2f}" for stage, value in results["exponents"].items()), flush=True)
             results["add_one_source"] = bench_add_one(work, max(args.sources))
+            if args.write_costs:
+                write_costs(results)
         results["pairing"] = bench_pairing(work, sorted(args.pairing))
     print(f"{results['machine']}; {results['date']}; commit {commit}")
     if args.json:

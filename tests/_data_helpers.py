@@ -3,15 +3,15 @@ weights): every source is a short shot of two sharp subjects on a flat backgroun
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from kaleido.data.synthetic import write_sources  # noqa: F401  (re-exported for the tests)
 
 STAGE_OVERRIDES: dict[str, Any] = {
-    "data.workers": 1,  # in-process: the stand-in models below are patched into this process
+    "data.workers": 1,
     "data.grounding.frames_per_clip": 1,
+    # the stand-in detector and segmenter of kaleido.data.synthetic, built wherever a model is (any process)
+    "data.models.factory": "kaleido.data.synthetic:stand_in_model",
     "data.models.flux_fill": None,
     "data.models.flux_redux": None,
     "data.filters": {"min_area": 0.0, "max_area": 1.0, "clip_min_score": -1.0, "min_sharpness": 0.0,
@@ -22,32 +22,13 @@ STAGE_OVERRIDES: dict[str, Any] = {
 }
 
 
-@contextmanager
-def stand_in_models() -> Iterator[None]:
-    """Curation with the stand-in detector and segmenter of kaleido.data.synthetic, in this process (data.workers 1)."""
-    import kaleido.data.curate as curate
-    import kaleido.data.pipeline as pipeline
-    from kaleido.data.synthetic import BoxSegmenter, FixedScorer, HalvesDetector
-
-    original = curate.load_curation_models
-    curate.load_curation_models = lambda cfg, params=None: curate.CurationModels(HalvesDetector(), BoxSegmenter(),
-                                                                                  FixedScorer())
-    pipeline._CURATION_MODELS.clear()
-    try:
-        yield
-    finally:
-        curate.load_curation_models = original
-        pipeline._CURATION_MODELS.clear()
-
-
 def run_data_stages(params: Any) -> dict[str, Any]:
-    """ingest -> caption -> curate -> write-dataset with the stand-in models; the reports by stage."""
+    """ingest -> caption -> curate -> write-dataset (the models: data.models.factory); the reports by stage."""
     from kaleido.data.pipeline import run_caption, run_curation, run_ingest, run_write_dataset
 
-    with stand_in_models():
-        return {
-            "ingest": run_ingest(params, progress=False),
-            "caption": run_caption(params, progress=False),
-            "curate": run_curation(params, progress=False),
-            "write": run_write_dataset(params, progress=False),
-        }
+    return {
+        "ingest": run_ingest(params, progress=False),
+        "caption": run_caption(params, progress=False),
+        "curate": run_curation(params, progress=False),
+        "write": run_write_dataset(params, progress=False),
+    }

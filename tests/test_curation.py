@@ -14,6 +14,7 @@ import pytest
 from kaleido.config.schema import DataConfig
 from kaleido.data.curate import CurationModels, curate_clip, load_curation_models, sample_frame_indices
 from kaleido.data.filters import box_iou, iou_filter, laplacian_variance, mean_luma
+from kaleido.data.generated import FluxBuilder, FluxModels
 from kaleido.data.keys import unit
 from kaleido.data.pairing import (
     PROCEDURAL,
@@ -23,11 +24,10 @@ from kaleido.data.pairing import (
     cross_source_summary,
     effective_mix,
     pair_samples,
-    validation_sources,
-    validation_summary,
 )
 from kaleido.data.records import Instance, TrainingSample
 from kaleido.data.references import CurationResult, composite, load_image, load_mask
+from kaleido.data.split import validation_sources, validation_summary
 from kaleido.data.synthetic import (
     FixedScorer,
     MirrorVariator,
@@ -46,22 +46,30 @@ ASTRONAUT = SubjectSpec("astronaut", size=(32, 26), start=(40, 4), end=(44, 8), 
 DISABLED = {"inpaint": "data.models.flux_fill is null", "redux": "data.models.flux_redux is null"}
 
 
-def oracle_models(*clips: SyntheticClip, fill: bool = True, redux: bool = True, **kw) -> CurationModels:
+def oracle_models(*clips: SyntheticClip, **kw) -> CurationModels:
     return CurationModels(
         detector=kw.pop("detector", OracleDetector(clips)),
         segmenter=kw.pop("segmenter", OracleSegmenter(clips)),
         clip=kw.pop("clip", FixedScorer()),
-        fill=TextureInpainter() if fill else None,
-        redux=MirrorVariator() if redux else None,
         **kw,
     )
 
 
+def flux_models(fill: bool = True, redux: bool = True) -> FluxModels:
+    """The counting FLUX stand-ins of kaleido.data.synthetic (`.calls` on each)."""
+    return FluxModels(TextureInpainter() if fill else None, MirrorVariator() if redux else None)
+
+
 def curate(clip: SyntheticClip, models: CurationModels, tmp_path: Path, cfg: DataConfig | None = None,
-           clip_id: str = "clip-a", source: str = "raw/a.mp4", seed: int = 0) -> CurationResult:
+           clip_id: str = "clip-a", source: str = "raw/a.mp4") -> CurationResult:
     record = clip.record(clip_id, source=source)
-    return curate_clip(record, clip.frames, clip.matches, models, cfg or DataConfig(), np.random.default_rng(seed),
-                       tmp_path / "refs")
+    return curate_clip(record, clip.frames, clip.matches, models, cfg or DataConfig(), tmp_path / "refs")
+
+
+def frames_of(*clips: tuple[str, SyntheticClip]):
+    """A FrameSource over synthetic clips by clip id (what the pair stage decodes from the clip files)."""
+    by_id = dict(clips)
+    return lambda result, index: by_id[result.clip.clip_id].frames[index]
 
 
 def reasons(result: CurationResult) -> Counter[str]:
@@ -239,13 +247,6 @@ def test_failing_models_become_rejections(tmp_path: Path) -> None:
     result = curate(clip, oracle_models(clip, clip=Boom()), tmp_path)
     assert {r.stage for r in result.rejections if r.reason == "model_error"} == {"filter"}
 
-    models = oracle_models(clip)
-    models.fill = Boom()
-    result = curate(clip, models, tmp_path)
-    assert result.ok and all("inpaint" not in s.references for s in result.subjects)
-    assert all("crop" in s.references and "redux" in s.references for s in result.subjects)
-    assert {r.stage for r in result.rejections} == {"references"} and not result.plate_inpainted
-
     class NanDetector:
         def detect(self, image, terms):
             return [Detection((float("nan"), 0.0, 10.0, 10.0), 0.9, "cat")]
@@ -259,7 +260,7 @@ def test_failing_models_become_rejections(tmp_path: Path) -> None:
     assert reasons(result)["curation_error"] == 1 and not result.ok
 
     result = curate_clip(clip.record("x"), clip.frames[..., :2], clip.matches, oracle_models(clip), DataConfig(),
-                         np.random.default_rng(0), tmp_path)
+                         tmp_path)
     assert reasons(result)["bad_frames"] == 1
 
 
@@ -268,8 +269,7 @@ def test_background_terms_are_not_grounded(tmp_path: Path) -> None:
 
     clip = make_clip([CAT], seed=8)
     matches = [*clip.matches, SubjectMatch("beach", "beach", "background", 0, 5)]
-    result = curate_clip(clip.record("c"), clip.frames, matches, oracle_models(clip), DataConfig(),
-                         np.random.default_rng(0), tmp_path)
+    result = curate_clip(clip.record("c"), clip.frames, matches, oracle_models(clip), DataConfig(), tmp_path)
     assert reasons(result)["background_term"] == 1 and result.ok
 
 
@@ -291,16 +291,38 @@ def test_reference_variants_on_disk(tmp_path: Path) -> None:
     np.testing.assert_array_equal(mask, truth.masks[t, y0:y1, x0:x1])
     segment = load_image(result.resolve(subject.references["segment"]))
     assert (segment[~mask] == 255).all() and (segment[mask] == crop[mask]).all()
-    inpaint = load_image(result.resolve(subject.references["inpaint"]))
-    assert (inpaint[mask] == crop[mask]).all() and (inpaint[~mask] != crop[~mask]).any()
-    np.testing.assert_array_equal(load_image(result.resolve(subject.references["redux"])), segment[:, ::-1])
+    assert set(subject.references) == {"crop", "segment"}  # FLUX builds the rest at pairing, when a sample uses it
     full_mask = load_mask(result.resolve(inst.mask_path))
     np.testing.assert_array_equal(full_mask, truth.masks[t])
-    assert result.plate_inpainted and result.plate is not None
-    assert set(result.enabled_types) == {"crop", "segment", "inpaint", "redux"}
+    # the plate: the middle sampled frame as it is and the union mask of the subjects kept on it
+    p = sample_frame_indices(len(clip.frames), 3)[1]
+    assert result.plate.endswith(f"plate_{p:04d}.png") and p != t
+    np.testing.assert_array_equal(load_image(result.resolve(result.plate)), clip.frames[p])
+    np.testing.assert_array_equal(load_mask(result.resolve(result.plate_mask)), truth.masks[p])
+    assert result.enabled_types == ["crop", "segment"]  # DataConfig(): flux_fill / flux_redux null
     # JSON round trip (what a shard writes for the pairing step)
     again = CurationResult.from_json(json.loads(json.dumps(result.to_json())))
     assert again.to_json() == result.to_json()
+
+    # what the pair stage generates for this clip: an inpaint reference (the subject kept, the rest repainted), a
+    # redux variation (the stand-in mirrors the segment reference), a plate with the subject painted out
+    flux = flux_models()
+    builder = FluxBuilder(flux, DataConfig(), 0, None, frames_of(("clip-a", clip)))
+    (inpaint,) = builder.inpaint(result, "clip-a")
+    assert (inpaint[mask] == crop[mask]).all() and (inpaint[~mask] != crop[~mask]).any()
+    (redux,) = builder.redux(result, "clip-a")
+    np.testing.assert_array_equal(redux, segment[:, ::-1])
+    plate, how = builder.plate(result)
+    painted = truth.masks[p]
+    assert how == "inpainted" and (plate[painted] != clip.frames[p][painted]).all(axis=-1).mean() > 0.9
+    assert builder.plate(result)[0] is plate  # once per donor clip
+    assert dict(builder.calls) == {"inpaint": 1, "redux": 1, "plate": 1}
+    assert (flux.fill.calls, flux.redux.calls) == (2, 1)  # Fill: the reference and the plate
+    # the draws are stable hashes of (seed, sample id, subject): the same call gives the same pixels
+    again = FluxBuilder(flux_models(), DataConfig(), 0, None, frames_of(("clip-a", clip)))
+    np.testing.assert_array_equal(again.inpaint(result, "clip-a")[0], inpaint)
+    assert not np.array_equal(FluxBuilder(flux_models(), DataConfig(), 1, None, frames_of(("clip-a", clip)))
+                              .inpaint(result, "clip-a")[0], inpaint)
 
 
 def test_composite_keeps_subject_pixels() -> None:
@@ -354,44 +376,103 @@ def curated_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Curati
     models = oracle_models(*clips)
     cfg = DataConfig.model_validate({"grounding": {"frames_per_clip": 1}})
     results = [
-        curate_clip(record, clip.frames, clip.matches, models, cfg, np.random.default_rng(i), root / "refs",
-                    rel_dir="refs")
-        for i, (record, clip) in enumerate(zip(records, clips, strict=True))
+        curate_clip(record, clip.frames, clip.matches, models, cfg, root / "refs", rel_dir="refs")
+        for record, clip in zip(records, clips, strict=True)
     ]
     assert all(r.ok for r in results)
+    FRAMES.update({record.clip_id: clip for record, clip in zip(records, clips, strict=True)})
     return results, root
+
+
+FRAMES: dict[str, SyntheticClip] = {}  # the batch's clips by id: what the pair stage would decode
+
+
+def batch_frames(result: CurationResult, index: int) -> np.ndarray:
+    return FRAMES[result.clip.clip_id].frames[index]
 
 
 def test_mix_and_cross_pair_ratio_exact_over_100(curated_batch: tuple[list[CurationResult], Path]) -> None:
     results, root = curated_batch
     stats: dict = {}
-    samples = pair_samples(results, DataConfig(), 0, data_root=root, stats=stats)
+    samples = pair_samples(results, DataConfig(), 0, flux=flux_models(), frames=batch_frames, data_root=root,
+                           stats=stats)
     assert len(samples) == 100 and all(isinstance(s, TrainingSample) for s in samples)
     assert Counter(s.sample_type for s in samples) == {"crop": 10, "segment": 50, "inpaint": 30, "redux": 10}
     assert sum(s.cross_pair for s in samples) == 40 and stats["cross_pairs"] == 40
     assert stats["sample_mix"] == {"crop": 0.1, "segment": 0.5, "inpaint": 0.3, "redux": 0.1}
     assert stats["mix_shortfall"] == 0 and stats["disabled_types"] == {}
     # deterministic, and independent of the order the shard finished its clips in
-    again = pair_samples(list(reversed(results)), DataConfig(), 0, data_root=root)
+    again = pair_samples(list(reversed(results)), DataConfig(), 0, flux=flux_models(), frames=batch_frames,
+                         data_root=root)
     assert [s.to_json() for s in again] == [s.to_json() for s in samples]
+    same = [np.array_equal(a.image, b.image) for s, t in zip(samples, again, strict=True)
+            for a, b in zip(s.references, t.references, strict=True) if a.image is not None]
+    assert len(same) > 50 and all(same)  # the composites and the generated references, pixel for pixel
     for ratio, expected in ((0.0, 0), (0.2, 20), (1.0, 100)):
         cfg = DataConfig.model_validate({"references": {"cross_pair_ratio": ratio}})
-        samples = pair_samples(results, cfg, 3, data_root=root)
+        samples = pair_samples(results, cfg, 3, flux=flux_models(), frames=batch_frames, data_root=root)
         assert sum(s.cross_pair for s in samples) == expected
+
+
+def test_flux_runs_only_for_what_the_samples_use(curated_batch: tuple[list[CurationResult], Path]) -> None:
+    """100 samples at 1:5:3:1, 40 % cross-paired: FLUX Redux once per subject of the 10 redux samples, FLUX Fill once
+    per subject of the NON-cross inpaint samples plus once per distinct donor clip a cross pair draws. Before the two
+    phases every subject got both (100 + 100) and every clip a plate (100)."""
+    results, root = curated_batch
+    flux = flux_models()
+    stats: dict = {}
+    samples = pair_samples(results, DataConfig(), 0, flux=flux, frames=batch_frames, data_root=root, stats=stats)
+    redux = [s for s in samples if s.sample_type == "redux"]
+    inpaint_own = [s for s in samples if s.sample_type == "inpaint" and not s.cross_pair]
+    donors = {info["background_clip_id"] for s in samples for info in s.provenance["references"]
+              if info["kind"] == "other_source"}
+    assert len(redux) == 10 and flux.redux.calls == sum(len(s.references) for s in redux) == 10
+    assert flux.fill.calls == sum(len(s.references) for s in inpaint_own) + len(donors)
+    assert stats["flux_calls"] == {"inpaint": len(inpaint_own), "plate": len(donors), "redux": 10}
+    assert 0 < len(inpaint_own) < 30 and 0 < len(donors) < 36  # 36 cross-paired non-redux subjects draw donors
+    assert flux.fill.calls + flux.redux.calls < 100  # was 300
+    # every drawn donor's plate is the painted one, each painted once
+    assert {info.get("plate") for s in samples for info in s.provenance["references"]
+            if info["kind"] == "other_source"} == {"inpainted"}
+    # the generated references are the samples' own: an inpaint reference keeps its subject's pixels
+    for sample in inpaint_own:
+        reference = sample.references[0]
+        mask = reference.mask > 127
+        own = next(r for r in results if r.clip.clip_id == sample.clip_id).subjects[0]
+        np.testing.assert_array_equal(reference.image[mask], load_image(root / own.references["crop"])[mask])
+    # no FLUX model: nothing generated, the mix renormalised over crop and segment
+    assert pair_samples(results, DataConfig(), 0, data_root=root, stats=stats) and stats["flux_calls"] == {
+        "inpaint": 0, "plate": 0, "redux": 0}
+
+
+def test_a_failing_flux_call_falls_back_to_segment_and_is_counted(
+    curated_batch: tuple[list[CurationResult], Path], caplog
+) -> None:
+    results, root = curated_batch
+    flux = FluxModels(fill=Boom(), redux=MirrorVariator())
+    stats: dict = {}
+    rejections: list = []
+    with caplog.at_level("WARNING"):
+        samples = pair_samples(results, DataConfig(), 0, flux=flux, frames=batch_frames, data_root=root, stats=stats,
+                               rejections=rejections)
+    drawn = pair_samples(results, DataConfig(), 0, flux=flux_models(), frames=batch_frames, data_root=root)
+    own_inpaint = {s.sample_id for s in drawn if s.sample_type == "inpaint" and not s.cross_pair}
+    types = {s.sample_id: s.sample_type for s in samples}
+    assert {sample_id for sample_id in own_inpaint if types[sample_id] == "segment"} == own_inpaint
+    assert stats["mix_shortfall"] == len(own_inpaint) and stats["flux_failures"]["inpaint"] == len(own_inpaint)
+    assert Counter(types.values())["segment"] == 50 + len(own_inpaint)
+    # the plates stay raw frames, counted; the rejections name the model and the error
+    assert stats["flux_failures"]["plate"] == stats["flux_calls"]["plate"] > 0
+    assert len(rejections) == len(own_inpaint) + stats["flux_failures"]["plate"]
+    assert all(r.stage == "references" and "boom raised RuntimeError: inpaint exploded" in r.detail
+               for r in rejections)
+    assert "sample-type mix missed by" in caplog.text and "background plate(s) kept their subjects" in caplog.text
 
 
 def test_mix_renormalised_when_inpaint_and_redux_disabled(curated_batch: tuple[list[CurationResult], Path]) -> None:
     results, root = curated_batch
-    stripped = []
-    for result in results:
-        copy = CurationResult.from_json(result.to_json())
-        copy.enabled_types = ["crop", "segment"]
-        copy.stats["disabled_types"] = DISABLED
-        for subject in copy.subjects:
-            subject.references = {k: v for k, v in subject.references.items() if k in ("crop", "segment")}
-        stripped.append(copy)
     stats: dict = {}
-    samples = pair_samples(stripped, DataConfig(), 0, data_root=root, stats=stats)
+    samples = pair_samples(results, DataConfig(), 0, data_root=root, stats=stats)
     assert Counter(s.sample_type for s in samples) == {"crop": 17, "segment": 83}
     assert stats["sample_mix"] == pytest.approx({"crop": 1 / 6, "segment": 5 / 6})
     assert stats["disabled_types"] == DISABLED
@@ -415,7 +496,7 @@ def test_validation_split_holds_out_whole_sources_and_pairs_within_its_split(
     assert validation_sources({"raw/a.mp4": 9, "raw/b.mp4": 9}, 0.01, 0) in ({"raw/a.mp4"}, {"raw/b.mp4"})
 
     cfg = DataConfig.model_validate({"references": {"cross_pair_ratio": 1.0}, "validation": {"share": 0.2}})
-    samples = pair_samples(results, cfg, 3, data_root=root)
+    samples = pair_samples(results, cfg, 3, flux=flux_models(), frames=batch_frames, data_root=root)
     split_of_source = {s.provenance["source"]: s.split for s in samples}
     assert {s.provenance["source"] for s in samples if s.split == "val"} == {"raw/c.mp4"}
     assert all(split_of_source[s.provenance["source"]] == s.split for s in samples)  # whole sources
@@ -442,9 +523,10 @@ def test_cross_pair_references_come_from_elsewhere(
     # no validation split here: a held-out source pairs only inside its own split (tested with the split)
     no_split = {"validation": {"share": 0.0}}
     all_cross = DataConfig.model_validate({"references": {"cross_pair_ratio": 1.0}, **no_split})
-    samples = pair_samples(results, all_cross, 5, data_root=moved,
+    samples = pair_samples(results, all_cross, 5, flux=flux_models(), frames=batch_frames, data_root=moved,
                            out_dir=moved / "pairs", rel_dir="pairs")
-    samples += pair_samples(results, DataConfig.model_validate(no_split), 5, data_root=moved)
+    samples += pair_samples(results, DataConfig.model_validate(no_split), 5, flux=flux_models(),
+                            frames=batch_frames, data_root=moved)
     kinds = Counter()
     for sample in samples:
         for reference, info in zip(sample.references, sample.provenance["references"], strict=True):
@@ -475,7 +557,7 @@ def test_cross_pair_references_come_from_elsewhere(
     assert cross_source_summary(samples[:100]) == {"references": 100, "other_source": 90, "generated": 10,
                                                    "procedural": 0, "share": 0.9, "shortfall": 0}
     # in-memory composites when no output folder is given (the dataset writer stores them)
-    samples = pair_samples(results, all_cross, 5, data_root=moved)
+    samples = pair_samples(results, all_cross, 5, flux=flux_models(), frames=batch_frames, data_root=moved)
     composites = [r for s in samples for r in s.references if r.image_path is None]
     assert composites and all(r.image is not None and r.image.dtype == np.uint8 for r in composites)
 
@@ -484,7 +566,7 @@ def test_single_source_cross_pairs_are_procedural_and_counted(tmp_path: Path, ca
     """One raw video cut into three shots: another shot of it is NOT an unrelated source. The backgrounds are
     procedural, and the stats and the log say that the data lacked other sources."""
     clips = [make_clip([SubjectSpec(name)], frames=3, seed=20 + i) for i, name in enumerate(["cat", "cup", "cat"])]
-    models = oracle_models(*clips, fill=False, redux=False)
+    models = oracle_models(*clips)
     results = [curate(c, models, tmp_path, clip_id=f"s-{i}", source="raw/one.mp4") for i, c in enumerate(clips)]
     cfg = DataConfig.model_validate({"references": {"cross_pair_ratio": 1.0}})
     stats: dict = {}
@@ -504,6 +586,7 @@ def test_single_source_cross_pairs_are_procedural_and_counted(tmp_path: Path, ca
 
 @pytest.mark.slow
 def test_curate_clip_with_tiny_real_models(tiny_vision: dict[str, Path], tmp_path: Path) -> None:
+    from kaleido.data.models import build_model
     from kaleido.vision.tiny import tiny_vision_settings
 
     cfg = DataConfig.model_validate(
@@ -517,16 +600,22 @@ def test_curate_clip_with_tiny_real_models(tiny_vision: dict[str, Path], tmp_pat
         }
     )
     models = load_curation_models(cfg)
-    assert models.enabled_types == ["crop", "segment", "inpaint", "redux"] and models.face is None
+    assert models.face is None and not hasattr(models, "fill")  # FLUX is the pair stage's
     clip = make_clip([CAT, CUP], frames=3, seed=12)
-    result = curate_clip(clip.record("real"), clip.frames, clip.matches, models, cfg, np.random.default_rng(0),
-                         tmp_path / "refs")
+    result = curate_clip(clip.record("real"), clip.frames, clip.matches, models, cfg, tmp_path / "refs")
     assert not [r for r in result.rejections if r.reason in ("model_error", "curation_error")]
-    assert result.ok and set(result.subjects[0].references) == {"crop", "segment", "inpaint", "redux"}
+    assert result.ok and set(result.subjects[0].references) == {"crop", "segment"}
+    assert result.enabled_types == ["crop", "segment", "inpaint", "redux"]
     x0, y0, x1, y1 = result.subjects[0].instance.box
-    assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 64 and result.plate_inpainted
-    redux = load_image(result.resolve(result.subjects[0].references["redux"]))
+    assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 64 and result.plate_mask
+    flux = FluxModels(build_model("flux_fill", cfg), build_model("flux_redux", cfg))
+    builder = FluxBuilder(flux, cfg, 0, None, frames_of(("real", clip)))
+    (inpaint,) = builder.inpaint(result, "real")
+    assert inpaint.shape == load_image(result.resolve(result.subjects[0].references["crop"])).shape
+    (redux,) = builder.redux(result, "real")
     assert redux.shape == (32, 32, 3)
+    plate, how = builder.plate(result)
+    assert how == "inpainted" and plate.shape == (64, 96, 3) and not builder.failures
 
 
 def test_load_curation_models_explains_missing_models(tmp_path: Path) -> None:

@@ -54,12 +54,86 @@ def _find(overlay: str, kind: str, name: str) -> dict[str, Any]:
     return next(d for d in rendered(overlay) if d["kind"] == kind and d["metadata"]["name"].startswith(name))
 
 
+def _ray_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(group, pod template) of a RayCluster: the head and every worker group."""
+    spec = doc["spec"]
+    return [("head", spec["headGroupSpec"]["template"])] + [
+        (group["groupName"], group["template"]) for group in spec.get("workerGroupSpecs", [])]
+
+
 def _pod_specs(overlay: str) -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
-        for d in rendered(overlay)
-        if d["kind"] in WORKLOADS
-    ]
+    specs = []
+    for d in rendered(overlay):
+        if d["kind"] in WORKLOADS:
+            specs.append((f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]))
+        elif d["kind"] == "RayCluster":
+            specs += [(f"RayCluster/{d['metadata']['name']}/{group}", template["spec"])
+                      for group, template in _ray_templates(d)]
+    return specs
+
+
+# KubeRay's RayCluster (ray.io/v1) is a custom resource the Kubernetes schemas do not know. Its CRD
+# (ray-project/kuberay, ray-operator/config/crd/bases/ray.io_rayclusters.yaml) is not installable offline, so the
+# fields it defines at the levels we use are written down here: name -> type, or a nested level; "required" as
+# the CRD marks them. Every pod template is a core PodTemplateSpec and is validated strictly as a Pod.
+_STRING_MAP = "map of strings"
+_RAY_AUTOSCALER = {"fields": {"upscalingMode": ("Default", "Aggressive", "Conservative"), "idleTimeoutSeconds": int,
+                              "image": str, "imagePullPolicy": str, "resources": dict, "securityContext": dict,
+                              "env": list, "envFrom": list, "volumeMounts": list, "args": list, "command": list,
+                              "version": ("v1", "v2")}}
+_RAY_HEAD = {"fields": {"template": "pod template", "rayStartParams": _STRING_MAP, "serviceType": str,
+                        "enableIngress": bool, "headService": dict, "ingressOptions": dict, "labels": _STRING_MAP,
+                        "resources": _STRING_MAP}, "required": ["template"]}
+_RAY_WORKER = {"fields": {"groupName": str, "replicas": int, "minReplicas": int, "maxReplicas": int,
+                          "rayStartParams": _STRING_MAP, "template": "pod template", "idleTimeoutSeconds": int,
+                          "numOfHosts": int, "scaleStrategy": dict, "suspend": bool, "labels": _STRING_MAP,
+                          "resources": _STRING_MAP, "priority": int},
+               "required": ["groupName", "maxReplicas", "minReplicas", "template"]}
+_RAY_SPEC = {"fields": {"rayVersion": str, "enableInTreeAutoscaling": bool, "autoscalerOptions": _RAY_AUTOSCALER,
+                        "headGroupSpec": _RAY_HEAD, "workerGroupSpecs": [_RAY_WORKER], "suspend": bool,
+                        "headServiceAnnotations": _STRING_MAP, "gcsFaultToleranceOptions": dict, "managedBy": str,
+                        "networkPolicy": dict, "authOptions": dict, "tlsOptions": dict, "upgradeStrategy": dict,
+                        "historyServerOptions": dict},
+             "required": ["headGroupSpec"]}
+
+
+def _ray_errors(value: Any, level: Any, where: str) -> list[str]:
+    """What in `value` does not match `level` of the RayCluster CRD (unknown fields, wrong types, missing ones)."""
+    if isinstance(level, dict) and "fields" in level:
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object"]
+        errors = [f"{where}.{name}: required" for name in level.get("required", []) if name not in value]
+        for name, item in value.items():
+            if name not in level["fields"]:
+                errors.append(f"{where}.{name}: not a field of the RayCluster CRD")
+            else:
+                errors += _ray_errors(item, level["fields"][name], f"{where}.{name}")
+        return errors
+    if isinstance(level, list):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list"]
+        return [e for i, item in enumerate(value) for e in _ray_errors(item, level[0], f"{where}[{i}]")]
+    if level == "pod template":
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ray", **value.get("metadata", {})},
+               "spec": value.get("spec")}
+        try:
+            kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            return [f"{where}.{'.'.join(map(str, exc.path))}: {exc.message}"]
+        return []
+    if level == _STRING_MAP:
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        return [] if ok else [f"{where}: expected a map of strings (quote numbers: \"0\")"]
+    if isinstance(level, tuple):
+        return [] if value in level else [f"{where}: {value!r} is not one of {level}"]
+    ok = isinstance(value, level) and not (level is int and isinstance(value, bool))
+    return [] if ok else [f"{where}: expected {level.__name__}, got {type(value).__name__}"]
+
+
+def validate_raycluster(doc: dict[str, Any]) -> list[str]:
+    """The RayCluster against the CRD's fields (above) and its pod templates against the core schema."""
+    errors = [] if doc["apiVersion"] == "ray.io/v1" else [f"apiVersion {doc['apiVersion']}: KubeRay serves ray.io/v1"]
+    return errors + _ray_errors(doc.get("spec"), _RAY_SPEC, "spec")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -71,6 +145,9 @@ def test_every_object_validates_strictly(overlay: str) -> None:
     errors = []
     for doc in docs:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "RayCluster":
+            errors += [f"{overlay}: {where}: {error}" for error in validate_raycluster(doc)]
+            continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -83,7 +160,8 @@ def test_every_object_validates_strictly(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_containers_are_non_root_and_bounded(overlay: str) -> None:
     specs = _pod_specs(overlay)
-    assert len(specs) == (4 if overlay == "prod" else 3)  # mlflow, prefect-worker, postgres (+ kaleido-serve)
+    # mlflow, prefect-worker, postgres (+ kaleido-serve and the curation RayCluster's head, CPU and GPU groups)
+    assert len(specs) == (7 if overlay == "prod" else 3)
     for where, pod in specs:
         pod_security = pod.get("securityContext", {})
         assert pod_security.get("runAsUser", 1) != 0, where
@@ -97,6 +175,42 @@ def test_containers_are_non_root_and_bounded(overlay: str) -> None:
             resources = container.get("resources", {})
             for bound in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources.get(bound, {})), f"{at}: {bound}"
+
+
+def test_raycluster_follows_the_crd_and_the_planner() -> None:
+    """The curation RayCluster: KubeRay's fields (a broken copy is caught), the H100 pool's placement, autoscaling
+    bounds, the autoscaler sidecar hardened like every container, and as many GPUs as prod params plan for."""
+    import copy
+
+    from kaleido.config import load_params
+
+    cluster = _find("prod", "RayCluster", "kaleido-curation")
+    assert validate_raycluster(cluster) == []
+    broken = copy.deepcopy(cluster)
+    broken["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # KubeRay wants strings
+    broken["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3  # a typo of maxReplicas
+    del broken["spec"]["workerGroupSpecs"][1]["groupName"]
+    broken["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["gpus"] = 8  # not a Pod field
+    errors = "\n".join(validate_raycluster(broken))
+    for expected in ("rayStartParams: expected a map of strings", "maxReplica: not a field",
+                     "workerGroupSpecs[1].groupName: required", "workerGroupSpecs[1].template"):
+        assert expected in errors, errors
+    auto = cluster["spec"]["autoscalerOptions"]["securityContext"]
+    assert auto["runAsNonRoot"] and not auto["allowPrivilegeEscalation"] and auto["capabilities"]["drop"] == ["ALL"]
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    gpu = groups["gpu-h100"]["template"]["spec"]
+    serving = _find("prod", "Deployment", "kaleido-serve")["spec"]["template"]["spec"]
+    assert gpu["nodeSelector"] == serving["nodeSelector"] and gpu["tolerations"] == serving["tolerations"]
+    limits = gpu["containers"][0]["resources"]["limits"]
+    params = load_params(PROD_PARAMS)
+    assert groups["gpu-h100"]["maxReplicas"] * int(limits["nvidia.com/gpu"]) == params.data.cluster.gpus
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], group["groupName"]
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    assert groups["cpu"]["rayStartParams"]["num-gpus"] == "0"
+    mounts = {m["mountPath"] for m in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "volumeMounts"]}
+    assert {"/workspace", "/workspace/data", "/workspace/params.yaml"} <= mounts  # the flow-run pod's paths
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -504,6 +618,10 @@ def _pod_labels(overlay: str) -> dict[str, dict[str, str]]:
 
     pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
             for d in rendered(overlay) if d["kind"] in WORKLOADS}  # fmt: skip
+    for doc in (d for d in rendered(overlay) if d["kind"] == "RayCluster"):
+        for _, template in _ray_templates(doc):
+            labels = template["metadata"]["labels"]
+            pods[labels["app.kubernetes.io/component"]] = labels  # ray-head, ray-worker, ray-gpu-worker
     template = json.loads(_find(overlay, "ConfigMap", "prefect-work-pool")["data"]["work-pool-gpu.json"])
     pods["flow-run"] = _template_job(template)["spec"]["template"]["metadata"]["labels"]
     params_file = REPO / "params.yaml" if overlay == "dev" else PROD_PARAMS
@@ -557,6 +675,21 @@ def test_network_policies_allow_exactly_the_platform_paths(overlay: str) -> None
         denied += [(pod("train"), cloud, 80), (pod("mlflow"), api_server, 443)]
         denied += [(stranger, pod("kaleido-serve"), 8080), (client, pod("mlflow"), 5000),
                    (pod("kaleido-serve"), pod("postgres"), 5432), (pod("kaleido-serve"), cloud, 443)]  # fmt: skip
+        # the curation RayCluster: flow runs submit jobs to the head; Ray's processes talk on any port among
+        # themselves; object storage over HTTPS outside the private ranges
+        ray = ["ray-head", "ray-worker", "ray-gpu-worker"]
+        resolvers += ray
+        allowed += [(pod("flow-run"), pod("ray-head"), 8265), (pod("flow-run"), pod("ray-head"), 10001),
+                    (pod("ray-worker"), pod("ray-head"), 6379), (pod("ray-head"), pod("ray-gpu-worker"), 10007),
+                    (pod("ray-gpu-worker"), pod("ray-worker"), 45321), (pod("ray-gpu-worker"), cloud, 443),
+                    (pod("ray-worker"), cloud, 443), (pod("ray-head"), api_server, 443),
+                    (pod("ray-head"), api_server, 6443)]  # fmt: skip
+        denied += [(stranger, pod("ray-head"), 8265), (pod("train"), pod("ray-head"), 8265),
+                   (pod("flow-run"), pod("ray-worker"), 8265), (pod("flow-run"), pod("ray-head"), 6379),
+                   (pod("ray-worker"), pod("mlflow"), 5000), (pod("ray-gpu-worker"), pod("postgres"), 5432),
+                   (pod("ray-head"), pod("flow-run"), 80), (pod("ray-worker"), {"ip": "10.1.2.3"}, 443),
+                   (pod("ray-worker"), cloud, 80), (pod("ray-worker"), api_server, 443),
+                   (pod("kaleido-serve"), pod("ray-head"), 8265)]  # fmt: skip
     else:
         denied.append((controller, pod("mlflow"), 5000))  # dev has no Ingress: port-forward only
         denied += [(pod("train"), cloud, 443), (pod("mlflow"), cloud, 443)]  # dev keeps everything in the cluster
@@ -637,7 +770,8 @@ def test_prod_images_are_pinned_by_digest() -> None:
         assert pinned, f"prod {where}: {image} is not <repository>@sha256:<digest>"
         assert ":" not in pinned["repository"].rsplit("/", 1)[-1], f"prod {where}: {image} carries a tag as well"
     kaleido = {images["Deployment/kaleido-serve: serve"], images["work pool: image (flow runs)"],
-               images["params: train.kubernetes.image"]}  # fmt: skip
+               images["params: train.kubernetes.image"]} | {
+        image for where, image in images.items() if where.startswith("RayCluster/")}  # fmt: skip
     assert len(kaleido) == 1, f"the kaleido image differs between serving, flow runs and training: {kaleido}"
 
 
@@ -755,6 +889,13 @@ def lint_targets(folder: Path) -> list[str]:
         job = _template_job(json.loads(_find(overlay, "ConfigMap", "prefect-work-pool")["data"]["work-pool-gpu.json"]))
         job["metadata"]["name"] = job["metadata"].pop("generateName").rstrip("-")  # the worker's name, for the report
         (folder / f"flow-run-job-{overlay}.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+        # checkov knows no RayCluster: its pod templates go to the linter as the Pods KubeRay makes of them
+        pods = [{"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": f"{doc['metadata']['name']}-{group}", "namespace": NAMESPACE,
+                              "labels": template["metadata"]["labels"]}, "spec": template["spec"]}
+                for doc in rendered(overlay) if doc["kind"] == "RayCluster" for group, template in _ray_templates(doc)]
+        if pods:
+            (folder / f"ray-pods-{overlay}.yaml").write_text(yaml.safe_dump_all(pods, sort_keys=False))
     return sorted(path.stem for path in folder.glob("*.yaml"))
 
 

@@ -34,6 +34,14 @@ def _run(stage: Callable[..., Any], params: Path | None, overrides: dict[str, An
                 setattr(loaded.data if not section else getattr(loaded.data, section), leaf, value)
             except ValueError as exc:
                 fail(f"data.{key} = {value!r}: {exc}")
+    from kaleido.data.ray_jobs import RayJobFailed, main_argv, should_submit, submit_and_follow
+
+    if should_submit(loaded):  # data.ray_submit: this command runs as a Ray job on the cluster, its log here
+        try:
+            submit_and_follow(loaded, main_argv())
+        except (RayJobFailed, ConnectionError) as exc:
+            fail(str(exc))
+        return
     try:
         report = stage(loaded, **kwargs)
     except StageFailed as exc:
@@ -124,11 +132,53 @@ def curate(
     workers: Annotated[int | None, typer.Option(help="parallel shard workers (default: data.workers)")] = None,
     force: ForceOption = False,
     quiet: QuietOption = False,
+    plan: Annotated[bool, typer.Option("--plan", help="print the curation plan (GPU memory per model, actors per "
+                                       "GPU, throughput, GPU-hours) and whether it fits; runs nothing")] = False,
+    gpus: Annotated[int | None, typer.Option(help="--plan: GPUs to plan for (default: data.cluster.gpus)",
+                                             min=0)] = None,
+    gpu_memory_gb: Annotated[float | None, typer.Option(help="--plan: one GPU's memory (default: "
+                                                        "data.cluster.gpu_memory_gb)", min=1)] = None,
+    clips: Annotated[int | None, typer.Option(help="--plan: clips entering curation (default: the paper's 2M)",
+                                              min=1)] = None,
+    source_hours: Annotated[float | None, typer.Option(help="--plan: hours of source video instead of --clips",
+                                                       min=0)] = None,
+    clip_seconds: Annotated[float | None, typer.Option(help="--plan: mean clip length for --source-hours "
+                                                       "(default: the middle of data.ingest's clip bounds)")] = None,
+    subjects_per_clip: Annotated[float, typer.Option(help="--plan: kept subjects per clip (assumption)")] = 2.0,
+    yield_share: Annotated[float, typer.Option(help="--plan: share of clips that keep a subject (assumption)",
+                                               min=0, max=1)] = 0.8,
+    as_json: Annotated[bool, typer.Option("--json", help="--plan: print the plan as JSON")] = False,
 ) -> None:
-    """Ground, segment, filter and build reference images for every captioned clip (over shards)."""
+    """Ground, segment, filter and build reference images for every captioned clip (over shards).
+
+    Every launch first checks the curation plan against the GPUs it gets (`--plan` prints it)."""
+    if plan:
+        _print_curation_plan(params, gpus, gpu_memory_gb, clips, source_hours, clip_seconds, subjects_per_clip,
+                             yield_share, as_json)
+        return
     from kaleido.data.pipeline import run_curation
 
     _run(run_curation, params, {"workers": workers}, manifest=manifest, progress=not quiet, force=force)
+
+
+def _print_curation_plan(params: Path | None, gpus: int | None, gpu_memory_gb: float | None, clips: int | None,
+                         source_hours: float | None, clip_seconds: float | None, subjects_per_clip: float,
+                         yield_share: float, as_json: bool) -> None:
+    from kaleido.data.plan import Workload, describe, measured_cpu_seconds, plan_curation
+
+    loaded = read_params(params)
+    if clips is not None and source_hours is not None:
+        fail("give --clips or --source-hours, not both")
+    if source_hours is not None:
+        ingest = loaded.data.ingest
+        length = clip_seconds or (ingest.clip_min_seconds + ingest.clip_max_seconds) / 2
+        clips = max(1, round(source_hours * 3600 / length))
+    work = Workload(clips=clips or Workload.clips, subjects_per_clip=subjects_per_clip, yield_share=yield_share,
+                    cpu_seconds_per_clip=measured_cpu_seconds())
+    found = plan_curation(loaded, gpus=gpus, gpu_memory_gb=gpu_memory_gb, workload=work)
+    typer.echo(json.dumps(found.to_dict(), indent=1) if as_json else describe(found))
+    if not found.fits:
+        raise typer.Exit(1)
 
 
 @app.command("write-dataset")

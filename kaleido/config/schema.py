@@ -256,6 +256,12 @@ class VisionModelsConfig(_Section):
     flux_base: Path | None = Field(None, description="diffusers FluxPipeline folder (FLUX.1-dev) that redux feeds")
     flux_dtype: DTypeName = Field("bfloat16", description="FLUX weights dtype (float32 on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    factory: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="'module:function' that builds models by pool key (vlm, grounding_dino, sam, clip, face, "
+        "flux_fill, flux_redux) instead of the built-in loaders; returns None for a key it leaves to them "
+        "(kaleido.data.models). Importable on every worker and Ray node",
+    )
 
     @model_validator(mode="after")
     def _redux_needs_base(self) -> VisionModelsConfig:
@@ -328,6 +334,22 @@ class ValidationSplitConfig(_Section):
     )
 
 
+class CurationClusterConfig(_Section):
+    # What curation's model stages run on: `kaleido curate --plan` plans for it; every launch checks its plan.
+    gpus: int | Literal["auto"] = Field(
+        "auto", description="GPUs curation gets: auto = the visible ones (local) or the Ray cluster's; a number "
+        "plans for a cluster from any machine (prod: the RayCluster's GPU workers x GPUs each)",
+    )
+    gpu_memory_gb: float = Field(80.0, gt=0, description="one GPU's memory (H100: 80)")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("gpus must be >= 0 or 'auto'")
+        return value
+
+
 # Keys replaced by the stable shard keys (kaleido.data.keys): a clear message instead of "unknown key".
 _RETIRED_DATA_KEYS = {
     "shard_size": "data.shards (a fixed number of work shards; a source video goes to sha256(path) mod shards)",
@@ -357,7 +379,14 @@ class DataConfig(_Section):
         description="dataset shards (pairing, tars, latent shards): shard g holds the work shards b with "
         "b mod dataset_shards = g; cross-pair donors come from the same dataset shard. Must divide data.shards",
     )
-    ray_address: str | None = Field(None, description="run shards on Ray at this address ('local' starts one)")
+    ray_address: str | None = Field(
+        None, description="run shards on Ray at this address: 'local' starts one on loopback, 'auto' joins the "
+        "cluster this process runs in (a Ray job), host:port or ray://host:10001 a running cluster",
+    )
+    ray_submit: str | None = Field(
+        None, description="a Ray cluster's job API (http://head:8265): the data commands submit themselves there as "
+        "Ray jobs and stream their logs (kaleido.data.ray_jobs); null: they run here",
+    )
     ingest: IngestConfig = IngestConfig()
     caption: CaptionConfig = CaptionConfig()
     models: VisionModelsConfig = VisionModelsConfig()
@@ -365,6 +394,7 @@ class DataConfig(_Section):
     filters: FilterConfig = FilterConfig()
     references: ReferenceConfig = ReferenceConfig()
     validation: ValidationSplitConfig = ValidationSplitConfig()
+    cluster: CurationClusterConfig = CurationClusterConfig()
 
     @model_validator(mode="before")
     @classmethod

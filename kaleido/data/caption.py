@@ -344,12 +344,10 @@ def caption_shard(ctx: Any) -> dict[str, Any]:
     cfg = params.data.caption
     taxonomy_path = params.resolve(cfg.taxonomy)
     taxonomy = load_taxonomy(str(taxonomy_path) if taxonomy_path else None)
-    captioner: VLMCaptioner | None = None
-    if cfg.captioner == "vlm":
-        model_dir = params.resolve(cfg.vlm)
-        if model_dir is None:
-            raise ValueError("data.caption.captioner is 'vlm' but data.caption.vlm (a local model folder) is not set")
-        captioner = cached_vlm(model_dir, cfg.max_new_tokens, cfg.frames, cfg.prompt, str(cfg.vlm))
+    from kaleido.data.models import ModelUnavailable, shard_model
+
+    # the VLM: this process's own (loaded once per process) or, on Ray, the stage's VLM pool (kaleido.data.pools)
+    captioner: Captioner | None = shard_model("vlm", params) if cfg.captioner == "vlm" else None
     records: list[ClipRecord] = []
     rejections: list[Rejection] = []
     no_subjects = 0
@@ -372,6 +370,8 @@ def caption_shard(ctx: Any) -> dict[str, Any]:
                 continue
             try:
                 text = captioner.caption(clip, frames)
+            except ModelUnavailable:  # the VLM pool is gone: the shard fails (a re-run redoes it), no clip is lost
+                raise
             except Exception as exc:  # a model failure on one clip must not stop the run
                 rejections.append(Rejection(STAGE, clip_id, "model_failed", f"{exc.__class__.__name__}: {exc}"))
                 continue

@@ -1,8 +1,11 @@
-"""Per-clip curation (paper section 3.2 steps 3-6): ground, segment, filter, build references.
+"""Per-clip curation (paper section 3.2 steps 3-6): ground, segment, filter, build the references that need no FLUX.
 
 `curate_clip` runs in a shard worker on one decoded clip and never raises for a bad clip: model
 failures, odd inputs and empty outcomes all come back as `Rejection`s in the `CurationResult`.
-`pair_samples` (kaleido.data.pairing) then turns the results of a shard / source into training
+It builds the crop and segment references of every kept subject and saves the background plate's frame with the
+union mask of its kept subjects. FLUX runs later, in the pair stage, only for the samples whose type needs it
+(kaleido.data.generated): inpaint references, redux variations and the inpainted plates of the donor clips that
+cross pairs actually draw. `pair_samples` (kaleido.data.pairing) turns the results of a dataset shard into training
 samples with the exact sample-type mix and cross-pair ratio.
 """
 
@@ -20,6 +23,8 @@ import numpy as np
 
 from kaleido.config.schema import DataConfig, Params
 from kaleido.data import filters
+from kaleido.data.generated import FluxModels, load_flux_models, reference_types
+from kaleido.data.models import ModelUnavailable, build_model
 from kaleido.data.pairing import pair_samples
 from kaleido.data.paths import safe_name
 from kaleido.data.records import SAMPLE_TYPES, ClipRecord, Instance, Rejection, SubjectMatch
@@ -29,14 +34,12 @@ from kaleido.data.references import (
     OutputDir,
     crop_bounds,
     crop_reference,
-    inpaint_reference,
-    redux_reference,
-    remove_subjects,
     segment_reference,
 )
-from kaleido.vision import CategoryScorer, Detector, FaceDetector, Inpainter, Segmenter, Variator, describe
+from kaleido.vision import CategoryScorer, Detector, FaceDetector, Segmenter, describe
 
-__all__ = ["CurationModels", "CurationResult", "curate_clip", "load_curation_models", "pair_samples"]
+__all__ = ["CurationModels", "CurationResult", "FluxModels", "curate_clip", "load_curation_models",
+           "load_flux_models", "pair_samples"]
 
 log = logging.getLogger(__name__)
 FACE_SKIPPED_NOTE = "frontal-face check skipped: data.models.face is null (human instances are NOT face-checked)"
@@ -45,96 +48,38 @@ _face_warning_logged = False
 
 @dataclass
 class CurationModels:
-    """The models curate_clip uses; the optional ones may be None (their step is skipped / disabled)."""
+    """The models curate_clip uses (face may be None: that check is skipped, and the notes say so). FLUX is not
+    among them: the pair stage builds the generated references (kaleido.data.generated.FluxModels)."""
 
     detector: Detector
     segmenter: Segmenter
     clip: CategoryScorer
     face: FaceDetector | None = None
-    fill: Inpainter | None = None
-    redux: Variator | None = None
     notes: list[str] = field(default_factory=list)  # what is disabled and why
-
-    @property
-    def enabled_types(self) -> list[str]:
-        present = {"crop": True, "segment": True, "inpaint": self.fill is not None, "redux": self.redux is not None}
-        return [t for t in SAMPLE_TYPES if present[t]]
-
-    @property
-    def disabled_types(self) -> dict[str, str]:
-        reasons = {"inpaint": "data.models.flux_fill is null", "redux": "data.models.flux_redux is null"}
-        return {t: reasons[t] for t in SAMPLE_TYPES if t not in self.enabled_types}
-
-
-def _required(path: Path | None, key: str, what: str) -> Path:
-    if path is None:
-        raise ValueError(
-            f"data.models.{key} is null: curation needs {what}; set it to a local path "
-            "(or run `kaleido init-tiny` and use the tiny random-weight models)"
-        )
-    return path
 
 
 def load_curation_models(cfg: DataConfig, params: Params | None = None, device: str | None = None) -> CurationModels:
-    """Build every configured model from local paths (relative ones resolve against params.yaml's folder).
+    """Build the grounding, segmentation, CLIP and (when configured) face models (kaleido.data.models.build_model:
+    local paths, relative ones against params.yaml's folder, or data.models.factory).
 
-    Grounding DINO, SAM and CLIP are required; face, FLUX fill and FLUX redux are optional (null
-    disables them; the notes say so). A set path that cannot be loaded raises a clear error.
+    Grounding DINO, SAM and CLIP are required; a null face model skips the face check (the notes say so). A set
+    path that cannot be loaded raises a clear error.
     """
-    from kaleido.vision.clip import ClipScorer
-    from kaleido.vision.grounding import GroundingDino
-    from kaleido.vision.segmentation import SamSegmenter
+    detector = build_model("grounding_dino", cfg, params, device)
+    segmenter = build_model("sam", cfg, params, device)
+    scorer = build_model("clip", cfg, params, device)
+    face = build_model("face", cfg, params, device) if cfg.models.face is not None else None
+    return CurationModels(detector, segmenter, scorer, face, curation_notes(cfg))
 
-    def resolve(path: Path | None) -> Path | None:
-        return params.resolve(path) if params is not None else path
 
-    m, refs = cfg.models, cfg.references
-    device = device or m.device
-    detector = GroundingDino.from_pretrained(
-        _required(resolve(m.grounding_dino), "grounding_dino", "Grounding DINO (transformers folder)"),
-        box_threshold=cfg.grounding.box_threshold,
-        text_threshold=cfg.grounding.text_threshold,
-        device=device,
-    )
-    segmenter = SamSegmenter.from_checkpoint(
-        _required(resolve(m.sam), "sam", "a SAM checkpoint (.pth)"), sam_type=m.sam_type, device=device
-    )
-    scorer = ClipScorer.from_pretrained(
-        _required(resolve(m.clip), "clip", "an open_clip checkpoint"), arch=m.clip_arch, device=device
-    )
-    notes = []
-    face = None
-    if m.face is not None:
-        from kaleido.vision import resolve_device
-        from kaleido.vision.faces import InsightFaceDetector
-
-        face = InsightFaceDetector(resolve(m.face), model_name=m.face_model, device=resolve_device(device))
-    else:
-        notes.append(FACE_SKIPPED_NOTE)
-    fill = redux = None
-    if m.flux_fill is not None:
-        from kaleido.vision.flux import FluxInpainter
-
-        fill = FluxInpainter.from_pretrained(
-            resolve(m.flux_fill), device, m.flux_dtype, refs.inpaint_steps, refs.inpaint_guidance, refs.flux_max_side
-        )
-    else:
+def curation_notes(cfg: DataConfig) -> list[str]:
+    """What the configuration disables, and why (recorded in every CurationResult)."""
+    notes = [FACE_SKIPPED_NOTE] if cfg.models.face is None else []
+    if cfg.models.flux_fill is None:
         notes.append("inpaint references disabled: data.models.flux_fill is null (mix renormalised)")
-    if m.flux_redux is not None:
-        from kaleido.vision.flux import FluxRedux
-
-        redux = FluxRedux.from_pretrained(
-            resolve(m.flux_redux),
-            _required(resolve(m.flux_base), "flux_base", "the base FluxPipeline that Redux feeds"),
-            device,
-            m.flux_dtype,
-            refs.redux_steps,
-            refs.redux_guidance,
-            refs.redux_size,
-        )
-    else:
+    if cfg.models.flux_redux is None:
         notes.append("redux references disabled: data.models.flux_redux is null (mix renormalised)")
-    return CurationModels(detector, segmenter, scorer, face, fill, redux, notes)
+    return notes
 
 
 def sample_frame_indices(num_frames: int, count: int) -> list[int]:
@@ -146,15 +91,15 @@ def sample_frame_indices(num_frames: int, count: int) -> list[int]:
 
 
 def _error(stage: str, item: str, model: Any, exc: BaseException, reason: str = "model_error") -> Rejection:
-    """A Rejection naming the model (or step) that raised, the exception and where it was raised."""
+    """A Rejection naming the model (or step) that raised, the exception and where it was raised.
+
+    A ModelUnavailable (a model pool is gone) is re-raised: it fails the shard, never one item."""
+    if isinstance(exc, ModelUnavailable):
+        raise exc
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
     name = model if isinstance(model, str) else describe(model)
     return Rejection(stage=stage, item=item, reason=reason, detail=f"{name} raised {type(exc).__name__}: {exc}{at}")
-
-
-def _seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(0, 2**31 - 1))
 
 
 class _ClipCurator:
@@ -166,11 +111,10 @@ class _ClipCurator:
         frames: np.ndarray,
         models: CurationModels,
         cfg: DataConfig,
-        rng: np.random.Generator,
         out: OutputDir,
         result: CurationResult,
     ) -> None:
-        self.clip, self.frames, self.models, self.cfg, self.rng, self.out = clip, frames, models, cfg, rng, out
+        self.clip, self.frames, self.models, self.cfg, self.out = clip, frames, models, cfg, out
         self.result = result
         self.counts: Counter[str] = Counter()
         self.masks: dict[str, np.ndarray] = {}  # instance id -> mask, for kept instances
@@ -251,59 +195,32 @@ class _ClipCurator:
         return True
 
     def build_subject(self, instance: Instance) -> CuratedSubject:
-        """Save the mask and every enabled reference variant of a chosen instance."""
+        """Save the mask and the crop and segment references of a chosen instance (FLUX: at pairing time)."""
         refs_cfg = self.cfg.references
         frame = self.frames[instance.frame_index]
         mask = self.masks[instance.instance_id]
         height, width = frame.shape[:2]
         bounds = crop_bounds(instance.box, refs_cfg.crop_margin, height, width)
         stem = f"{instance.frame_index:04d}_{safe_name(instance.term or instance.category)}"
-        instance.mask_path = self.out.save_mask(f"{stem}_mask.png", mask)
+        instance.mask_path = self.out.save_mask(f"{stem}_mask.png", mask)  # full frame: the inpaint step's mask
         images: dict[str, np.ndarray] = {}
-        crop_masks: dict[str, np.ndarray] = {}
-        images["crop"], crop_masks["crop"] = crop_reference(frame, mask, bounds)
-        images["segment"], crop_masks["segment"] = segment_reference(frame, mask, bounds)
-        if self.models.fill is not None:
-            prompt = str(self.rng.choice(refs_cfg.background_prompts))
-            seed = _seed(self.rng)
-            try:
-                images["inpaint"], crop_masks["inpaint"] = inpaint_reference(
-                    frame, mask, bounds, self.models.fill, prompt, seed, refs_cfg.mask_dilation
-                )
-            except Exception as exc:
-                self.reject(_error("references", instance.instance_id, self.models.fill, exc))
-        if self.models.redux is not None:
-            seed = _seed(self.rng)
-            try:
-                images["redux"] = redux_reference(images["segment"], self.models.redux, seed)
-            except Exception as exc:
-                self.reject(_error("references", instance.instance_id, self.models.redux, exc))
+        images["crop"], crop_mask = crop_reference(frame, mask, bounds)
+        images["segment"], _ = segment_reference(frame, mask, bounds)
         references = {kind: self.out.save_image(f"{stem}_{kind}.png", image) for kind, image in images.items()}
-        # crop, segment and inpaint share the same crop window, hence one mask file
-        mask_path = self.out.save_mask(f"{stem}_refmask.png", crop_masks["crop"])
-        masks = {kind: mask_path for kind in crop_masks}
-        return CuratedSubject(instance, references, masks, bounds, (height, width))
+        # crop and segment (and a generated inpaint reference) share the same crop window, hence one mask file
+        mask_path = self.out.save_mask(f"{stem}_refmask.png", crop_mask)
+        return CuratedSubject(instance, references, {kind: mask_path for kind in images}, bounds, (height, width))
 
     def build_plate(self, index: int, kept: list[Instance]) -> None:
-        """Background plate from frame `index`: kept subjects removed when fill is enabled."""
+        """The background plate: frame `index` and the union mask of the subjects kept on it (the pair stage paints
+        them out with FLUX Fill only when a cross pair draws this clip as its donor)."""
         frame = self.frames[index]
-        plate, inpainted = frame, False
-        masks = [self.masks[i.instance_id] for i in kept if i.frame_index == index]
-        if self.models.fill is not None and masks:
-            try:
-                plate = remove_subjects(
-                    frame,
-                    masks,
-                    self.models.fill,
-                    self.cfg.references.plate_prompt,
-                    _seed(self.rng),
-                    self.cfg.references.mask_dilation,
-                )
-                inpainted = True
-            except Exception as exc:
-                self.reject(_error("references", f"{self.clip.clip_id}/plate", self.models.fill, exc))
-        self.result.plate = self.out.save_image(f"plate_{index:04d}.png", plate)
-        self.result.plate_inpainted = inpainted
+        union = np.zeros(frame.shape[:2], dtype=bool)
+        for instance in kept:
+            if instance.frame_index == index:
+                union |= self.masks[instance.instance_id]
+        self.result.plate = self.out.save_image(f"plate_{index:04d}.png", frame)
+        self.result.plate_mask = self.out.save_mask(f"plate_{index:04d}_mask.png", union) if union.any() else None
 
     def run(self, matches: list[SubjectMatch]) -> None:
         clip_id = self.clip.clip_id
@@ -361,12 +278,13 @@ def curate_clip(
     matches: list[SubjectMatch],
     models: CurationModels,
     cfg: DataConfig,
-    rng: np.random.Generator,
     out_dir: Path,
     *,
     rel_dir: str | None = None,
 ) -> CurationResult:
-    """Ground `matches` on `grounding.frames_per_clip` frames, segment, filter, build references.
+    """Ground `matches` on `grounding.frames_per_clip` frames, segment, filter, build the crop and segment
+    references and the background plate (frame + subject mask). Deterministic: no random draw (the pair stage
+    draws FLUX prompts and seeds from stable hashes of the sample id).
 
     frames: the decoded clip, uint8 [T, H, W, 3] RGB. matches: the caption's taxonomy terms.
     Files go to `out_dir/<clip id>/`; records name them `<rel_dir>/<clip id>/...` (rel_dir: out_dir's
@@ -378,12 +296,12 @@ def curate_clip(
     out = OutputDir(Path(out_dir) / folder, f"{rel_dir}/{folder}" if rel_dir else folder)
     result = CurationResult(
         clip=clip,
-        enabled_types=models.enabled_types,
+        enabled_types=reference_types(cfg),
         notes=list(models.notes),
         written_to=str(Path(out_dir).resolve()),
         rel_dir=rel_dir or "",
     )
-    curator = _ClipCurator(clip, np.asarray(frames), models, cfg, rng, out, result)
+    curator = _ClipCurator(clip, np.asarray(frames), models, cfg, out, result)
     shape, dtype = curator.frames.shape, curator.frames.dtype
     if curator.frames.ndim != 4 or shape[-1] != 3 or dtype != np.uint8 or shape[0] == 0:
         curator.reject(
@@ -392,6 +310,8 @@ def curate_clip(
     else:
         try:
             curator.run(list(matches))
+        except ModelUnavailable:
+            raise
         except Exception as exc:  # a bug or an unexpected input must cost this clip only, not the run
             log.exception("curation of clip %s failed", clip.clip_id)
             curator.reject(_error("ground", clip.clip_id, "curate_clip", exc, reason="curation_error"))
@@ -407,7 +327,8 @@ def curate_clip(
         "rejected": rejected,
         "subjects": len(result.subjects),
         "face_check": "on" if models.face is not None else "skipped (data.models.face is null)",
-        "enabled_types": models.enabled_types,
-        "disabled_types": models.disabled_types,
+        "enabled_types": reference_types(cfg),
+        "disabled_types": {t: f"data.models.flux_{'fill' if t == 'inpaint' else 'redux'} is null"
+                           for t in SAMPLE_TYPES if t not in reference_types(cfg)},
     }
     return result

@@ -18,6 +18,9 @@ shard); the stage runs it per shard, so its cost is linear in the data and a new
   its point (about 1/S of the shard's cross pairs). A redux reference is already a generated variation (new pose
   and background). With no other source of the split in the shard the background is a procedural texture and
   the shortfall is counted (`cross_source` in the stats), never hidden.
+- FLUX runs after the draws, only for what the samples use (kaleido.data.generated): inpaint references for the
+  non-cross inpaint samples, redux variations for the redux samples, an inpainted plate per donor clip drawn. A
+  failed FLUX call turns its sample into a segment sample, counted in `mix_shortfall` (never hidden).
 - The split holds out whole source videos: a source is validation when its draw from (seed, source) is below
   `data.validation.share` (decided per source: adding sources never moves another), see `validation_sources`.
 Inputs are sorted by clip id first, so the output depends on the results and the seed only.
@@ -26,7 +29,6 @@ Inputs are sorted by clip id first, so the output depends on the results and the
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -37,9 +39,10 @@ from typing import Any
 import numpy as np
 
 from kaleido.config.schema import DataConfig, SampleMix
+from kaleido.data.generated import FluxBuilder, FluxModels, FrameSource
 from kaleido.data.keys import stable_hash, unit
 from kaleido.data.paths import safe_name
-from kaleido.data.records import SAMPLE_TYPES, ReferenceImage, TrainingSample
+from kaleido.data.records import SAMPLE_TYPES, ReferenceImage, Rejection, TrainingSample
 from kaleido.data.references import (
     CuratedSubject,
     CurationResult,
@@ -48,6 +51,7 @@ from kaleido.data.references import (
     load_image,
     load_mask,
 )
+from kaleido.data.split import validation_sources, validation_summary
 from kaleido.data.synthetic import texture
 
 log = logging.getLogger(__name__)
@@ -172,12 +176,6 @@ def assign_cross_pairs(keys: Sequence[float], ratio: float) -> list[bool]:
 # ---- pairing ------------------------------------------------------------------------------------
 
 
-def _available(result: CurationResult) -> set[str]:
-    """Sample types for which every subject of the clip has a reference."""
-    sets = [set(subject.references) for subject in result.subjects]
-    return set.intersection(*sets) if sets else set()
-
-
 def _reference(
     subject: CuratedSubject, result: CurationResult, sample_type: str, image_path: str | None = None
 ) -> ReferenceImage:
@@ -211,47 +209,35 @@ def _composite_reference(
     crop = load_image(result.resolve(crop_path, data_root))
     mask = load_mask(result.resolve(mask_path, data_root))
     pixels = composite(crop, mask, plate, subject.bounds, subject.frame_size)
+    return _new_image(_reference(subject, result, sample_type, image_path=""), pixels, mask, out, name)
+
+
+def _generated_reference(
+    subject: CuratedSubject, result: CurationResult, sample_type: str, pixels: np.ndarray, data_root: Path | None,
+    out: OutputDir | None, name: str,
+) -> ReferenceImage:
+    """A FLUX-made reference: an inpaint reference keeps the crop window (its mask is the crop's), a redux variation
+    has a pose of its own (no mask)."""
     reference = _reference(subject, result, sample_type, image_path="")
+    if sample_type == "inpaint":
+        mask = load_mask(result.resolve(subject.masks["crop"], data_root))
+        return _new_image(reference, pixels, mask, out, name)
+    return _new_image(reference, pixels, None, out, name)
+
+
+def _new_image(reference: ReferenceImage, pixels: np.ndarray, mask: np.ndarray | None, out: OutputDir | None,
+               name: str) -> ReferenceImage:
+    """Point `reference` at new pixels: written under `out`, or handed back in memory (the dataset writer, or the
+    stage's persist_pixels, stores the PNGs and fills the paths)."""
+    reference.mask_path = None
     if out is not None:
         reference.image_path = out.save_image(f"{name}.png", pixels)
-        reference.mask_path = out.save_mask(f"{name}_mask.png", mask)
+        if mask is not None:
+            reference.mask_path = out.save_mask(f"{name}_mask.png", mask)
     else:
-        # handed back in memory: the dataset writer stores the PNGs and fills the paths
-        reference.image_path, reference.mask_path = None, None
-        reference.image, reference.mask = pixels, mask.astype(np.uint8) * 255
+        reference.image_path, reference.image = None, pixels
+        reference.mask = mask.astype(np.uint8) * 255 if mask is not None else None
     return reference
-
-
-def source_draw(seed: int, source: str) -> float:
-    """A source video's uniform draw in [0, 1): the first 64 bits of sha256(f"{seed}:{source}")."""
-    return int(hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()[:16], 16) / 2.0**64
-
-
-def validation_sources(sources: Mapping[str, int] | Iterable[str], share: float, seed: int) -> set[str]:
-    """The source videos held out for validation: whole sources, so no clip of a validation video is trained on.
-
-    sources: source paths (or {source: samples}; sources with 0 samples are ignored). A source is held out when
-    its own draw (`source_draw`) is below `share`: a per-source decision, so adding or removing sources never
-    moves another one across the split. The held-out share of samples is `share` in expectation, with standard
-    deviation sqrt(share (1 - share) sum n_i^2) / sum n_i for sources of n_i samples (~0.1 % at 2M samples of
-    ~10 per source). Small data: with two or more sources and share > 0 at least one is held out (when no draw is
-    below `share`, the source with the lowest draw) and never every source (the highest draw stays in training);
-    with one source none is (the stats say so). Those two rules look at the whole list, so they can move a
-    source when sources are added, but only while the data is that small.
-    """
-    if isinstance(sources, Mapping):
-        names = sorted(source for source, count in sources.items() if count > 0)
-    else:
-        names = sorted(set(sources))
-    if share <= 0 or len(names) < 2:
-        return set()
-    draws = {source: source_draw(seed, source) for source in names}
-    held = {source for source in names if draws[source] < share}
-    if not held:
-        held = {min(names, key=lambda source: (draws[source], source))}
-    if len(held) == len(names):
-        held.discard(max(names, key=lambda source: (draws[source], source)))
-    return held
 
 
 def cross_source_summary(samples: Iterable[TrainingSample | Mapping[str, Any]]) -> dict[str, Any]:
@@ -278,29 +264,6 @@ def cross_source_summary(samples: Iterable[TrainingSample | Mapping[str, Any]]) 
         "share": round(counts["other_source"] / total, 6) if total else None,
         "shortfall": counts[PROCEDURAL],
     }
-
-
-def validation_summary(
-    samples: Iterable[TrainingSample | Mapping[str, Any]], share: float | None = None
-) -> dict[str, Any]:
-    """The realised train/validation split: samples and source videos per side, and the achieved share."""
-    rows = [s.to_json() if isinstance(s, TrainingSample) else s for s in samples]
-    sources: dict[str, set[str]] = {"train": set(), "val": set()}
-    counts: Counter[str] = Counter()
-    for row in rows:
-        split = row.get("split", "train")
-        counts[split] += 1
-        sources.setdefault(split, set()).add(str(row.get("provenance", {}).get("source", "?")))
-    total = sum(counts.values())
-    summary: dict[str, Any] = {
-        **({"target_share": share} if share is not None else {}),
-        "train_samples": counts["train"], "val_samples": counts["val"],
-        "share": round(counts["val"] / total, 6) if total else None,
-        "train_sources": len(sources["train"]), "val_sources": sorted(sources["val"]),
-    }
-    if total and not counts["val"] and (share is None or share > 0):
-        summary["note"] = "no validation set: the data has fewer than two source videos (or data.validation.share 0)"
-    return summary
 
 
 class DonorIndex:
@@ -348,32 +311,42 @@ def pair_samples(
     cfg: DataConfig,
     seed: int,
     *,
+    flux: FluxModels | None = None,
+    frames: FrameSource | None = None,
     data_root: str | Path | None = None,
     out_dir: str | Path | None = None,
     rel_dir: str | None = None,
     stats: dict[str, Any] | None = None,
     splits: Mapping[str, str] | None = None,
+    rejections: list[Rejection] | None = None,
 ) -> list[TrainingSample]:
     """One training sample per clip with kept subjects; types and cross pairs at the configured ratios.
 
     results: the clips of one dataset shard (any order). seed: data.seed; every decision is a draw from (seed,
       the sample's own id), see the module docstring.
+    flux: the generators for the inpaint / redux types and the plates (kaleido.data.generated); None or a None
+      member disables that type (the mix is renormalised over crop, segment and the enabled types).
+    frames: (result, frame index) -> the clip's frame, for inpaint references (default: decode the clip file under
+      data_root).
     data_root: where the results' relative paths live now (default: where curate_clip wrote them).
-    out_dir / rel_dir: where composite references are written and how records name that folder;
-      without out_dir, composites come back in memory (ReferenceImage.image / .mask, no path).
-    stats: filled with the realised mix, counts and the disabled types.
+    out_dir / rel_dir: where composite and generated references are written and how records name that folder;
+      without out_dir, they come back in memory (ReferenceImage.image / .mask, no path).
+    stats: filled with the realised mix, counts, FLUX calls and failures and the disabled types.
     splits: {source: "train" | "val"} decided over the whole data (`validation_sources`); default: decided
       over these results.
-    Cost: O(n log n) for n clips (sorts and ring look-ups) plus one composite per cross-paired reference.
+    rejections: receives a Rejection per failed FLUX call.
+    Cost: O(n log n) for n clips (sorts and ring look-ups) plus one composite per cross-paired reference and the
+    FLUX calls of the module docstring.
     """
     results = sorted(results, key=lambda r: r.clip.clip_id)
     usable = [r for r in results if r.subjects]
     root = Path(data_root) if data_root is not None else None
-    enabled = {t for r in results for t in r.enabled_types} or {"crop", "segment"}
+    flux = flux or FluxModels()
+    enabled = flux.enabled_types
     mix = effective_mix(cfg.references.sample_mix, enabled)
     sample_ids = [safe_name(r.clip.clip_id, limit=200) for r in usable]
     type_keys = [unit(seed, "type", sample_id) for sample_id in sample_ids]
-    types, shortfall = assign_types([_available(r) for r in usable], mix, type_keys)
+    drawn, _ = assign_types([enabled] * len(usable), mix, type_keys)
     cross = assign_cross_pairs([unit(seed, "cross", sample_id) for sample_id in sample_ids],
                                cfg.references.cross_pair_ratio)
     if splits is None:
@@ -381,28 +354,37 @@ def pair_samples(
         splits = {r.clip.source: "val" if r.clip.source in held_out else "train" for r in results}
     split_of = {r.clip.clip_id: splits.get(r.clip.source, "train") for r in results}
     donors = DonorIndex(results, split_of, seed)
+    builder = FluxBuilder(flux, cfg, seed, root, frames)
 
     samples: list[TrainingSample] = []
+    types: list[str] = []
     kinds: Counter[str] = Counter()
-    for result, sample_id, sample_type, is_cross in zip(usable, sample_ids, types, cross, strict=True):
+    for result, sample_id, sample_type, is_cross in zip(usable, sample_ids, drawn, cross, strict=True):
         clip = result.clip
         out = None
         if out_dir is not None:
             out = OutputDir(Path(out_dir) / sample_id, f"{rel_dir}/{sample_id}" if rel_dir else sample_id)
+        generated: list[np.ndarray] | None = None
+        if sample_type == "redux" or (sample_type == "inpaint" and not is_cross):
+            generated = (builder.redux if sample_type == "redux" else builder.inpaint)(result, sample_id)
+            if generated is None:
+                sample_type = "segment"  # a FLUX call failed: counted in mix_shortfall, the rejection names it
+        types.append(sample_type)
         references, provenance_refs = [], []
         for k, subject in enumerate(result.subjects):
-            kind, background_clip, background_source = "own", clip.clip_id, clip.source
-            if not is_cross:
+            kind, background_clip, background_source, plate_how = "own", clip.clip_id, clip.source, None
+            name = f"{sample_type}_{k}_{safe_name(subject.instance.category)}"
+            if generated is not None:
+                reference = _generated_reference(subject, result, sample_type, generated[k], root, out, name)
+                if is_cross:  # redux: no mask to cut the variation out with; its pose and background are generated
+                    kind, background_clip, background_source = "redux_variation", GENERATED, GENERATED
+            elif not is_cross:
                 reference = _reference(subject, result, sample_type)
-            elif sample_type == "redux":
-                # no mask to cut the variation out with; its pose and background are generated already
-                reference, kind = _reference(subject, result, sample_type), "redux_variation"
-                background_clip = background_source = GENERATED
             else:
                 # another source of the SAME split: a validation video's pixels never reach training
                 donor = donors.draw(sample_id, k, clip.source, split_of[clip.clip_id])
                 if donor is not None:
-                    plate = load_image(donor.resolve(donor.plate or "", root))
+                    plate, plate_how = builder.plate(donor)
                     kind, background_clip, background_source = "other_source", donor.clip.clip_id, donor.clip.source
                 else:
                     height, width = subject.frame_size
@@ -417,6 +399,7 @@ def pair_samples(
                 "instance_id": reference.instance_id, "kind": kind,
                 "subject_clip_id": clip.clip_id, "subject_source": clip.source,
                 "background_clip_id": background_clip, "background_source": background_source,
+                **({"plate": plate_how} if plate_how else {}),
             })
         samples.append(
             TrainingSample(
@@ -437,23 +420,25 @@ def pair_samples(
                 },
             )
         )
+    shortfall = builder.failures["inpaint"] + builder.failures["redux"]
+    if rejections is not None:
+        rejections.extend(builder.rejections)
     if stats is not None:
-        disabled = {}
-        for r in results:
-            disabled.update(r.stats.get("disabled_types", {}))
         stats.update(
             {
                 "samples": len(samples),
                 "clips_without_subjects": len(results) - len(usable),
                 "sample_mix": mix,
                 "sample_types": dict(Counter(types)),
-                "disabled_types": {t: disabled.get(t, "disabled") for t in SAMPLE_TYPES if t not in enabled},
+                "disabled_types": flux.disabled_types,
                 "mix_shortfall": shortfall,
                 "cross_pairs": sum(cross),
                 "cross_pair_ratio": cfg.references.cross_pair_ratio,
                 "reference_kinds": dict(kinds),
                 "cross_source": cross_source_summary(samples),
                 "validation": validation_summary(samples, cfg.validation.share),
+                "flux_calls": {key: builder.calls[key] for key in ("inpaint", "plate", "redux")},
+                "flux_failures": {key: builder.failures[key] for key in ("inpaint", "plate", "redux")},
             }
         )
     procedural = kinds.get(PROCEDURAL, 0)
@@ -464,5 +449,9 @@ def pair_samples(
             "or lower data.dataset_shards so that each holds more sources", procedural
         )
     if shortfall:
-        log.warning("sample-type mix missed by %d sample(s): their references of the drawn type failed", shortfall)
+        log.warning("sample-type mix missed by %d sample(s): their FLUX references failed (they are segment samples "
+                    "now; the rejections name the errors)", shortfall)
+    if builder.failures["plate"]:
+        log.warning("%d background plate(s) kept their subjects: FLUX fill failed on them (see the rejections)",
+                    builder.failures["plate"])
     return samples

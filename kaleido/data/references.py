@@ -6,8 +6,10 @@ For a kept subject instance (frame, SAM mask, box) the reference variants are
 - inpaint: the frame with everything but the (dilated) subject repainted by FLUX fill, same crop:
            the original background is erased, the subject's own pixels stay,
 - redux:   a FLUX redux variation of the segmented subject (new pose / motion), its own size;
-and the clip gets a background plate: a frame with the kept subjects removed (FLUX fill) for
-cross-pair composites, or the raw frame when fill is disabled.
+and the clip gets a background plate for cross-pair composites: a frame and the union mask of the subjects kept on
+it; the pair stage removes them (FLUX fill) when a cross pair draws the clip as its donor, or uses the raw frame
+when fill is disabled. curate_clip builds crop and segment; inpaint, redux and the inpainted plates are built at
+pairing time for the samples that use them (kaleido.data.generated).
 
 Files are PNG. A `CurationResult` records paths relative to the data root (`rel_dir` prefix) and
 remembers where they were written, so cross-pairing can read them before or after the shard
@@ -207,12 +209,12 @@ class CurationResult:
     subjects: list[CuratedSubject] = field(default_factory=list)
     instances: list[Instance] = field(default_factory=list)  # every instance that passed the filters
     rejections: list[Rejection] = field(default_factory=list)
-    plate: str | None = None  # background plate image (relative path)
-    plate_inpainted: bool = False  # True: the kept subjects were removed from the plate
-    enabled_types: list[str] = field(default_factory=list)  # sample types the models could build
+    plate: str | None = None  # background plate frame (relative path)
+    plate_mask: str | None = None  # union mask of the subjects kept on the plate's frame (None: none on it)
+    enabled_types: list[str] = field(default_factory=list)  # sample types the configured models can build
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    written_to: str = ""  # absolute folder the files went to (`rel_dir` maps onto it)
+    written_to: str = ""  # absolute folder the files went to (`rel_dir` maps onto it); "" in a stage's shards
     rel_dir: str = ""
 
     @property
@@ -234,7 +236,7 @@ class CurationResult:
             "instances": [instance.to_json() for instance in self.instances],
             "rejections": [rejection.to_json() for rejection in self.rejections],
             "plate": self.plate,
-            "plate_inpainted": self.plate_inpainted,
+            "plate_mask": self.plate_mask,
             "enabled_types": list(self.enabled_types),
             "stats": self.stats,
             "notes": list(self.notes),
@@ -250,7 +252,7 @@ class CurationResult:
             instances=[Instance.from_json(i) for i in row.get("instances", [])],
             rejections=[Rejection(**r) for r in row.get("rejections", [])],
             plate=row.get("plate"),
-            plate_inpainted=bool(row.get("plate_inpainted", False)),
+            plate_mask=row.get("plate_mask"),
             enabled_types=list(row.get("enabled_types", [])),
             stats=dict(row.get("stats", {})),
             notes=list(row.get("notes", [])),

@@ -258,11 +258,35 @@ def shard_marker(shard_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def drop_local_copy(shard_dir: Path) -> None:
+    """Remove this machine's copy of a shard (folder, pack, pack marker) under a root that mirrors object storage,
+    when the remote copy, the truth, has changed (another Ray node redid the shard)."""
+    pack, pack_marker = pack_paths(shard_dir)
+    if shard_dir.is_dir() and not shard_dir.is_symlink():
+        shutil.rmtree(shard_dir)
+    pack.unlink(missing_ok=True)
+    pack_marker.unlink(missing_ok=True)
+
+
+def _drop_if_stale(shard_dir: Path, remote: Any) -> None:
+    """Under an object-storage root, a local copy whose content hash differs from the remote marker's is stale (the
+    shard was redone elsewhere since): drop it so that it is fetched again. One small GET per call."""
+    relative = f"{shard_dir.parent.name}/{shard_dir.name}"
+    data = remote.read_bytes(relative + PACK_MARKER) or remote.read_bytes(f"{relative}/{SUCCESS}")
+    if data is None:
+        return
+    local = folder_marker(shard_dir) or read_pack_marker(shard_dir)
+    if local is not None and local.get("content_hash") != json.loads(data).get("content_hash"):
+        drop_local_copy(shard_dir)
+
+
 def ensure_shard(shard_dir: Path) -> Path:
     """Make a finished shard's working folder present and intact (unpack its pack; download it first when the root
-    mirrors object storage). Returns the folder. FileNotFoundError when the shard is nowhere, IntegrityError when
-    its bytes differ from their seal."""
+    mirrors object storage, replacing a stale local copy). Returns the folder. FileNotFoundError when the shard is
+    nowhere, IntegrityError when its bytes differ from their seal."""
     root = shard_dir.parent.parent
+    if remote_for(root) is not None:
+        _drop_if_stale(shard_dir, remote_for(root))
     record = read_pack_marker(shard_dir)
     marker = folder_marker(shard_dir)
     if marker is not None and (record is None or marker.get("content_hash") == record.get("content_hash")):

@@ -7,8 +7,9 @@ its own items only; adding an item redoes its shard alone.
 `run_shards(stage, specs, fn, params)` runs `fn(ctx)` once per shard:
 - locally in `data.workers` processes (concurrent.futures, spawn start: forking a process that
   holds torch/Ray threads can deadlock), in-process when one worker suffices, or on Ray when
-  `data.ray_address` is set ('local' starts a local cluster; a remote cluster needs the data root
-  on a shared filesystem and `kaleido` installed on its nodes);
+  `data.ray_address` is set ('local' starts a local cluster; kaleido.data.ray_cluster.run_on_ray: every
+  task checks that it sees the driver's data root (a shared filesystem or object storage) and the driver
+  that it sees each finished shard; `kaleido` must be installed on the nodes);
 - `fn` writes into `ctx.work_dir`, a hidden temp folder. When it returns, the worker hashes every
   file, writes `_SUCCESS` (spec hash, per-file sha256, content hash, the fn's summary; no
   timestamps) and renames the folder to `<root>/<stage>/shard-NNNNN` in one atomic rename;
@@ -146,6 +147,7 @@ class ShardOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     disk_full: bool = False  # the shard failed for want of space (ENOSPC / EDQUOT)
+    node: str | None = None  # the Ray node that ran it (None: this machine)
 
 
 @dataclass
@@ -287,6 +289,11 @@ def _execute_pinned(stage: str, spec: ShardSpec, fn: ShardFn, params: Params, st
         return _execute(stage, spec, fn, params, stage_dir, expected)
 
 
+def _worker_init(gpus: Any = None) -> None:
+    if gpus is not None:  # one GPU per worker: it sees only its own (before anything initialises CUDA)
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get(timeout=60)
+
+
 def _progress(total: int, stage: str, unit: str, enabled: bool) -> Any:
     from kaleido.platform.progress import Progress  # a bar on a terminal, a line per interval in a log
 
@@ -302,11 +309,18 @@ def run_shards(
     fingerprint: Any = None,
     progress: bool = True,
     unit: str = "item",
+    gpus: Sequence[str] = (),
+    models: Sequence[str] = (),
 ) -> StageResult:
     """Run `fn` over every shard not already finished; see the module docstring.
 
     `fingerprint`: anything JSON-able that, when changed, must redo every shard (the stage's
     params, model paths). `fn` must be a module-level function (it is pickled by name).
+    `gpus`: GPU ids for a model stage's local workers: one worker per GPU, each seeing only its own through
+    CUDA_VISIBLE_DEVICES (at most len(gpus) workers). Empty: CPU work, or Ray (which places its own).
+    `models`: the model pools the shard fn calls (kaleido.data.models keys). On Ray they are started for the shards
+    that are not finished (none: no pool), the shard tasks call their models through them
+    (kaleido.data.models.shard_model), and they are torn down when the shards are done (kaleido.data.pools).
     """
     root = shard_store.local_root(cfg)
     stage_dir = output_folder(root, stage_name)
@@ -316,14 +330,15 @@ def run_shards(
     with exclusive_output(stage_dir, f"stage {stage_name}"):
         stage_dir.mkdir(parents=True, exist_ok=True)
         for leftover in [*stage_dir.glob(".shard-*.tmp"), *stage_dir.glob(".shard-*.unpack-*"),
-                         *stage_dir.glob(".shard-*.tar.tmp-*")]:
+                         *stage_dir.glob(".shard-*.tar.tmp-*"), *stage_dir.glob(".ray-run-*")]:
             remove_inside(root, leftover)
         for orphan in stage_dir.glob("shard-*"):
             base = orphan.name.removesuffix(shard_store.PACK).removesuffix(shard_store.PACK_MARKER)
             if base not in names:  # a shard no source maps to any more (removed, or another shard count)
                 remove_inside(root, orphan)
         shard_store.drop_remote_orphans(stage_dir, names)
-        return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit)
+        return _run_pending(stage_name, stage_dir, shard_specs, fn, cfg, fingerprint, progress, unit, tuple(gpus),
+                            tuple(models))
 
 
 def _run_pending(
@@ -335,6 +350,8 @@ def _run_pending(
     fingerprint: Any,
     progress: bool,
     unit: str,
+    gpus: tuple[str, ...] = (),
+    models: tuple[str, ...] = (),
 ) -> StageResult:
     """Skip the shards whose marker matches and whose files are intact; run the others."""
     import logging
@@ -376,12 +393,16 @@ def _run_pending(
         if not pending:
             pass
         elif cfg.data.ray_address:
-            _run_ray(stage_name, pending, fn, cfg, stage_dir, finished)
+            from kaleido.data.pools import model_pools
+            from kaleido.data.ray_cluster import run_on_ray
+
+            with model_pools(cfg, models, [spec for spec, _ in pending]) as pools:
+                run_on_ray(stage_name, pending, fn, cfg, stage_dir, finished, pools)
         elif cfg.data.workers == 1 or len(pending) == 1:
             for spec, expected in pending:
                 finished(spec, _execute_pinned(stage_name, spec, fn, cfg, stage_dir, expected))
         else:
-            _run_pool(stage_name, pending, fn, cfg, stage_dir, finished)
+            _run_pool(stage_name, pending, fn, cfg, stage_dir, finished, gpus)
     finally:
         bar.close()
     return StageResult(stage_name, stage_dir, [outcomes[spec.name] for spec in shard_specs])
@@ -394,10 +415,16 @@ def _run_pool(
     cfg: Params,
     stage_dir: Path,
     finished: Callable[[ShardSpec, ShardOutcome], None],
+    gpus: tuple[str, ...] = (),
 ) -> None:
-    workers = min(cfg.data.workers, len(pending))
+    workers = min(cfg.data.workers, len(pending), len(gpus) or cfg.data.workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    devices = None
+    if gpus:
+        devices = context.Queue()
+        for gpu in gpus[:workers]:
+            devices.put(gpu)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(devices,)) as pool:
         futures: dict[Future[ShardOutcome], ShardSpec] = {
             pool.submit(_execute_pinned, stage, spec, fn, cfg, stage_dir, expected): spec
             for spec, expected in pending
@@ -414,34 +441,6 @@ def _run_pool(
                     finished(spec, ShardOutcome(spec.name, "failed", error=f"worker process died: {exc}"))
                 except Exception as exc:  # e.g. an unpicklable fn: report it, keep going
                     finished(spec, ShardOutcome(spec.name, "failed", error="".join(traceback.format_exception(exc))))
-
-
-def _run_ray(
-    stage: str,
-    pending: Sequence[tuple[ShardSpec, str]],
-    fn: ShardFn,
-    cfg: Params,
-    stage_dir: Path,
-    finished: Callable[[ShardSpec, ShardOutcome], None],
-) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        if cfg.data.ray_address == "local":
-            ray.init(num_cpus=cfg.data.workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=cfg.data.ray_address, log_to_driver=False)
-    remote = ray.remote(num_cpus=1, max_retries=0)(_execute_pinned)
-    refs = {remote.remote(stage, spec, fn, cfg, stage_dir, expected): spec for spec, expected in pending}
-    waiting = list(refs)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1)
-        for ref in done:
-            spec = refs[ref]
-            try:
-                finished(spec, ray.get(ref))
-            except Exception as exc:  # a crashed Ray worker fails this shard only
-                finished(spec, ShardOutcome(spec.name, "failed", error=f"{exc.__class__.__name__}: {exc}"))
 
 
 def merge_jsonl(shard_dirs: Iterable[Path], name: str, out: Path, extra: Iterable[dict[str, Any]] = ()) -> int:

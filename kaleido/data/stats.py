@@ -14,9 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kaleido.data.pairing import cross_source_summary, validation_summary
+from kaleido.data.pairing import cross_source_summary
 from kaleido.data.paths import DataLayout
 from kaleido.data.records import SUBJECT_GROUPS, read_jsonl
+from kaleido.data.split import validation_summary
 from kaleido.platform.files import atomic_path, write_text_atomic
 
 GROUP_COLOURS = {

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -294,24 +294,39 @@ class FixedScorer:
     def category_score(self, image: ImageLike, category: str) -> float:
         return self.scores.get(category, self.default)
 
+    def category_scores(self, images: Sequence[ImageLike], categories: Sequence[str]) -> list[float]:
+        """The batch form (kaleido.data.pools batches CLIP calls through it)."""
+        return [self.category_score(image, category) for image, category in zip(images, categories, strict=True)]
+
 
 class TextureInpainter:
-    """Inpainter stand-in: fills the mask with a procedural texture seeded by `seed` (no generative model)."""
+    """Inpainter stand-in: fills the mask with a procedural texture seeded by `seed` (no generative model).
+
+    `calls` counts the inpaint calls (what a FLUX Fill pool would be asked for)."""
 
     name = "texture_inpainter"
 
+    def __init__(self) -> None:
+        self.calls = 0
+
     def inpaint(self, image: ImageLike, mask: np.ndarray, prompt: str, seed: int = 0) -> np.ndarray:
+        self.calls += 1
         array = to_rgb_array(image)
         fill = texture(array.shape[0], array.shape[1], seed=seed + 7919)
         return np.where(np.asarray(mask, dtype=bool)[:, :, None], fill, array)
 
 
 class MirrorVariator:
-    """Variator stand-in: the image mirrored left-right (a 'new pose' without a generative model)."""
+    """Variator stand-in: the image mirrored left-right (a 'new pose' without a generative model); `calls` counts
+    the calls."""
 
     name = "mirror_variator"
 
+    def __init__(self) -> None:
+        self.calls = 0
+
     def vary(self, image: ImageLike, seed: int = 0) -> np.ndarray:
+        self.calls += 1
         return np.ascontiguousarray(to_rgb_array(image)[:, ::-1])
 
 
@@ -330,8 +345,9 @@ def source_frames(seed: int, shots: int = 1, frames_per_shot: int = 20) -> np.nd
         patches = rng.integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
         video = np.full((frames_per_shot, 96, 144, 3), level, dtype=np.uint8)
         for t in range(frames_per_shot):
-            video[t, 20:60, 8 + t : 58 + t] = patches[0]
-            video[t, 30:70, 80 + t // 2 : 130 + t // 2] = patches[1]
+            x = t if frames_per_shot <= 29 else t * 28 // (frames_per_shot - 1)  # long shots drift as far, slower
+            video[t, 20:60, 8 + x : 58 + x] = patches[0]
+            video[t, 30:70, 80 + x // 2 : 130 + x // 2] = patches[1]
         out.append(video)
     return np.concatenate(out)
 
@@ -378,3 +394,72 @@ class BoxSegmenter:
         for mask, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
             mask[int(y0) : int(y1), int(x0) : int(x1)] = True
         return masks
+
+
+class StandInCaptioner:
+    """A Captioner stand-in for the VLM: `SOURCE_CAPTION` for every clip that has frames (no model)."""
+
+    name = "stand_in_captioner"
+    source = "vlm:stand-in"
+
+    def caption(self, clip: ClipRecord, frames: np.ndarray | None) -> str | None:
+        if frames is None or not len(frames):
+            raise ValueError("the stand-in captioner needs the clip's frames")
+        return SOURCE_CAPTION
+
+
+def stand_in_model(key: str, cfg: object = None) -> object | None:
+    """`data.models.factory: kaleido.data.synthetic:stand_in_model`: the stand-ins above by pool key (no weights), so
+    the whole data path runs with them in any process, a local worker or a Ray pool actor alike. Face: None (the
+    built-in loader; keep data.models.face null)."""
+    models = {"vlm": StandInCaptioner, "grounding_dino": HalvesDetector, "sam": BoxSegmenter, "clip": FixedScorer,
+              "flux_fill": TextureInpainter, "flux_redux": MirrorVariator}
+    return models[key]() if key in models else None
+
+
+def curation_results(folder: str | Path, clips: int, subjects: int = 2, clips_per_source: int = 10) -> list:
+    """`clips` synthetic CurationResults as curate_clip writes them (crop / segment references, full-frame subject
+    masks, a plate frame with its mask), `subjects` per clip, `clips_per_source` clips per source video; the image
+    files are shared from a small pool under `folder` (pairing reads them by path, so its cost per reference is what
+    a real run pays). Frames for inpainting: `curation_frame`. For pairing at scale without curating."""
+    from kaleido.data.records import Instance
+    from kaleido.data.references import CuratedSubject, CurationResult
+
+    folder = Path(folder)
+    pool = folder / "pool"
+    if not (pool / "done").is_file():
+        pool.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i in range(16):  # 40x40 subject crops and masks, 64x96 plates, full-frame masks
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(pool / f"img{i}.png")
+            Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(pool / f"plate{i}.png")
+            mask = np.zeros((40, 40), np.uint8)
+            mask[4:36, 2 + i % 6 : 34 + i % 6] = 255
+            Image.fromarray(mask).save(pool / f"mask{i}.png")
+            frame_mask = np.zeros((64, 96), np.uint8)
+            frame_mask[10:50, 12 + i % 6 : 44 + i % 6] = 255
+            Image.fromarray(frame_mask).save(pool / f"frame_mask{i}.png")
+        (pool / "done").write_text("")
+    results = []
+    for c in range(clips):
+        source = f"raw/src-{c // clips_per_source:06d}.mp4"
+        clip = ClipRecord(f"src{c // clips_per_source:06d}-{c:07d}", source, 0, 24, 0.0, 1.5, 16.0, 16.0, 96, 64, 24,
+                          1.5, f"ingest/x/{c}.mp4", "a cat and a dog")
+        chosen = []
+        for k in range(subjects):
+            category = ("cat", "dog", "cup")[k % 3]
+            image, mask = f"pool/img{(c + k) % 16}.png", f"pool/mask{(c + k) % 16}.png"
+            instance = Instance(clip.clip_id, 0, category, "animal", (10.0, 10.0, 50.0, 50.0), 0.9,
+                                mask_path=f"pool/frame_mask{(c + k) % 16}.png", instance_id=f"{clip.clip_id}/{k}")
+            chosen.append(CuratedSubject(instance, {"crop": image, "segment": image}, {"crop": mask, "segment": mask},
+                                         (10, 10, 50, 50), (64, 96)))
+        results.append(CurationResult(clip=clip, subjects=chosen, plate=f"pool/plate{c % 16}.png",
+                                      plate_mask=f"pool/frame_mask{c % 16}.png", enabled_types=["crop", "segment"]))
+    return results
+
+
+def curation_frame(result: Any, index: int) -> np.ndarray:
+    """The frame of a `curation_results` clip (a FrameSource): a texture seeded by the clip id."""
+    from kaleido.data.keys import stable_hash
+
+    return texture(64, 96, seed=stable_hash(result.clip.clip_id) % 2**31)

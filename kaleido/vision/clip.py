@@ -99,6 +99,14 @@ class ClipScorer:
         text_vec = self.text_embeddings([category_prompt(category)])[0]
         return float(np.dot(image_vec, text_vec))
 
+    def category_scores(self, images: Sequence[ImageLike], categories: Sequence[str]) -> list[float]:
+        """`category_score` of each (image, category) pair, the images embedded in ONE forward pass (the batch a
+        Ray pool actor gathers, kaleido.data.pools). The float32 sums of a batch may differ from one-by-one calls in
+        the last bits on some BLAS back ends (tests/test_pools.py bounds it on the tiny CLIP)."""
+        image_vecs = self.image_embeddings(list(images))
+        text_vecs = self.text_embeddings([category_prompt(category) for category in categories])
+        return [float(np.dot(i, t)) for i, t in zip(image_vecs, text_vecs, strict=True)]
+
     def image_similarity(self, a: ImageLike, b: ImageLike) -> float:
         """Cosine similarity of two images' CLIP embeddings."""
         first, second = self.image_embeddings([a, b])
