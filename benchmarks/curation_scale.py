@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from kaleido.data.synthetic import STAND_IN_STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "caption", "curate", "write")
 
@@ -59,20 +61,7 @@ def _params(root: Path, overrides: dict[str, Any]) -> Any:
     return validate_params(raw, base_dir=root.parent)
 
 
-OVERRIDES: dict[str, Any] = {
-    "data.workers": 1,
-    "data.shards": 64,
-    "data.dataset_shards": 16,
-    "data.grounding.frames_per_clip": 1,
-    "data.models.factory": "kaleido.data.synthetic:stand_in_model",  # the stand-in detector and segmenter
-    "data.models.flux_fill": None,
-    "data.models.flux_redux": None,
-    "data.filters": {"min_area": 0.0, "max_area": 1.0, "clip_min_score": -1.0, "min_sharpness": 0.0,
-                     "min_brightness": 0.0, "max_brightness": 255.0},
-    "data.ingest.clip_min_seconds": 1.0,
-    "data.ingest.clip_max_seconds": 4.0,
-    "data.ingest.fps": 16,
-}
+OVERRIDES: dict[str, Any] = {**STAND_IN_STAGES, "data.shards": 64, "data.dataset_shards": 16}
 
 
 def _run_stages(params: Any) -> dict[str, Any]:

@@ -5,21 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kaleido.data.synthetic import write_sources  # noqa: F401  (re-exported for the tests)
+from kaleido.data.synthetic import STAND_IN_STAGES, write_sources  # noqa: F401  (re-exported for the tests)
 
-STAGE_OVERRIDES: dict[str, Any] = {
-    "data.workers": 1,
-    "data.grounding.frames_per_clip": 1,
-    # the stand-in detector and segmenter of kaleido.data.synthetic, built wherever a model is (any process)
-    "data.models.factory": "kaleido.data.synthetic:stand_in_model",
-    "data.models.flux_fill": None,
-    "data.models.flux_redux": None,
-    "data.filters": {"min_area": 0.0, "max_area": 1.0, "clip_min_score": -1.0, "min_sharpness": 0.0,
-                     "min_brightness": 0.0, "max_brightness": 255.0},
-    "data.ingest.clip_min_seconds": 1.0,
-    "data.ingest.clip_max_seconds": 4.0,
-    "data.ingest.fps": 16,
-}
+STAGE_OVERRIDES: dict[str, Any] = STAND_IN_STAGES
 
 
 def run_data_stages(params: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -949,6 +950,16 @@ def load_params(path: Path | str | None = None, overrides: dict[str, Any] | None
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     return validate_params(raw, source=str(path), base_dir=path.parent)
+
+
+def flatten_dotted(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A parsed params mapping as {"a.b.c": leaf}: the dotted keys `set_dotted`, `-S` and DVC use (lists are leaves)."""
+    if isinstance(node, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(flatten_dotted(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -463,3 +463,20 @@ def curation_frame(result: Any, index: int) -> np.ndarray:
     from kaleido.data.keys import stable_hash
 
     return texture(64, 96, seed=stable_hash(result.clip.clip_id) % 2**31)
+
+
+# The data stages on synthetic sources with the stand-in models above (no weights): the overrides the tests and
+# benchmarks/curation_scale.py run them with (data.shards / dataset_shards are theirs to pick).
+STAND_IN_STAGES: dict[str, Any] = {
+    "data.workers": 1,
+    "data.grounding.frames_per_clip": 1,
+    # the stand-in detector and segmenter of kaleido.data.synthetic, built wherever a model is (any process)
+    "data.models.factory": "kaleido.data.synthetic:stand_in_model",
+    "data.models.flux_fill": None,
+    "data.models.flux_redux": None,
+    "data.filters": {"min_area": 0.0, "max_area": 1.0, "clip_min_score": -1.0, "min_sharpness": 0.0,
+                     "min_brightness": 0.0, "max_brightness": 255.0},
+    "data.ingest.clip_min_seconds": 1.0,
+    "data.ingest.clip_max_seconds": 4.0,
+    "data.ingest.fps": 16,
+}

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from kaleido.config.schema import flatten_dotted
+
 # the files a flow run's experiment row carries (those that exist): the data version and the results
 EXPERIMENT_FILES = (
     "dvc.lock",
@@ -66,13 +68,6 @@ def experiment_name(model: str, version: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}-v{version}").replace("..", ".")
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, Mapping):
-        flat: dict[str, Any] = {}
-        for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
 
 
 def _rows(shown: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
@@ -93,7 +88,7 @@ def changed_params(shown: list[dict[str, Any]]) -> list[str]:
         if not isinstance(params, Mapping):
             continue
         rows += 1
-        for key, value in _flatten(params).items():
+        for key, value in flatten_dotted(params).items():
             values.setdefault(key, set()).add(json.dumps(value, sort_keys=True))
             present[key] = present.get(key, 0) + 1
     # a key missing from some rows differs too (a knob added since)
@@ -117,8 +112,8 @@ def params_drift(repo: Path, name: str = "params.yaml") -> list[str] | None:
     if committed.returncode or not (repo / name).is_file():
         return None
     try:
-        before = _flatten(yaml.safe_load(committed.stdout) or {})
-        after = _flatten(yaml.safe_load((repo / name).read_text()) or {})
+        before = flatten_dotted(yaml.safe_load(committed.stdout) or {})
+        after = flatten_dotted(yaml.safe_load((repo / name).read_text()) or {})
     except yaml.YAMLError:
         return [f"{name} is not valid YAML"]
     missing = object()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kaleido.config.schema import flatten_dotted
 from kaleido.platform.files import file_sizes, sizes_problem, write_json_atomic
 
 if TYPE_CHECKING:
@@ -110,20 +111,13 @@ _IGNORED = ("train.kubernetes.", "train.launcher", "train.gpu_memory_gb", "train
             "train.experiment")
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 def run_params(params: Params) -> dict[str, Any]:
     """{dotted key: JSON value} of the params that decide what a training run computes (model, flow_matching,
     train), as a checkpoint records them."""
     dumped = params.model_dump(mode="json")
-    return _flatten({section: dumped[section] for section in RUN_SECTIONS})
+    return flatten_dotted({section: dumped[section] for section in RUN_SECTIONS})
 
 
 def applicable_keys(stage: str) -> tuple[str, ...]:

@@ -35,6 +35,18 @@ def micro_batches_per_epoch(buckets: Sequence[BucketKey], micro_batch: int) -> i
     return sum(len(members) // micro_batch for members in _group(buckets).values())
 
 
+def shuffled_micro_batches(groups: dict[Any, list[int]], micro_batch: int, rng: random.Random) -> list[list[int]]:
+    """Micro-batches of `micro_batch` sample indices, each from one bucket (shape), shuffled within the buckets and
+    then across them by `rng`; a bucket's remainder that fills no micro-batch is left out of this epoch."""
+    batches: list[list[int]] = []
+    for key in sorted(groups):
+        members = list(groups[key])
+        rng.shuffle(members)
+        usable = len(members) - len(members) % micro_batch
+        batches += [members[i : i + micro_batch] for i in range(0, usable, micro_batch)]
+    rng.shuffle(batches)
+    return batches
+
 class BucketBatchSampler:
     """Yields lists of sample indices, one bucket each, for one data-parallel rank."""
 
@@ -68,14 +80,7 @@ class BucketBatchSampler:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Every rank's micro-batches of `epoch`, in order, before dealing (a pure function of seed and epoch)."""
-        rng = random.Random(f"{self.seed}:{epoch}")
-        batches: list[list[int]] = []
-        for key in sorted(self.groups):
-            members = list(self.groups[key])
-            rng.shuffle(members)
-            usable = len(members) - len(members) % self.micro_batch
-            batches += [members[i : i + self.micro_batch] for i in range(0, usable, self.micro_batch)]
-        rng.shuffle(batches)
+        batches = shuffled_micro_batches(self.groups, self.micro_batch, random.Random(f"{self.seed}:{epoch}"))
         return batches[: len(batches) - len(batches) % self.dp_size]
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
@@ -151,14 +156,7 @@ class ShardedBatchSampler(BucketBatchSampler):
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"{self.seed}:{epoch}:{self.dp_rank}")
-        batches: list[list[int]] = []
-        for key in sorted(self.groups):
-            members = list(self.groups[key])
-            rng.shuffle(members)
-            usable = len(members) - len(members) % self.micro_batch
-            batches += [members[i : i + self.micro_batch] for i in range(0, usable, self.micro_batch)]
-        rng.shuffle(batches)
-        return batches[: self.per_rank_batches()]
+        return shuffled_micro_batches(self.groups, self.micro_batch, rng)[: self.per_rank_batches()]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of `epoch` (each rank has its own)."""
