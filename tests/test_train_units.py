@@ -78,6 +78,7 @@ def test_encode_helpers():
 def test_records(tmp_path: Path):
     flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": None})
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": ""}
+    assert flatten({"world_size": 2, "zero": {"stage": 2}}, "plan.") == {"plan.world_size": "2", "plan.zero.stage": "2"}
     path = tmp_path / "loss.csv"
     curve = LossCurve(path, None)
     for step in range(1, 6):

@@ -129,14 +129,14 @@ def mark_left_behind(uri: str, record: Path, what: str, keep: str | None = None)
     return run_id
 
 
-def flatten(data: Any) -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"}; lists become JSON (MLflow params are strings)."""
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {prefix + "a.b": "1"}; lists become JSON (MLflow params are strings)."""
     from kaleido.config.schema import flatten_dotted
 
     def text(value: Any) -> str:
         return json.dumps(value) if isinstance(value, list | tuple) else ("" if value is None else str(value))
 
-    return {key: text(value)[:MLFLOW_PARAM_CHARS] for key, value in flatten_dotted(data).items()}
+    return {key: text(value)[:MLFLOW_PARAM_CHARS] for key, value in flatten_dotted(data, prefix).items()}
 
 
 def peak_memory_gb(device: torch.device) -> float:
