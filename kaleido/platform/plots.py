@@ -46,7 +46,7 @@ class PlotsTemplateError(RuntimeError):
 
 
 def offline_page() -> str:
-    """The page: DVC's placeholders `{refresh_tag}` and `{plot_divs}`, the libraries inline, no `{scripts}` (which
+    """The page: DVC's template fields `{refresh_tag}` and `{plot_divs}`, the libraries inline, no `{scripts}` (which
     DVC fills with the CDN tags)."""
     try:
         import vl_convert
@@ -58,8 +58,8 @@ def offline_page() -> str:
 
     bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE)
     bundle = bundle.replace("</script", "<\\/script")  # the bundle must not close its own tag
-    for placeholder in ("{plot_divs}", "{scripts}", "{refresh_tag}"):  # DVC replaces these anywhere in the page
-        bundle = bundle.replace(placeholder, placeholder.replace("{", "\\x7b"))
+    for field in ("{plot_divs}", "{scripts}", "{refresh_tag}"):  # DVC replaces these anywhere in the page
+        bundle = bundle.replace(field, field.replace("{", "\\x7b"))
     return PAGE.format(mark=_MARK, vega=vl_convert.get_vega_version(), vega_lite=VEGA_LITE,
                        embed=vl_convert.get_vega_embed_version(), package=version("vl-convert-python"),
                        bundle=bundle)  # fmt: skip

@@ -4,7 +4,7 @@ The prod overlay names every image by digest (k8s/overlays/prod/kustomization.ya
 ships the all-zero digest as the UNRELEASED marker. The kaleido image is also named, with the same digest, in
 the overlay's params.yaml (train.kubernetes.image) and work-pool-gpu.json (its `image` default), which kustomize
 does not rewrite. `pin_images` writes a release's digests into all of them (a line edit: comments stay);
-`unpinned` lists every placeholder left, and `kaleido release check` (run by `make deploy-prod` before `kubectl
+`unpinned` lists every all-zero digest left, and `kaleido release check` (run by `make deploy-prod` before `kubectl
 apply`) refuses an overlay that has any.
 """
 
@@ -19,7 +19,7 @@ KALEIDO = "kaleido"  # the platform's own image: named in three files
 
 
 class ReleaseError(ValueError):
-    """A digest that is malformed or the placeholder, an image the overlay does not name, or an unpinned overlay."""
+    """A digest that is malformed or all zeros, an image the overlay does not name, or an unpinned overlay."""
 
 
 def _images(text: str) -> list[tuple[str, str | None, int]]:
@@ -45,7 +45,7 @@ def _images(text: str) -> list[tuple[str, str | None, int]]:
 
 
 def unpinned(overlay: Path) -> list[str]:
-    """Where the overlay still carries the placeholder digest (file: image), [] when every image is pinned."""
+    """Where the overlay still carries the all-zero digest (file: image), [] when every image is pinned."""
     overlay = Path(overlay)
     problems = []
     kustomization = overlay / "kustomization.yaml"
@@ -60,11 +60,11 @@ def unpinned(overlay: Path) -> list[str]:
 
 
 def check_pinned(overlay: Path) -> None:
-    """ReleaseError naming every placeholder digest left in the overlay."""
+    """ReleaseError naming every all-zero digest left in the overlay."""
     problems = unpinned(overlay)
     if problems:
         raise ReleaseError(
-            f"{overlay} is not released: the all-zero placeholder digest is still set for "
+            f"{overlay} is not released: the all-zero digest is still set for "
             f"{'; '.join(problems)}. Push the images and pin them first: `kaleido release pin --image "
             "NAME=sha256:<digest> ...` (`make release DIGESTS=...`)"
         )
@@ -73,7 +73,7 @@ def check_pinned(overlay: Path) -> None:
 def pin_images(overlay: Path, digests: dict[str, str]) -> list[str]:
     """Write `digests` (image name as the kustomization names it -> sha256:...) into the overlay; the kaleido
     image's digest also into params.yaml and work-pool-gpu.json. Returns what changed; ReleaseError for a
-    malformed or placeholder digest, or a name the overlay does not list (nothing is written then)."""
+    malformed or all-zero digest, or a name the overlay does not list (nothing is written then)."""
     overlay = Path(overlay)
     for name, digest in digests.items():
         if not DIGEST.match(digest):
