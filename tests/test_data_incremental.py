@@ -117,3 +117,64 @@ def test_adding_one_source_redoes_only_its_own_shards(base, tiny_assets, tmp_pat
         assert old["split"] == now["split"]
         moved += (old["sample_type"] != now["sample_type"]) + (old["cross_pair"] != now["cross_pair"])
     assert moved <= 2
+
+
+def _flip_byte(path: Path, at: int | None = None) -> None:
+    """Edit a file in place at the same size (a bad disk, a hand edit): only its bytes and mtime change."""
+    data = bytearray(path.read_bytes())
+    where = len(data) // 2 if at is None else at
+    data[where] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_copy_that_changes_every_mtime_redoes_nothing(base, tiny_assets, tmp_path):
+    """A `dvc checkout`, `dvc pull` or plain `cp` gives every file a new mtime: sources are known by their bytes and
+    finished shards by their seals, so nothing is redone."""
+    from kaleido.train.encode import run_encode
+
+    folder = tmp_path / "copied"
+    shutil.copytree(base, folder, copy_function=shutil.copy)  # bytes only: every mtime is now
+    params = _params(folder, tiny_assets)
+    reports = run_data_stages(params)
+    for stage in ("ingest", "caption", "curate", "write"):
+        assert not reports[stage].result.done, (stage, [(o.name, o.status) for o in reports[stage].result.outcomes])
+    assert not run_encode(params, progress=False).encoded_shards
+
+
+def test_a_byte_changed_in_place_is_redone_by_the_command_that_wrote_it(base, tiny_assets, tmp_path, caplog):
+    """Same-size damage after a shard was sealed: a curated clip file, a dataset tar, latent files. The stage
+    that wrote each redoes it (the curate shard from its pack), so every artifact is byte-identical again."""
+    from kaleido.data.shard_store import read_part
+    from kaleido.platform.integrity import IntegrityError
+    from kaleido.train.encode import run_encode
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(base, folder)
+    before = _snapshot(folder)
+    data = folder / "data"
+    curated = next(p for p in sorted((data / "curate").glob("shard-*/**/*")) if p.is_file() and p.suffix == ".png")
+    tar = sorted((data / "dataset").glob("shard-*/*.tar"))[0]
+    latent = sorted((folder / "latents").glob("shard-*.safetensors"))[0]
+    null_context = folder / "latents" / "null_context.safetensors"
+    curated_sha = _digest(curated)
+    for path in (curated, tar, latent, null_context):
+        _flip_byte(path)
+    params = _params(folder, tiny_assets)
+    with caplog.at_level("WARNING"):
+        reports = run_data_stages(params)
+        encoded = run_encode(params, progress=False)
+    assert "changed after it was sealed" in caplog.text
+    assert [o.name for o in reports["write"].result.done] == [tar.parent.name]
+    assert encoded.encoded_shards == [latent.stem]
+    assert _snapshot(folder) == before
+    assert not reports["curate"].result.done and _digest(curated) == curated_sha  # restored from its pack
+
+    # a damaged pack with no working folder: the stage redoes the shard, and a reader names the command
+    shard = sorted(p for p in (data / "ingest").glob("shard-*") if p.is_dir())[0]
+    shutil.rmtree(shard)
+    _flip_byte(shard.with_suffix(".tar"), at=shard.with_suffix(".tar").stat().st_size - 2000)
+    with pytest.raises(IntegrityError, match=r"kaleido ingest` again"):
+        read_part(shard, "clips.jsonl")
+    again = run_data_stages(params)
+    assert [o.name for o in again["ingest"].result.done] == [shard.name]
+    assert _snapshot(folder) == before

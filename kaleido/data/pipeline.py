@@ -59,6 +59,7 @@ from kaleido.data.shards import (
 )
 from kaleido.data.writer import DATASET_INDEX
 from kaleido.platform.files import exclusive_output, write_json_atomic
+from kaleido.platform.integrity import cached_sha256
 
 
 @dataclass
@@ -232,11 +233,12 @@ def run_ingest(params: Params, *, progress: bool = True, force: bool = False) ->
         remote = shard_store.remote_for(root)
         if remote is None:
             sources, rejections = discover_sources(root, params.data.ingest.sources)
-            # size and mtime in the shard spec: a replaced source file redoes its shard
+            # size and content sha256 in the shard spec: a replaced source redoes its shard; a checkout or copy
+            # that only changes mtimes does not (hashes cached by stat, so an unchanged tree costs no read)
             stamps: dict[str, Any] = {}
             for relative in sources:
-                info = (root / relative).stat()
-                stamps[relative] = [info.st_size, info.st_mtime_ns]
+                path = root / relative
+                stamps[relative] = [path.stat().st_size, cached_sha256(path)]
         else:
             sources, rejections, stamps = discover_remote_sources(remote, params.data.ingest.sources)
         begin()

@@ -24,6 +24,7 @@ stage needs (sizes checked against the marker, sha256 checked on unpack / by the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -32,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from kaleido.platform.files import write_json_atomic
-from kaleido.platform.integrity import IntegrityError, file_sha256, verify_file
+from kaleido.platform.integrity import IntegrityError, file_sha256, seal_problem, verify_file
 
 SUCCESS = "_SUCCESS"
 PACK = ".tar"
 PACK_MARKER = ".json"
 REMOTE_FILE = ".remote.json"  # in a staging root: which object-storage location it mirrors
 PACKED_STAGES = frozenset({"ingest", "caption", "curate", "pair"})  # stages with a file or more per clip
+COMMAND_OF_STAGE = {"pair": "curate", "dataset": "write-dataset"}  # the `kaleido` command that redoes a stage
 
 
 def is_packed(stage: str) -> bool:
@@ -177,6 +179,26 @@ def read_pack_marker(shard_dir: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def redo_hint(shard_dir: Path) -> str:
+    """What redoes a damaged shard of this stage: its command (which redoes damaged shards), or the data version."""
+    stage = shard_dir.parent.name
+    return (f"run `kaleido {COMMAND_OF_STAGE.get(stage, stage)}` again (it redoes damaged shards), or restore the "
+            "data version (`dvc pull` / `dvc checkout`)")
+
+
+def pack_problem(shard_dir: Path, record: dict[str, Any]) -> str | None:
+    """None when the local pack of a shard is intact (size; sha256 when it changed after its marker), else what
+    differs (`integrity.seal_problem`)."""
+    pack, pack_marker = pack_paths(shard_dir)
+    try:
+        sealed_ns = pack_marker.stat().st_mtime_ns
+        expected = {pack.name: str(record["pack_sha256"])}, {pack.name: int(record["pack_size"])}
+    except (OSError, KeyError, TypeError, ValueError):
+        return f"its pack marker {pack_marker} is missing or malformed"
+    problem = seal_problem(pack.parent, *expected, sealed_ns)
+    return None if problem is None else f"shard pack {problem}"
+
+
 def read_pack_members(handle: Any, names: Iterable[str]) -> dict[str, bytes]:
     """The bytes of `names` from a pack (a path or a seekable binary file object), reading only as far as needed."""
     wanted = set(names)
@@ -199,7 +221,7 @@ def unpack(shard_dir: Path, record: dict[str, Any]) -> None:
     from kaleido.data.shards import hash_folder
 
     pack, _ = pack_paths(shard_dir)
-    fix = "run the stage again (or `dvc pull` the data version) to restore it"
+    fix = redo_hint(shard_dir)
     verify_file(pack, sha256=str(record["pack_sha256"]), size=int(record["pack_size"]), what="shard pack", fix=fix)
     tmp = shard_dir.with_name(f".{shard_dir.name}.unpack-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -242,7 +264,15 @@ def shard_marker(shard_dir: Path) -> dict[str, Any] | None:
         return marker
     record = read_pack_marker(shard_dir)
     if record is not None and pack_paths(shard_dir)[0].is_file():
-        return record
+        problem = pack_problem(shard_dir, record)
+        if problem is None:
+            return record
+        # a damaged pack is no finished shard: the stage redoes it (a remote copy is fetched anew)
+        logging.getLogger("kaleido.data").warning("%s/%s: %s; it is not kept", shard_dir.parent.name,
+                                                  shard_dir.name, problem)
+        if remote_for(shard_dir.parent.parent) is None:
+            return None
+        drop_local_copy(shard_dir)
     remote = remote_for(shard_dir.parent.parent)
     if remote is None:
         return None
@@ -313,7 +343,7 @@ def ensure_shard(shard_dir: Path) -> Path:
             remote.download_files(relative, tmp, marker["sizes"])
             for name, digest in sorted(marker["files"].items()):
                 verify_file(tmp / name, sha256=digest, size=marker["sizes"][name], what="shard file",
-                            fix=f"run the stage that writes {relative} again")
+                            fix=redo_hint(shard_dir))
             (tmp / SUCCESS).write_bytes(data)
             if shard_dir.exists():
                 shutil.rmtree(shard_dir)
@@ -365,6 +395,9 @@ def read_part(shard_dir: Path, name: str) -> str | None:
     pack, _ = pack_paths(shard_dir)
     record = read_pack_marker(shard_dir)
     if record is not None and pack.is_file():
+        problem = pack_problem(shard_dir, record)
+        if problem is not None:
+            raise IntegrityError(f"{shard_dir}: {problem}; {redo_hint(shard_dir)}")
         return _part_from(pack, name)
     remote = remote_for(shard_dir.parent.parent)
     if remote is not None:

@@ -58,10 +58,9 @@ from kaleido.platform.files import (
     exclusive_output,
     file_sizes,
     is_disk_full,
-    sizes_problem,
     write_json_atomic,
 )
-from kaleido.platform.integrity import file_sha256
+from kaleido.platform.integrity import file_sha256, seal_problem
 
 SUCCESS = "_SUCCESS"
 SEALS = "_MANIFESTS.json"
@@ -214,16 +213,21 @@ def hash_folder(folder: Path) -> tuple[dict[str, str], str]:
 
 
 def marker_intact(shard_dir: Path, marker: dict[str, Any]) -> str | None:
-    """None when every file the marker lists is in `shard_dir` at the size it lists, else what is wrong.
+    """None when every file the marker lists is in `shard_dir` intact, else what is wrong.
 
-    Sizes, not hashes: a re-run must not re-read terabytes to skip finished shards; a file cut short
-    or missing (a racing runner, a killed copy, a hand edit) changes the size or the listing.
+    Every size is checked; only files modified after `_SUCCESS` was written are re-hashed
+    (`integrity.seal_problem`): a re-run must not re-read terabytes to skip finished shards, yet a file cut short,
+    missing, or edited in place at the same size (a racing runner, a killed copy, a hand edit, a bad disk) shows.
     """
     sizes = marker.get("sizes")
     files = marker.get("files")
     if not isinstance(sizes, dict) or not isinstance(files, dict) or set(sizes) != set(files):
         return "its marker predates file sizes or is malformed"
-    return sizes_problem(shard_dir, sizes)
+    try:
+        sealed_ns = (shard_dir / SUCCESS).stat().st_mtime_ns
+    except OSError:
+        return f"{SUCCESS} is missing"
+    return seal_problem(shard_dir, files, sizes, sealed_ns)
 
 
 def read_marker(shard_dir: Path) -> dict[str, Any] | None:

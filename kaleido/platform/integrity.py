@@ -108,6 +108,51 @@ def verify_file(
     _db_store(key)
 
 
+def seal_problem(
+    folder: str | Path, hashes: Mapping[str, str], sizes: Mapping[str, int], sealed_ns: int | None
+) -> str | None:
+    """None when every sealed file of `folder` is intact, else the first problem in words.
+
+    Every file's size is checked (a stat); a file modified after its seal was written (`sealed_ns`: the marker's
+    mtime, ns; None: every file) is also re-hashed against its sha256 (verdict cached by path, size, mtime and
+    inode). So a byte flipped in place is caught without re-reading terabytes of untouched files on every re-run:
+    writers write the marker last, and unpacked or restored files keep mtimes no newer than their marker's.
+    """
+    from kaleido.platform.files import sizes_problem
+
+    problem = sizes_problem(folder, dict(sizes))
+    if problem is not None:
+        return problem
+    for name, sha256 in hashes.items():
+        path = Path(folder) / name
+        if sealed_ns is not None and path.stat().st_mtime_ns <= sealed_ns:
+            continue
+        try:
+            verify_file(path, sha256=sha256)
+        except IntegrityError:
+            return f"{name} changed after it was sealed (other sha256)"
+    return None
+
+
+def cached_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, re-read only when its path, size, mtime or inode changed since it was last hashed
+    here (the verdict cache of `verify_file`). For identities that must survive a copy: a `dvc checkout` or a
+    `cp` that does not keep mtimes changes the stamp, not the bytes."""
+    info = Path(path).stat()
+    where = (str(Path(path).resolve()), info.st_size, info.st_mtime_ns, info.st_ino)
+    try:
+        with sqlite3.connect(_db_path(), timeout=10) as db:
+            row = db.execute("SELECT sha256 FROM verified WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+                             where).fetchone()
+        if row is not None:
+            return str(row[0])
+    except sqlite3.Error:  # no table yet, a read-only cache: hash it
+        pass
+    digest = file_sha256(path)
+    record_verified(path, digest)
+    return digest
+
+
 def record_verified(path: str | Path, sha256: str) -> None:
     """Remember that `path`, as it is now, holds `sha256` (its writer just hashed it): a later verify_file of the
     unchanged file costs no read."""

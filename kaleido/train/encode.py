@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 
 from kaleido.config import Params
 from kaleido.train.latents import (
+    INDEX_NAME,
     NULL_CONTEXT_NAME,
     CachedSample,
     bucket_name,
@@ -35,6 +37,8 @@ from kaleido.train.latents import (
     write_index,
 )
 from kaleido.train.plan import stage_dataset, stage_latents
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from kaleido.data.writer import TrainingExample
@@ -399,9 +403,32 @@ def _file_seal(path: Path) -> dict[str, Any]:
     return {"sha256": _hash_file(path), "size": path.stat().st_size}
 
 
+def _seals_problem(out: Path, files: dict[str, dict[str, Any]], marker: Path) -> str | None:
+    from kaleido.platform.integrity import seal_problem
+
+    hashes = {file: seal["sha256"] for file, seal in files.items()}
+    sizes = {file: seal["size"] for file, seal in files.items()}
+    return seal_problem(out, hashes, sizes, marker.stat().st_mtime_ns)
+
+
+def _null_context_damaged(out: Path, marker: Path) -> bool:
+    """The empty prompt's embedding changed after it was sealed (the previous index's seal; none: trusted)."""
+    try:
+        seal = json.loads((out / INDEX_NAME).read_text()).get("null_context")
+    except (OSError, ValueError):
+        return False
+    if not isinstance(seal, dict) or "sha256" not in seal:
+        return False
+    problem = _seals_problem(out, {NULL_CONTEXT_NAME: seal}, marker)
+    if problem is not None:
+        log.warning("latent cache %s: %s: encoding the empty prompt again", out, problem)
+    return problem is not None
+
+
 def _shard_done(out: Path, name: str, shard_hash: str, remote: Any) -> bool:
     """Whether cache shard `name` was encoded from these bytes with these settings (its .done marker says so and
-    its files are there at their recorded sizes; for an s3:// cache, the uploaded marker)."""
+    its files are intact: sizes, and sha256 where changed after the marker, `integrity.seal_problem`; for an
+    s3:// cache, the uploaded marker)."""
     marker = out / f"{name}.done"
     record: dict[str, Any] | None = None
     if marker.is_file():
@@ -411,11 +438,13 @@ def _shard_done(out: Path, name: str, shard_hash: str, remote: Any) -> bool:
             record = None
     # markers from before seals list no files: their shard and its .json being there is enough (as it was)
     files = record.get("files") if record is not None else None
-    if record is not None and record.get("hash") == shard_hash and (
-        all((out / file).is_file() and (out / file).stat().st_size == seal["size"] for file, seal in files.items())
-        if files else (out / f"{name}.safetensors").is_file() and (out / f"{name}.json").is_file()
-    ):
-        return True
+    if record is not None and record.get("hash") == shard_hash:
+        problem = _seals_problem(out, files, marker) if files else (
+            None if (out / f"{name}.safetensors").is_file() and (out / f"{name}.json").is_file() else "missing")
+        if problem is None:
+            return True
+        if remote is None and files:
+            log.warning("latent cache %s: %s: encoding that shard again", out, problem)
     if remote is None:
         return False
     data = remote.read_bytes(f"{name}.done")
@@ -445,7 +474,7 @@ def finalize_encode(
         remote.download(null_marker.name, null_marker)  # encoded elsewhere: fetched, not recomputed
         remote.download(NULL_CONTEXT_NAME, out / NULL_CONTEXT_NAME)
     if force or not (out / NULL_CONTEXT_NAME).is_file() or not null_marker.is_file() or \
-            null_marker.read_text().strip() != settings_hash:
+            null_marker.read_text().strip() != settings_hash or _null_context_damaged(out, null_marker):
         from safetensors.torch import save_file
 
         encoders = _Encoders(params, device)
