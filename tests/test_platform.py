@@ -343,6 +343,8 @@ def test_run_summary_rows_from_a_flow_result(tmp_path: Path) -> None:
     assert table["samples"].startswith("9: 8 train, 1 held out (sources: raw/carphone_pristine.mp4)")
     assert table["training"] == "30 steps, train loss 2.3100 -> 0.5200"
     assert table["validation loss"].startswith("2.2500 (base model) -> 0.6100 (trained)")
+    # one held-out sample: reliance cannot be measured, and the table says so instead of leaving the row out
+    assert table["reference reliance"].startswith("n/a: not measured (1 held-out sample(s)")
     assert table["eval val_loss"] == "0.6100  gate: fail: regression FAILED"
     assert table["gate"] == "FAIL on val_loss" and table["model version"] == "v2 (previous)"
     assert table["contact sheet"].endswith("sample.png") and table["MLflow UI"] == "http://127.0.0.1:5000"

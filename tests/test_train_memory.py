@@ -136,6 +136,19 @@ def test_a_layout_problem_is_named_without_a_misleading_table(params_for, tiny_a
     assert "use one of [1, 2, 4, 8]" in result.output, result.output
 
 
+def test_the_plan_names_what_set_the_model_and_the_world_size(params_for, tiny_assets, tmp_path):
+    """`-S model.arch=14B` over tiny init weights plans the weights' model and says so; a world size given by
+    `--gpus` is named as `--gpus` in a layout refusal, not as the params keys it overrode."""
+    path = _plan_params(params_for, tmp_path / "tiny", tiny_assets,
+                        {"model.checkpoint": str(tiny_assets / "transformer")})
+    result = CliRunner().invoke(app, ["train", "--stage", "pretrain", "--plan", "--params", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "the config of model.checkpoint, not model.arch=14B" in result.output
+    path = _plan_params(params_for, tmp_path / "gpus", tiny_assets, {})
+    result = CliRunner().invoke(app, ["train", "--stage", "pretrain", "--plan", "--params", str(path), "--gpus", "16"])
+    assert result.exit_code == 2 and "16 ranks (--gpus)" in result.output, result.output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["--arch", "tiny", "--frames", "21", "--height", "512", "--width", "512"],

@@ -186,7 +186,8 @@ def _print_memory_plan(params: Params, stage: str, gpus: int | None, device: str
     world, keys = (gpus, "--gpus") if gpus else (world_size(params), world_size_keys(params))
     budget = params.train.gpu_memory_gb
     try:
-        plan_training(params, stage, world, check_files=False, check_tracking=False, precision=precision)
+        plan_training(params, stage, world, check_files=False, check_tracking=False, precision=precision,
+                      world_source=keys)
     except TrainPlanError as exc:
         # a memory refusal comes with the table that explains it; a layout problem (batch, SP degree) makes a
         # table meaningless and shows none

@@ -225,9 +225,10 @@ def decide(
                             f"mean {ci.mean:+.4f}, CI [{ci.low:+.4f}, {ci.high:+.4f}] over {ci.n} held-out sample(s): "
                             f"lower bound {verdict} the floor {rule.floor:g}", ci.mean, ci.low, ci.high, ci.n,
                             rule.floor))
-    elif rule.floor is not None and candidate.get("validation"):
-        notes.append(f"{RELIANCE}: the candidate's validation has no reference reliance (no held-out sample with "
-                     "references, or trained before it was measured): its floor is not checked")
+    elif candidate.get("validation"):
+        unchecked = "its floor is not checked" if rule.floor is not None else "no floor is set"
+        notes.append(f"{RELIANCE}: the candidate's validation has no reference reliance (fewer than two held-out "
+                     f"samples with references in one bucket, or trained before it was measured): {unchecked}")
     if baseline is None and VAL_LOSS in gated:
         checks.append(_beats_base(candidate, boot, notes))
     if baseline is not None:

@@ -60,6 +60,11 @@ def run_summary(
             rows.append(("reference reliance", f"{_fmt(train.get('reference_reliance_base'))} (base model) -> "
                                                f"{_fmt(train.get('reference_reliance'))} (trained): val loss with "
                                                "shuffled references - with own"))
+        elif train.get("val_loss") is not None:  # said, not left out: the number issue 23 asks for everywhere
+            held = (stats.get("validation") or {}).get("val_samples", "too few")
+            rows.append(("reference reliance", f"n/a: not measured ({held} held-out sample(s); it needs two with "
+                                               "references in one bucket to swap them); raise "
+                                               "data.validation.share or add sources"))
     evaluation = result.get("evaluation") or {}
     reasons = (result.get("gate") or {}).get("reasons") or {}
     for metric, value in (evaluation.get("overall") or {}).items():

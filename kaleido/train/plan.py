@@ -223,7 +223,13 @@ def model_config(params: Params, stage: str, registry: tuple[str, dict[str, Any]
         except (CheckpointError, OSError, ValueError):
             found = None
         if found is not None:
-            return found, f"the config of {init_key}"
+            source = f"the config of {init_key}"
+            if found != dit_config(params.model.arch):
+                # the launch trains what the checkpoint holds; say so rather than plan model.arch silently
+                source += (f", not model.arch={params.model.arch} (the weights decide the model; to plan "
+                           f"{params.model.arch}, point {init_key} at {params.model.arch} weights, as "
+                           "k8s/overlays/prod/params.yaml does)")
+            return found, source
     return dit_config(params.model.arch), f"model.arch={params.model.arch}"
 
 
@@ -280,8 +286,11 @@ def plan_training(
     check_tracking: bool = True,
     precision: str | None = None,
     apply_changes: bool = False,
+    world_source: str | None = None,
 ) -> TrainPlan:
     """Derive the batch geometry of a stage on `world_size` ranks; raise TrainPlanError listing EVERY problem.
+
+    world_source: what set `world_size`, for messages (default: the params keys; `--gpus` for a plan).
 
     check_files: the latent cache, init weights and (with resume) a checkpoint must exist here; False
     when they live on storage only the training pods see (Kubernetes). precision: the target's bf16 | fp32 for
@@ -307,7 +316,7 @@ def plan_training(
     if world_size % sp:
         problems.append(
             f"train.sequence_parallel={sp} does not divide the world size {world_size} "
-            f"({world_size_keys(params)}): every rank must belong to exactly one sequence-parallel group"
+            f"({world_source or world_size_keys(params)}): every rank must belong to one sequence-parallel group"
         )
     if train.samples.every and (train.zero_stage == 3 or sp > 1):
         problems.append(
@@ -322,7 +331,8 @@ def plan_training(
     if preset.global_batch % per_step:
         problems.append(
             f"train.{stage}.global_batch={preset.global_batch} is not divisible by train.micro_batch="
-            f"{train.micro_batch} x data-parallel size {dp} (= {world_size} ranks ({world_size_keys(params)}) / "
+            f"{train.micro_batch} x data-parallel size {dp} (= {world_size} ranks "
+            f"({world_source or world_size_keys(params)}) / "
             f"train.sequence_parallel={sp}) = {per_step}; use a multiple of {per_step}"
         )
     grad_accum = max(preset.global_batch // per_step, 1)
