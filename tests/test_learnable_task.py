@@ -27,3 +27,21 @@ def test_training_lowers_validation_loss_and_follows_references(tiny_assets: Pat
     # untrained and 0.13 shuffled): with 24 held-out samples a 0.25 margin is six samples
     assert scores["trained, own references"] >= scores["untrained"] + 0.25, report.table()
     assert scores["trained, own references"] >= scores["trained, shuffled references"] + 0.25, report.table()
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--task", "slots", "--seeds", "abc"], "--seeds 'abc': comma-separated integers"),
+    (["--task", "slots", "--variants", "bogus"], "--variants 'bogus': unknown bogus; choose from"),
+    (["--task", "slots", "--variants", ""], "--variants '': none given"),
+    (["--task", "colour", "--variants", "none"], "--variants: not an option of --task colour"),
+    (["--task", "slots", "--ablations"], "--ablations: not an option of --task slots"),
+])
+def test_bad_task_options_are_one_line_each(args, said, tmp_path):
+    """Each refusal names the option and the fix, once (a refusal inside the run used to print `error: 2`)."""
+    from typer.testing import CliRunner
+
+    from kaleido.cli.app import app
+
+    result = CliRunner().invoke(app, ["learnable-task", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert said in result.output and "error: 2" not in result.output, result.output

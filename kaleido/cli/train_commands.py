@@ -235,6 +235,27 @@ def learnable_task(
     params: ParamsOption = None,
 ) -> None:
     """Show that training makes the tiny model follow its references (CPU tasks with held-out samples)."""
+    if task not in ("colour", "slots"):
+        fail(f"--task {task}: use colour or slots")
+    from kaleido.model.rope import ROPE_VARIANTS
+
+    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+    unknown = [v for v in chosen if v not in ROPE_VARIANTS]
+    if unknown or not chosen:
+        fail(f"--variants {variants!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; choose "
+             f"from {', '.join(ROPE_VARIANTS)}")
+    try:
+        chosen_seeds = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        fail(f"--seeds {seeds!r}: comma-separated integers, e.g. 0,1,2")
+    # an option of the other task is refused, not silently ignored
+    defaults = {"variants": "none,shift_w,shift_h,shift_wh,time_fixed_neg", "seeds": "0,1"}
+    misplaced = ([f"--{k}" for k, v in (("variants", variants), ("seeds", seeds)) if v != defaults[k]]
+                 + (["--pretrain-steps"] if pretrain_steps else []) + (["--cross-pairing"] if cross_pairing else [])
+                 if task == "colour" else (["--ablations"] if ablations else []))
+    if misplaced:
+        fail(f"{', '.join(misplaced)}: not an option of --task {task}; "
+             f"use --task {'slots' if task == 'colour' else 'colour'} for it")
     loaded = read_params(params)
     assets = {}
     for key in ("checkpoint", "vae", "text_encoder", "tokenizer"):
@@ -242,18 +263,11 @@ def learnable_task(
         if path is None or not path.exists():
             fail(f"model.{key}: {path} does not exist; run `kaleido init-tiny` first (the task uses the tiny assets)")
         assets[key] = str(path)
-    if task not in ("colour", "slots"):
-        fail(f"--task {task}: use colour or slots")
     try:
         if task == "slots":
-            from kaleido.model.rope import ROPE_VARIANTS
             from kaleido.train.multi_subject import TrainSettings, run_table
 
-            chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
-            unknown = [v for v in chosen if v not in ROPE_VARIANTS]
-            if unknown or not chosen:
-                fail(f"--variants {variants}: unknown {unknown}; choose from {', '.join(ROPE_VARIANTS)}")
-            table = run_table(out, assets, chosen, tuple(int(s) for s in seeds.split(",")),
+            table = run_table(out, assets, chosen, chosen_seeds,
                               TrainSettings(steps=steps or 1200),
                               pretrain_steps, cross_pairing=cross_pairing, echo=typer.echo)
             typer.echo(table.markdown())
@@ -262,6 +276,8 @@ def learnable_task(
         from kaleido.train.learnable_task import run_learnable_task
 
         report = run_learnable_task(out, assets, steps or 600, ablations, echo=typer.echo)
+    except typer.Exit:  # a refusal already said (click's Exit is a RuntimeError)
+        raise
     except (RuntimeError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         raise  # unreachable, for type checkers

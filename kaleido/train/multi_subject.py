@@ -434,6 +434,8 @@ def run_table(
         if marker.is_file() and marker.read_text() == identity and (latents / "index.json").is_file():
             labels = json.loads((data / "labels.json").read_text())
         else:
+            echo(f"multi-subject task: writing and encoding {name} ({len(samples)} samples; about 2 minutes on a "
+                 "2-core CPU)")
             labels = write_dataset(data, samples)
             probe = task_params(out / name / "encode", data, latents, assets, assets["checkpoint"], "shift_wh",
                                 settings)
