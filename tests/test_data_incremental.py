@@ -178,3 +178,17 @@ def test_a_byte_changed_in_place_is_redone_by_the_command_that_wrote_it(base, ti
     again = run_data_stages(params)
     assert [o.name for o in again["ingest"].result.done] == [shard.name]
     assert _snapshot(folder) == before
+
+
+def test_write_dataset_refuses_other_dataset_shards_than_pairing_used(base, tiny_assets, tmp_path):
+    """Pairing decided the mix and donors per dataset shard: cutting the tars another way is refused by name."""
+    from kaleido.data.pipeline import run_write_dataset
+
+    folder = tmp_path / "reshard"
+    shutil.copytree(base, folder)
+    params = make_data_params(folder / "data", {**STAGE_OVERRIDES, "data.shards": SHARDS, "data.dataset_shards": 2})
+    with pytest.raises(ValueError, match=rf"paired the samples over {DATASET_SHARDS} dataset shards .* set "
+                                         rf"data.dataset_shards: {DATASET_SHARDS}, or run `kaleido curate`"):
+        run_write_dataset(params, progress=False)
+    pairing = json.loads((folder / "data" / "pair" / "pairing.json").read_text())
+    assert pairing["dataset_shards"] == DATASET_SHARDS

@@ -304,7 +304,8 @@ def write_pairing_summary(root: Path, paired: StageResult, path: Path, data: Any
         "sample_types": dict(sorted(types.items())),
         "flux_calls": dict(sorted(calls.items())),
         "flux_failures": dict(sorted(failures.items())),
-        "dataset_shards": len(paired.outcomes),
+        "dataset_shards": data.dataset_shards,  # what pairing was decided over: write-dataset must use the same
+        "dataset_shards_with_samples": len(paired.outcomes),
         "bound": "each dataset shard exact (largest remainder); the total within one sample per shard of exact",
         "sample_mix": data.references.sample_mix.model_dump(),
         "cross_pair_ratio": data.references.cross_pair_ratio,

@@ -108,7 +108,11 @@ def _stage(
     as if they were this run's, while a run refused over its inputs changes nothing.
     """
     root = data_root(params)
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():  # a mistyped data.root: refused before anything (a lock file included) is written
+        raise FileNotFoundError(
+            f"data.root {root} is not a folder; point data.root at the folder holding your sources (raw/...) or "
+            "write the sample media there with `kaleido sample-data`"
+        )
     layout = DataLayout(root)
     output_folder(root, "manifests")  # merged manifests are written there: refused when it is a link
     output_folder(root, "manifests/rejections")
@@ -359,6 +363,27 @@ def run_curation(
 # training set
 
 
+def _check_paired_over(root: Path, layout: DataLayout, dataset_shards: int) -> None:
+    """Refuse a write-dataset whose data.dataset_shards differs from the one pairing used: the mix, cross pairs and
+    donors were decided per dataset shard, so the tars must be cut the same way (ValueError naming the fix)."""
+    pairing = layout.stage_dir("pair") / "pairing.json"
+    shard_store.download_stage_files(root, [pairing.relative_to(root).as_posix()])
+    import json
+
+    try:
+        summary = json.loads(pairing.read_text())
+    except (OSError, ValueError):
+        return  # no pairing summary (a --manifest of the user's own): nothing to compare
+    # a summary from before `dataset_shards_with_samples` counted shards, not the setting: nothing to compare
+    paired_over = summary.get("dataset_shards") if "dataset_shards_with_samples" in summary else None
+    if paired_over and int(paired_over) != dataset_shards:
+        raise ValueError(
+            f"data.dataset_shards={dataset_shards}, but `kaleido curate` paired the samples over {paired_over} dataset "
+            f"shards ({pairing}): the mix, cross pairs and donors are decided per dataset shard; set "
+            f"data.dataset_shards: {paired_over}, or run `kaleido curate` with {dataset_shards} first"
+        )
+
+
 def run_write_dataset(
     params: Params, *, manifest: str | Path | None = None, progress: bool = True, force: bool = False
 ) -> StageReport:
@@ -369,6 +394,8 @@ def run_write_dataset(
     outputs = [layout.dataset_manifest, layout.rejections("write"), layout.dataset / DATASET_INDEX]
     with _stage(params, ["dataset"], force, outputs) as (root, layout, begin):
         path = _checked_input(root, layout, manifest, layout.samples_manifest, "curate")
+        if manifest is None:
+            _check_paired_over(root, layout, params.data.dataset_shards)
         clips = {}
         shard_store.download_stage_files(root, [layout.captions_manifest.relative_to(root).as_posix()])
         if layout.captions_manifest.is_file():  # clip metadata only (fps, source); the samples carry their captions
