@@ -4,6 +4,7 @@ placement of local workers (fake device ids: no GPU needed)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,89 @@ def test_flux_calls_the_planner_counts_are_what_the_pair_stage_makes(tmp_path: P
     assert made["plate"] == pytest.approx(clips * 0.3417, rel=0.06)  # donor_share(0.72); uniform draws: 0.513
     # every type built for every subject, a plate for every clip: what the worker-per-GPU baseline counts
     assert calls_per_clip(prod, "flux_fill", work, only_needed_types=False) * clips == 3 * clips
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--gpu-memory-gb", "inf"], "--gpu-memory-gb"), (["--gpu-memory-gb", "0"], "--gpu-memory-gb"),
+    (["--source-hours", "inf"], "--source-hours"), (["--source-hours", "0"], "--source-hours"),
+    (["--subjects-per-clip", "nan"], "--subjects-per-clip"), (["--subjects-per-clip", "-2"], "--subjects-per-clip"),
+    (["--source-hours", "10", "--clip-seconds", "0"], "--clip-seconds"),
+    (["--source-hours", "10", "--clip-seconds", "-1"], "--clip-seconds"), (["--clip-seconds", "5"], "--clip-seconds"),
+    (["--clips", "99999999999999999999999"], "--clips"), (["--clips", "0"], "--clips"), (["--gpus", "-1"], "--gpus"),
+    (["--yield-share", "nan"], "--yield-share"), (["--yield-share", "1.5"], "--yield-share"),
+])
+def test_cli_plan_refuses_numbers_out_of_range_in_one_line(args: list[str], option: str) -> None:
+    """Before: NaN / infinity were tracebacks; 0, negatives and 10^23 clips printed a plan with exit 0."""
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    result = CliRunner().invoke(app, ["curate", "--plan", "--params", str(PROD_PARAMS), *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {option}") and "Traceback" not in result.output
+
+
+def test_workload_and_plan_refuse_non_finite_numbers(tmp_path: Path) -> None:
+    for bad in ({"clips": 0}, {"subjects_per_clip": float("nan")}, {"yield_share": -0.1},
+                {"cpu_seconds_per_clip": float("inf")}):
+        with pytest.raises(ValueError, match=f"Workload.{next(iter(bad))}"):
+            Workload(**bad)
+    prod = _params(PROD_PARAMS, tmp_path)
+    with pytest.raises(CurationPlanError, match="the GPU memory given is inf"):
+        plan_curation(prod, gpu_memory_gb=float("inf"))
+    with pytest.raises(CurationPlanError, match="--gpus is -1"):
+        plan_curation(prod, gpus=-1, gpus_from="--gpus")
+
+
+def test_small_gpus_are_refused_with_the_memory_that_fits(tmp_path: Path) -> None:
+    """24 GB: the VLM and both FLUX pools hold on no GPU; before, no change was named."""
+    prod = _params(PROD_PARAMS, tmp_path)
+    plan = plan_curation(prod, gpu_memory_gb=24, memory_from="--gpu-memory-gb")
+    pools = {p.key: p for p in plan.pools}
+    need = max(pools[key].memory_gb for key in ("vlm", "flux_fill", "flux_redux")) / 0.9
+    text = describe(plan)
+    assert not plan.fits and "changes that fit:" in text and "(24 GB x 0.9: --gpu-memory-gb)" in text, text
+    assert any(fix.startswith(f"GPUs of at least {math.ceil(need)} GB") for fix in plan.fixes), plan.fixes
+    assert plan_curation(prod, gpu_memory_gb=math.ceil(need)).fits  # the size named does fit
+    assert {"data.caption.captioner: sidecar", "data.models.flux_fill: null"} <= {f.split(" (")[0] for f in plan.fixes}
+    # every refusal names a change: local workers on small GPUs, no GPU, too few GPUs
+    local = _params(PROD_PARAMS, tmp_path, **{"data.ray_address": None})
+    for refused in (plan_curation(local, gpu_memory_gb=24), plan_curation(prod, gpus=0), plan_curation(prod, gpus=1)):
+        assert not refused.fits and refused.fixes, describe(refused)
+
+
+def test_a_gpu_count_names_where_it_came_from(tmp_path: Path) -> None:
+    prod = _params(PROD_PARAMS, tmp_path)
+    plan = plan_curation(prod, gpus=0, gpus_from="--gpus")
+    assert "--gpus is 0" in plan.problems[0] and "data.cluster.gpus" not in plan.problems[0], plan.problems
+    zero = _params(PROD_PARAMS, tmp_path, **{"data.cluster.gpus": 0})
+    assert "data.cluster.gpus is 0" in plan_curation(zero).problems[0]
+
+
+def test_every_figure_says_what_it_includes(tmp_path: Path) -> None:
+    """Before: the worker row printed 6.30 GPU-s/clip and 4,318 GPU-hours, which silently held 1.48 CPU-s/clip."""
+    prod = _params(PROD_PARAMS, tmp_path)
+    plan = plan_curation(prod, workload=Workload(cpu_seconds_per_clip=1.5))
+    data = plan.to_dict()
+    for name in ("pools", "worker_per_gpu"):
+        seconds = data["gpu_seconds_per_clip"][name]
+        assert seconds["total"] == pytest.approx(seconds["model_calls"] + seconds["held_for_cpu_stages"], abs=1e-3)
+        assert data["gpu_hours"][name] == pytest.approx(2_000_000 * seconds["total"] / 3600, rel=1e-3)
+        assert data["wall_hours"][name] == pytest.approx(data["gpu_hours"][name] / 32, rel=1e-3)
+    assert data["gpu_seconds_per_clip"]["worker_per_gpu"]["held_for_cpu_stages"] == 1.5
+    assert data["gpu_seconds_per_clip"]["pools"]["held_for_cpu_stages"] == 0.0
+    calls = plan.gpu_seconds_per_clip("worker")
+    assert f"{calls:.2f} GPU-s/clip of model calls + 1.50 s/clip held" in describe(plan)
+
+
+def test_counting_clip_prints_no_random_weights_warning(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from kaleido.data.footprint import clip
+
+    handlers = list(logging.getLogger().handlers)
+    with caplog.at_level(logging.WARNING):
+        assert clip(None, "ViT-B-32")[0].parameters > 0
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    assert logging.getLogger().handlers == handlers  # no basicConfig handler left behind

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _data_helpers import STAGE_OVERRIDES, run_data_stages, write_sources
@@ -277,3 +278,59 @@ def test_data_stages_encode_and_a_training_step_on_s3(s3, tmp_path, tiny_assets,
     assert metrics["steps"] == 1
     artifacts = Remote(f"s3://{s3}/mlflow").listing("")
     assert any(key.endswith("/artifacts/loss.csv") for key in artifacts), sorted(artifacts)[:10]
+
+
+def _ingest_on(root: str) -> Any:
+    from conftest import REPO_PARAMS
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    return CliRunner().invoke(app, ["ingest", "--params", str(REPO_PARAMS), "--quiet", "-S", f"data.root={root}"])
+
+
+def _one_error_line(result: Any, uri: str, *words: str) -> None:
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {uri}: ") and all(w in lines[0] for w in words), lines[0]
+
+
+def test_storage_failures_are_one_line_naming_the_bucket_and_the_fix(s3, s3_server, monkeypatch) -> None:
+    """Before: `error: The specified bucket does not exist`, or a PermissionError / NoCredentialsError /
+    EndpointConnectionError traceback."""
+    import moto.settings
+    from conftest import free_port
+
+    _one_error_line(_ingest_on("s3://kaleido-no-such-bucket/data"), "s3://kaleido-no-such-bucket/data",
+                    "bucket kaleido-no-such-bucket does not exist", "aws s3 mb")
+    # moto checks signatures once INITIAL_NO_AUTH_ACTION_COUNT requests are served: 0 turns it on, and the
+    # fixture's access key is no IAM user's
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    _one_error_line(_ingest_on(f"s3://{s3}/data"), f"s3://{s3}/data", "access key", "AWS_ACCESS_KEY_ID")
+    monkeypatch.undo()
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+    _one_error_line(_ingest_on("s3://kbucket"), "s3://kbucket", "no S3 credentials", "AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kaleido-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "kaleido-test-secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # one refused connection, not botocore's retries
+    _one_error_line(_ingest_on(f"s3://{s3}/data"), f"s3://{s3}/data", "cannot connect", "AWS_ENDPOINT_URL")
+
+
+def test_a_wrong_secret_is_named() -> None:
+    """SignatureDoesNotMatch (s3fs raises PermissionError with botocore's ClientError as the cause)."""
+    from botocore.exceptions import ClientError
+
+    from kaleido.platform.storage import storage_error
+
+    exc = PermissionError("The request signature we calculated does not match the signature you provided.")
+    exc.__cause__ = ClientError({"Error": {"Code": "SignatureDoesNotMatch", "Message": "..."}}, "ListObjectsV2")
+    message = str(storage_error("s3://bucket/prefix", exc, "listing"))
+    assert message.startswith("s3://bucket/prefix: the secret key does not match")
+    assert "AWS_SECRET_ACCESS_KEY" in message

@@ -99,10 +99,11 @@ class KaleidoTyper(typer.Typer):
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         from kaleido.platform.files import OutputBusy, describe_os_error, is_disk_full
+        from kaleido.platform.storage import StorageError
 
         try:
             return super().__call__(*args, **kwargs)
-        except OutputBusy as exc:
+        except (OutputBusy, StorageError) as exc:  # StorageError: any command that touches object storage
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise SystemExit(2) from None
         except (OSError, RuntimeError) as exc:

@@ -134,19 +134,18 @@ def curate(
     quiet: QuietOption = False,
     plan: Annotated[bool, typer.Option("--plan", help="print the curation plan (GPU memory per model, actors per "
                                        "GPU, throughput, GPU-hours) and whether it fits; runs nothing")] = False,
-    gpus: Annotated[int | None, typer.Option(help="--plan: GPUs to plan for (default: data.cluster.gpus)",
-                                             min=0)] = None,
+    # --plan's numbers are range-checked in _plan_workload (one `error:` line each, NaN and infinity included)
+    gpus: Annotated[int | None, typer.Option(help="--plan: GPUs to plan for (default: data.cluster.gpus)")] = None,
     gpu_memory_gb: Annotated[float | None, typer.Option(help="--plan: one GPU's memory (default: "
-                                                        "data.cluster.gpu_memory_gb)", min=1)] = None,
-    clips: Annotated[int | None, typer.Option(help="--plan: clips entering curation (default: the paper's 2M)",
-                                              min=1)] = None,
-    source_hours: Annotated[float | None, typer.Option(help="--plan: hours of source video instead of --clips",
-                                                       min=0)] = None,
+                                                        "data.cluster.gpu_memory_gb)")] = None,
+    clips: Annotated[int | None, typer.Option(help="--plan: clips entering curation (default: the paper's 2M)")] = None,
+    source_hours: Annotated[float | None, typer.Option(help="--plan: hours of source video instead of --clips")] = None,
     clip_seconds: Annotated[float | None, typer.Option(help="--plan: mean clip length for --source-hours "
                                                        "(default: the middle of data.ingest's clip bounds)")] = None,
-    subjects_per_clip: Annotated[float, typer.Option(help="--plan: kept subjects per clip (assumption)")] = 2.0,
-    yield_share: Annotated[float, typer.Option(help="--plan: share of clips that keep a subject (assumption)",
-                                               min=0, max=1)] = 0.8,
+    subjects_per_clip: Annotated[float, typer.Option(help="--plan: kept subjects per kept clip, 1 to "
+                                                     "data.references.max_references (assumption)")] = 2.0,
+    yield_share: Annotated[float, typer.Option(help="--plan: share of clips that keep a subject, 0 to 1 "
+                                               "(assumption)")] = 0.8,
     as_json: Annotated[bool, typer.Option("--json", help="--plan: print the plan as JSON")] = False,
 ) -> None:
     """Ground, segment, filter and build reference images for every captioned clip (over shards).
@@ -164,21 +163,65 @@ def curate(
 def _print_curation_plan(params: Path | None, gpus: int | None, gpu_memory_gb: float | None, clips: int | None,
                          source_hours: float | None, clip_seconds: float | None, subjects_per_clip: float,
                          yield_share: float, as_json: bool) -> None:
-    from kaleido.data.plan import Workload, describe, measured_cpu_seconds, plan_curation
+    from kaleido.data.plan import (
+        MAX_GPU_MEMORY_GB,
+        MAX_GPUS,
+        MIN_GPU_MEMORY_GB,
+        CurationPlanError,
+        describe,
+        plan_curation,
+    )
 
     loaded = read_params(params)
-    if clips is not None and source_hours is not None:
-        fail("give --clips or --source-hours, not both")
-    if source_hours is not None:
-        ingest = loaded.data.ingest
-        length = clip_seconds or (ingest.clip_min_seconds + ingest.clip_max_seconds) / 2
-        clips = max(1, round(source_hours * 3600 / length))
-    work = Workload(clips=clips or Workload.clips, subjects_per_clip=subjects_per_clip, yield_share=yield_share,
-                    cpu_seconds_per_clip=measured_cpu_seconds())
-    found = plan_curation(loaded, gpus=gpus, gpu_memory_gb=gpu_memory_gb, workload=work)
+    if gpus is not None:
+        _check_option("--gpus", gpus, 0, MAX_GPUS)
+    if gpu_memory_gb is not None:
+        _check_option("--gpu-memory-gb", gpu_memory_gb, MIN_GPU_MEMORY_GB, MAX_GPU_MEMORY_GB)
+    work = _plan_workload(loaded, clips, source_hours, clip_seconds, subjects_per_clip, yield_share)
+    try:
+        found = plan_curation(loaded, gpus=gpus, gpu_memory_gb=gpu_memory_gb, workload=work, gpus_from="--gpus",
+                              memory_from="--gpu-memory-gb")
+    except CurationPlanError as exc:
+        fail(str(exc))
     typer.echo(json.dumps(found.to_dict(), indent=1) if as_json else describe(found))
     if not found.fits:
         raise typer.Exit(1)
+
+
+def _check_option(option: str, value: float, low: float, high: float, why: str = "") -> None:
+    """Refuse a --plan number outside [low, high] (NaN and the infinities too) in one line naming the option."""
+    from kaleido.data.plan import in_range, range_text
+
+    if not in_range(value, low, high):
+        fail(f"{option} {value!r}: {range_text(low, high)}{why}")
+
+
+def _plan_workload(loaded: Any, clips: int | None, source_hours: float | None, clip_seconds: float | None,
+                   subjects_per_clip: float, yield_share: float) -> Any:
+    """The Workload of `--plan`'s options, every number checked (None is "unset", never a falsy 0)."""
+    from kaleido.data.plan import MAX_CLIPS, Workload, measured_cpu_seconds
+
+    if clips is not None and source_hours is not None:
+        fail("give --clips or --source-hours, not both")
+    if clip_seconds is not None and source_hours is None:
+        fail("--clip-seconds is the mean clip length for --source-hours: give --source-hours too")
+    if clips is not None:
+        _check_option("--clips", clips, 1, MAX_CLIPS, " (clips entering curation)")
+    if source_hours is not None:
+        ingest = loaded.data.ingest
+        low, high = ingest.clip_min_seconds, ingest.clip_max_seconds
+        if clip_seconds is not None:  # ingest cuts clips within these bounds: a mean outside them cannot happen
+            _check_option("--clip-seconds", clip_seconds, low, high, " (data.ingest.clip_min_seconds to "
+                          "clip_max_seconds)")
+        length = clip_seconds if clip_seconds is not None else (low + high) / 2
+        _check_option("--source-hours", source_hours, length / 3600, MAX_CLIPS * length / 3600,
+                      f" (hours of source video: at least one {length:g} s clip, at most {MAX_CLIPS:,} clips)")
+        clips = max(1, round(source_hours * 3600 / length))
+    _check_option("--subjects-per-clip", subjects_per_clip, 1, loaded.data.references.max_references,
+                  " (a kept clip keeps at least one subject and at most data.references.max_references)")
+    _check_option("--yield-share", yield_share, 0, 1, " (a share of the clips)")
+    return Workload(clips=clips if clips is not None else Workload.clips, subjects_per_clip=subjects_per_clip,
+                    yield_share=yield_share, cpu_seconds_per_clip=measured_cpu_seconds())
 
 
 @app.command("write-dataset")

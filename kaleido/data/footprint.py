@@ -10,7 +10,9 @@ Used by the curation planner (kaleido.data.plan) for GPU memory per actor; every
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -101,6 +103,29 @@ def sam(sam_type: str) -> list[Component]:
     return [Component(f"SAM {sam_type}", _count(lambda: build_sam(sam_type)), "float32", source)]
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly": a build for counting has no weights
+    by design, so the warning is noise on every `kaleido curate --plan`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Silence that one open_clip warning during a counting build, nothing else. open_clip calls logging.warning(),
+    which on a root logger without handlers would also install basicConfig's stderr handler for the whole process:
+    a NullHandler held for the build keeps the root logger as it was."""
+    root, drop, hold = logging.getLogger(), _DropRandomInitWarning(), logging.NullHandler()
+    root.addFilter(drop)
+    root.addHandler(hold)
+    try:
+        yield
+    finally:
+        root.removeHandler(hold)
+        root.removeFilter(drop)
+
+
 def clip(path: Path | None, arch: str) -> list[Component]:
     import open_clip
 
@@ -110,7 +135,8 @@ def clip(path: Path | None, arch: str) -> list[Component]:
         count = _count(lambda: open_clip.CLIP(**model_cfg))
         source = f"meta-device build of {path}/open_clip_config.json"
     else:
-        count = _count(lambda: open_clip.create_model(arch, pretrained=None, device="meta"))
+        with _without_random_init_warning():
+            count = _count(lambda: open_clip.create_model(arch, pretrained=None, device="meta"))
         source = f"meta-device build of open_clip {arch}"
     return [Component(f"CLIP {arch}", count, "float32", source)]
 

@@ -274,7 +274,7 @@ def discover_remote_sources(remote: Any, patterns: Sequence[str]) -> tuple[list[
             rejections.append(Rejection(STAGE, pattern, "path_outside_root",
                                         f"source glob {pattern!r} must be relative to data.root"))
             continue
-        for key, info in remote.fs.glob(f"{remote.path}/{pattern}", detail=True).items():
+        for key, info in remote.glob(pattern).items():
             if info.get("type", "file") == "file":
                 relative = key[len(remote.path) + 1 :]
                 found[relative] = [int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified"))]

@@ -31,6 +31,10 @@ from kaleido.model.memory import GB
 
 USABLE = 0.9  # of a GPU's memory: the allocator's fragmentation and the driver's reserve
 MAX_ACTORS_PER_GPU = 4  # more small actors on one GPU only contend for the same SMs
+# Bounds of a plan's GPUs: 100k GPUs is past the largest clusters built; one GPU's memory from 1 GB to 4 TB (the
+# largest accelerators hold under 300 GB): past them a figure is a typo, and NaN or infinity would crash int().
+MAX_GPUS = 100_000
+MIN_GPU_MEMORY_GB, MAX_GPU_MEMORY_GB = 1.0, 4096.0
 
 # Working memory per actor at its batch, GB, on top of the weights: activations + the CUDA context (~0.5 GB per
 # process). ASSUMED from the shapes (no GPU was lent to measure them): FLUX at 1024^2 keeps ~4.6k tokens x 3072
@@ -88,6 +92,36 @@ class Workload:
     yield_share: float = 0.8  # clips that keep at least one subject (FLUX runs for them only)
     cpu_seconds_per_clip: float | None = None  # decode + filters + writes on one core; None: not measured
 
+    def __post_init__(self) -> None:
+        # a NaN or an infinity reaches int() / round() as a traceback, a negative count as a plan that "fits"
+        for name, low, high in WORKLOAD_RANGES:
+            value = getattr(self, name)
+            if value is not None and not in_range(value, low, high):
+                raise ValueError(f"Workload.{name} is {value!r}: {range_text(low, high)}")
+
+
+# Bounds of each Workload figure: (name, lowest, highest). MAX_CLIPS: 5,000x the paper's 2M; past it a figure is
+# a typo, not a plan (10^20 clips printed 10^20 GPU-hours with exit 0). A kept clip keeps at least one subject.
+MAX_CLIPS = 10**10
+WORKLOAD_RANGES = (("clips", 1, MAX_CLIPS), ("subjects_per_clip", 1.0, 1e3), ("instances_per_frame", 0.0, 1e3),
+                   ("human_share", 0.0, 1.0), ("yield_share", 0.0, 1.0), ("cpu_seconds_per_clip", 0.0, 1e5))
+
+
+def in_range(value: float, low: float, high: float) -> bool:
+    """True for a finite number in [low, high] (NaN and the infinities are never in range)."""
+    if isinstance(value, int):  # an int past 1e308 makes isfinite() raise OverflowError
+        return low <= value <= high
+    return math.isfinite(value) and low <= value <= high
+
+
+def range_text(low: float, high: float) -> str:
+    """The allowed range, for an error message."""
+    return f"must be a finite number from {_number(low)} to {_number(high)}"
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() and abs(value) < 1e15 else f"{value:.3g}"
+
 
 @dataclass
 class PoolPlan:
@@ -122,20 +156,29 @@ class CurationPlan:
     pools: list[PoolPlan] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
+    gpus_from: str = "data.cluster.gpus"  # where the GPU count came from, for the messages
+    memory_from: str = "data.cluster.gpu_memory_gb"  # where one GPU's memory came from
 
     def gpu_seconds_per_clip(self, layout: str) -> float:
+        """GPU-seconds of model calls per clip (calls x seconds per call, summed over the pools)."""
         attr = "calls_per_clip_pools" if layout == "pools" else "calls_per_clip_worker"
         return sum(getattr(p, attr) * p.seconds_per_call for p in self.pools)
 
+    def held_cpu_seconds_per_clip(self, layout: str) -> float:
+        """Seconds per clip a GPU is held but idle: a worker per GPU decodes and filters on the CPU while it holds
+        its GPU; pools run the CPU stages beside the GPUs (streaming), so nothing is held for them."""
+        return 0.0 if layout == "pools" else (self.workload.cpu_seconds_per_clip or 0.0)
+
+    def held_seconds_per_clip(self, layout: str) -> float:
+        """GPU-seconds held per clip: model calls + the CPU time a worker holds its GPU through."""
+        return self.gpu_seconds_per_clip(layout) + self.held_cpu_seconds_per_clip(layout)
+
     def gpu_hours(self, layout: str) -> float:
-        """GPU-hours of the whole workload: pools keep every GPU busy (CPU work runs beside them, streaming); a
-        worker per GPU holds its GPU while it also decodes and filters on the CPU."""
-        per_clip = self.gpu_seconds_per_clip(layout)
-        if layout != "pools":
-            per_clip += self.workload.cpu_seconds_per_clip or 0.0
-        return self.workload.clips * per_clip / 3600
+        """GPU-hours held for the whole workload: clips x held GPU-seconds per clip / 3600."""
+        return self.workload.clips * self.held_seconds_per_clip(layout) / 3600
 
     def wall_hours(self, layout: str) -> float | None:
+        """Wall-clock hours with every GPU busy (GPU-hours / GPUs); None without GPUs."""
         return self.gpu_hours(layout) / self.gpus if self.gpus else None
 
     @property
@@ -154,9 +197,20 @@ class CurationPlan:
                 "components": [{"name": c.name, "parameters": c.parameters, "dtype": c.dtype, "source": c.source}
                                for c in p.components],
             } for p in self.pools],
-            "gpu_hours": {"pools": round(self.gpu_hours("pools"), 1),
-                          "worker_per_gpu": round(self.gpu_hours("worker"), 1)},
+            "gpu_seconds_per_clip": {name: {
+                "model_calls": round(self.gpu_seconds_per_clip(layout), 4),
+                "held_for_cpu_stages": round(self.held_cpu_seconds_per_clip(layout), 4),
+                "total": round(self.held_seconds_per_clip(layout), 4)} for name, layout in JSON_LAYOUTS},
+            "gpu_hours": {name: round(self.gpu_hours(layout), 1) for name, layout in JSON_LAYOUTS},
+            "wall_hours": {name: _rounded(self.wall_hours(layout)) for name, layout in JSON_LAYOUTS},
         }
+
+
+JSON_LAYOUTS = (("pools", "pools"), ("worker_per_gpu", "worker"))  # (the JSON's name, the layout argument)
+
+
+def _rounded(hours: float | None) -> float | None:
+    return None if hours is None else round(hours, 1)
 
 
 # ---- which pools a params file uses, and how often each is called -------------------------------------------
@@ -273,20 +327,34 @@ def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
 
 
 def plan_curation(params: Params, *, gpus: int | None = None, gpu_memory_gb: float | None = None,
-                  workload: Workload | None = None, layout: str | None = None) -> CurationPlan:
+                  workload: Workload | None = None, layout: str | None = None, gpus_from: str | None = None,
+                  memory_from: str | None = None) -> CurationPlan:
     """The plan for `params` on `gpus` GPUs of `gpu_memory_gb` (defaults: data.cluster), problems and fixes named.
 
     layout: "ray pools" when data.ray_address is set, "worker per GPU" for local workers on GPUs, "cpu" when the
-    models run on the CPU (no GPU budget applies).
+    models run on the CPU (no GPU budget applies). gpus_from / memory_from: where a given `gpus` / `gpu_memory_gb`
+    came from (an option, the Ray cluster), named by the messages; the defaults name data.cluster's keys.
     """
     cluster = params.data.cluster
     work = workload or Workload()
-    count = gpus if gpus is not None else (cluster.gpus if isinstance(cluster.gpus, int) else len(visible_gpus()))
+    if gpus is not None:
+        count, gpus_from = gpus, gpus_from or "the GPU count given"
+    elif isinstance(cluster.gpus, int):
+        count, gpus_from = cluster.gpus, "data.cluster.gpus"
+    else:
+        count, gpus_from = len(visible_gpus()), "the visible GPUs (data.cluster.gpus: auto, CUDA_VISIBLE_DEVICES)"
     memory = float(gpu_memory_gb if gpu_memory_gb is not None else cluster.gpu_memory_gb)
+    memory_from = (memory_from or "the GPU memory given") if gpu_memory_gb is not None else "data.cluster.gpu_memory_gb"
+    # a NaN or an infinity would reach int() below as a traceback; a negative count would "fit"
+    if not 0 <= count <= MAX_GPUS:
+        raise CurationPlanError(f"{gpus_from} is {count}: must be a GPU count from 0 to {MAX_GPUS:,}")
+    if not in_range(memory, MIN_GPU_MEMORY_GB, MAX_GPU_MEMORY_GB):
+        raise CurationPlanError(f"{memory_from} is {memory:g}: {range_text(MIN_GPU_MEMORY_GB, MAX_GPU_MEMORY_GB)} "
+                                "(GB of one GPU; an H100 has 80)")
     if layout is None:
         on_cpu = params.data.models.device == "cpu" or (params.data.models.device == "auto" and count == 0)
         layout = "cpu" if on_cpu else ("ray pools" if params.data.ray_address else "worker per GPU")
-    plan = CurationPlan(count, memory, layout, work)
+    plan = CurationPlan(count, memory, layout, work, gpus_from=gpus_from, memory_from=memory_from)
     for key in pool_keys(params):
         parts = model_components(params, key)
         need = sum(c.bytes for c in parts) / GB + WORKSPACE_GB[key]
@@ -301,20 +369,39 @@ def plan_curation(params: Params, *, gpus: int | None = None, gpu_memory_gb: flo
     return plan
 
 
+def smallest_gpu_gb(memory_gb: float) -> int:
+    """The smallest whole GPU memory (GB) that holds `memory_gb` after the USABLE share."""
+    return math.ceil(memory_gb / USABLE)
+
+
+# what to set to run without a pool whose model holds on no GPU (the optional models only)
+WITHOUT = {"vlm": "data.caption.captioner: sidecar (captions from a file, no VLM)",
+           "face": "data.models.face: null (no face check)",
+           "flux_fill": "data.models.flux_fill: null (no inpaint references or plates)",
+           "flux_redux": "data.models.flux_redux: null (no redux references)"}
+
+
 def _check(plan: CurationPlan, params: Params) -> None:
-    """Fill plan.problems / plan.fixes for the GPUs the plan gets; size the pools."""
+    """Fill plan.problems / plan.fixes for the GPUs the plan gets; size the pools. Every problem comes with at
+    least one change that fits."""
     budget = plan.gpu_memory_gb * USABLE
     too_big = [p for p in plan.pools if p.actors_per_gpu == 0]
     for pool in too_big:
         plan.problems.append(f"{TITLES[pool.key]} needs about {pool.memory_gb:.1f} GB per actor, more than one GPU "
-                             f"holds ({plan.gpu_memory_gb:g} GB x {USABLE}: data.cluster.gpu_memory_gb)")
+                             f"holds ({plan.gpu_memory_gb:g} GB x {USABLE}: {plan.memory_from})")
         if pool.key.startswith("flux") and params.data.models.flux_dtype == "float32":
             half = (pool.weights_gb / 2) + WORKSPACE_GB[pool.key]
             plan.fixes.append(f"data.models.flux_dtype: bfloat16 (about {half:.1f} GB)")
+        if pool.key in WITHOUT:
+            plan.fixes.append(WITHOUT[pool.key])
+    if too_big:  # the planner places whole actors, one per GPU at most: a bigger GPU is what holds each
+        sizes = ", ".join(f"{TITLES[p.key]} {smallest_gpu_gb(p.memory_gb)} GB" for p in too_big)
+        plan.fixes.append(f"GPUs of at least {max(smallest_gpu_gb(p.memory_gb) for p in too_big)} GB "
+                          f"(data.cluster.gpu_memory_gb, --gpu-memory-gb; per model: {sizes})")
     if plan.gpus == 0:
-        plan.problems.append("no GPU: data.models.device asks for a GPU but none is visible (CUDA_VISIBLE_DEVICES) "
-                             "and data.cluster.gpus is 0")
-        plan.fixes.append("data.models.device: cpu (slow), or give the run GPUs")
+        plan.problems.append(f"no GPU: data.models.device is {params.data.models.device!r}, which needs a GPU, but "
+                             f"{plan.gpus_from} is 0")
+        plan.fixes.append(f"data.models.device: cpu (slow), or give the run GPUs ({plan.gpus_from})")
         return
     if plan.layout == "worker per GPU":
         whole = sum(p.memory_gb for p in plan.pools if p.key != "vlm")
@@ -322,19 +409,23 @@ def _check(plan: CurationPlan, params: Params) -> None:
         if max(whole, caption) > budget:
             plan.problems.append(
                 f"each local worker loads the whole curation set on its GPU: about {whole:.1f} GB (caption VLM: "
-                f"{caption:.1f} GB), more than one GPU holds ({plan.gpu_memory_gb:g} GB x {USABLE})")
+                f"{caption:.1f} GB), more than one GPU holds ({plan.gpu_memory_gb:g} GB x {USABLE}: "
+                f"{plan.memory_from})")
             plan.fixes.append("run on Ray (data.ray_address): one pool per model, each on GPUs of its own")
+            plan.fixes.append(f"local workers on GPUs of at least {smallest_gpu_gb(max(whole, caption))} GB "
+                              "(data.cluster.gpu_memory_gb, --gpu-memory-gb)")
         workers = params.data.workers
         if workers > plan.gpus:
-            plan.problems.append(f"data.workers is {workers} but the run gets {plan.gpus} GPU(s): local workers get "
-                                 "one GPU each (each loads every model)")
+            plan.problems.append(f"data.workers is {workers} but the run gets {plan.gpus} GPU(s) ({plan.gpus_from}): "
+                                 "local workers get one GPU each (each loads every model)")
             plan.fixes.append(f"data.workers: {plan.gpus}")
         return
     # Ray pools: at least one actor per pool of a stage; the rest of the GPUs in proportion to each pool's GPU time
     minimum = max(sum(p.num_gpus for p in plan.pools if p.actors_per_gpu and STAGE_OF.get(p.key, "curate") == stage)
                   for stage in STAGES)
     if minimum > plan.gpus + 1e-9:
-        plan.problems.append(f"one actor of every model pool needs {minimum:.2f} GPUs; the cluster has {plan.gpus}")
+        plan.problems.append(f"one actor of every model pool needs {minimum:.2f} GPUs; {plan.gpus_from} is "
+                             f"{plan.gpus}")
         plan.fixes.append(f"data.cluster.gpus: {math.ceil(minimum)} (or more GPU workers in the RayCluster)")
     _size_pools(plan)
 
@@ -376,12 +467,10 @@ def describe(plan: CurationPlan) -> str:
     lines.append(f"  CPU stages: {cpu:.2f} CPU-s per clip (measured, kaleido/data/cpu_costs.json)" if cpu is not None
                  else "  CPU stages: not measured (run benchmarks/curation_scale.py --write-costs)")
     lines.append("  stages run one after the other (caption, curate, then pair: FLUX); a stage's pools share the GPUs")
+    lines.append("  GPU-hours = clips x GPU-s held per clip / 3600; wall = GPU-hours / GPUs (every GPU busy)")
     for layout, name in (("pools", "ray pools, only the types the mix uses"),
                          ("worker", "a worker per GPU building every type (the issue's baseline)")):
-        hours = plan.gpu_hours(layout)
-        wall = plan.wall_hours(layout)
-        when = f", {wall:,.1f} h wall ({wall / 24:,.1f} days) on {plan.gpus} GPUs" if wall is not None else ""
-        lines.append(f"  {name}: {plan.gpu_seconds_per_clip(layout):.2f} GPU-s/clip, {hours:,.0f} GPU-hours{when}")
+        lines.append(f"  {name}: {_figures(plan, layout)}")
     if plan.layout == "cpu":
         lines.append("plan: ok (models on the CPU: no GPU budget applies)")
     elif plan.fits:
@@ -393,17 +482,35 @@ def describe(plan: CurationPlan) -> str:
     return "\n".join(lines)
 
 
-def check_launch(params: Params, *, stage: str, gpus: int | None = None) -> CurationPlan:
+def _figures(plan: CurationPlan, layout: str) -> str:
+    """One layout's row: model-call seconds, the CPU time a GPU is held through (shown, never folded in silently),
+    GPU-hours and wall time."""
+    calls, held = plan.gpu_seconds_per_clip(layout), plan.held_cpu_seconds_per_clip(layout)
+    if layout == "pools":
+        seconds = f"{calls:.2f} GPU-s/clip of model calls (CPU stages run beside, on CPU pods)"
+    else:
+        seconds = (f"{calls:.2f} GPU-s/clip of model calls + {held:.2f} s/clip held while the worker runs the CPU "
+                   f"stages = {calls + held:.2f} GPU-s/clip held")
+    wall = plan.wall_hours(layout)
+    when = (f", {wall:,.1f} h wall ({wall / 24:,.1f} days) on {plan.gpus} GPUs" if wall is not None
+            else ", no wall time without GPUs")
+    return f"{seconds}, {plan.gpu_hours(layout):,.0f} GPU-hours{when}"
+
+
+def check_launch(params: Params, *, stage: str, gpus: int | None = None, gpus_from: str | None = None) -> CurationPlan:
     """Refuse (CurationPlanError) a model stage whose plan does not fit the GPUs this launch gets.
 
     gpus: what the launch found (the Ray cluster's GPU total, or the visible local GPUs); None: discover locally.
-    A run whose models are on the CPU passes at once (no model is built).
+    gpus_from: where `gpus` came from, for the messages. A run whose models are on the CPU passes at once (no model
+    is built).
     """
     device = params.data.models.device
-    found = gpus if gpus is not None else len(visible_gpus())
-    if device == "cpu" or (device == "auto" and found == 0):
-        return CurationPlan(found, params.data.cluster.gpu_memory_gb, "cpu", Workload())
-    plan = plan_curation(params, gpus=found)
+    if gpus is None:
+        gpus, gpus_from = len(visible_gpus()), "the visible GPUs (CUDA_VISIBLE_DEVICES)"
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        return CurationPlan(gpus, params.data.cluster.gpu_memory_gb, "cpu", Workload())
+    found = gpus
+    plan = plan_curation(params, gpus=found, gpus_from=gpus_from)
     if not plan.fits:
         fixes = ("; changes that fit: " + "; ".join(dict.fromkeys(plan.fixes))) if plan.fixes else ""
         raise CurationPlanError(f"{stage}: the curation plan does not fit the {found} GPU(s) this run gets: "
@@ -439,7 +546,10 @@ def launch_devices(params: Params, stage: str) -> tuple[str, ...]:
 
         # an autoscaling cluster may hold no GPU node yet: data.cluster.gpus says what it grows to
         configured = params.data.cluster.gpus
-        check_launch(params, stage=stage, gpus=configured if isinstance(configured, int) else cluster_gpus(params))
+        if isinstance(configured, int):
+            check_launch(params, stage=stage, gpus=configured, gpus_from="data.cluster.gpus")
+        else:
+            check_launch(params, stage=stage, gpus=cluster_gpus(params), gpus_from="the Ray cluster's GPU total")
         return ()
     plan = check_launch(params, stage=stage)
     return () if plan.layout == "cpu" else tuple(visible_gpus())

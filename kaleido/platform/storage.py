@@ -30,6 +30,62 @@ class StorageError(RuntimeError):
     """Object storage refused or failed a request; the message names the object and the fix."""
 
 
+CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's role)"
+ENDPOINT_KEYS = "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / platform.s3_endpoint_url"
+
+
+def _error_code(exc: BaseException) -> str:
+    """The S3 error code behind `exc` (s3fs turns a botocore ClientError into an OSError and keeps it as the cause)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
+def is_missing_bucket(exc: BaseException) -> bool:
+    """s3fs raises FileNotFoundError both for a missing key and a missing bucket; only the second is a failure."""
+    return _error_code(exc) == "NoSuchBucket" or "bucket does not exist" in str(exc)
+
+
+def why_and_fix(uri: str, exc: BaseException, params: Any = None) -> tuple[str, str]:
+    """Why a request to `uri` failed and what to change, from the exception botocore / s3fs raised."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+
+    bucket = uri.split("://", 1)[-1].split("/", 1)[0]
+    endpoint = endpoint_url(params) or "AWS S3"
+    code = _error_code(exc)
+    chain = [exc, exc.__cause__, exc.__context__]
+    if any(isinstance(e, NoCredentialsError | PartialCredentialsError) for e in chain):
+        return "no S3 credentials found", f"set {CREDENTIALS}"
+    if any(isinstance(e, EndpointConnectionError) for e in chain):
+        return (f"cannot connect to the S3 endpoint {endpoint}",
+                f"is it up? check {ENDPOINT_KEYS}")
+    if is_missing_bucket(exc):
+        return (f"bucket {bucket} does not exist at {endpoint}",
+                f"create it (`aws s3 mb s3://{bucket}`) or point the params key (data.root, ...) at an existing one")
+    if code == "InvalidAccessKeyId":
+        return (f"the endpoint {endpoint} does not know the access key in AWS_ACCESS_KEY_ID",
+                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to a key pair of that endpoint")
+    if code == "SignatureDoesNotMatch":
+        return ("the secret key does not match the access key",
+                "set AWS_SECRET_ACCESS_KEY to the secret of the key in AWS_ACCESS_KEY_ID")
+    if isinstance(exc, PermissionError) or code in ("AccessDenied", "AllAccessDisabled", "InvalidToken",
+                                                    "ExpiredToken"):
+        return (f"access denied ({code or exc})",
+                f"use credentials allowed to read and write s3://{bucket} ({CREDENTIALS})")
+    return (f"{exc.__class__.__name__}: {exc}",
+            f"check the endpoint ({ENDPOINT_KEYS}), the credentials ({CREDENTIALS}) and that the bucket exists")
+
+
+def storage_error(uri: str, exc: BaseException, what: str = "", params: Any = None) -> StorageError:
+    """One line for a failed request: `s3://bucket/prefix: <why> (<what>); <fix>`."""
+    why, fix = why_and_fix(uri, exc, params)
+    return StorageError(f"{uri}: {why}{f' ({what})' if what else ''}; {fix}")
+
+
 def is_remote(location: object) -> bool:
     """True for an object-storage URI (`s3://bucket/prefix`); local paths (str or Path) are False."""
     return isinstance(location, str) and location.startswith(SCHEMES)
@@ -85,6 +141,7 @@ class Remote:
 
     def __init__(self, uri: str, params: Any = None) -> None:
         self.uri = uri.rstrip("/")
+        self.params = params
         self.fs = filesystem(self.uri, params)
         self.path = self.uri.split("://", 1)[1]  # bucket/prefix, as fsspec names it
 
@@ -98,11 +155,23 @@ class Remote:
         return posixpath.join(self.path, relative) if relative else self.path
 
     def _failed(self, what: str, relative: str, exc: BaseException) -> StorageError:
-        return StorageError(
-            f"{what} {self.url(relative)} failed ({exc.__class__.__name__}: {exc}); check the endpoint "
-            "(AWS_ENDPOINT_URL / platform.s3_endpoint_url), the credentials (AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY) and that the bucket exists"
-        )
+        return storage_error(self.uri, exc, f"{what} {self.url(relative)}" if relative else what, self.params)
+
+    def glob(self, pattern: str) -> dict[str, dict[str, Any]]:
+        """{key: info} of the objects matching `pattern` under this prefix (fsspec glob; {} when none)."""
+        try:
+            return dict(self.fs.glob(f"{self.path}/{pattern}", detail=True))
+        except FileNotFoundError as exc:
+            if is_missing_bucket(exc):
+                raise self._failed("listing", "", exc) from None
+            return {}
+        except Exception as exc:
+            raise self._failed("listing", "", exc) from None
+
+    def _require_bucket(self) -> None:
+        """Raise FileNotFoundError (NoSuchBucket) when this prefix's bucket does not exist."""
+        bucket = self.path.split("/", 1)[0]
+        self.fs.call_s3("head_bucket", Bucket=bucket)
 
     def ensure_bucket(self) -> None:
         """Create the bucket when it does not exist (a bucket the credentials cannot create is an error)."""
@@ -118,7 +187,11 @@ class Remote:
         base = self._key(relative)
         try:
             found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
+            if not found and relative == "":  # an empty listing of a missing bucket would look like a fresh root
+                self._require_bucket()
+        except FileNotFoundError as exc:
+            if is_missing_bucket(exc):
+                raise self._failed("listing", relative, exc) from None
             return {}
         except Exception as exc:
             raise self._failed("listing", relative, exc) from None
@@ -139,7 +212,9 @@ class Remote:
         try:
             with self.fs.open(self._key(relative), "rb") as handle:
                 return handle.read()
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if is_missing_bucket(exc):
+                raise self._failed("reading", relative, exc) from None
             return None
         except Exception as exc:
             raise self._failed("reading", relative, exc) from None
