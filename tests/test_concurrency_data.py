@@ -221,6 +221,15 @@ def test_an_unusable_sidecar_file_fails_the_caption_stage(captioned, tmp_path):
         assert result.returncode == 2 and "data.caption.sidecar" in result.stderr, result.stderr
         # refused over its inputs: the finished output of the last good run is untouched
         assert (captioned["root"] / "manifests" / "captions.jsonl").is_file()
+    # unparsable: the file's own line is named, and the fix is the file, not its path
+    bad = captioned["root"] / "bad-captions.jsonl"
+    bad.write_text('{"key": "raw/a.mp4", "caption": "a"}\n{"key": oops}\n')
+    raw["data"]["caption"]["sidecar"] = bad.name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = _kaleido("caption", params=path, check=False)
+    bad.unlink()
+    assert result.returncode == 2 and "line 2 is not JSON" in result.stderr, result.stderr
+    assert f"fix {bad.name}" in result.stderr and "fix the path" not in result.stderr, result.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 

@@ -65,7 +65,11 @@ def _rows_from_file(path: Path) -> list[tuple[str, Any]]:
         pairs = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                pairs.append(_row_pair(json.loads(line), f"line {number}"))
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:  # json counts within the line: name the file's line
+                    raise ValueError(f"line {number} is not JSON ({exc.args[0].split(':')[0]})") from None
+                pairs.append(_row_pair(row, f"line {number}"))
         return pairs
     if suffix == ".csv":
         return [_row_pair(row, f"row {n}") for n, row in enumerate(csv.DictReader(io.StringIO(text)), 2)]

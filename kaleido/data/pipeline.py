@@ -318,7 +318,10 @@ def run_caption(
             shard_store.fetch_file(root, str(cfg.sidecar))  # an s3:// root: the sidecar is in the bucket
             sidecar, bad_rows = load_sidecar(root, cfg.sidecar)
             if sidecar is None:  # the file itself is unusable: every clip would go uncaptioned, with exit 0
-                raise ValueError(f"data.caption.sidecar: {bad_rows[0].detail}; fix the path (relative to data.root)")
+                unreadable = bad_rows[0].reason == "bad_sidecar"  # else missing, outside the root, a bad path
+                fix = (f"fix {cfg.sidecar} (.jsonl: one JSON object per line)" if unreadable
+                       else "fix the path (relative to data.root)")
+                raise ValueError(f"data.caption.sidecar: {bad_rows[0].detail}; {fix}")
             rejections += bad_rows
             for clip in clips:
                 entry = payload[clip.clip_id]
