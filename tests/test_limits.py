@@ -320,3 +320,25 @@ def test_the_cli_applies_the_same_limits_before_any_model_loads(tmp_path):
     result = CliRunner().invoke(app, [*base, "--prompt", "a\x01cat"])
     assert result.exit_code == 2 and "prompt: control character U+0001" in result.output
     assert not (tmp_path / "v.mp4").exists()
+
+def test_serve_says_in_seconds_when_the_tracking_server_is_down(tmp_path, monkeypatch):
+    """The trial: `kaleido serve --model models:/...` with MLflow down printed nothing for 4-5 minutes (MLflow's
+    retries), then MLflow's text. Now: the tracking URI named, how to fix it, at once."""
+    import socket
+    import time
+
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["serve", "--model", "models:/kaleido-s2v@champion", "--params",
+                                      str(REPO / "params.yaml"), "--port", "5011"])
+    assert time.monotonic() - started < 20
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"the MLflow server at {dead} ($MLFLOW_TRACKING_URI) does not answer" in result.output
+    assert "is the tracking server up?" in result.output and "kaleido platform up" in result.output
