@@ -10,7 +10,9 @@ Cost (the DiT's work dominates a generation; Wan2.1's VAE stride (4, 8, 8) and p
   tokens             = (latent frames + references) x tokens per frame   (each reference is one latent frame)
   token-steps        = tokens x steps x branches                         (2 branches with CFG: guidance != 1)
 `tokens` bounds memory (activations, the latents, the VAE decode: one token is 4 x 16 x 16 = 1,024 pixels of
-video); `token-steps` bounds time (attention makes a step super-linear in tokens, which max_tokens caps).
+video); `token-steps` bounds time (attention makes a step super-linear in tokens, which max_tokens caps). A request
+of several rows (one video each, generated one after another) is bounded by the sum of its rows' token-steps
+(`check_total`): max_token_steps is the time of one request, whatever its number of rows.
 Text fields are checked for NUL and control characters (a NUL cannot even be passed to a subprocess).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -123,6 +126,19 @@ def check_cost(cost: RequestCost, limits: Limits) -> None:
             f"request too large: {cost.describe()}; serve.max_token_steps is {limits.max_token_steps:,}. Lower steps "
             "or the video's size (or raise serve.max_token_steps; long generations belong to the kaleido/generate "
             "deployment)")
+
+
+def check_total(costs: list[RequestCost], limits: Limits) -> None:
+    """LimitError when the rows of one request (one generation each, one after another) together exceed
+    serve.max_token_steps: the time a request may take does not grow with its number of rows."""
+    total = sum(cost.token_steps for cost in costs)
+    if len(costs) > 1 and total > limits.max_token_steps:
+        fits = sum(1 for spent in accumulate(cost.token_steps for cost in costs) if spent <= limits.max_token_steps)
+        raise LimitError(
+            f"request too large: {len(costs)} rows (one video each) cost {total:,} token-steps in all "
+            f"({costs[0].token_steps:,} for row 0: {costs[0].describe()}); serve.max_token_steps is "
+            f"{limits.max_token_steps:,} per request, all rows together. Send at most {fits} of these rows per request "
+            "(or lower steps or the video's size)")
 
 
 def check_image_bytes(what: str, size: int, limits: Limits) -> None:

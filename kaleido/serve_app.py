@@ -10,8 +10,10 @@ layer that, in order:
 2. admits at most serve.concurrency requests (their bodies, checks and generations); one more is answered 503 with
    Retry-After (serve.retry_after_s) before its body is read, never queued, so memory stays bounded by the limits
    times the concurrency;
-3. checks the whole request as MLflow will parse it (kaleido.serve_requests.check_rows: unknown params named, settings,
-   text fields, reference sizes, the cost model of kaleido/request_limits.py): 400 before any model work;
+3. reads the rows of any of MLflow's JSON formats (dataframe_records, dataframe_split, instances, inputs) and hands
+   them to MLflow's app as dataframe_records, and checks the whole request as MLflow will parse it
+   (kaleido.serve_requests.check_rows: unknown params and input fields named, settings and their types, text fields,
+   reference sizes, the cost model of kaleido/request_limits.py, per row and for all rows): 400 before any model work;
 4. cancels a generation whose request passed serve.timeout_s (504) or whose client went away: the model checks
    kaleido.serve_requests.CANCEL between denoising steps, and the slot is freed only once the generation has stopped;
 5. answers every refusal as {"error_code", "message"} with our one-line reason and never a stack trace (a fault of
@@ -28,7 +30,7 @@ import threading
 from typing import Any
 
 from kaleido.request_limits import LimitError, Limits
-from kaleido.serve_requests import CANCEL, check_rows, one_line
+from kaleido.serve_requests import CANCEL, check_rows, one_line, request_rows
 from kaleido.serving import ServingError
 
 log = logging.getLogger("kaleido.serve")
@@ -111,7 +113,7 @@ class Bounded:
             if len(body) > self.max_request_bytes:  # sent without a length (chunked), or more than it declared
                 await self._too_large(send, f"more than {self.max_request_bytes:,}")
                 return
-            problem = await asyncio.to_thread(self._check, body)
+            problem, body = await asyncio.to_thread(self._check, body)
             if problem is not None:
                 await _respond(send, 400, "INVALID_PARAMETER_VALUE", problem)
                 return
@@ -137,29 +139,37 @@ class Bounded:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    def _check(self, body: bytes) -> str | None:
-        """Our reason to refuse the request, or None; parsed exactly as MLflow's app will parse it."""
+    def _check(self, body: bytes) -> tuple[str | None, bytes]:
+        """(our reason to refuse the request or None, the body MLflow's app gets): the rows of any of MLflow's
+        request formats (kaleido.serve_requests.request_rows) as dataframe_records, parsed exactly as MLflow's app
+        will parse them, then checked whole (check_rows)."""
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc.scoring_server import _parse_json_data
 
         try:
-            text = body.decode("utf-8")
-            raw = json.loads(text)
+            raw = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            return f"the request body is not valid UTF-8 JSON ({exc.__class__.__name__}: {str(exc)[:200]})"
+            return f"the request body is not valid UTF-8 JSON ({exc.__class__.__name__}: {str(exc)[:200]})", body
         if not isinstance(raw, dict):
-            return "the request must be a JSON object (dataframe_records, dataframe_split, inputs or instances)"
+            return "the request must be a JSON object (dataframe_records, dataframe_split, inputs or instances)", body
         params = raw.get("params")
         if params is not None and not isinstance(params, dict):
-            return "params must be an object of settings"
+            return "params must be an object of settings", body
         try:
+            # MLflow's instances / inputs parsing makes numpy arrays of the rows (and fails on reference lists of
+            # different lengths): every format reaches it as dataframe_records, which it parses row by row
+            rows = request_rows(raw)
+            check_rows(self.config, rows, params, self.limits)  # the rows as sent: our reasons, before MLflow's
+            # a row without references has none (MLflow cannot convert a column that is null in some rows)
+            rows = [{**row, "references": row.get("references") or []} for row in rows]
+            text = json.dumps({"dataframe_records": rows, **({"params": params} if params else {})})
             parsed = _parse_json_data(text, self.model.metadata, self.model.metadata.get_input_schema())
-            check_rows(self.config, parsed.data, params, self.limits)
+            check_rows(self.config, parsed.data, params, self.limits)  # and as MLflow's app will hand them over
         except (ServingError, LimitError) as exc:
-            return str(exc)
+            return str(exc), body
         except MlflowException as exc:
-            return exc.message
-        return None
+            return exc.message, body
+        return None, text.encode()
 
     async def _generate(self, scope: Message, receive: Any, send: Any, body: bytes) -> None:
         """Run MLflow's app on the request; stop the generation on a timeout or a departed client."""

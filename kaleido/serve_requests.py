@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaleido.platform.integrity import IntegrityError
-from kaleido.request_limits import LimitError, Limits, check_image_bytes, check_request, check_text
-from kaleido.serving import SETTINGS, ServingError
+from kaleido.request_limits import LimitError, Limits, check_image_bytes, check_request, check_text, check_total
+from kaleido.serving import INPUTS, SETTING_KINDS, SETTINGS, ServingError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,6 +37,12 @@ SYNONYMS = {"num_inference_steps": "steps", "sample_steps": "steps", "num_frames
             "sample_guide_scale": "guidance_scale", "guidance": "guidance_scale", "cfg_scale": "guidance_scale",
             "sample_shift": "shift", "flow_shift": "shift", "sample_solver": "sampler", "base_seed": "seed",
             "generator": "seed", "negative": "negative_prompt", "n_prompt": "negative_prompt"}
+# Other names for our input fields (a row's keys): named in the refusal as a hint
+INPUT_SYNONYMS = {"reference": "references", "refs": "references", "ref": "references", "images": "references",
+                  "image": "references", "ref_images": "references", "subjects": "references", "text": "prompt",
+                  "caption": "prompt", "input": "prompt"}
+# MLflow's JSON request formats (scoring protocol): each names the rows a different way
+REQUEST_FORMATS = ("dataframe_records", "dataframe_split", "instances", "inputs")
 # Set by `kaleido serve` around a request: a callable that says "stop" (timed out, client gone); None elsewhere.
 CANCEL: ContextVar[Callable[[], bool] | None] = ContextVar("kaleido_cancel", default=None)
 
@@ -64,8 +70,21 @@ def reference_bytes(value: Any, what: str, allow_remote: bool = False, max_bytes
     try:
         return base64.b64decode(text, validate=True)
     except (ValueError, binascii.Error):
-        raise ServingError(f"{what}: not a file, an http(s) URL or valid base64 (send the image file's bytes, "
-                           "base64-encoded)") from None
+        pass
+    # never looked up on disk: whether a path exists on the server is none of the caller's business
+    if _looks_like_path(text):
+        raise ServingError(f"{what}: looks like a file path; the server does not read local files: send the image "
+                           "file's bytes base64-encoded (or as a data:image/...;base64, URI)"
+                           + (" or an http(s) URL" if allow_remote else "")) from None
+    raise ServingError(f"{what}: not valid base64 and not an http(s) URL; send the image file's bytes "
+                       "base64-encoded (or as a data:image/...;base64, URI)") from None
+
+
+def _looks_like_path(text: str) -> bool:
+    """A reference that is a file path rather than broken base64 (base64 has no '.', '\\' or '~'; a path has)."""
+    return (not any(char.isspace() for char in text) and len(text) < 4096
+            and (text.startswith(("~", "./", "../", "file:")) or "\\" in text or "." in text
+                 or (len(text) > 2 and text[1] == ":" and text[0].isalpha())))
 
 
 def decode_reference(value: Any, index: int, allow_remote: bool = False, max_pixels: int | None = None) -> Image.Image:
@@ -117,11 +136,12 @@ def request_settings(config: dict[str, Any], params: dict[str, Any] | None) -> d
 
     given = {key: value for key, value in (params or {}).items() if value is not None}
     check_unknown_params(given)
+    check_param_types(given)
     try:
         checked = GenerateConfig.model_validate({**{key: config["defaults"][key] for key in SETTINGS}, **given})
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in error.errors())
+    except ValidationError as error:  # a check of several fields has no loc: its message names them
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}"
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
         raise ServingError(f"params: {problems}") from None
     problem = rope_size_problem(checked.height, checked.width, config["rope_variant"], config["rope_offset"])
     if problem:
@@ -131,31 +151,143 @@ def request_settings(config: dict[str, Any], params: dict[str, Any] | None) -> d
 
 def check_unknown_params(given: dict[str, Any]) -> None:
     """ServingError naming every param that is not one of SETTINGS (with our name for another tool's)."""
-    unknown = sorted(set(given) - set(SETTINGS))
+    hints = {name: f"{name} is called {ours} here" for name, ours in SYNONYMS.items()}
+    _refuse_unknown("params {}: not settings of this model", given, SETTINGS, hints, "it takes")
+
+
+def check_unknown_inputs(given: Any) -> None:
+    """ServingError naming every input field (a row's key, a DataFrame column) that is not one of INPUTS; a setting
+    sent as a field is pointed to params. MLflow would drop them with only a server-side warning."""
+    hints = {**{name: f"{name} is called {ours} here" for name, ours in INPUT_SYNONYMS.items()},
+             **{name: f"{name} is a setting: send it in params" for name in SETTINGS}}
+    _refuse_unknown("inputs {}: not input fields of this model", given, INPUTS, hints, "a row takes")
+
+
+def _refuse_unknown(what: str, given: Any, known: tuple[str, ...], hints: dict[str, str], takes: str) -> None:
+    """ServingError `what` (formatted with the unknown names) with the hints for them and the names `known`."""
+    unknown = sorted(set(map(str, given)) - set(known))
     if unknown:
-        hints = [f"{name} is called {SYNONYMS[name]} here" for name in unknown if name in SYNONYMS]
-        raise ServingError(f"params {unknown}: not settings of this model"
-                           + (f" ({'; '.join(hints)})" if hints else "") + f"; it takes {', '.join(SETTINGS)}")
+        said = [hints[name] for name in unknown if name in hints]
+        raise ServingError(what.format(unknown) + (f" ({'; '.join(said)})" if said else "")
+                           + f"; {takes} {', '.join(known)}")
 
 
-def _row_references(row: dict[str, Any], number: int) -> list[Any]:
+_KIND_NAMES = {"long": "a whole number", "double": "a number", "string": "text"}
+
+
+def _json_kind(value: Any) -> str:
+    from numbers import Integral, Real
+
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, Integral):
+        return "a whole number"
+    if isinstance(value, Real):
+        return "a number"
+    return {list: "a list", tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def check_param_types(given: dict[str, Any]) -> None:
+    """ServingError naming every param whose JSON type is not its setting's (SETTING_KINDS, the signature's): a
+    number sent as text ("5"), a fraction where a whole number belongs, text sent as a number. (A bool where a number
+    belongs is left to the schema, which says so.)"""
+    problems = []
+    for key, value in given.items():
+        kind, got = SETTING_KINDS[key], _json_kind(value)
+        fits = {"long": got == "a whole number" or got == "true/false",
+                "double": got in ("a whole number", "a number", "true/false"), "string": got == "text"}[kind]
+        if fits:
+            continue
+        hint = ""
+        if got == "text" and kind != "string":
+            hint = f" (send {value.strip()} without quotes)" if _is_number(value) else ""
+        elif got == "a number" and kind == "long":
+            hint = " (no decimal point)"
+        problems.append(f"{key}={json.dumps(value, default=str)}: expected {_KIND_NAMES[kind]}, got {got}{hint}")
+    if problems:
+        raise ServingError(f"params: {'; '.join(problems)}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def request_rows(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a JSON request in any of MLflow's formats, as records ({"prompt", "references"} per video):
+    dataframe_records (a list of objects), dataframe_split ({"columns", "data"}), instances (a list of objects) or
+    inputs (a list of objects, an object of columns {"prompt": [...], "references": [[...], ...]}, or one object).
+    MLflow's own parsing of instances / inputs turns the rows' reference lists into numpy arrays and fails on rows
+    with different numbers of references; `kaleido serve` hands MLflow the rows as dataframe_records instead.
+    ServingError saying which shape is expected."""
+    formats = [key for key in REQUEST_FORMATS if key in request]
+    extra = sorted(set(request) - {*REQUEST_FORMATS, "params"})
+    if len(formats) != 1 or extra:
+        raise ServingError(f"the request must have exactly one of the input fields {', '.join(REQUEST_FORMATS)} "
+                           f"(and optionally params); got {sorted(request)}")
+    kind = formats[0]
+    value = request[kind]
+    shape = ('{"' + kind + '": [{"prompt": "...", "references": ["<base64 image>"]}, ...]}')
+    if kind == "dataframe_split":
+        if not isinstance(value, dict) or not isinstance(value.get("columns"), list) or not isinstance(
+                value.get("data"), list) or set(value) - {"columns", "data", "index"}:
+            raise ServingError('dataframe_split must be an object {"columns": ["prompt", "references"], "data": '
+                               '[["...", ["<base64 image>"]], ...]}')
+        columns = value["columns"]
+        rows = []
+        for number, row in enumerate(value["data"]):
+            if not isinstance(row, list) or len(row) != len(columns):
+                raise ServingError(f"dataframe_split: data[{number}] must be a list of {len(columns)} values, one per "
+                                   f"column {columns}")
+            rows.append(dict(zip(map(str, columns), row, strict=True)))
+        return rows
+    if kind == "inputs" and isinstance(value, dict):
+        if not any(isinstance(column, list) for key, column in value.items() if key != "references") and not (
+                isinstance(value.get("references"), list) and value["references"]
+                and all(isinstance(item, list) for item in value["references"])):
+            return [value]  # one row: {"prompt": "...", "references": [...]}
+        columns = {key: column for key, column in value.items()}
+        bad = sorted(key for key, column in columns.items() if not isinstance(column, list))
+        lengths = {len(column) for column in columns.values() if isinstance(column, list)}
+        if bad or len(lengths) != 1:
+            raise ServingError('inputs as columns must be an object of lists of one length, one item per video: '
+                               '{"inputs": {"prompt": ["..."], "references": [["<base64 image>"]]}}'
+                               + (f"; {bad} {'is' if len(bad) == 1 else 'are'} not a list" if bad else
+                                  f"; the lists have lengths {sorted(lengths)}"))
+        return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    if not isinstance(value, list):
+        raise ServingError(f"{kind} must be a list of objects, one per video: {shape}")
+    return value
+
+
+def _row_references(row: dict[str, Any], what: str) -> list[Any]:
     refs = row.get("references")
     if refs is None or (isinstance(refs, float) and refs != refs):  # absent, or NaN in a DataFrame column
         return []
-    if not isinstance(refs, str) and hasattr(refs, "__len__") and len(refs) == 0:
-        return []
-    if isinstance(refs, str):
-        return [refs]
+    if isinstance(refs, str | bytes):
+        raise ServingError(f"{what}references must be a list of images (base64 or URL), got a string; send "
+                           '["<base64 image>"]')
     if not hasattr(refs, "__iter__") or isinstance(refs, dict):
-        raise ServingError(f"row {number}: `references` must be a list of base64 images, got {type(refs).__name__}")
-    return list(refs)
+        raise ServingError(f"{what}references must be a list of images (base64 or URL), got {_json_kind(refs)}")
+    refs = list(refs)
+    for index, item in enumerate(refs):
+        if not isinstance(item, str):
+            raise ServingError(f"{what}references[{index}]: expected a base64 image string (or data URI), got "
+                               f"{_json_kind(item)}")
+    return refs
 
 
 def check_rows(config: dict[str, Any], model_input: Any, params: dict[str, Any] | None,
                limits: Limits | None = None) -> tuple[dict[str, Any], list[tuple[str, list[bytes]]]]:
-    """Every check of a request before any model work: its settings (request_settings), then per row the prompt
-    and negative prompt (text, length), the references (count, bytes as sent) and the generation's cost against
-    `limits` (default: the version's, model_config.limits). Returns (settings, [(prompt, reference bytes)]).
+    """Every check of a request before any model work: its settings (request_settings), its input fields (no
+    unknown ones), then per row the prompt and negative prompt (text, length), the references (count, bytes as sent)
+    and the generation's cost against `limits` (default: the version's, model_config.limits), then the cost of all
+    rows together (check_total). Returns (settings, [(prompt, reference bytes)]).
     ServingError / LimitError naming the row, the field or the limit."""
     rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
     if not rows:
@@ -164,30 +296,36 @@ def check_rows(config: dict[str, Any], model_input: Any, params: dict[str, Any] 
     limits = limits or Limits.from_config(config.get("limits"))
     max_refs = int(config.get("max_references", 3))
     allow_remote = bool(config.get("allow_remote_references"))
-    checked = []
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ServingError(f"row {number}: expected an object with prompt and references, got {_json_kind(row)}")
+    check_unknown_inputs({key for row in rows for key in row})
+    costs, row_refs = [], []
     for number, row in enumerate(rows):
         what = f"row {number}: " if len(rows) > 1 else ""
-        if not isinstance(row, dict):
-            raise ServingError(f"row {number}: expected an object with prompt and references")
-        refs = _row_references(row, number)
+        refs = _row_references(row, what)
         if len(refs) > max_refs:
             raise ServingError(f"{what}{len(refs)} references, the model takes at most {max_refs} "
                                "(model.max_references)")
-        prompt = row.get("prompt")
-        check_request(limits, prompt, settings["negative_prompt"], settings["frames"], settings["height"],
-                      settings["width"], settings["steps"], settings["guidance_scale"], len(refs), what)
+        costs.append(check_request(limits, row.get("prompt"), settings["negative_prompt"], settings["frames"],
+                                   settings["height"], settings["width"], settings["steps"],
+                                   settings["guidance_scale"], len(refs), what))
+        row_refs.append(refs)
+    check_total(costs, limits)  # before any reference is decoded
+    checked = []
+    for number, (row, refs) in enumerate(zip(rows, row_refs, strict=True)):
+        what = f"row {number}: " if len(rows) > 1 else ""
         data = []
         for index, value in enumerate(refs):
             label = f"{what}references[{index}]"
-            if isinstance(value, str):
-                check_text(label, value, multiline=False)
-                # base64 is 4/3 of the bytes: refuse an oversized image before decoding it
-                check_image_bytes(label, len(value.partition(",")[2] if value.startswith("data:") else value) * 3 // 4,
-                                  limits)
+            check_text(label, value, multiline=False)
+            # base64 is 4/3 of the bytes: refuse an oversized image before decoding it
+            check_image_bytes(label, len(value.partition(",")[2] if value.startswith("data:") else value) * 3 // 4,
+                              limits)
             blob = reference_bytes(value, label, allow_remote, limits.max_image_bytes)
             check_image_bytes(label, len(blob), limits)
             data.append(blob)
-        checked.append((prompt, data))
+        checked.append((row.get("prompt"), data))
     return settings, checked
 
 

@@ -50,6 +50,10 @@ warnings.filterwarnings("ignore", message=r"(?s)(.*type hints?\b.*predict|.*pred
 ASSET_PARTS = ("vae", "text_encoder", "tokenizer")
 ASSETS_EXPERIMENT = "kaleido-assets"
 SETTINGS = ("seed", "steps", "frames", "height", "width", "guidance_scale", "shift", "sampler", "negative_prompt")
+# the MLflow signature's type of each setting (a request's params are checked against these before MLflow sees them)
+SETTING_KINDS = {"seed": "long", "steps": "long", "frames": "long", "height": "long", "width": "long",
+                 "guidance_scale": "double", "shift": "double", "sampler": "string", "negative_prompt": "string"}
+INPUTS = ("prompt", "references")  # the signature's input columns: one row per video
 MANIFEST_KEY = "files"  # model_config.files: {path inside the MLflow Model: {"size", "sha256"}}
 # a small PNG (8x8 white) so the input example stays a few hundred bytes
 _EXAMPLE_PNG = (
@@ -181,13 +185,11 @@ def signature(params: Params) -> Any:
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     g = params.generate
-    kinds = {"seed": "long", "steps": "long", "frames": "long", "height": "long", "width": "long",
-             "guidance_scale": "double", "shift": "double", "sampler": "string", "negative_prompt": "string"}
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec(Array("string"), "references", required=False)]),
         outputs=Schema([ColSpec("binary", "video"), ColSpec("long", "frames"), ColSpec("long", "fps"),
                         ColSpec("long", "width"), ColSpec("long", "height"), ColSpec("long", "seed")]),
-        params=ParamSchema([ParamSpec(key, kinds[key], getattr(g, key)) for key in SETTINGS]),
+        params=ParamSchema([ParamSpec(key, SETTING_KINDS[key], getattr(g, key)) for key in SETTINGS]),
     )
 
 

@@ -125,6 +125,73 @@ def test_check_rows_refuses_before_any_model_work():
         check_rows(CONFIG, [{"prompt": "a cat"}, {"prompt": "a\x00cat"}], None)
 
 
+def test_a_request_is_bounded_by_the_cost_of_all_its_rows():
+    """serve.max_token_steps bounds one request's time, whatever its number of rows (the trial: 60 rows, 200 after
+    19.8 s, each row within the limit)."""
+    from kaleido.serve_requests import check_rows
+
+    ref = base64.b64encode(_png()).decode()
+    params = {"steps": 1000, "frames": 81}  # (21 + 1) x 6 tokens x 1000 steps x 2 = 264,000 token-steps a row
+    check_rows(CONFIG, [{"prompt": "a cat", "references": [ref]}], params)
+    with pytest.raises(LimitError, match=r"request too large: 60 rows \(one video each\) cost 15,840,000 "
+                       r"token-steps in all .*serve\.max_token_steps is 400,000 per request, all rows together\. "
+                       r"Send at most 1 of"):
+        check_rows(CONFIG, [{"prompt": "a cat", "references": [ref]}] * 60, params)
+    with pytest.raises(LimitError, match="2 rows"):
+        check_rows(CONFIG, [{"prompt": "a cat", "references": [ref]}] * 2, params)
+
+
+def test_every_field_of_a_request_is_known_and_of_its_type():
+    """Unknown input fields are refused like unknown params (MLflow drops them with a server-side warning); params
+    and references of the wrong JSON type get our line, not MLflow's conversion text; no doubled prefix."""
+    from kaleido.serve_requests import check_rows
+    from kaleido.serving import ServingError
+
+    ref = base64.b64encode(_png()).decode()
+    row = {"prompt": "a cat", "references": [ref]}
+    refusals = [
+        ([{**row, "foo": 1}], None,
+         r"^inputs \['foo'\]: not input fields of this model; a row takes prompt, references$"),
+        ([row, {**row, "images": [ref], "seed": 3}], None,
+         r"inputs \['images', 'seed'\]: .*images is called references here; seed is a setting: send it in params"),
+        ([{**row, "references": ref}], None, r"references must be a list of images \(base64 or URL\), got a string"),
+        ([{**row, "references": [3]}], None, r"references\[0\]: expected a base64 image string .*got a whole number"),
+        ([row], {"steps": "5"}, r'^params: steps="5": expected a whole number, got text \(send 5 without quotes\)$'),
+        ([row], {"steps": 5.0, "sampler": 1, "guidance_scale": "x"}, r"steps=5\.0: expected a whole number, got a "
+         r'number .*; sampler=1: expected text, got a whole number; guidance_scale="x": expected a number, got text'),
+        ([row], {"frames": 8}, r"^params: frames=8: the Wan VAE needs 4k\+1 frames"),
+        ([{**row, "references": ["artifacts/samples/cat.png"]}], None, r"references\[0\]: looks like a file path; the "
+         "server does not read local files: send the image file's bytes base64-encoded"),
+        ([{**row, "references": ["not an image!"]}], None,
+         r"references\[0\]: not valid base64 and not an http\(s\) URL"),
+        (["a cat"], None, r"row 0: expected an object with prompt and references, got text"),
+    ]
+    for rows, params, message in refusals:
+        with pytest.raises(ServingError, match=message):
+            check_rows(CONFIG, rows, params)
+    assert check_rows(CONFIG, [row], {"guidance_scale": 5})[0]["guidance_scale"] == 5.0  # an int is a number
+
+
+def test_every_mlflow_request_format_gives_the_same_rows():
+    from kaleido.serve_requests import request_rows
+    from kaleido.serving import ServingError
+
+    a, b = {"prompt": "a cat", "references": ["A"]}, {"prompt": "a dog", "references": ["B", "C"]}
+    for request in [{"dataframe_records": [a, b]}, {"instances": [a, b]}, {"inputs": [a, b]},
+                    {"inputs": {"prompt": ["a cat", "a dog"], "references": [["A"], ["B", "C"]]}},
+                    {"dataframe_split": {"columns": ["prompt", "references"], "data": [["a cat", ["A"]],
+                                                                                       ["a dog", ["B", "C"]]]}}]:
+        assert request_rows({**request, "params": {"seed": 1}}) == [a, b], request
+    assert request_rows({"inputs": a}) == request_rows({"inputs": {"prompt": ["a cat"], "references": [["A"]]}}) == [a]
+    for request, message in [({"rows": [a]}, r"exactly one of the input fields .*got \['rows'\]"),
+                             ({"instances": [a], "inputs": [a]}, "exactly one of the input fields"),
+                             ({"instances": a}, r"instances must be a list of objects, one per video"),
+                             ({"inputs": {"prompt": ["a", "b"], "references": [["A"]]}}, "lengths \\[1, 2\\]"),
+                             ({"dataframe_split": {"columns": ["prompt"], "data": [["a", "b"]]}}, r"data\[0\] must")]:
+        with pytest.raises(ServingError, match=message):
+            request_rows(request)
+
+
 # ---- the kaleido/generate deployment's inputs -------------------------------------------------------------------
 
 
@@ -320,3 +387,26 @@ def test_the_cli_applies_the_same_limits_before_any_model_loads(tmp_path):
     result = CliRunner().invoke(app, [*base, "--prompt", "a\x01cat"])
     assert result.exit_code == 2 and "prompt: control character U+0001" in result.output
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_serve_says_in_seconds_when_the_tracking_server_is_down(tmp_path, monkeypatch):
+    """The trial: `kaleido serve --model models:/...` with MLflow down printed nothing for 4-5 minutes (MLflow's
+    retries), then MLflow's text. Now: the tracking URI named, how to fix it, at once."""
+    import socket
+    import time
+
+    from typer.testing import CliRunner
+
+    from kaleido.cli import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["serve", "--model", "models:/kaleido-s2v@champion", "--params",
+                                      str(REPO / "params.yaml"), "--port", "5011"])
+    assert time.monotonic() - started < 20
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"the MLflow server at {dead} ($MLFLOW_TRACKING_URI) does not answer" in result.output
+    assert "is the tracking server up?" in result.output and "kaleido platform up" in result.output

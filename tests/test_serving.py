@@ -83,7 +83,7 @@ def test_pyfunc_loads_the_champion_and_returns_a_playable_video(registered, tmp_
     assert frames.shape == (5, 32, 48, 3) and row["frames"] == 5 and row["fps"] == 16 and row["seed"] == 3
     # the assets (VAE, text encoder, tokenizer) were referenced, uploaded once, and cached locally
     assert any((tmp_path / "cache" / "assets").iterdir())
-    with pytest.raises(Exception, match=r"references\[0\]: not a file, an http\(s\) URL or valid base64"):
+    with pytest.raises(Exception, match=r"references\[0\]: not valid base64 and not an http\(s\) URL"):
         model.predict(pd.DataFrame([{"prompt": "a cat", "references": ["not an image!"]}]))
     with pytest.raises(Exception, match="URLs are off for this model"):
         model.predict(pd.DataFrame([{"prompt": "a cat", "references": ["https://example.invalid/cat.png"]}]))
@@ -229,7 +229,20 @@ def test_kaleido_serve_answers_with_a_video_and_refuses_every_bad_request_in_one
             ({"dataframe_records": [row], "params": {"frames": 6}}, 400, "frames=6: the Wan VAE needs 4k+1 frames"),
             ({"dataframe_records": [row], "params": {"steps": True}}, 400, "holds true/false where a number belongs"),
             ({"dataframe_records": [{**row, "prompt": "a\u0000cat"}]}, 400, "prompt: control character U+0000"),
-            ({"dataframe_records": [{**row, "references": ["not an image!"]}]}, 400, "not a file, an http(s) URL or"),
+            ({"dataframe_records": [{**row, "references": ["not an image!"]}]}, 400, "not valid base64 and not an"),
+            ({"dataframe_records": [{**row, "references": [str(registered["ref"])]}]}, 400,
+             "references[0]: looks like a file path; the server does not read local files"),
+            # the trial: 60 rows each within the limits ran 19.8 s; all rows together are bounded
+            ({"dataframe_records": [row] * 2, "params": {"steps": 1000, "frames": 81}}, 400,
+             "2 rows (one video each) cost 528,000 token-steps in all"),
+            ({"dataframe_records": [{**row, "foo": 1}]}, 400, "inputs ['foo']: not input fields of this model; a row "
+             "takes prompt, references"),
+            ({"dataframe_records": [{**row, "references": ref}]}, 400,
+             "references must be a list of images (base64 or URL), got a string"),
+            ({"dataframe_records": [row], "params": {"steps": "5"}}, 400,
+             'params: steps="5": expected a whole number, got text'),
+            ({"dataframe_records": [row], "params": {"frames": 8}}, 400, "params: frames=8: the Wan VAE"),
+            ({"instances": {"prompt": "a cat"}}, 400, "instances must be a list of objects, one per video"),
             ({"dataframe_records": [{**row, "references": [not_png]}]}, 400, "references[0]: not a readable image"),
             ({"dataframe_records": [{**row, "references": ["https://example.invalid/x.png"]}]}, 400,
              "URLs are off for this model"),
@@ -243,6 +256,13 @@ def test_kaleido_serve_answers_with_a_video_and_refuses_every_bad_request_in_one
             assert status == code and words in _one_line_reason(answer), (body if isinstance(body, bytes) else
                                                                           body.get("params"), status, answer)
             assert time.monotonic() - started < 5  # refused at once, nothing generated
+            assert "params: params" not in answer["message"]
+        # every MLflow request format, rows with different numbers of references: one video per row
+        two = [row, {"prompt": "a dog", "references": [ref, ref]}]
+        for body, videos in [({"instances": two}, 2), ({"inputs": two}, 2), ({"inputs": row}, 1),
+                             ({"inputs": {"prompt": ["a cat", "a dog"], "references": [[ref], [ref, ref]]}}, 2)]:
+            status, answer = _post(port, {**body, "params": {"seed": 5}})[:2]
+            assert status == 200 and len(answer["predictions"]) == videos, (list(body), status, answer)
         status, answer, _ = _post(port, b"prompt\na cat", content_type="text/csv")
         assert status == 415 and "application/json" in _one_line_reason(answer)
 

@@ -29,19 +29,36 @@ def serve(
     uri = model or f"models:/{loaded.platform.registered_model}@champion"
     if uri.startswith("models:/") and not os.environ.get("MLFLOW_TRACKING_URI"):
         os.environ["MLFLOW_TRACKING_URI"] = loaded.platform.mlflow_tracking_uri
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    source = ("$MLFLOW_TRACKING_URI" if tracking != loaded.platform.mlflow_tracking_uri
+              else "platform.mlflow_tracking_uri")
+    down = (f"is the tracking server up? Start it (this machine: `kaleido platform up`; the cluster: "
+            f"docs/operations.md) or point {source} at a running one")
+    if uri.startswith("models:/"):  # a registry that does not answer is said in seconds, not after MLflow's retries
+        from kaleido.platform.services import tracking_problem
+
+        problem = tracking_problem(tracking, timeout=min(10, loaded.platform.mlflow_request_timeout_s))
+        if problem is not None:
+            fail(f"--model {uri}: the MLflow server at {tracking} ({source}) does not answer ({problem}); {down}")
     import uvicorn
 
     from kaleido.platform.integrity import IntegrityError
     from kaleido.serve_app import build_app
     from kaleido.serving import ServingError
+    from kaleido.train.tracking import mlflow_request_limits, short_error, tracking_failure
 
     try:
-        application = build_app(uri, loaded)
+        with mlflow_request_limits(loaded.platform):  # platform.mlflow_request_*: seconds, not MLflow's ~8 minutes
+            application = build_app(uri, loaded)
     except (ServingError, IntegrityError) as exc:
         fail(f"--model {uri}: {exc}")
         raise  # unreachable, for type checkers
     except Exception as exc:  # MLflow's: no such model or alias, registry unreachable
-        fail(f"--model {uri}: cannot load it ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})")
+        lost = tracking_failure(tracking, "loading the model", exc) if tracking else None
+        if lost is not None:
+            fail(f"--model {uri}: the MLflow server at {tracking} ({source}) stopped answering while the model "
+                 f"loaded ({lost.why}); {down}")
+        fail(f"--model {uri}: cannot load it ({short_error(exc)})")
         raise
     typer.echo(f"serving {uri} on http://{host}:{port}/invocations (concurrency {loaded.serve.concurrency}, "
                f"timeout {loaded.serve.timeout_s:g} s)", err=True)

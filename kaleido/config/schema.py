@@ -764,7 +764,8 @@ class ServeConfig(_Section):
         "16 x 16 pixels): bounds memory. Shipped 720x1280x81 with 3 references: 86,400",
     )
     max_token_steps: int = Field(
-        10_000_000, ge=1, description="tokens x steps x CFG branches (2 when guidance_scale != 1): bounds time. "
+        10_000_000, ge=1, description="tokens x steps x CFG branches (2 when guidance_scale != 1), summed over a "
+        "request's rows (one video each): bounds a request's time. "
         "Shipped 720x1280x81, 3 references, 50 steps, CFG: 8,640,000",
     )
     max_prompt_chars: int = Field(
