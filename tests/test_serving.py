@@ -272,7 +272,7 @@ def test_kaleido_serve_answers_with_a_video_and_refuses_every_bad_request_in_one
 
         long_answer: list = []
         slow = threading.Thread(target=lambda: long_answer.append(
-            _post(port, {"dataframe_records": [row], "params": {"steps": 1000, "frames": 9}})))
+            _post(port, {"dataframe_records": [row], "params": {"steps": 1000, "frames": 81}})))
         slow.start()
         time.sleep(1.0)
         status, answer, headers = _post(port, {"dataframe_records": [row]})
@@ -286,7 +286,7 @@ def test_kaleido_serve_answers_with_a_video_and_refuses_every_bad_request_in_one
             time.sleep(0.2)
         assert status == 200
         # a client that goes away: its generation stops too
-        body = json.dumps({"dataframe_records": [row], "params": {"steps": 1000, "frames": 9}}).encode()
+        body = json.dumps({"dataframe_records": [row], "params": {"steps": 1000, "frames": 81}}).encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
