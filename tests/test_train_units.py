@@ -102,6 +102,14 @@ def test_failure_summary_names_the_rank():
     ]
     assert summarize_failure(lines) == "rank 1 (exit code 1): kaleido.train.latents.CacheError: latent cache /x: broken"
     assert summarize_failure(["all fine"]) is None
+    # torchrun's agent died collecting the ranks (an error file read while a rank still wrote it): no summary,
+    # but the rank's own operator line is still the reason
+    from kaleido.train.launch_local import operator_error
+
+    crashed = ["error: no space left on device writing /d/runs/checkpoints/step-8 (0 MB free)",
+               "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)"]
+    assert operator_error(crashed) == "no space left on device writing /d/runs/checkpoints/step-8 (0 MB free)"
+    assert operator_error(["json.decoder.JSONDecodeError: Expecting value"]) is None
 
 
 # ---- pre-launch validation -----------------------------------------------------------------------------

@@ -76,13 +76,15 @@ def operator_error(lines: list[str]) -> str | None:
     from kaleido.train.worker import OPERATOR_EXIT
 
     text = "\n".join(lines)
+    errors = [line.strip() for line in lines if line.strip().startswith("error: ")]  # only worker._error prints these
     starts = [index for index in (text.find("Failures:"), text.find("Root Cause")) if index >= 0]
     if not starts:
-        return None
+        # no summary: torchrun's agent itself failed while collecting the ranks (it can read a rank's error file
+        # while that rank is still writing it: JSONDecodeError); a rank's own `error:` line still says why
+        return errors[-1].removeprefix("error: ") if errors else None
     codes = {int(code) for code in _EXIT_CODE.findall(text[min(starts):])}
     if OPERATOR_EXIT not in codes:
         return None
-    errors = [line.strip() for line in lines if line.strip().startswith("error: ")]
     return errors[-1].removeprefix("error: ") if errors else None
 
 
