@@ -26,11 +26,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from _provenance import provenance
 
 from kaleido.data.synthetic import STAND_IN_STAGES
 
@@ -254,13 +252,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    results: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-                   f"{sys.version.split()[0]}",
-        "date": time.strftime("%Y-%m-%d"), "commit": commit, "command": " ".join(sys.argv),
-    }
+    results: dict[str, Any] = provenance()
     with tempfile.TemporaryDirectory(prefix="kaleido-scale-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("KALEIDO_CACHE", str(work / "cache"))
@@ -277,7 +269,7 @@ def main() -> None:
             if args.write_costs:
                 write_costs(results)
         results["pairing"] = bench_pairing(work, sorted(args.pairing))
-    print(f"{results['machine']}; {results['date']}; commit {commit}")
+    print(f"{results['machine']}; {results['date']}; commit {results['commit']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     if math.isnan(results["pairing"]["exponent"]):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -122,12 +123,7 @@ def main() -> None:
     parser.add_argument("--per-clip", type=int, default=4000, help="simulated clips, per-clip layout")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    results: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"), "commit": commit, "command": " ".join(sys.argv),
-    }
+    results: dict[str, Any] = provenance()
     with tempfile.TemporaryDirectory(prefix="kaleido-dvc-") as tmp:
         work = Path(tmp)
         shards = shard_files(args.clips)
@@ -150,7 +146,7 @@ def main() -> None:
     }
     print(json.dumps({k: results[k] for k in ("files_per_1000_clips", "extrapolated_2M", "md5_mb_per_s_one_core")},
                      indent=1))
-    print(f"{results['machine']}; {results['date']}; commit {commit}")
+    print(f"{results['machine']}; {results['date']}; commit {results['commit']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

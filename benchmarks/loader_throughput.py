@@ -21,15 +21,13 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _provenance import provenance
+
 VIDEO, REFS, TOKENS, TEXT_DIM = (16, 21, 60, 104), 3, 128, 4096
 
 
@@ -108,11 +106,8 @@ def main() -> None:
     from kaleido.config.schema import validate_params
     from kaleido.platform.storage import Remote
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     results: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"), "commit": commit, "command": " ".join(sys.argv),
+        **provenance(),
         "consumption_14B_8xH100": consumption(),
     }
     import socket
@@ -150,7 +145,7 @@ def main() -> None:
               f"{row['cache_shards']} shards read; first micro-batch after {row['first_batch_s']} s) = "
               f"{row['samples_per_s'] / need:,.0f}x what a 14B step on 8 GPUs consumes ({need} samples/s)", flush=True)
     print(json.dumps(results["consumption_14B_8xH100"]), f"{results['sample_mb']} MB per sample")
-    print(f"{results['machine']}; {results['date']}; commit {commit}")
+    print(f"{results['machine']}; {results['date']}; commit {results['commit']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -13,14 +13,9 @@ the per-seed means, and the machine, date and commit; writes <out>/report.json a
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _provenance import provenance
 
 
 def main() -> None:
@@ -53,10 +48,8 @@ def main() -> None:
         TrainSettings(steps=args.steps), args.pretrain_steps, args.train_count, args.val_count,
         cross_pairing=args.cross_pairing, threads=args.threads, background_in_caption=not args.silent_background,
     )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    print(f"date {datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}, python {sys.version.split()[0]}")
+    source = provenance()
+    print(f"date {source['date']}, commit {source['commit']}, {source['machine']}, load avg {source['load_avg']}")
     print(report.markdown())
     for entry in report.summary():
         seeds = ", ".join(f"{name} {values['per_seed']}" for name, values in entry.items()
